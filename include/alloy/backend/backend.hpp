@@ -1,0 +1,8 @@
+// The backend layer: Host and Cuda tags, buffers, byte accounting, algorithms.
+#pragma once
+
+#include <alloy/backend/algorithms.hpp>
+#include <alloy/backend/buffer.hpp>
+#include <alloy/backend/device.hpp>
+#include <alloy/backend/memory.hpp>
+#include <alloy/backend/tags.hpp>
