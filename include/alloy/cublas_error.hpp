@@ -10,8 +10,7 @@ namespace alloy::detail {
 inline void check_cublas(cublasStatus_t status, const char* call, const char* file, int line) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
   throw cuda_error(call, file, line, static_cast<int>(status),
-                   std::string(cublasLtGetStatusName(status)) + ": " +
-                       cublasLtGetStatusString(status));
+                   std::string(cublasLtGetStatusName(status)) + ": " + cublasLtGetStatusString(status));
 }
 
 }  // namespace alloy::detail

@@ -22,8 +22,8 @@ class error : public std::runtime_error {
 class cuda_error : public error {
  public:
   cuda_error(std::string call, std::string file, int line, int code, std::string message)
-      : error(file + ":" + std::to_string(line) + ": " + call + " failed: " + message +
-              " (code " + std::to_string(code) + ")"),
+      : error(file + ":" + std::to_string(line) + ": " + call + " failed: " + message + " (code " +
+              std::to_string(code) + ")"),
         call_(std::move(call)),
         file_(std::move(file)),
         line_(line),
@@ -65,5 +65,4 @@ inline void check_cuda(cudaError_t status, const char* call, const char* file, i
 #define ALLOY_CUDA_CHECK(call) ::alloy::detail::check_cuda((call), #call, __FILE__, __LINE__)
 
 // After a kernel launch: launch-configuration errors surface here, not at the next call.
-#define ALLOY_CUDA_CHECK_LAUNCH() \
-  ::alloy::detail::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+#define ALLOY_CUDA_CHECK_LAUNCH() ::alloy::detail::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)

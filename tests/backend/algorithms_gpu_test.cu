@@ -126,7 +126,8 @@ TEST(CudaForEach, MatchesHostBitwiseAlignedAndMisaligned) {
 TEST(CudaReduce, SumIsAccurateAndDeterministic) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
-  for (std::size_t n : {std::size_t(0), std::size_t(1), std::size_t(4099), std::size_t(1000003), std::size_t(1) << 24}) {
+  for (std::size_t n :
+       {std::size_t(0), std::size_t(1), std::size_t(4099), std::size_t(1000003), std::size_t(1) << 24}) {
     const auto a = random_floats(n, seed + n);
     double exact = 0, magnitude = 0;
     for (float x : a) exact += x, magnitude += std::fabs(x);
@@ -163,8 +164,8 @@ TEST(CudaReduce, Bf16SumOfSquaresMatchesHost) {
     for (std::size_t i = 1; i < f.size(); ++i) exact += double(float(g[i])) * float(g[i]);
     auto d = on_device(g);
     for (std::size_t offset : {0, 1}) {
-      const float gpu = alloy::transform_reduce(Cuda{}, n + 1 - offset, 0.0f, alloy::Sum{}, Square{},
-                                                alloy::in(d.data() + offset));
+      const float gpu =
+          alloy::transform_reduce(Cuda{}, n + 1 - offset, 0.0f, alloy::Sum{}, Square{}, alloy::in(d.data() + offset));
       double expect = exact + (offset ? 0.0 : double(float(g[0])) * float(g[0]));
       EXPECT_NEAR(gpu, expect, 1e-6 * expect) << "n=" << n << " offset=" << offset;
     }
@@ -175,8 +176,8 @@ TEST(CudaReduce, AsyncFormRefusesATooSmallWorkspace) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   Buffer<float, Cuda> d(1 << 20), result(1);
   Buffer<std::byte, Cuda> workspace(8);
-  EXPECT_THROW(alloy::transform_reduce_async(Cuda{}, workspace.data(), workspace.size(), result.data(), d.size(),
-                                             0.0f, alloy::Sum{}, alloy::ToAccumulator{}, alloy::in(d.data())),
+  EXPECT_THROW(alloy::transform_reduce_async(Cuda{}, workspace.data(), workspace.size(), result.data(), d.size(), 0.0f,
+                                             alloy::Sum{}, alloy::ToAccumulator{}, alloy::in(d.data())),
                alloy::error);
 }
 

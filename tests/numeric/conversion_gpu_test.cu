@@ -86,8 +86,7 @@ TEST(GpuConversion, FloatTo16BitMatchesCudaIntrinsicsAndHost) {
   std::size_t mismatches = 0;
   for (std::size_t i = 0; i < n && mismatches < 10; ++i) {
     const std::uint16_t bf_host = bf16(xs[i]).bits(), h_host = fp16(xs[i]).bits();
-    if (a[i] != bf_host || b[i] != bf_host || c[i] != bf_host || d[i] != h_host || e[i] != h_host ||
-        f[i] != h_host) {
+    if (a[i] != bf_host || b[i] != bf_host || c[i] != bf_host || d[i] != h_host || e[i] != h_host || f[i] != h_host) {
       ++mismatches;
       ADD_FAILURE() << std::hexfloat << "x=" << xs[i] << std::hex << " bf16 host " << bf_host << " intrinsic " << a[i]
                     << " type " << b[i] << " bits " << c[i] << "; fp16 host " << h_host << " intrinsic " << d[i]

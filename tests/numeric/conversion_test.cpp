@@ -21,7 +21,8 @@ static_assert(fp16::from_bits(0x1234).bits() == 0x1234);
 
 template <class T>
 const alloy::test::RoundingReference& reference() {
-  static const alloy::test::RoundingReference ref(std::is_same_v<T, fp16> ? alloy::test::binary16 : alloy::test::bfloat16);
+  static const alloy::test::RoundingReference ref(std::is_same_v<T, fp16> ? alloy::test::binary16
+                                                                          : alloy::test::bfloat16);
   return ref;
 }
 

@@ -76,7 +76,9 @@ class RoundingReference {
     return {s * (hi - 1)->value, s * hi->value};
   }
 
-  std::uint16_t inf_bits() const { return static_cast<std::uint16_t>(((1u << format_.exponent_bits) - 1) << format_.mantissa_bits); }
+  std::uint16_t inf_bits() const {
+    return static_cast<std::uint16_t>(((1u << format_.exponent_bits) - 1) << format_.mantissa_bits);
+  }
   const Format16& format() const { return format_; }
 
   // Every non-negative finite pattern, in order of value.

@@ -33,14 +33,14 @@ inline bool gpu_required() {
 
 }  // namespace alloy::test
 
-#define ALLOY_SKIP_WITHOUT_CUDA_DEVICE()                                                 \
-  do {                                                                                   \
-    if (!::alloy::has_cuda_device()) {                                                   \
+#define ALLOY_SKIP_WITHOUT_CUDA_DEVICE()                                                          \
+  do {                                                                                            \
+    if (!::alloy::has_cuda_device()) {                                                            \
       if (::alloy::test::gpu_required()) FAIL() << "ALLOY_REQUIRE_GPU is set but no CUDA device"; \
-      GTEST_SKIP() << "no CUDA device";                                                  \
-    }                                                                                    \
+      GTEST_SKIP() << "no CUDA device";                                                           \
+    }                                                                                             \
   } while (0)
 
-#define ALLOY_SEEDED(name)                                  \
+#define ALLOY_SEEDED(name)                                \
   const std::uint64_t name = ::alloy::test::fresh_seed(); \
   SCOPED_TRACE(::alloy::test::seed_note(name))

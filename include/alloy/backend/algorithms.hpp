@@ -23,8 +23,8 @@ accumulator_t<T> reduce_sum(B be, const T* data, std::size_t n) {
 template <class B, class T>
 accumulator_t<T> reduce_max(B be, const T* data, std::size_t n) {
   using Acc = accumulator_t<T>;
-  const Acc lowest =
-      std::numeric_limits<Acc>::has_infinity ? -std::numeric_limits<Acc>::infinity() : std::numeric_limits<Acc>::lowest();
+  const Acc lowest = std::numeric_limits<Acc>::has_infinity ? -std::numeric_limits<Acc>::infinity()
+                                                            : std::numeric_limits<Acc>::lowest();
   return transform_reduce(be, n, lowest, Max{}, ToAccumulator{}, in(data));
 }
 

@@ -20,9 +20,9 @@ namespace detail {
 inline constexpr std::size_t host_alignment = 64;
 
 inline void* allocate_bytes(Host, std::size_t bytes) {
-  return ::operator new(bytes, std::align_val_t{host_alignment});
+  return ::operator new (bytes, std::align_val_t{host_alignment});
 }
-inline void free_bytes(Host, void* p) noexcept { ::operator delete(p, std::align_val_t{host_alignment}); }
+inline void free_bytes(Host, void* p) noexcept { ::operator delete (p, std::align_val_t{host_alignment}); }
 
 #if ALLOY_HAS_CUDA_RUNTIME
 inline void* allocate_bytes(Cuda be, std::size_t bytes) {

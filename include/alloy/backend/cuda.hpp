@@ -190,8 +190,7 @@ void for_each_n(Cuda be, std::size_t n, F f) {
 // Calls f(a[i], b[i], ...) for every i in [0, n), ordered on the backend's stream. Arrays all
 // 16-byte aligned move 16 bytes per access; otherwise every access is scalar.
 template <class F, element_access... W>
-  requires(sizeof...(W) > 0)
-void for_each_n(Cuda be, std::size_t n, F f, W... w) {
+requires(sizeof...(W) > 0) void for_each_n(Cuda be, std::size_t n, F f, W... w) {
   if (n == 0) return;
   constexpr int L = detail::vector_lanes<W...>();
   if (L > 1 && detail::all_aligned(16, w...)) {
@@ -212,8 +211,8 @@ std::size_t reduce_workspace_bytes(Cuda) {
 // the stream. The caller owns `workspace` (reduce_workspace_bytes<Acc> bytes, Acc-aligned).
 // The result is deterministic for a given n, device and pointer alignment.
 template <class Acc, class Reduce, class Transform, element_access... W>
-void transform_reduce_async(Cuda be, void* workspace, std::size_t workspace_bytes, Acc* result, std::size_t n,
-                            Acc init, Reduce reduce, Transform transform, W... w) {
+void transform_reduce_async(Cuda be, void* workspace, std::size_t workspace_bytes, Acc* result, std::size_t n, Acc init,
+                            Reduce reduce, Transform transform, W... w) {
   constexpr int L = detail::vector_lanes<W...>();
   const bool vectorized = L > 1 && detail::all_aligned(16, w...);
   const int grid = detail::grid_for(vectorized ? n / L : n);

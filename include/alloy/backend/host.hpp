@@ -19,8 +19,7 @@ void for_each_n(Host, std::size_t n, F f) {
 // Calls f(a[i], b[i], ...) for every i in [0, n); `in` arrays give const references,
 // `out` and `inout` arrays references f may assign.
 template <class F, element_access... W>
-  requires(sizeof...(W) > 0)
-void for_each_n(Host, std::size_t n, F f, W... w) {
+requires(sizeof...(W) > 0) void for_each_n(Host, std::size_t n, F f, W... w) {
   for (std::size_t i = 0; i < n; ++i) f(w.element(i)...);
 }
 

@@ -17,15 +17,15 @@ struct alignas(2) bf16 {
   // Round to nearest, ties to even; overflow gives infinity, NaN the canonical NaN 0x7fff.
   ALLOY_HOST_DEVICE explicit bf16(float x) noexcept
 #if ALLOY_DEVICE_CODE
-      : storage(__bfloat16_as_ushort(__float2bfloat16_rn(x))) {
-  }
+      : storage(__bfloat16_as_ushort(__float2bfloat16_rn(x))){}
 #else
       : storage(detail::float_to_bf16_bits(x)) {
   }
 #endif
 
-  // Exact: every bfloat16 value is a float.
-  ALLOY_HOST_DEVICE explicit operator float() const noexcept {
+        // Exact: every bfloat16 value is a float.
+        ALLOY_HOST_DEVICE explicit
+        operator float() const noexcept {
 #if ALLOY_DEVICE_CODE
     return __bfloat162float(__ushort_as_bfloat16(storage));
 #else

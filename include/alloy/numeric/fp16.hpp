@@ -17,15 +17,15 @@ struct alignas(2) fp16 {
   // Round to nearest, ties to even; overflow gives infinity, NaN the canonical NaN 0x7fff.
   ALLOY_HOST_DEVICE explicit fp16(float x) noexcept
 #if ALLOY_DEVICE_CODE
-      : storage(__half_as_ushort(__float2half_rn(x))) {
-  }
+      : storage(__half_as_ushort(__float2half_rn(x))){}
 #else
       : storage(detail::float_to_fp16_bits(x)) {
   }
 #endif
 
-  // Exact: every binary16 value is a float.
-  ALLOY_HOST_DEVICE explicit operator float() const noexcept {
+        // Exact: every binary16 value is a float.
+        ALLOY_HOST_DEVICE explicit
+        operator float() const noexcept {
 #if ALLOY_DEVICE_CODE
     return __half2float(__ushort_as_half(storage));
 #else

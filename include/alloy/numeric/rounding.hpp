@@ -41,8 +41,8 @@ ALLOY_HOST_DEVICE inline fp16 round_stochastic<fp16>(float x, std::uint32_t rand
   // The value above the largest finite one is 2^16: rounding up to it means infinity.
   const float upper_abs = magnitude == 0x7bffu ? 65536.0f : detail::fp16_bits_to_float(magnitude + 1);
   const float x_abs = detail::float_from_bits(u & 0x7fffffffu);
-  const float fraction = (x_abs - lower_abs) / (upper_abs - lower_abs);  // in [0, 1], exact
-  const float uniform = static_cast<float>(random_bits >> 8) * 0x1p-24f;    // in [0, 1)
+  const float fraction = (x_abs - lower_abs) / (upper_abs - lower_abs);   // in [0, 1], exact
+  const float uniform = static_cast<float>(random_bits >> 8) * 0x1p-24f;  // in [0, 1)
   return fp16::from_bits(static_cast<std::uint16_t>(lower + (uniform < fraction ? 1 : 0)));
 }
 

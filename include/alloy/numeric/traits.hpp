@@ -40,9 +40,9 @@ struct numeric_traits<fp16> {
   static constexpr std::size_t bytes = 2;
   static constexpr int mantissa_bits = 10;
   static constexpr bool has_inf = true;
-  ALLOY_HOST_DEVICE static constexpr fp16 max() noexcept { return fp16::from_bits(0x7bff); }              // 65504
-  ALLOY_HOST_DEVICE static constexpr fp16 lowest_normal() noexcept { return fp16::from_bits(0x0400); }    // 2^-14
-  ALLOY_HOST_DEVICE static constexpr fp16 epsilon() noexcept { return fp16::from_bits(0x1400); }          // 2^-10
+  ALLOY_HOST_DEVICE static constexpr fp16 max() noexcept { return fp16::from_bits(0x7bff); }            // 65504
+  ALLOY_HOST_DEVICE static constexpr fp16 lowest_normal() noexcept { return fp16::from_bits(0x0400); }  // 2^-14
+  ALLOY_HOST_DEVICE static constexpr fp16 epsilon() noexcept { return fp16::from_bits(0x1400); }        // 2^-10
 };
 
 template <>
@@ -52,9 +52,9 @@ struct numeric_traits<bf16> {
   static constexpr std::size_t bytes = 2;
   static constexpr int mantissa_bits = 7;
   static constexpr bool has_inf = true;
-  ALLOY_HOST_DEVICE static constexpr bf16 max() noexcept { return bf16::from_bits(0x7f7f); }              // ~3.39e38
-  ALLOY_HOST_DEVICE static constexpr bf16 lowest_normal() noexcept { return bf16::from_bits(0x0080); }    // 2^-126
-  ALLOY_HOST_DEVICE static constexpr bf16 epsilon() noexcept { return bf16::from_bits(0x3c00); }          // 2^-7
+  ALLOY_HOST_DEVICE static constexpr bf16 max() noexcept { return bf16::from_bits(0x7f7f); }            // ~3.39e38
+  ALLOY_HOST_DEVICE static constexpr bf16 lowest_normal() noexcept { return bf16::from_bits(0x0080); }  // 2^-126
+  ALLOY_HOST_DEVICE static constexpr bf16 epsilon() noexcept { return bf16::from_bits(0x3c00); }        // 2^-7
 };
 
 // A dtype alloy can store and convert: float, tf32, fp16 or bf16.

@@ -13,13 +13,9 @@ ALLOY_HOST_DEVICE constexpr To bit_cast(const From& from) noexcept {
   return __builtin_bit_cast(To, from);
 }
 
-ALLOY_HOST_DEVICE constexpr std::uint32_t float_bits(float x) noexcept {
-  return bit_cast<std::uint32_t>(x);
-}
+ALLOY_HOST_DEVICE constexpr std::uint32_t float_bits(float x) noexcept { return bit_cast<std::uint32_t>(x); }
 
-ALLOY_HOST_DEVICE constexpr float float_from_bits(std::uint32_t u) noexcept {
-  return bit_cast<float>(u);
-}
+ALLOY_HOST_DEVICE constexpr float float_from_bits(std::uint32_t u) noexcept { return bit_cast<float>(u); }
 
 // The canonical NaN of both 16-bit types: what the CUDA intrinsics and their host
 // fallbacks return for every NaN input, so Host and Cuda results match bit for bit.

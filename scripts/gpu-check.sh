@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU workflow, run on the GPU machine from the repository root:
+#   configure with the gpu preset, build with every core, run the whole test suite with GPU
+#   tests required (ALLOY_REQUIRE_GPU=1: a missing device fails instead of skipping), run the
+#   benchmarks, and write logs and a summary table under $OUT (default: ./gpu-out).
+# Usage: scripts/gpu-check.sh [--no-bench] [--bench-only] [--bench-filter REGEX]
+set -uo pipefail
+
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+run_tests=1 run_bench=1 bench_filter=.
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-bench) run_bench=0 ;;
+    --bench-only) run_tests=0 ;;
+    --bench-filter) bench_filter=$2; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+log=$OUT/log.txt
+status=0
+{
+  echo "== machine"; date -u; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  nvcc --version | tail -1; cmake --version | head -1; g++ --version | head -1
+} >"$log" 2>&1
+
+step() {  # step NAME COMMAND...: runs, logs, remembers the first failure
+  echo "== $1" | tee -a "$log"
+  shift
+  local t0=$SECONDS
+  "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "   exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  [ $rc -eq 0 ] || status=$rc
+  return $rc
+}
+
+step configure cmake --preset gpu || { tail -40 "$log"; exit 1; }
+step build cmake --build --preset gpu -j "$(nproc)" || { grep -E "error|FAILED" "$log" | head -40; exit 1; }
+
+if [ $run_tests -eq 1 ]; then
+  step tests ctest --preset gpu -j 4
+  grep -E "tests passed|tests failed|Skipped|\(Failed\)" "$log" | tail -20
+fi
+
+if [ $run_bench -eq 1 ]; then
+  for b in build/gpu/benchmarks/alloy_bench_*; do
+    [ -x "$b" ] || continue
+    name=$(basename "$b")
+    step "$name" "$b" --benchmark_filter="$bench_filter" --benchmark_out="$OUT/$name.json" --benchmark_out_format=json
+  done
+  if ls "$OUT"/alloy_bench_*.json >/dev/null 2>&1; then
+    python3 scripts/bench_table.py "$OUT"/alloy_bench_*.json | tee "$OUT/summary.md"
+  fi
+fi
+exit $status
