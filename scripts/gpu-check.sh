@@ -22,7 +22,7 @@ done
 log=$OUT/log.txt
 status=0
 {
-  echo "== machine"; date -u; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  echo "== machine"; date -u; echo "commit ${ALLOY_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   nvcc --version | tail -1; cmake --version | head -1; g++ --version | head -1
 } >"$log" 2>&1
