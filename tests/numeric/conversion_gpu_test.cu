@@ -17,6 +17,19 @@ using alloy::Buffer;
 using alloy::Cuda;
 using alloy::fp16;
 
+static_assert(sizeof(fp16) == sizeof(__half) && alignof(fp16) == alignof(__half));
+static_assert(sizeof(bf16) == sizeof(__nv_bfloat16) && alignof(bf16) == alignof(__nv_bfloat16));
+
+TEST(GpuConversion, TypesShareTheBitsOfCudasTypes) {
+  const __half h = __float2half_rn(-2.5f);
+  const __nv_bfloat16 b = __float2bfloat16_rn(-2.5f);
+  EXPECT_EQ(fp16(h).bits(), __half_as_ushort(h));
+  EXPECT_EQ(bf16(b).bits(), __bfloat16_as_ushort(b));
+  EXPECT_EQ(fp16(-2.5f).bits(), __half_as_ushort(h));
+  EXPECT_EQ(__half2float(static_cast<__half>(fp16(-2.5f))), -2.5f);
+  EXPECT_EQ(__bfloat162float(static_cast<__nv_bfloat16>(bf16(-2.5f))), -2.5f);
+}
+
 // 2^26 random floats, half with uniformly random bits (every exponent, NaNs and infinities
 // included) and half with exponents in 16-bit range, followed by every edge class of both types.
 std::vector<float> conversion_inputs(std::uint64_t seed) {
