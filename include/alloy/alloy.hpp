@@ -4,7 +4,16 @@
 #include <alloy/backend/backend.hpp>
 #include <alloy/config.hpp>
 #include <alloy/error.hpp>
+#include <alloy/memory/layout.hpp>
+#include <alloy/memory/param_store.hpp>
+#include <alloy/memory/registry.hpp>
+#include <alloy/memory/tensor_view.hpp>
 #include <alloy/numeric/numeric.hpp>
+#include <alloy/optim/optimizers.hpp>
+#include <alloy/optim/state.hpp>
+#include <alloy/optim/step.hpp>
+#include <alloy/precision/loss_scale.hpp>
+#include <alloy/precision/precision.hpp>
 
 #define ALLOY_VERSION_MAJOR 0
 #define ALLOY_VERSION_MINOR 1

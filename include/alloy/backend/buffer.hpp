@@ -128,6 +128,17 @@ std::vector<T> to_host(const Buffer<T, B>& src) {
   return out;
 }
 
+// Sets every byte of the buffer to zero (ordered on the buffer's stream on Cuda).
+template <class T, backend B>
+void fill_zero(Buffer<T, B>& b) {
+  if (b.empty()) return;
+  if constexpr (std::is_same_v<B, Host>) {
+    std::memset(static_cast<void*>(b.data()), 0, b.bytes());
+  } else {
+    ALLOY_CUDA_CHECK(cudaMemsetAsync(b.data(), 0, b.bytes(), b.backend().stream));
+  }
+}
+
 template <backend B>
 void synchronize(B be) {
 #if ALLOY_HAS_CUDA_RUNTIME

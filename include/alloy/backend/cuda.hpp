@@ -90,10 +90,26 @@ __device__ ALLOY_FORCEINLINE void store_all(const LaneTuple<L, W...>& r, std::si
   (store_lanes<L>(cuda::std::get<I>(r), w, first), ...);
 }
 
-template <int L, class F, class... W, std::size_t... I>
-__device__ ALLOY_FORCEINLINE void apply_lanes(F& f, LaneTuple<L, W...>& r, std::index_sequence<I...>) {
+template <int L, bool Indexed, class F, class... W, std::size_t... I>
+__device__ ALLOY_FORCEINLINE void apply_lanes(F& f, std::size_t first, LaneTuple<L, W...>& r,
+                                              std::index_sequence<I...>) {
 #pragma unroll
-  for (int l = 0; l < L; ++l) f(cuda::std::get<I>(r).v[l]...);
+  for (int l = 0; l < L; ++l) {
+    if constexpr (Indexed) {
+      f(first + l, cuda::std::get<I>(r).v[l]...);
+    } else {
+      f(cuda::std::get<I>(r).v[l]...);
+    }
+  }
+}
+
+template <bool Indexed, class F, class... W>
+__device__ ALLOY_FORCEINLINE void apply_scalar(F& f, std::size_t i, const W&... w) {
+  if constexpr (Indexed) {
+    f(i, w.element(i)...);
+  } else {
+    f(w.element(i)...);
+  }
 }
 
 // f(i) for i in [0, n). Reads and writes whatever f touches.
@@ -103,33 +119,48 @@ __global__ void __launch_bounds__(cuda_block) for_each_index_kernel(std::size_t 
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
 }
 
-// f(a[i], b[i], ...) for i in [0, n): per element, reads sizeof of each `in`/`inout` array and
-// writes sizeof of each `out`/`inout` array, L elements (16 bytes or more per array) at a time.
-template <int L, class F, class... W>
+// f(a[i], b[i], ...) (or f(i, a[i], b[i], ...) when Indexed) for i in [0, n): per element,
+// reads sizeof of each `in`/`inout` array and writes sizeof of each `out`/`inout` array, L
+// elements (16 bytes or more per array) at a time, Unroll vectors in flight per thread.
+template <int L, int Unroll, bool Indexed, class F, class... W>
 __global__ void __launch_bounds__(cuda_block) for_each_vector_kernel(std::size_t n, F f, W... w) {
   using Seq = std::index_sequence_for<W...>;
   const std::size_t vectors = n / L;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   std::size_t v = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (; v + (cuda_unroll - 1) * stride < vectors; v += cuda_unroll * stride) {
-    LaneTuple<L, W...> r[cuda_unroll];
+  if constexpr (Unroll > 1) {
+    for (; v + (Unroll - 1) * stride < vectors; v += Unroll * stride) {
+      LaneTuple<L, W...> r[Unroll];
 #pragma unroll
-    for (int u = 0; u < cuda_unroll; ++u) load_all<L>(r[u], (v + u * stride) * L, Seq{}, w...);
+      for (int u = 0; u < Unroll; ++u) load_all<L>(r[u], (v + u * stride) * L, Seq{}, w...);
 #pragma unroll
-    for (int u = 0; u < cuda_unroll; ++u) {
-      apply_lanes<L>(f, r[u], Seq{});
-      store_all<L>(r[u], (v + u * stride) * L, Seq{}, w...);
+      for (int u = 0; u < Unroll; ++u) {
+        apply_lanes<L, Indexed>(f, (v + u * stride) * L, r[u], Seq{});
+        store_all<L>(r[u], (v + u * stride) * L, Seq{}, w...);
+      }
     }
   }
   for (; v < vectors; v += stride) {
     LaneTuple<L, W...> r;
     load_all<L>(r, v * L, Seq{}, w...);
-    apply_lanes<L>(f, r, Seq{});
+    apply_lanes<L, Indexed>(f, v * L, r, Seq{});
     store_all<L>(r, v * L, Seq{}, w...);
   }
   for (std::size_t i = vectors * L + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    f(w.element(i)...);
+    apply_scalar<Indexed>(f, i, w...);
   }
+}
+
+template <int Unroll, bool Indexed, class F, class... W>
+void launch_for_each(Cuda be, std::size_t n, F f, W... w) {
+  if (n == 0) return;
+  constexpr int L = vector_lanes<W...>();
+  if (L > 1 && all_aligned(16, w...)) {
+    for_each_vector_kernel<L, Unroll, Indexed><<<grid_for(n / L), cuda_block, 0, be.stream>>>(n, f, w...);
+  } else {
+    for_each_vector_kernel<1, Unroll, Indexed><<<grid_for(n), cuda_block, 0, be.stream>>>(n, f, w...);
+  }
+  ALLOY_CUDA_CHECK_LAUNCH();
 }
 
 // Stage 1 of a reduction: each block folds its grid-stride share and writes one partial.
@@ -143,17 +174,18 @@ __global__ void __launch_bounds__(cuda_block)
   std::size_t v = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   Acc acc = init;
   auto fold = [&](auto const&... x) { acc = reduce(acc, static_cast<Acc>(transform(x...))); };
+  constexpr bool not_indexed = false;
   for (; v + (cuda_unroll - 1) * stride < vectors; v += cuda_unroll * stride) {
     LaneTuple<L, W...> r[cuda_unroll];
 #pragma unroll
     for (int u = 0; u < cuda_unroll; ++u) load_all<L>(r[u], (v + u * stride) * L, Seq{}, w...);
 #pragma unroll
-    for (int u = 0; u < cuda_unroll; ++u) apply_lanes<L>(fold, r[u], Seq{});
+    for (int u = 0; u < cuda_unroll; ++u) apply_lanes<L, not_indexed>(fold, 0, r[u], Seq{});
   }
   for (; v < vectors; v += stride) {
     LaneTuple<L, W...> r;
     load_all<L>(r, v * L, Seq{}, w...);
-    apply_lanes<L>(fold, r, Seq{});
+    apply_lanes<L, not_indexed>(fold, 0, r, Seq{});
   }
   for (std::size_t i = vectors * L + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     fold(w.element(i)...);
@@ -190,15 +222,16 @@ void for_each_n(Cuda be, std::size_t n, F f) {
 // Calls f(a[i], b[i], ...) for every i in [0, n), ordered on the backend's stream. Arrays all
 // 16-byte aligned move 16 bytes per access; otherwise every access is scalar.
 template <class F, element_access... W>
-requires(sizeof...(W) > 0) void for_each_n(Cuda be, std::size_t n, F f, W... w) {
-  if (n == 0) return;
-  constexpr int L = detail::vector_lanes<W...>();
-  if (L > 1 && detail::all_aligned(16, w...)) {
-    detail::for_each_vector_kernel<L><<<detail::grid_for(n / L), detail::cuda_block, 0, be.stream>>>(n, f, w...);
-  } else {
-    detail::for_each_vector_kernel<1><<<detail::grid_for(n), detail::cuda_block, 0, be.stream>>>(n, f, w...);
-  }
-  ALLOY_CUDA_CHECK_LAUNCH();
+  requires(sizeof...(W) > 0)
+void for_each_n(Cuda be, std::size_t n, F f, W... w) {
+  detail::launch_for_each<detail::cuda_unroll, false>(be, n, f, w...);
+}
+
+// As for_each_n, calling f(i, a[i], b[i], ...). Unroll: vectors each thread has in flight
+// (fewer for functors that hold many registers).
+template <int Unroll = detail::cuda_unroll, class F, element_access... W>
+void for_each_indexed_n(Cuda be, std::size_t n, F f, W... w) {
+  detail::launch_for_each<Unroll, true>(be, n, f, w...);
 }
 
 // Workspace bytes transform_reduce_async needs on the current device for accumulator Acc.

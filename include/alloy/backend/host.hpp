@@ -23,6 +23,12 @@ requires(sizeof...(W) > 0) void for_each_n(Host, std::size_t n, F f, W... w) {
   for (std::size_t i = 0; i < n; ++i) f(w.element(i)...);
 }
 
+// Calls f(i, a[i], b[i], ...) for every i in [0, n).
+template <int Unroll = 1, class F, element_access... W>
+void for_each_indexed_n(Host, std::size_t n, F f, W... w) {
+  for (std::size_t i = 0; i < n; ++i) f(i, w.element(i)...);
+}
+
 namespace detail {
 // Host reductions fold in chunks, then fold the chunk results: the same two-level shape as
 // the Cuda backend's, which keeps float sums accurate (error grows with chunk count plus chunk

@@ -3,7 +3,29 @@
 
 #include <alloy/numeric/traits.hpp>
 
+#include <type_traits>
+
 namespace alloy {
+
+// float -> T, round to nearest even (identity for float).
+template <class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE T round_nearest(float x) noexcept {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return T(x);
+  }
+}
+
+// T -> float, exact for every alloy dtype.
+template <class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float to_float(T x) noexcept {
+  return static_cast<float>(x);
+}
+
+// float -> T by the given rounding; `random_bits` is used only by stochastic rounding.
+template <class T>
+ALLOY_HOST_DEVICE T round_to(float x, bool stochastic, std::uint32_t random_bits) noexcept;
 
 // Stochastic rounding: returns one of the two values of T that bracket x, the upper one (in
 // magnitude) with probability equal to x's distance from the lower one over their gap, so
@@ -44,6 +66,11 @@ ALLOY_HOST_DEVICE inline fp16 round_stochastic<fp16>(float x, std::uint32_t rand
   const float fraction = (x_abs - lower_abs) / (upper_abs - lower_abs);   // in [0, 1], exact
   const float uniform = static_cast<float>(random_bits >> 8) * 0x1p-24f;  // in [0, 1)
   return fp16::from_bits(static_cast<std::uint16_t>(lower + (uniform < fraction ? 1 : 0)));
+}
+
+template <class T>
+ALLOY_HOST_DEVICE inline T round_to(float x, bool stochastic, std::uint32_t random_bits) noexcept {
+  return stochastic ? round_stochastic<T>(x, random_bits) : round_nearest<T>(x);
 }
 
 }  // namespace alloy

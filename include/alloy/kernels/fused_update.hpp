@@ -1,0 +1,271 @@
+// Pass 2 of the optimizer step: one pass over every arena. Per element: unscale and clip the
+// gradient (one multiply by grad_mult), apply the optimizer rule to the fp32 parameter (the
+// master copy, or the widened compute parameter when there is none) and its state, write the
+// parameter, the state and the compute copy (round to nearest even, or stochastic), and clear
+// the gradient accumulator when there is one.
+// Bytes per element (Precision<bf16, fp32_master> + AdamW<State<fp32>>): read grad 2, master 4,
+// m 4, v 4; write master 4, m 4, v 4, param 2: 28.
+#pragma once
+
+#include <alloy/backend/algorithms.hpp>
+#include <alloy/numeric/minifloat8.hpp>
+#include <alloy/numeric/random.hpp>
+#include <alloy/numeric/rounding.hpp>
+#include <alloy/optim/rules.hpp>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace alloy::detail {
+
+inline constexpr std::size_t scale_block = 256;  // BlockScales granularity, as ArenaLayout's
+
+// Everything one pass-2 launch needs besides the arenas.
+template <class Rule>
+struct UpdateScalars {
+  Rule rule;
+  float grad_mult;          // inv_scale * clip coefficient
+  std::uint64_t seed;       // for stochastic rounding
+  std::uint64_t stream;     // first random index of this step: step * padded elements
+  bool stochastic_params;   // round the compute copy stochastically
+};
+
+// Random word k (0: parameter, 1 + slot: state) of element i in this step.
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t update_bits(std::uint64_t seed, std::uint64_t stream,
+                                                              std::size_t i, int k) {
+  return random_bits(seed, (stream + i) * 4 + static_cast<std::uint64_t>(k));
+}
+
+// State values in fp32 or bf16 (bf16 written with stochastic rounding).
+template <class S>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE S encode_state(float x, std::uint32_t bits) {
+  if constexpr (std::is_same_v<S, float>) {
+    return x;
+  } else {
+    return round_stochastic<S>(x, bits);
+  }
+}
+
+// The per-element update for unquantized state. With a master copy the call is
+// f(i, grad, master, param, state...); without, f(i, grad, param, state...).
+template <class Rule, class Param, class Grad, class StateT, bool HasMaster, bool ClearGrad>
+struct FusedUpdate {
+  UpdateScalars<Rule> s;
+  const BlockScales* blocks;
+
+  template <class G, class... St>
+  ALLOY_HOST_DEVICE void apply(std::size_t i, G& grad, float& p, Param& param, St&... state) const {
+    const float g = fp::mul(to_float(grad), s.grad_mult);
+    if constexpr (ClearGrad) grad = round_nearest<Grad>(0.0f);
+    float values[sizeof...(St) > 0 ? sizeof...(St) : 1] = {to_float(state)...};
+    s.rule(g, p, values, blocks[i / scale_block]);
+    param = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
+    StateT* refs[] = {&state...};
+#pragma unroll
+    for (int k = 0; k < int(sizeof...(St)); ++k) {
+      *refs[k] = encode_state<StateT>(values[k], update_bits(s.seed, s.stream, i, 1 + k));
+    }
+  }
+
+  template <class G, class... St>
+    requires HasMaster
+  ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, float& master, Param& param, St&... state) const {
+    apply(i, grad, master, param, state...);
+  }
+
+  template <class G, class... St>
+    requires(!HasMaster)
+  ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, Param& param, St&... state) const {
+    float p = to_float(param);
+    apply(i, grad, p, param, state...);
+  }
+};
+
+// The arenas of one store, as raw pointers.
+template <class Param, class Grad, class StateStorage, int Slots>
+struct UpdateArenas {
+  std::size_t n = 0;  // padded elements
+  Param* params = nullptr;
+  Grad* grads = nullptr;     // what the optimizer reads: the accumulator when there is one
+  float* master = nullptr;   // null without a master copy
+  StateStorage* state[Slots] = {};
+  float* absmax[Slots] = {};  // q8 only: one scale per quantization block
+  const BlockScales* blocks = nullptr;
+};
+
+template <class Arenas, std::size_t... K>
+auto state_access(const Arenas& a, std::index_sequence<K...>) {
+  return std::make_tuple(inout(a.state[K])...);
+}
+
+// Pass 2 for fp32 and bf16 state on either backend.
+template <bool ClearGrad, class B, class Rule, class Param, class Grad, class StateT, int Slots>
+void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const UpdateScalars<Rule>& s) {
+  constexpr int unroll = 1;  // 5 to 6 arrays of 8 lanes already keep enough bytes in flight
+  const auto states = state_access(a, std::make_index_sequence<Slots>{});
+  const auto grads = [&] {
+    if constexpr (ClearGrad) return inout(a.grads);
+    else return in(static_cast<const Grad*>(a.grads));
+  }();
+  std::apply(
+      [&](auto... st) {
+        if (a.master) {
+          FusedUpdate<Rule, Param, Grad, StateT, true, ClearGrad> f{s, a.blocks};
+          for_each_indexed_n<unroll>(be, a.n, f, grads, inout(a.master), out(a.params), st...);
+        } else {
+          FusedUpdate<Rule, Param, Grad, StateT, false, ClearGrad> f{s, a.blocks};
+          for_each_indexed_n<unroll>(be, a.n, f, grads, inout(a.params), st...);
+        }
+      },
+      states);
+}
+
+// ---- q8 state: block-wise quantized moments ------------------------------------------------
+
+template <bool Signed>
+using q8_codec = std::conditional_t<Signed, SignedE4M3, UnsignedE5M3>;
+
+inline constexpr int q8_lanes = 8;  // elements per thread
+
+// Updates `count` consecutive elements starting at `first` (inside one quantization block),
+// decoding state with the block's old scales; leaves the new state values in `values` and
+// returns nothing else. Shared by Host and Cuda so both compute the same bits.
+template <class Rule, class Param, class Grad, bool ClearGrad, int Slots>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_elements(const UpdateScalars<Rule>& s,
+                                                            const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a,
+                                                            std::size_t first, int count, const float* old_absmax,
+                                                            float (*values)[q8_lanes]) {
+  const BlockScales b = a.blocks[first / scale_block];
+  for (int l = 0; l < count; ++l) {
+    const std::size_t i = first + l;
+    const float g = fp::mul(to_float(a.grads[i]), s.grad_mult);
+    if constexpr (ClearGrad) a.grads[i] = round_nearest<Grad>(0.0f);
+    float st[Slots];
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) {
+      const std::uint8_t code = a.state[k][i];
+      st[k] = fp::mul(Rule::slot_signed[k] ? q8_codec<true>::decode(code) : q8_codec<false>::decode(code),
+                      old_absmax[k]);
+    }
+    float p = a.master ? a.master[i] : to_float(a.params[i]);
+    s.rule(g, p, st, b);
+    if (a.master) a.master[i] = p;
+    a.params[i] = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) values[k][l] = st[k];
+  }
+}
+
+template <bool Signed>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint8_t q8_encode(float x, float inv_absmax) {
+  return q8_codec<Signed>::encode(fp::mul(x, inv_absmax));
+}
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float q8_inverse(float absmax) {
+  return absmax > 0.0f ? fp::div(1.0f, absmax) : 0.0f;
+}
+
+// Host: one quantization block at a time.
+template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
+void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a, const UpdateScalars<Rule>& s) {
+  std::vector<float> values(static_cast<std::size_t>(Slots) * QBlock);
+  for (std::size_t q = 0; q * QBlock < a.n; ++q) {
+    float old_absmax[Slots], new_absmax[Slots] = {};
+    for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
+    for (int c = 0; c < QBlock; c += q8_lanes) {
+      float chunk[Slots][q8_lanes];
+      q8_update_elements<Rule, Param, Grad, ClearGrad, Slots>(s, a, q * QBlock + c, q8_lanes, old_absmax, chunk);
+      for (int k = 0; k < Slots; ++k) {
+        for (int l = 0; l < q8_lanes; ++l) {
+          values[k * QBlock + c + l] = chunk[k][l];
+          new_absmax[k] = Max{}(new_absmax[k], chunk[k][l] < 0 ? -chunk[k][l] : chunk[k][l]);
+        }
+      }
+    }
+    for (int k = 0; k < Slots; ++k) {
+      a.absmax[k][q] = new_absmax[k];
+      const float inv = q8_inverse(new_absmax[k]);
+      for (int e = 0; e < QBlock; ++e) {
+        const float v = values[k * QBlock + e];
+        a.state[k][q * QBlock + e] = Rule::slot_signed[k] ? q8_encode<true>(v, inv) : q8_encode<false>(v, inv);
+      }
+    }
+  }
+}
+
+#if ALLOY_HAS_CUDA_KERNELS
+
+// Cuda: QBlock / 8 threads per quantization block, 8 elements each; the block's new absolute
+// maximum comes from a warp (QBlock 256) or whole-block (QBlock 2048) reduction.
+template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
+__global__ void __launch_bounds__(cuda_block)
+    fused_update_q8_kernel(UpdateArenas<Param, Grad, std::uint8_t, Slots> a, UpdateScalars<Rule> s) {
+  constexpr int threads_per_q = QBlock / q8_lanes;
+  constexpr int groups = cuda_block / threads_per_q;
+  static_assert(threads_per_q == 32 || threads_per_q == cuda_block, "q8 block must be 256 or 2048");
+  const int group = threadIdx.x / threads_per_q;
+  const int lane = threadIdx.x % threads_per_q;
+  const std::size_t blocks = a.n / QBlock;
+  __shared__ float shared_max[Slots][cuda_block / 32];
+  for (std::size_t q = std::size_t(blockIdx.x) * groups + group; q < blocks;
+       q += std::size_t(gridDim.x) * groups) {
+    float old_absmax[Slots];
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
+    float values[Slots][q8_lanes];
+    const std::size_t first = q * QBlock + std::size_t(lane) * q8_lanes;
+    q8_update_elements<Rule, Param, Grad, ClearGrad, Slots>(s, a, first, q8_lanes, old_absmax, values);
+    float absmax[Slots];
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) {
+      float m = 0.0f;
+#pragma unroll
+      for (int l = 0; l < q8_lanes; ++l) m = fmaxf(m, fabsf(values[k][l]));
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+      absmax[k] = m;
+    }
+    if constexpr (threads_per_q > 32) {
+      __syncthreads();  // the previous iteration's readers are done with shared_max
+      if (threadIdx.x % 32 == 0) {
+#pragma unroll
+        for (int k = 0; k < Slots; ++k) shared_max[k][threadIdx.x / 32] = absmax[k];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < Slots; ++k) {
+        float m = 0.0f;
+#pragma unroll
+        for (int w = 0; w < cuda_block / 32; ++w) m = fmaxf(m, shared_max[k][w]);
+        absmax[k] = m;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) {
+      if (lane == 0) a.absmax[k][q] = absmax[k];
+      const float inv = q8_inverse(absmax[k]);
+      std::uint8_t codes[q8_lanes];
+#pragma unroll
+      for (int l = 0; l < q8_lanes; ++l) {
+        codes[l] = Rule::slot_signed[k] ? q8_encode<true>(values[k][l], inv) : q8_encode<false>(values[k][l], inv);
+      }
+      std::uint64_t packed;
+      memcpy(&packed, codes, 8);
+      *reinterpret_cast<std::uint64_t*>(a.state[k] + first) = packed;
+    }
+  }
+}
+
+template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
+void fused_update_q8(Cuda be, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a, const UpdateScalars<Rule>& s) {
+  if (a.n == 0) return;
+  constexpr int groups = cuda_block / (QBlock / q8_lanes);
+  const int grid = grid_for(a.n / QBlock * cuda_block / groups);
+  fused_update_q8_kernel<QBlock, ClearGrad><<<grid, cuda_block, 0, be.stream>>>(a, s);
+  ALLOY_CUDA_CHECK_LAUNCH();
+}
+
+#endif  // ALLOY_HAS_CUDA_KERNELS
+
+}  // namespace alloy::detail

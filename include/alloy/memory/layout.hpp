@@ -1,0 +1,57 @@
+// ArenaLayout: where each declared parameter lives in the flat arenas. Every role (compute
+// parameters, gradients, accumulator, master, state) uses the same element offsets, so one
+// index names one parameter element in all of them. Each tensor starts on a block boundary
+// (256 elements, or the q8 block when larger): 16-byte aligned in every dtype, a q8 block
+// never spans two tensors, and per-block facts (learning-rate and decay multipliers) are exact.
+// Padding elements are zero in every role and stay zero under every update rule.
+#pragma once
+
+#include <alloy/memory/registry.hpp>
+#include <alloy/optim/rules.hpp>
+
+#include <cstddef>
+#include <vector>
+
+namespace alloy {
+
+struct TensorPlacement {
+  std::size_t offset = 0;  // first element, in elements, in every arena
+  std::size_t numel = 0;
+};
+
+class ArenaLayout {
+ public:
+  ArenaLayout() = default;
+  ArenaLayout(const ParamRegistry& registry, std::size_t block) : block_(block) {
+    std::size_t offset = 0;
+    for (const auto& spec : registry.specs()) {
+      const auto n = static_cast<std::size_t>(spec.numel());
+      placements_.push_back({offset, n});
+      const std::size_t padded = (n + block - 1) / block * block;
+      const BlockScales scales{spec.options.lr_scale, spec.options.weight_decay ? 1.0f : 0.0f};
+      for (std::size_t b = 0; b < padded / scale_block; ++b) block_scales_.push_back(scales);
+      offset += padded;
+      real_ += n;
+    }
+    padded_ = offset;
+  }
+
+  // Granularity of BlockScales: one entry per 256 elements.
+  static constexpr std::size_t scale_block = 256;
+
+  const TensorPlacement& operator[](std::size_t i) const { return placements_.at(i); }
+  std::size_t tensors() const noexcept { return placements_.size(); }
+  std::size_t padded_numel() const noexcept { return padded_; }  // elements in each arena
+  std::size_t numel() const noexcept { return real_; }           // declared elements
+  std::size_t block() const noexcept { return block_; }
+  const std::vector<BlockScales>& block_scales() const noexcept { return block_scales_; }
+
+ private:
+  std::size_t block_ = scale_block;
+  std::vector<TensorPlacement> placements_;
+  std::vector<BlockScales> block_scales_;
+  std::size_t padded_ = 0;
+  std::size_t real_ = 0;
+};
+
+}  // namespace alloy

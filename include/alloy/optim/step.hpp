@@ -1,0 +1,193 @@
+// OptimizerStep: what happens between "gradients exist" and "the next forward can start".
+//   1. pass 1 (one read of the gradients): sum of squares of the unscaled gradients;
+//   2. on the host: non-finite means the step is skipped (master, state and parameters left
+//      bit-identical) and counted, and the scaler backs off; otherwise the global norm gives
+//      the clip coefficient and the scaler counts toward growth;
+//   3. pass 2 (one fused pass over all arenas): the update (kernels/fused_update.hpp).
+#pragma once
+
+#include <alloy/kernels/fused_update.hpp>
+#include <alloy/kernels/grad_norm.hpp>
+#include <alloy/memory/param_store.hpp>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+namespace alloy {
+
+struct StepOptions {
+  float lr = 0.0f;             // this step's learning rate (schedules live with the caller)
+  float max_grad_norm = 0.0f;  // clip the global norm to this; 0 disables clipping
+};
+
+struct StepStats {
+  bool skipped = false;         // a non-finite gradient: nothing was updated
+  double grad_norm = 0.0;       // global L2 norm of the unscaled gradients, before clipping
+  double clip_coefficient = 1.0;
+  float loss_scale = 1.0f;      // the scale this step's gradients carried
+  float next_loss_scale = 1.0f; // the scale for the next backward
+  ScaleEvent scale_event = ScaleEvent::kept;
+  std::uint64_t step = 0;       // applied steps so far (the optimizer's t)
+  std::uint64_t skipped_steps = 0;
+  std::uint64_t overflows = 0;
+};
+
+// Runtime settings of a step engine. The scaler config is used by DynamicLossScale only.
+template <class O, class Scaler>
+struct StepConfig {
+  typename O::Config optimizer{};
+  typename Scaler::Config scaler{};
+  Rounding param_rounding = Rounding::nearest_even;  // writing the compute copy
+  std::uint64_t seed = 0;                            // stochastic rounding's random stream
+};
+
+template <class P, class O, backend B, int MicroBatches = 1>
+class OptimizerStep {
+ public:
+  using store_type = ParamStore<P, O, B, MicroBatches>;
+  using scaler_type = typename P::scaler_type;
+  using config_type = StepConfig<O, scaler_type>;
+
+  explicit OptimizerStep(config_type config = {}, B be = {}) : config_(config), be_(be) {
+    scale_.scale = scaler_type::initial_scale(config_.scaler);
+    if constexpr (scaler_type::dynamic) scale_ = initial_loss_scale_state(config_.scaler);
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      workspace_ = Buffer<std::byte, Cuda>(reduce_workspace_bytes<float>(be), be);
+      sum_ = Buffer<float, Cuda>(1, be);
+      ALLOY_CUDA_CHECK(cudaMallocHost(&host_sum_, sizeof(float)));
+    }
+#endif
+  }
+  ~OptimizerStep() {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if (host_sum_) (void)cudaFreeHost(host_sum_);
+#endif
+  }
+  OptimizerStep(const OptimizerStep&) = delete;
+  OptimizerStep& operator=(const OptimizerStep&) = delete;
+
+  // The scale the next backward pass must be seeded with.
+  float loss_scale() const noexcept { return scale_.scale; }
+  const LossScaleState& scale_state() const noexcept { return scale_; }
+  std::uint64_t steps() const noexcept { return step_; }
+  std::uint64_t skipped_steps() const noexcept { return skipped_; }
+  const config_type& config() const noexcept { return config_; }
+  config_type& config() noexcept { return config_; }
+
+  // Restores counters from a checkpoint.
+  void restore(const LossScaleState& scale, std::uint64_t steps, std::uint64_t skipped) {
+    scale_ = scale;
+    step_ = steps;
+    skipped_ = skipped;
+  }
+
+  // Global sum of squares of the unscaled gradients (pass 1 alone).
+  double grad_sum_of_squares(store_type& store) {
+    const auto* g = store.optimizer_grads();
+    const std::size_t n = store.layout().padded_numel();
+    const detail::UnscaledSquare<typename store_type::optimizer_grad_type> square{1.0f / scale_.scale};
+    if constexpr (std::is_same_v<B, Host>) {
+      return transform_reduce(be_, n, 0.0f, Sum{}, square, in(g));
+    } else {
+#if ALLOY_HAS_CUDA_KERNELS
+      transform_reduce_async(be_, workspace_.data(), workspace_.size(), sum_.data(), n, 0.0f, Sum{}, square, in(g));
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
+      ALLOY_CUDA_CHECK(cudaStreamSynchronize(be_.stream));
+      return *host_sum_;
+#else
+      static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
+      return 0.0;
+#endif
+    }
+  }
+
+  // One optimizer step over `store`. Throws alloy::error, leaving everything as it was, when a
+  // dynamic scale would fall below its minimum.
+  StepStats step(store_type& store, const StepOptions& options) {
+    if (!(options.lr >= 0.0f) || !std::isfinite(options.lr)) {
+      throw error("OptimizerStep::step: learning rate " + std::to_string(options.lr) + " is not a finite value >= 0");
+    }
+    if (!(options.max_grad_norm >= 0.0f)) {
+      throw error("OptimizerStep::step: max_grad_norm " + std::to_string(options.max_grad_norm) + " is negative");
+    }
+    StepStats stats;
+    stats.loss_scale = scale_.scale;
+    const double sum_sq = grad_sum_of_squares(store);
+    const bool non_finite = !std::isfinite(sum_sq);
+    stats.grad_norm = non_finite ? std::numeric_limits<double>::infinity() : std::sqrt(sum_sq);
+
+    LossScaleState next = scale_;
+    if constexpr (scaler_type::dynamic) {
+      stats.scale_event = update_loss_scale(next, config_.scaler, non_finite);
+      if (stats.scale_event == ScaleEvent::underflow) {
+        std::ostringstream msg;
+        msg << "loss scale fell below min_scale=" << config_.scaler.min_scale << " (at scale " << scale_.scale
+            << ", backoff " << config_.scaler.backoff_factor
+            << "): gradients overflow at any scale; check the learning rate or the data";
+        throw error(msg.str());
+      }
+    } else if (non_finite) {
+      ++next.overflows;
+    }
+
+    if (non_finite) {
+      stats.skipped = true;
+      ++skipped_;
+      if constexpr (store_type::has_accumulator) fill_zero(store.accumulator_arena());
+    } else {
+      stats.clip_coefficient =
+          options.max_grad_norm > 0.0f ? std::min(1.0, options.max_grad_norm / (stats.grad_norm + 1e-6)) : 1.0;
+      ++step_;
+      apply(store, options.lr, static_cast<float>(stats.clip_coefficient / scale_.scale));
+    }
+    scale_ = next;
+    stats.next_loss_scale = scale_.scale;
+    stats.step = step_;
+    stats.skipped_steps = skipped_;
+    stats.overflows = scale_.overflows;
+    return stats;
+  }
+
+ private:
+  void apply(store_type& store, float lr, float grad_mult) {
+    using Rule = typename O::rule_type;
+    using Param = typename store_type::param_type;
+    using Grad = typename store_type::optimizer_grad_type;
+    using S = typename store_type::state_storage;
+    constexpr int slots = store_type::slots;
+    const std::size_t n = store.layout().padded_numel();
+    detail::UpdateArenas<Param, Grad, S, slots> a;
+    a.n = n;
+    a.params = store.params_arena().data();
+    a.grads = store.optimizer_grads();
+    a.master = store_type::has_master ? store.master_arena().data() : nullptr;
+    for (int k = 0; k < slots; ++k) {
+      a.state[k] = store.state_arena(k).data();
+      if constexpr (store_type::state_policy::quantized) a.absmax[k] = store.state_scale_arena(k).data();
+    }
+    a.blocks = store.block_scales().data();
+    const detail::UpdateScalars<Rule> s{O::rule(config_.optimizer, lr, step_), grad_mult, config_.seed, step_ * n,
+                                        config_.param_rounding == Rounding::stochastic};
+    constexpr bool clear = store_type::has_accumulator;
+    if constexpr (store_type::state_policy::quantized) {
+      detail::fused_update_q8<static_cast<int>(store_type::quant_block), clear>(be_, a, s);
+    } else {
+      detail::fused_update<clear>(be_, a, s);
+    }
+  }
+
+  config_type config_;
+  B be_;
+  LossScaleState scale_{};
+  std::uint64_t step_ = 0;
+  std::uint64_t skipped_ = 0;
+#if ALLOY_HAS_CUDA_RUNTIME
+  Buffer<std::byte, Cuda> workspace_;
+  Buffer<float, Cuda> sum_;
+  float* host_sum_ = nullptr;
+#endif
+};
+
+}  // namespace alloy

@@ -1,0 +1,120 @@
+// Loss scalers. The backward pass is seeded with `scale`, so gradients arrive multiplied by it;
+// the optimizer step divides it out. The dynamic scaler's state machine is written once,
+// host-and-device, and is the union of PyTorch GradScaler's and DeepSpeed's knobs.
+#pragma once
+
+#include <alloy/config.hpp>
+
+#include <cstdint>
+
+namespace alloy {
+
+struct DynamicLossScaleConfig {
+  float init_scale = 65536.0f;     // 2^16, as GradScaler
+  float growth_factor = 2.0f;      // after growth_interval finite steps in a row
+  float backoff_factor = 0.5f;     // after `hysteresis` overflowing steps in a row
+  int growth_interval = 2000;
+  int hysteresis = 1;              // consecutive overflows before backing off (DeepSpeed's delayed_shift)
+  float min_scale = 1.0f;          // backing off below this is an error, not silent training on nothing
+  float max_scale = 16777216.0f;   // 2^24: growth stops here
+};
+
+// Where the scaler stands between steps. Part of a checkpoint.
+struct LossScaleState {
+  float scale = 1.0f;
+  std::int32_t growth_tracker = 0;   // finite steps since the last change of scale or overflow
+  std::int32_t hysteresis_left = 1;  // overflows still tolerated before backing off
+  std::uint64_t overflows = 0;       // steps that found a non-finite gradient (all of them skipped)
+};
+
+enum class ScaleEvent : std::uint8_t {
+  kept,        // finite step, scale unchanged
+  grew,        // finite step that completed a growth interval
+  tolerated,   // overflow absorbed by hysteresis: step skipped, scale unchanged
+  backed_off,  // overflow: step skipped, scale multiplied by backoff_factor
+  underflow,   // overflow, and backing off would go below min_scale: state unchanged, an error
+};
+
+// One step of the dynamic scaler given whether the step's gradients were all finite.
+ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, const DynamicLossScaleConfig& c,
+                                                          bool found_non_finite) noexcept {
+  if (found_non_finite) {
+    if (s.hysteresis_left > 1) {
+      --s.hysteresis_left;
+      ++s.overflows;
+      s.growth_tracker = 0;
+      return ScaleEvent::tolerated;
+    }
+    const float next = s.scale * c.backoff_factor;
+    if (next < c.min_scale) return ScaleEvent::underflow;
+    ++s.overflows;
+    s.scale = next;
+    s.growth_tracker = 0;
+    s.hysteresis_left = c.hysteresis;
+    return ScaleEvent::backed_off;
+  }
+  s.hysteresis_left = c.hysteresis;  // hysteresis counts consecutive overflows
+  if (++s.growth_tracker >= c.growth_interval) {
+    s.growth_tracker = 0;
+    const float next = s.scale * c.growth_factor;
+    if (next <= c.max_scale && next > s.scale) {
+      s.scale = next;
+      return ScaleEvent::grew;
+    }
+  }
+  return ScaleEvent::kept;
+}
+
+inline constexpr LossScaleState initial_loss_scale_state(const DynamicLossScaleConfig& c) noexcept {
+  LossScaleState s;
+  s.scale = c.init_scale;
+  s.hysteresis_left = c.hysteresis;
+  return s;
+}
+
+// No scaling: gradients come unscaled. Non-finite steps are still skipped and counted.
+struct NoLossScale {
+  static constexpr bool dynamic = false;
+  static constexpr const char* name = "NoLossScale";
+  struct Config {};
+  static constexpr float initial_scale(const Config&) noexcept { return 1.0f; }
+};
+
+// A fixed scale S (a power of two keeps the unscaling exact).
+template <float S>
+struct StaticLossScale {
+  static_assert(S > 0.0f, "StaticLossScale<S>: S must be positive");
+  static constexpr bool dynamic = false;
+  static constexpr const char* name = "StaticLossScale";
+  static constexpr float scale = S;
+  struct Config {};
+  static constexpr float initial_scale(const Config&) noexcept { return S; }
+};
+
+// The scale grows after a run of finite steps and backs off after overflows. `Defaults` are the
+// compile-time defaults of the runtime config:
+//   DynamicLossScale<DynamicLossScaleConfig{.init_scale = 1024.0f, .hysteresis = 2}>
+template <DynamicLossScaleConfig Defaults = DynamicLossScaleConfig{}>
+struct DynamicLossScale {
+  static_assert(Defaults.init_scale > 0.0f && Defaults.growth_factor >= 1.0f && Defaults.backoff_factor > 0.0f &&
+                    Defaults.backoff_factor < 1.0f && Defaults.growth_interval > 0 && Defaults.hysteresis > 0 &&
+                    Defaults.min_scale > 0.0f && Defaults.max_scale >= Defaults.init_scale,
+                "DynamicLossScale: needs init_scale > 0, growth_factor >= 1, 0 < backoff_factor < 1, "
+                "growth_interval > 0, hysteresis > 0, 0 < min_scale, init_scale <= max_scale");
+  static constexpr bool dynamic = true;
+  static constexpr const char* name = "DynamicLossScale";
+  using Config = DynamicLossScaleConfig;
+  static constexpr Config defaults = Defaults;
+  static constexpr float initial_scale(const Config& c) noexcept { return c.init_scale; }
+};
+
+template <class T>
+inline constexpr bool is_loss_scale_v = false;
+template <>
+inline constexpr bool is_loss_scale_v<NoLossScale> = true;
+template <float S>
+inline constexpr bool is_loss_scale_v<StaticLossScale<S>> = true;
+template <DynamicLossScaleConfig C>
+inline constexpr bool is_loss_scale_v<DynamicLossScale<C>> = true;
+
+}  // namespace alloy
