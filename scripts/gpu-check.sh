@@ -3,15 +3,18 @@
 #   configure with the gpu preset, build with every core, run the whole test suite with GPU
 #   tests required (ALLOY_REQUIRE_GPU=1: a missing device fails instead of skipping), run the
 #   benchmarks, and write logs and a summary table under $OUT (default: ./gpu-out).
-# Usage: scripts/gpu-check.sh [--no-bench] [--bench-only] [--bench-filter REGEX]
+#   With PyTorch on the machine it also times the peers (benchmarks/peers/) and writes the
+#   side-by-side table; bitsandbytes comes from a wheel carried in .whl/ when present.
+# Usage: scripts/gpu-check.sh [--no-bench] [--no-peers] [--bench-only] [--bench-filter REGEX]
 set -uo pipefail
 
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-run_tests=1 run_bench=1 bench_filter=.
+run_tests=1 run_bench=1 run_peers=1 bench_filter=.
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-bench) run_bench=0 ;;
+    --no-peers) run_peers=0 ;;
     --bench-only) run_tests=0 ;;
     --bench-filter) bench_filter=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -54,6 +57,19 @@ if [ $run_bench -eq 1 ]; then
   done
   if ls "$OUT"/alloy_bench_*.json >/dev/null 2>&1; then
     python3 scripts/bench_table.py "$OUT"/alloy_bench_*.json | tee "$OUT/summary.md"
+  fi
+  # The PyTorch / bitsandbytes side, in the same run: wheels carried in .whl/ are installed
+  # into a private directory first (the GPU machine has no network).
+  if [ $run_peers -eq 1 ] && python3 -c "import torch" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/alloy-site \
+        .whl/*.whl >>"$log" 2>&1 && export PYTHONPATH=/tmp/alloy-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    step peers env PYTHONUNBUFFERED=1 python3 benchmarks/peers/optimizer_step.py --out "$OUT/peers.json"
+    if [ -f "$OUT/alloy_bench_optimizer.json" ] && [ -f "$OUT/peers.json" ]; then
+      { echo; python3 scripts/compare_peers.py "$OUT/alloy_bench_optimizer.json" "$OUT/peers.json" \
+          "$OUT/alloy_bench_backend.json"; } | tee -a "$OUT/summary.md"
+    fi
   fi
 fi
 exit $status

@@ -21,6 +21,14 @@
 #define ALLOY_FORCEINLINE inline __attribute__((always_inline))
 #endif
 
+// Loop unrolling hint for code compiled for both host and device (host compilers warn on
+// `#pragma unroll`).
+#if ALLOY_DEVICE_CODE
+#define ALLOY_UNROLL _Pragma("unroll")
+#else
+#define ALLOY_UNROLL
+#endif
+
 // The CUDA runtime API is plain C: host-only translation units may allocate device
 // memory and query devices; only kernels need nvcc. ALLOY_NO_CUDA forces a build
 // without it (the Host backend alone).

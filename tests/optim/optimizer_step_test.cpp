@@ -123,7 +123,9 @@ void skip_step_leaves_every_byte(std::uint64_t seed, float bad) {
   EXPECT_EQ(stats.skipped_steps, 1u);
   EXPECT_EQ(stats.overflows, 1u);
   EXPECT_EQ(test::snapshot(store), before) << "a skipped step changed the arenas";
-  if constexpr (P::scaler_type::dynamic) EXPECT_EQ(opt.loss_scale(), scale * 0.5f);
+  if constexpr (P::scaler_type::dynamic) {
+    EXPECT_EQ(opt.loss_scale(), scale * 0.5f);
+  }
   // The next finite step is applied.
   test::random_grads(store, rng, opt.loss_scale(), 0.01f);
   EXPECT_FALSE(opt.step(store, {.lr = 1e-2f}).skipped);

@@ -19,17 +19,27 @@ inline ParamRegistry odd_model() {
   return r;
 }
 
-// Writes fresh random gradients (times `scale`) into every declared element.
-template <class Store>
-void random_grads(Store& store, std::mt19937_64& rng, float scale, float stddev = 1.0f) {
+// Writes fresh random values (normal, times `scale`) into every declared element of an arena;
+// padding stays zero.
+template <class G, class B>
+void random_fill(Buffer<G, B>& arena, const ArenaLayout& layout, std::mt19937_64& rng, float scale, float stddev) {
   std::normal_distribution<float> d(0.0f, stddev);
-  using G = typename Store::grad_type;
-  std::vector<G> host(store.layout().padded_numel(), round_nearest<G>(0.0f));
-  for (std::size_t t = 0; t < store.layout().tensors(); ++t) {
-    const auto& place = store.layout()[t];
+  std::vector<G> host(layout.padded_numel(), round_nearest<G>(0.0f));
+  for (std::size_t t = 0; t < layout.tensors(); ++t) {
+    const auto& place = layout[t];
     for (std::size_t i = 0; i < place.numel; ++i) host[place.offset + i] = round_nearest<G>(d(rng) * scale);
   }
-  copy_from_host(store.grads_arena(), std::span<const G>(host));
+  copy_from_host(arena, std::span<const G>(host));
+}
+
+// Fresh random gradients (times `scale`) where the optimizer reads them.
+template <class Store>
+void random_grads(Store& store, std::mt19937_64& rng, float scale, float stddev = 1.0f) {
+  if constexpr (Store::has_accumulator) {
+    random_fill(store.accumulator_arena(), store.layout(), rng, scale, stddev);
+  } else {
+    random_fill(store.grads_arena(), store.layout(), rng, scale, stddev);
+  }
 }
 
 struct RefElement {
@@ -106,6 +116,23 @@ inline void ref_lion(RefModel& r, const std::vector<double>& g, const Lion<>::Co
   }
 }
 
+// Copies every arena of one store into another of the same layout (any backends).
+template <class From, class To>
+void mirror(From& from, To& to) {
+  auto copy = [](auto& src, auto& dst) {
+    const auto v = to_host(src);
+    copy_from_host(dst, std::span<const typename decltype(v)::value_type>(v));
+  };
+  copy(from.params_arena(), to.params_arena());
+  copy(from.grads_arena(), to.grads_arena());
+  copy(from.master_arena(), to.master_arena());
+  if constexpr (From::has_accumulator) copy(from.accumulator_arena(), to.accumulator_arena());
+  for (int k = 0; k < From::slots; ++k) {
+    copy(from.state_arena(k), to.state_arena(k));
+    copy(from.state_scale_arena(k), to.state_scale_arena(k));
+  }
+}
+
 // The store's gradients, unscaled, as doubles.
 template <class Store>
 std::vector<double> unscaled_grads(Store& store, float scale) {
@@ -125,6 +152,7 @@ std::vector<std::uint8_t> snapshot(Store& store) {
   };
   add(store.params_arena());
   add(store.master_arena());
+  if constexpr (Store::has_accumulator) add(store.accumulator_arena());
   for (int k = 0; k < Store::slots; ++k) {
     add(store.state_arena(k));
     add(store.state_scale_arena(k));

@@ -62,7 +62,7 @@ struct FusedUpdate {
     s.rule(g, p, values, blocks[i / scale_block]);
     param = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
     StateT* refs[] = {&state...};
-#pragma unroll
+ALLOY_UNROLL
     for (int k = 0; k < int(sizeof...(St)); ++k) {
       *refs[k] = encode_state<StateT>(values[k], update_bits(s.seed, s.stream, i, 1 + k));
     }
@@ -128,31 +128,29 @@ using q8_codec = std::conditional_t<Signed, SignedE4M3, UnsignedE5M3>;
 
 inline constexpr int q8_lanes = 8;  // elements per thread
 
-// Updates `count` consecutive elements starting at `first` (inside one quantization block),
-// decoding state with the block's old scales; leaves the new state values in `values` and
-// returns nothing else. Shared by Host and Cuda so both compute the same bits.
-template <class Rule, class Param, class Grad, bool ClearGrad, int Slots>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_elements(const UpdateScalars<Rule>& s,
-                                                            const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a,
-                                                            std::size_t first, int count, const float* old_absmax,
-                                                            float (*values)[q8_lanes]) {
-  const BlockScales b = a.blocks[first / scale_block];
-  for (int l = 0; l < count; ++l) {
-    const std::size_t i = first + l;
-    const float g = fp::mul(to_float(a.grads[i]), s.grad_mult);
-    if constexpr (ClearGrad) a.grads[i] = round_nearest<Grad>(0.0f);
+// Updates the 8 consecutive elements starting at `first` (inside one quantization block),
+// held in registers: gradients, fp32 parameters (in and out), the state codes with their
+// block's old scales. Leaves the new state values in `values` and the compute copy in `out`.
+// Shared by Host and Cuda so both compute the same bits.
+template <class Rule, class Param, class Grad, int Slots>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_lanes(const UpdateScalars<Rule>& s, BlockScales b,
+                                                         std::size_t first, const Grad (&grad)[q8_lanes],
+                                                         float (&p)[q8_lanes],
+                                                         const std::uint8_t (&codes)[Slots][q8_lanes],
+                                                         const float (&old_absmax)[Slots], Param (&out)[q8_lanes],
+                                                         float (&values)[Slots][q8_lanes]) {
+  ALLOY_UNROLL
+  for (int l = 0; l < q8_lanes; ++l) {
+    const float g = fp::mul(to_float(grad[l]), s.grad_mult);
     float st[Slots];
-#pragma unroll
+    ALLOY_UNROLL
     for (int k = 0; k < Slots; ++k) {
-      const std::uint8_t code = a.state[k][i];
-      st[k] = fp::mul(Rule::slot_signed[k] ? q8_codec<true>::decode(code) : q8_codec<false>::decode(code),
-                      old_absmax[k]);
+      const float decoded = Rule::slot_signed(k) ? q8_codec<true>::decode(codes[k][l]) : q8_codec<false>::decode(codes[k][l]);
+      st[k] = fp::mul(decoded, old_absmax[k]);
     }
-    float p = a.master ? a.master[i] : to_float(a.params[i]);
-    s.rule(g, p, st, b);
-    if (a.master) a.master[i] = p;
-    a.params[i] = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
-#pragma unroll
+    s.rule(g, p[l], st, b);
+    out[l] = round_to<Param>(p[l], s.stochastic_params, update_bits(s.seed, s.stream, first + l, 0));
+    ALLOY_UNROLL
     for (int k = 0; k < Slots; ++k) values[k][l] = st[k];
   }
 }
@@ -174,10 +172,23 @@ void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>&
     float old_absmax[Slots], new_absmax[Slots] = {};
     for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
     for (int c = 0; c < QBlock; c += q8_lanes) {
-      float chunk[Slots][q8_lanes];
-      q8_update_elements<Rule, Param, Grad, ClearGrad, Slots>(s, a, q * QBlock + c, q8_lanes, old_absmax, chunk);
-      for (int k = 0; k < Slots; ++k) {
-        for (int l = 0; l < q8_lanes; ++l) {
+      const std::size_t first = q * QBlock + c;
+      Grad grad[q8_lanes];
+      float p[q8_lanes], chunk[Slots][q8_lanes];
+      std::uint8_t codes[Slots][q8_lanes];
+      Param out[q8_lanes];
+      for (int l = 0; l < q8_lanes; ++l) {
+        grad[l] = a.grads[first + l];
+        if constexpr (ClearGrad) a.grads[first + l] = round_nearest<Grad>(0.0f);
+        p[l] = a.master ? a.master[first + l] : to_float(a.params[first + l]);
+        for (int k = 0; k < Slots; ++k) codes[k][l] = a.state[k][first + l];
+      }
+      q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax,
+                                                out, chunk);
+      for (int l = 0; l < q8_lanes; ++l) {
+        if (a.master) a.master[first + l] = p[l];
+        a.params[first + l] = out[l];
+        for (int k = 0; k < Slots; ++k) {
           values[k * QBlock + c + l] = chunk[k][l];
           new_absmax[k] = Max{}(new_absmax[k], chunk[k][l] < 0 ? -chunk[k][l] : chunk[k][l]);
         }
@@ -188,13 +199,44 @@ void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>&
       const float inv = q8_inverse(new_absmax[k]);
       for (int e = 0; e < QBlock; ++e) {
         const float v = values[k * QBlock + e];
-        a.state[k][q * QBlock + e] = Rule::slot_signed[k] ? q8_encode<true>(v, inv) : q8_encode<false>(v, inv);
+        a.state[k][q * QBlock + e] = Rule::slot_signed(k) ? q8_encode<true>(v, inv) : q8_encode<false>(v, inv);
       }
     }
   }
 }
 
 #if ALLOY_HAS_CUDA_KERNELS
+
+// 8 consecutive elements (8-aligned) in 8, 16 or 32 bytes: one or two 16-byte accesses.
+template <class T>
+__device__ ALLOY_FORCEINLINE void load8(const T* p, T (&v)[q8_lanes]) {
+  if constexpr (sizeof(T) == 1) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    memcpy(v, &u, 8);
+  } else {
+#pragma unroll
+    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
+      const uint4 u = reinterpret_cast<const uint4*>(p)[c];
+      memcpy(reinterpret_cast<char*>(v) + 16 * c, &u, 16);
+    }
+  }
+}
+
+template <class T>
+__device__ ALLOY_FORCEINLINE void store8(T* p, const T (&v)[q8_lanes]) {
+  if constexpr (sizeof(T) == 1) {
+    uint2 u;
+    memcpy(&u, v, 8);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else {
+#pragma unroll
+    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
+      uint4 u;
+      memcpy(&u, reinterpret_cast<const char*>(v) + 16 * c, 16);
+      reinterpret_cast<uint4*>(p)[c] = u;
+    }
+  }
+}
 
 // Cuda: QBlock / 8 threads per quantization block, 8 elements each; the block's new absolute
 // maximum comes from a warp (QBlock 256) or whole-block (QBlock 2048) reduction.
@@ -213,9 +255,31 @@ __global__ void __launch_bounds__(cuda_block)
     float old_absmax[Slots];
 #pragma unroll
     for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
-    float values[Slots][q8_lanes];
     const std::size_t first = q * QBlock + std::size_t(lane) * q8_lanes;
-    q8_update_elements<Rule, Param, Grad, ClearGrad, Slots>(s, a, first, q8_lanes, old_absmax, values);
+    Grad grad[q8_lanes];
+    float p[q8_lanes], values[Slots][q8_lanes];
+    std::uint8_t codes[Slots][q8_lanes];
+    Param out[q8_lanes];
+    load8(a.grads + first, grad);
+    if constexpr (ClearGrad) {
+      Grad zeros[q8_lanes];
+#pragma unroll
+      for (int l = 0; l < q8_lanes; ++l) zeros[l] = round_nearest<Grad>(0.0f);
+      store8(a.grads + first, zeros);
+    }
+    if (a.master) {
+      load8(a.master + first, p);
+    } else {
+      load8(a.params + first, out);
+#pragma unroll
+      for (int l = 0; l < q8_lanes; ++l) p[l] = to_float(out[l]);
+    }
+#pragma unroll
+    for (int k = 0; k < Slots; ++k) load8(a.state[k] + first, codes[k]);
+    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax,
+                                              out, values);
+    if (a.master) store8(a.master + first, p);
+    store8(a.params + first, out);
     float absmax[Slots];
 #pragma unroll
     for (int k = 0; k < Slots; ++k) {
@@ -245,14 +309,12 @@ __global__ void __launch_bounds__(cuda_block)
     for (int k = 0; k < Slots; ++k) {
       if (lane == 0) a.absmax[k][q] = absmax[k];
       const float inv = q8_inverse(absmax[k]);
-      std::uint8_t codes[q8_lanes];
+      std::uint8_t new_codes[q8_lanes];
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) {
-        codes[l] = Rule::slot_signed[k] ? q8_encode<true>(values[k][l], inv) : q8_encode<false>(values[k][l], inv);
+        new_codes[l] = Rule::slot_signed(k) ? q8_encode<true>(values[k][l], inv) : q8_encode<false>(values[k][l], inv);
       }
-      std::uint64_t packed;
-      memcpy(&packed, codes, 8);
-      *reinterpret_cast<std::uint64_t*>(a.state[k] + first) = packed;
+      store8(a.state[k] + first, new_codes);
     }
   }
 }

@@ -20,7 +20,7 @@ struct BlockScales {
 // p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps).
 struct AdamWRule {
   static constexpr int slots = 2;
-  static constexpr bool slot_signed[2] = {true, false};
+  ALLOY_HOST_DEVICE static constexpr bool slot_signed(int k) { return k == 0; }  // m signed, v not
   float lr, beta1, beta2, eps, weight_decay;
   float step_size;          // lr / (1 - beta1^t)
   float inv_sqrt_bias2;     // 1 / sqrt(1 - beta2^t)
@@ -40,7 +40,7 @@ struct AdamWRule {
 // g = nesterov ? g + momentum*buf : buf; p -= lr*g.
 struct SGDRule {
   static constexpr int slots = 1;
-  static constexpr bool slot_signed[1] = {true};
+  ALLOY_HOST_DEVICE static constexpr bool slot_signed(int) { return true; }
   float lr, momentum, dampening, weight_decay;
   bool nesterov;
   bool first_step;  // PyTorch starts the momentum buffer at g, undamped
@@ -59,7 +59,7 @@ struct SGDRule {
 // p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
 struct LionRule {
   static constexpr int slots = 1;
-  static constexpr bool slot_signed[1] = {true};
+  ALLOY_HOST_DEVICE static constexpr bool slot_signed(int) { return true; }
   float lr, beta1, beta2, weight_decay;
 
   ALLOY_HOST_DEVICE void operator()(float g, float& p, float* s, BlockScales b) const {
