@@ -65,6 +65,7 @@ if [ $run_bench -eq 1 ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/alloy-site \
         .whl/*.whl >>"$log" 2>&1 && export PYTHONPATH=/tmp/alloy-site${PYTHONPATH:+:$PYTHONPATH}
     fi
+    step pytorch-reference sh -c "python3 tests/optim/pytorch_reference.py > '$OUT/pytorch_reference_values.inc'"
     step peers env PYTHONUNBUFFERED=1 python3 benchmarks/peers/optimizer_step.py --out "$OUT/peers.json"
     if [ -f "$OUT/alloy_bench_optimizer.json" ] && [ -f "$OUT/peers.json" ]; then
       { echo; python3 scripts/compare_peers.py "$OUT/alloy_bench_optimizer.json" "$OUT/peers.json" \

@@ -299,3 +299,43 @@ TEST(OptimizerStep, RejectsBadOptions) {
 }
 
 }  // namespace
+
+namespace {
+
+using namespace alloy;
+
+ParamRegistry adafactor_model() {
+  ParamRegistry r;
+  r.declare("w", {37, 29}, Init::normal(0.5f));
+  r.declare("b", {29}, Init::normal(0.1f), {.weight_decay = false});
+  r.declare("conv", {3, 4, 7}, Init::normal(0.2f));  // a batch of three 4x7 matrices
+  r.declare("tiny", {2}, Init::constant(1e-5f));      // RMS(p) below eps2
+  return r;
+}
+
+TEST(OptimizerStep, AdafactorMatchesTheFloat64Reference) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  using P = Precision<fp32>;
+  const auto registry = adafactor_model();
+  ParamStore<P, Adafactor<>, Host> store(registry, Host{}, seed);
+  const Adafactor<>::Config c{.lr = 1e-2f, .weight_decay = 0.1f};
+  OptimizerStep<P, Adafactor<>, Host> opt({.optimizer = c});
+  std::vector<double> p;
+  for (float x : to_host(store.params_arena())) p.push_back(x);
+  test::RefAdafactor ref;
+  for (int t = 1; t <= 4; ++t) {
+    test::random_grads(store, rng, 1.0f, 0.3f);
+    const auto g = test::unscaled_grads(store, 1.0f);
+    ASSERT_FALSE(opt.step(store, {.lr = c.lr}).skipped);
+    ref.step(registry, store.layout(), p, g, c, c.lr, t);
+  }
+  const auto got = to_host(store.params_arena());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], p[i], 2e-6 * std::fabs(p[i]) + 4 * 1e-2 * 2e-6) << "element " << i;
+  }
+  // Matrices keep rows + columns of statistics, not an element each.
+  EXPECT_EQ(store.state_elements(), 68u + 32u + 36u + 4u);
+}
+
+}  // namespace

@@ -161,3 +161,69 @@ std::vector<std::uint8_t> snapshot(Store& store) {
 }
 
 }  // namespace alloy::test
+
+namespace alloy::test {
+
+// torch.optim.Adafactor in double, over a model's tensors (params as a flat padded vector).
+struct RefAdafactor {
+  std::vector<std::vector<double>> row, col, var;  // per tensor
+  void step(const ParamRegistry& registry, const ArenaLayout& layout, std::vector<double>& p,
+            const std::vector<double>& g, const Adafactor<>::Config& c, double lr, int t) {
+    if (row.empty()) {
+      row.resize(registry.size()), col.resize(registry.size()), var.resize(registry.size());
+    }
+    const double w = std::pow(double(t), double(c.beta2_decay));
+    const double rho = std::min(lr, 1.0 / std::sqrt(double(t)));
+    for (std::size_t k = 0; k < registry.size(); ++k) {
+      const auto& spec = registry.specs()[k];
+      const std::size_t off = layout[k].offset, n = layout[k].numel;
+      double sq = 0;
+      for (std::size_t i = 0; i < n; ++i) sq += p[off + i] * p[off + i];
+      const double alpha = std::max(double(c.eps2), std::sqrt(sq / n)) * rho;
+      const double decay = spec.options.weight_decay ? c.weight_decay : 0.0;
+      for (std::size_t i = 0; i < n; ++i) p[off + i] *= 1 - lr * decay;
+      std::vector<double> u(n);
+      const double eps1 = c.eps1;
+      if (spec.shape.size() >= 2) {
+        const std::size_t cols = spec.shape.back(), rows = spec.shape[spec.shape.size() - 2], batch = n / (rows * cols);
+        row[k].resize(batch * rows), col[k].resize(batch * cols);
+        for (std::size_t b = 0; b < batch; ++b) {
+          const std::size_t base = off + b * rows * cols;
+          for (std::size_t i = 0; i < rows; ++i) {
+            double s = 0;
+            for (std::size_t j = 0; j < cols; ++j) s += g[base + i * cols + j] * g[base + i * cols + j];
+            double& r = row[k][b * rows + i];
+            r += w * (s / cols - r);
+          }
+          for (std::size_t j = 0; j < cols; ++j) {
+            double s = 0;
+            for (std::size_t i = 0; i < rows; ++i) s += g[base + i * cols + j] * g[base + i * cols + j];
+            double& cv = col[k][b * cols + j];
+            cv += w * (s / rows - cv);
+          }
+          double mean = 0;
+          for (std::size_t i = 0; i < rows; ++i) mean += row[k][b * rows + i];
+          mean = std::max(mean / rows, eps1);
+          for (std::size_t i = 0; i < rows; ++i) {
+            for (std::size_t j = 0; j < cols; ++j) {
+              const double v = std::max(row[k][b * rows + i] * col[k][b * cols + j] / mean, eps1 * eps1);
+              u[b * rows * cols + i * cols + j] = g[base + i * cols + j] / std::sqrt(v);
+            }
+          }
+        }
+      } else {
+        var[k].resize(n);
+        for (std::size_t i = 0; i < n; ++i) {
+          var[k][i] += w * (g[off + i] * g[off + i] - var[k][i]);
+          u[i] = g[off + i] / std::sqrt(std::max(var[k][i], eps1 * eps1));
+        }
+      }
+      double usq = 0;
+      for (double x : u) usq += x * x;
+      const double denom = std::max(1.0, std::sqrt(usq / n) / c.d);
+      for (std::size_t i = 0; i < n; ++i) p[off + i] -= alpha / denom * u[i];
+    }
+  }
+};
+
+}  // namespace alloy::test

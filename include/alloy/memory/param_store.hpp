@@ -10,6 +10,7 @@
 #include <alloy/memory/layout.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/memory/tensor_view.hpp>
+#include <alloy/optim/adafactor.hpp>
 #include <alloy/optim/optimizers.hpp>
 #include <alloy/precision/precision.hpp>
 
@@ -33,7 +34,8 @@ struct MemoryReport {
 template <class P, class O, backend B, int MicroBatches = 1>
 class ParamStore {
   static_assert(is_precision_v<P>, "ParamStore<P, ...>: P must be a Precision<...>");
-  static_assert(is_optimizer_v<O>, "ParamStore<P, O, ...>: O must be AdamW<...>, SGD<...> or Lion<...>");
+  static_assert(is_optimizer_v<O>,
+                "ParamStore<P, O, ...>: O must be AdamW<...>, SGD<...>, Lion<...> or Adafactor<...>");
   static_assert(MicroBatches >= 1, "ParamStore: at least one micro-batch");
 
  public:
@@ -52,10 +54,12 @@ class ParamStore {
   static constexpr std::size_t quant_block = static_cast<std::size_t>(state_policy::quant_block);
   static constexpr std::size_t layout_block = quant_block > 256 ? quant_block : 256;
 
-  // Bytes per parameter over all roles (layout padding aside).
+  // Bytes per parameter over all roles (layout padding aside). Adafactor's statistics grow with
+  // rows + columns, not with elements, and are left out.
   static constexpr double bytes_per_param = sizeof(param_type) + sizeof(grad_type) +
                                             (has_accumulator ? sizeof(optimizer_grad_type) : 0) +
-                                            (has_master ? 4 : 0) + slots * state_policy::bytes_per_value;
+                                            (has_master ? 4 : 0) +
+                                            (is_adafactor_v<O> ? 0.0 : slots * state_policy::bytes_per_value);
 
   explicit ParamStore(const ParamRegistry& registry, B be = {}, std::uint64_t seed = 0,
                       MemoryTracker* tracker = nullptr)
@@ -69,7 +73,7 @@ class ParamStore {
     if constexpr (has_accumulator) accumulator_ = Buffer<optimizer_grad_type, B>(n, be, tracker);
     if constexpr (has_master) master_ = Buffer<float, B>(n, be, tracker);
     for (int k = 0; k < slots; ++k) {
-      state_[k] = Buffer<state_storage, B>(n, be, tracker);
+      state_[k] = Buffer<state_storage, B>(state_elements(), be, tracker);
       if constexpr (state_policy::quantized) absmax_[k] = Buffer<float, B>(n / quant_block, be, tracker);
     }
     copy_from_host(block_scales_, std::span<const BlockScales>(layout_.block_scales()));
@@ -104,6 +108,16 @@ class ParamStore {
   Buffer<state_storage, B>& state_arena(int slot) { return state_.at(slot); }
   Buffer<float, B>& state_scale_arena(int slot) { return absmax_.at(slot); }
   const Buffer<BlockScales, B>& block_scales() const noexcept { return block_scales_; }
+
+  // Elements of each state arena: one per parameter element, or Adafactor's compact statistics.
+  std::size_t state_elements() const {
+    if constexpr (is_adafactor_v<O>) {
+      return adafactor_total_;
+    } else {
+      return layout_.padded_numel();
+    }
+  }
+  const std::vector<AdafactorPlacement>& adafactor_placements() const noexcept { return adafactor_; }
 
   // The gradients the optimizer reads: the accumulator when there is one.
   optimizer_grad_type* optimizer_grads() noexcept {
@@ -164,6 +178,8 @@ class ParamStore {
 
   ParamRegistry registry_;
   ArenaLayout layout_;
+  std::size_t adafactor_total_ = 0;
+  std::vector<AdafactorPlacement> adafactor_ = adafactor_layout(registry_, &adafactor_total_);
   B be_;
   Buffer<param_type, B> params_;
   Buffer<grad_type, B> grads_;

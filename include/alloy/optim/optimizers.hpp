@@ -72,8 +72,13 @@ struct Lion {
   static rule_type rule(const Config& c, float lr, std::uint64_t) { return {lr, c.beta1, c.beta2, c.weight_decay}; }
 };
 
+template <class S>
+struct Adafactor;
+
 template <class T>
 inline constexpr bool is_optimizer_v = false;
+template <class S>
+inline constexpr bool is_optimizer_v<Adafactor<S>> = true;
 template <class S>
 inline constexpr bool is_optimizer_v<AdamW<S>> = true;
 template <class S>

@@ -152,6 +152,36 @@ class OptimizerStep {
 
  private:
   void apply(store_type& store, float lr, float grad_mult) {
+    if constexpr (is_adafactor_v<O>) {
+      apply_adafactor(store, lr, grad_mult);
+    } else {
+      apply_fused(store, lr, grad_mult);
+    }
+  }
+
+  void apply_adafactor(store_type& store, float lr, float grad_mult) {
+    const auto& layout = store.layout();
+    std::size_t largest = 0;
+    for (std::size_t k = 0; k < layout.tensors(); ++k) largest = std::max(largest, layout[k].numel);
+    if (adafactor_u_.size() < largest) adafactor_u_ = Buffer<float, B>(largest, be_);
+    if (adafactor_scalars_.size() < detail::adafactor_scalars * layout.tensors()) {
+      adafactor_scalars_ = Buffer<float, B>(detail::adafactor_scalars * layout.tensors(), be_);
+    }
+    void* ws = nullptr;
+    std::size_t ws_bytes = 0;
+#if ALLOY_HAS_CUDA_RUNTIME
+    ws = workspace_.data();
+    ws_bytes = workspace_.size();
+#endif
+    detail::adafactor_update(be_, store.registry(), layout, store.adafactor_placements(), store.params_arena().data(),
+                             store_type::has_master ? store.master_arena().data() : nullptr, store.optimizer_grads(),
+                             store.state_arena(0).data(), adafactor_u_.data(), adafactor_scalars_.data(), ws, ws_bytes,
+                             config_.optimizer, lr, grad_mult, step_, config_.seed,
+                             config_.param_rounding == Rounding::stochastic);
+    if constexpr (store_type::has_accumulator) fill_zero(store.accumulator_arena());
+  }
+
+  void apply_fused(store_type& store, float lr, float grad_mult) {
     using Rule = typename O::rule_type;
     using Param = typename store_type::param_type;
     using Grad = typename store_type::optimizer_grad_type;
@@ -183,6 +213,8 @@ class OptimizerStep {
   LossScaleState scale_{};
   std::uint64_t step_ = 0;
   std::uint64_t skipped_ = 0;
+  Buffer<float, B> adafactor_u_;
+  Buffer<float, B> adafactor_scalars_;
 #if ALLOY_HAS_CUDA_RUNTIME
   Buffer<std::byte, Cuda> workspace_;
   Buffer<float, Cuda> sum_;
