@@ -62,8 +62,14 @@ void BM_StepBf16MasterAdamWq8(benchmark::State& s) {
 // Pass 1 alone: one read of the bf16 gradients.
 void BM_Pass1Bf16(benchmark::State& s) { step_benchmark<Precision<bf16, fp32_master>, AdamW<>>(s, 2, true); }
 
-#define ALLOY_STEP_BENCHMARK(fn)                                                                           \
-  BENCHMARK(fn)->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.3)->Repetitions(5) \
+#define ALLOY_STEP_BENCHMARK(fn)      \
+  BENCHMARK(fn)                       \
+      ->Arg(0)                        \
+      ->Arg(1)                        \
+      ->UseManualTime()               \
+      ->Unit(benchmark::kMillisecond) \
+      ->MinTime(0.3)                  \
+      ->Repetitions(5)                \
       ->ReportAggregatesOnly(true)
 
 ALLOY_STEP_BENCHMARK(BM_StepBf16MasterAdamW);

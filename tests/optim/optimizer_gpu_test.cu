@@ -30,16 +30,16 @@ struct Config {
 template <class C>
 class GpuOptimizerStep : public ::testing::Test {};
 
-using Configs = ::testing::Types<
-    Config<Precision<bf16, fp32_master>, AdamW<>>,                                 // the headline configuration
-    Config<Precision<fp16, fp32_master>, AdamW<State<q8>>>,                        // dynamic scale, 8-bit state
-    Config<Precision<bf16, fp32_master>, AdamW<State<q8_blockwise<2048>>>>,        // 2048-element blocks
-    Config<Precision<bf16>, AdamW<State<bf16>>, 1, Rounding::stochastic>,           // no master, SR everywhere
-    Config<Precision<fp32>, SGD<>>,                                                // fp32, momentum
-    Config<Precision<bf16, fp32_master>, Lion<State<bf16>>>,                       // Lion, bf16 state
-    Config<Precision<fp16>, SGD<State<q8>>, 1, Rounding::stochastic>,              // fp16 direct, q8 momentum
-    Config<Precision<bf16, fp32_master>, AdamW<>, 4>,                              // fp32 accumulator, cleared
-    Config<Precision<tf32>, AdamW<State<q8>>>>;                                    // tf32 storage
+using Configs =
+    ::testing::Types<Config<Precision<bf16, fp32_master>, AdamW<>>,           // the headline configuration
+                     Config<Precision<fp16, fp32_master>, AdamW<State<q8>>>,  // dynamic scale, 8-bit state
+                     Config<Precision<bf16, fp32_master>, AdamW<State<q8_blockwise<2048>>>>,  // 2048-element blocks
+                     Config<Precision<bf16>, AdamW<State<bf16>>, 1, Rounding::stochastic>,  // no master, SR everywhere
+                     Config<Precision<fp32>, SGD<>>,                                        // fp32, momentum
+                     Config<Precision<bf16, fp32_master>, Lion<State<bf16>>>,               // Lion, bf16 state
+                     Config<Precision<fp16>, SGD<State<q8>>, 1, Rounding::stochastic>,      // fp16 direct, q8 momentum
+                     Config<Precision<bf16, fp32_master>, AdamW<>, 4>,                      // fp32 accumulator, cleared
+                     Config<Precision<tf32>, AdamW<State<q8>>>>;                            // tf32 storage
 TYPED_TEST_SUITE(GpuOptimizerStep, Configs);
 
 template <class O>
@@ -96,8 +96,8 @@ TYPED_TEST(GpuOptimizerStep, NonFiniteGradientSkipsOnTheDevice) {
   const auto& place = gpu.layout()[rng() % gpu.layout().tensors()];
   const std::size_t at = place.offset + rng() % place.numel;
   using G = typename ParamStore<P, O, Cuda, N>::optimizer_grad_type;
-  const G bad = round_nearest<G>((rng() & 1) ? std::numeric_limits<float>::quiet_NaN()
-                                             : -std::numeric_limits<float>::infinity());
+  const G bad =
+      round_nearest<G>((rng() & 1) ? std::numeric_limits<float>::quiet_NaN() : -std::numeric_limits<float>::infinity());
   ALLOY_CUDA_CHECK(cudaMemcpy(gpu.optimizer_grads() + at, &bad, sizeof(G), cudaMemcpyHostToDevice));
   auto before = test::snapshot(gpu);
   const auto stats = step.step(gpu, {.lr = 1e-3f, .max_grad_norm = 1.0f});
@@ -183,10 +183,12 @@ void adafactor_cuda_matches_host(std::uint64_t seed) {
     for (std::size_t i = 0; i < h.size(); ++i) ASSERT_NEAR(g[i], h[i], 1e-5 * std::fabs(h[i]) + 1e-7) << i;
   } else {
     const auto h = to_host(host.params_arena()), g = to_host(gpu.params_arena());
-    for (std::size_t i = 0; i < h.size(); ++i) ASSERT_NEAR(to_float(g[i]), to_float(h[i]), 1e-5 * std::fabs(to_float(h[i])) + 1e-7) << i;
+    for (std::size_t i = 0; i < h.size(); ++i)
+      ASSERT_NEAR(to_float(g[i]), to_float(h[i]), 1e-5 * std::fabs(to_float(h[i])) + 1e-7) << i;
   }
   const auto hs_state = to_host(host.state_arena(0)), gs_state = to_host(gpu.state_arena(0));
-  for (std::size_t i = 0; i < hs_state.size(); ++i) ASSERT_NEAR(gs_state[i], hs_state[i], 1e-5 * hs_state[i] + 1e-30) << i;
+  for (std::size_t i = 0; i < hs_state.size(); ++i)
+    ASSERT_NEAR(gs_state[i], hs_state[i], 1e-5 * hs_state[i] + 1e-30) << i;
 }
 
 TEST(GpuAdafactor, CudaMatchesHost) {

@@ -54,8 +54,8 @@ TEST(OptimizerStep, SgdWithMomentumDampeningAndNesterovMatchesTheReference) {
     std::mt19937_64 rng(seed);
     using P = Precision<fp32>;
     ParamStore<P, SGD<>, Host> store(test::odd_model(), Host{}, seed);
-    SGD<>::Config c{.lr = 0.1f, .momentum = 0.9f, .dampening = nesterov ? 0.0f : 0.3f, .weight_decay = 0.01f,
-                    .nesterov = nesterov};
+    SGD<>::Config c{
+        .lr = 0.1f, .momentum = 0.9f, .dampening = nesterov ? 0.0f : 0.3f, .weight_decay = 0.01f, .nesterov = nesterov};
     OptimizerStep<P, SGD<>, Host> opt({.optimizer = c});
     auto ref = test::reference_from(store);
     for (int t = 1; t <= 4; ++t) {
@@ -166,10 +166,10 @@ TEST(OptimizerStep, WeightDecayAndLearningRateFollowEachParametersOptions) {
   opt.step(store, {.lr = 0.1f});  // zero gradients: only weight decay moves anything
   const auto w2 = to_host(store.params_arena());
   const auto& l = store.layout();
-  EXPECT_FLOAT_EQ(w2[l[0].offset], w1[l[0].offset] * (1 - 0.1f * 0.5f));        // w1: decays
-  EXPECT_EQ(w2[l[1].offset], w1[l[1].offset]);                                 // b1: no decay
+  EXPECT_FLOAT_EQ(w2[l[0].offset], w1[l[0].offset] * (1 - 0.1f * 0.5f));         // w1: decays
+  EXPECT_EQ(w2[l[1].offset], w1[l[1].offset]);                                   // b1: no decay
   EXPECT_FLOAT_EQ(w2[l[2].offset], w1[l[2].offset] * (1 - 0.5f * 0.1f * 0.5f));  // w2: lr_scale 0.5
-  EXPECT_EQ(w2[l[3].offset], w1[l[3].offset]);                                 // s: no decay
+  EXPECT_EQ(w2[l[3].offset], w1[l[3].offset]);                                   // s: no decay
 }
 
 // With a power-of-two scale the unscaling is exact: a scaled run gives the unscaled run's bits,
@@ -276,7 +276,7 @@ TEST(OptimizerStep, StochasticRoundingKeepsUpdatesBelowHalfAStep) {
     ParamStore<P, SGD<>, Host> store(r);
     OptimizerStep<P, SGD<>, Host> opt({.param_rounding = rounding, .seed = seed});
     auto g = store.grad("p");
-    for (int i = 0; i < 8192; ++i) g[i] = bf16(-1.0f);  // each step adds lr to every parameter
+    for (int i = 0; i < 8192; ++i) g[i] = bf16(-1.0f);                  // each step adds lr to every parameter
     for (int t = 0; t < 64; ++t) opt.step(store, {.lr = 1.0f / 1024});  // an eighth of a bf16 step at 1.0
     double mean = 0;
     for (int i = 0; i < 8192; ++i) mean += to_float(store.param("p")[i]);
@@ -309,7 +309,7 @@ ParamRegistry adafactor_model() {
   r.declare("w", {37, 29}, Init::normal(0.5f));
   r.declare("b", {29}, Init::normal(0.1f), {.weight_decay = false});
   r.declare("conv", {3, 4, 7}, Init::normal(0.2f));  // a batch of three 4x7 matrices
-  r.declare("tiny", {2}, Init::constant(1e-5f));      // RMS(p) below eps2
+  r.declare("tiny", {2}, Init::constant(1e-5f));     // RMS(p) below eps2
   return r;
 }
 

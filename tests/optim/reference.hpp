@@ -90,8 +90,7 @@ inline void ref_adamw(RefModel& r, const std::vector<double>& g, const AdamW<>::
   }
 }
 
-inline void ref_sgd(RefModel& r, const std::vector<double>& g, const SGD<>::Config& c, double lr, int t,
-                    double clip) {
+inline void ref_sgd(RefModel& r, const std::vector<double>& g, const SGD<>::Config& c, double lr, int t, double clip) {
   for (std::size_t i = 0; i < r.e.size(); ++i) {
     auto& e = r.e[i];
     const auto b = r.blocks[i / 256];

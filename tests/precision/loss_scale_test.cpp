@@ -119,9 +119,10 @@ TEST(Precision, DefaultsFollowTheDesign) {
   static_assert(std::is_same_v<alloy::grad_accumulator_t<Precision<alloy::bf16>, 4>, float>);
   static_assert(std::is_void_v<alloy::grad_accumulator_t<Precision<alloy::bf16>, 1>>);
   static_assert(std::is_void_v<alloy::grad_accumulator_t<Precision<alloy::fp32>, 8>>);
-  static_assert(std::is_same_v<
-                alloy::grad_accumulator_t<Precision<alloy::bf16, alloy::fp32_master, alloy::NoLossScale, alloy::fp32>, 1>,
-                float>);
+  static_assert(
+      std::is_same_v<
+          alloy::grad_accumulator_t<Precision<alloy::bf16, alloy::fp32_master, alloy::NoLossScale, alloy::fp32>, 1>,
+          float>);
   constexpr alloy::DynamicLossScaleConfig custom{.init_scale = 1024.0f, .hysteresis = 2};
   static_assert(alloy::DynamicLossScale<custom>::defaults.hysteresis == 2);
   EXPECT_EQ(alloy::DynamicLossScale<custom>::initial_scale(custom), 1024.0f);

@@ -14,7 +14,9 @@
 #include <alloy/optim/rules.hpp>
 
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace alloy::detail {
@@ -25,15 +27,15 @@ inline constexpr std::size_t scale_block = 256;  // BlockScales granularity, as 
 template <class Rule>
 struct UpdateScalars {
   Rule rule;
-  float grad_mult;          // inv_scale * clip coefficient
-  std::uint64_t seed;       // for stochastic rounding
-  std::uint64_t stream;     // first random index of this step: step * padded elements
-  bool stochastic_params;   // round the compute copy stochastically
+  float grad_mult;         // inv_scale * clip coefficient
+  std::uint64_t seed;      // for stochastic rounding
+  std::uint64_t stream;    // first random index of this step: step * padded elements
+  bool stochastic_params;  // round the compute copy stochastically
 };
 
 // Random word k (0: parameter, 1 + slot: state) of element i in this step.
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t update_bits(std::uint64_t seed, std::uint64_t stream,
-                                                              std::size_t i, int k) {
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t update_bits(std::uint64_t seed, std::uint64_t stream, std::size_t i,
+                                                              int k) {
   return random_bits(seed, (stream + i) * 4 + static_cast<std::uint64_t>(k));
 }
 
@@ -62,21 +64,20 @@ struct FusedUpdate {
     s.rule(g, p, values, blocks[i / scale_block]);
     param = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
     StateT* refs[] = {&state...};
-ALLOY_UNROLL
+    ALLOY_UNROLL
     for (int k = 0; k < int(sizeof...(St)); ++k) {
       *refs[k] = encode_state<StateT>(values[k], update_bits(s.seed, s.stream, i, 1 + k));
     }
   }
 
   template <class G, class... St>
-    requires HasMaster
-  ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, float& master, Param& param, St&... state) const {
+  requires HasMaster ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, float& master, Param& param,
+                                                       St&... state) const {
     apply(i, grad, master, param, state...);
   }
 
   template <class G, class... St>
-    requires(!HasMaster)
-  ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, Param& param, St&... state) const {
+  requires(!HasMaster) ALLOY_HOST_DEVICE void operator()(std::size_t i, G& grad, Param& param, St&... state) const {
     float p = to_float(param);
     apply(i, grad, p, param, state...);
   }
@@ -87,8 +88,8 @@ template <class Param, class Grad, class StateStorage, int Slots>
 struct UpdateArenas {
   std::size_t n = 0;  // padded elements
   Param* params = nullptr;
-  Grad* grads = nullptr;     // what the optimizer reads: the accumulator when there is one
-  float* master = nullptr;   // null without a master copy
+  Grad* grads = nullptr;    // what the optimizer reads: the accumulator when there is one
+  float* master = nullptr;  // null without a master copy
   StateStorage* state[Slots] = {};
   float* absmax[Slots] = {};  // q8 only: one scale per quantization block
   const BlockScales* blocks = nullptr;
@@ -105,8 +106,10 @@ void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const
   constexpr int unroll = 1;  // 5 to 6 arrays of 8 lanes already keep enough bytes in flight
   const auto states = state_access(a, std::make_index_sequence<Slots>{});
   const auto grads = [&] {
-    if constexpr (ClearGrad) return inout(a.grads);
-    else return in(static_cast<const Grad*>(a.grads));
+    if constexpr (ClearGrad)
+      return inout(a.grads);
+    else
+      return in(static_cast<const Grad*>(a.grads));
   }();
   std::apply(
       [&](auto... st) {
@@ -133,9 +136,8 @@ inline constexpr int q8_lanes = 8;  // elements per thread
 // block's old scales. Leaves the new state values in `values` and the compute copy in `out`.
 // Shared by Host and Cuda so both compute the same bits.
 template <class Rule, class Param, class Grad, int Slots>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_lanes(const UpdateScalars<Rule>& s, BlockScales b,
-                                                         std::size_t first, const Grad (&grad)[q8_lanes],
-                                                         float (&p)[q8_lanes],
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_lanes(const UpdateScalars<Rule>& s, BlockScales b, std::size_t first,
+                                                         const Grad (&grad)[q8_lanes], float (&p)[q8_lanes],
                                                          const std::uint8_t (&codes)[Slots][q8_lanes],
                                                          const float (&old_absmax)[Slots], Param (&out)[q8_lanes],
                                                          float (&values)[Slots][q8_lanes]) {
@@ -145,7 +147,8 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_lanes(const UpdateScalars<Rul
     float st[Slots];
     ALLOY_UNROLL
     for (int k = 0; k < Slots; ++k) {
-      const float decoded = Rule::slot_signed(k) ? q8_codec<true>::decode(codes[k][l]) : q8_codec<false>::decode(codes[k][l]);
+      const float decoded =
+          Rule::slot_signed(k) ? q8_codec<true>::decode(codes[k][l]) : q8_codec<false>::decode(codes[k][l]);
       st[k] = fp::mul(decoded, old_absmax[k]);
     }
     s.rule(g, p[l], st, b);
@@ -250,8 +253,7 @@ __global__ void __launch_bounds__(cuda_block)
   const int lane = threadIdx.x % threads_per_q;
   const std::size_t blocks = a.n / QBlock;
   __shared__ float shared_max[Slots][cuda_block / 32];
-  for (std::size_t q = std::size_t(blockIdx.x) * groups + group; q < blocks;
-       q += std::size_t(gridDim.x) * groups) {
+  for (std::size_t q = std::size_t(blockIdx.x) * groups + group; q < blocks; q += std::size_t(gridDim.x) * groups) {
     float old_absmax[Slots];
 #pragma unroll
     for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
@@ -276,8 +278,8 @@ __global__ void __launch_bounds__(cuda_block)
     }
 #pragma unroll
     for (int k = 0; k < Slots; ++k) load8(a.state[k] + first, codes[k]);
-    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax,
-                                              out, values);
+    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax, out,
+                                              values);
     if (a.master) store8(a.master + first, p);
     store8(a.params + first, out);
     float absmax[Slots];

@@ -57,8 +57,7 @@ class ParamStore {
   // Bytes per parameter over all roles (layout padding aside). Adafactor's statistics grow with
   // rows + columns, not with elements, and are left out.
   static constexpr double bytes_per_param = sizeof(param_type) + sizeof(grad_type) +
-                                            (has_accumulator ? sizeof(optimizer_grad_type) : 0) +
-                                            (has_master ? 4 : 0) +
+                                            (has_accumulator ? sizeof(optimizer_grad_type) : 0) + (has_master ? 4 : 0) +
                                             (is_adafactor_v<O> ? 0.0 : slots * state_policy::bytes_per_value);
 
   explicit ParamStore(const ParamRegistry& registry, B be = {}, std::uint64_t seed = 0,
@@ -100,11 +99,7 @@ class ParamStore {
   Buffer<param_type, B>& params_arena() noexcept { return params_; }
   Buffer<grad_type, B>& grads_arena() noexcept { return grads_; }
   Buffer<float, B>& master_arena() noexcept { return master_; }
-  Buffer<optimizer_grad_type, B>& accumulator_arena() noexcept
-    requires has_accumulator
-  {
-    return accumulator_;
-  }
+  Buffer<optimizer_grad_type, B>& accumulator_arena() noexcept requires has_accumulator { return accumulator_; }
   Buffer<state_storage, B>& state_arena(int slot) { return state_.at(slot); }
   Buffer<float, B>& state_scale_arena(int slot) { return absmax_.at(slot); }
   const Buffer<BlockScales, B>& block_scales() const noexcept { return block_scales_; }
@@ -121,8 +116,10 @@ class ParamStore {
 
   // The gradients the optimizer reads: the accumulator when there is one.
   optimizer_grad_type* optimizer_grads() noexcept {
-    if constexpr (has_accumulator) return accumulator_.data();
-    else return grads_.data();
+    if constexpr (has_accumulator)
+      return accumulator_.data();
+    else
+      return grads_.data();
   }
 
   void zero_grads() {

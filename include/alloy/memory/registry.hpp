@@ -62,7 +62,8 @@ class ParamRegistry {
     }
     std::int64_t n = 1;
     for (auto d : shape) {
-      if (d <= 0) throw error("ParamRegistry::declare: parameter '" + name + "' has a dimension of " + std::to_string(d));
+      if (d <= 0)
+        throw error("ParamRegistry::declare: parameter '" + name + "' has a dimension of " + std::to_string(d));
       if (n > (std::int64_t(1) << 40) / d) throw error("ParamRegistry::declare: parameter '" + name + "' is too large");
       n *= d;
     }

@@ -26,7 +26,9 @@ struct TensorView {
   ALLOY_HOST_DEVICE std::int64_t size(int d) const { return shape[d]; }
   ALLOY_HOST_DEVICE T& operator[](std::int64_t i) const { return data[i]; }
   // Row-major element (i, j) of a rank-2 view.
-  ALLOY_HOST_DEVICE T& operator()(std::int64_t i, std::int64_t j) const { return data[i * strides[0] + j * strides[1]]; }
+  ALLOY_HOST_DEVICE T& operator()(std::int64_t i, std::int64_t j) const {
+    return data[i * strides[0] + j * strides[1]];
+  }
 };
 
 }  // namespace alloy

@@ -53,7 +53,8 @@ struct Minifloat8 {
     const std::uint32_t m = magnitude & ((1u << MantissaBits) - 1u);
     float value;
     if (e == 0) {
-      value = static_cast<float>(m) * detail::float_from_bits(static_cast<std::uint32_t>(127 + 1 - bias - MantissaBits) << 23);
+      value = static_cast<float>(m) *
+              detail::float_from_bits(static_cast<std::uint32_t>(127 + 1 - bias - MantissaBits) << 23);
     } else {
       value = detail::float_from_bits(((e - bias + 127u) << 23) | (m << (23 - MantissaBits)));
     }

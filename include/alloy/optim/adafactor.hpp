@@ -81,7 +81,9 @@ namespace detail {
 // Scalars per tensor, in device (or host) memory: sum of p^2, sum of U^2, mean of row_var.
 inline constexpr int adafactor_scalars = 3;
 
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float lerp(float a, float b, float w) { return fp::add(a, fp::mul(w, fp::sub(b, a))); }
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float lerp(float a, float b, float w) {
+  return fp::add(a, fp::mul(w, fp::sub(b, a)));
+}
 
 // Row statistics of one batch entry of a matrix: row_var[i] <- lerp(row_var[i], mean_j g_ij^2, w).
 template <class Grad>
@@ -219,9 +221,9 @@ void adafactor_update(B be, const ParamRegistry& registry, const ArenaLayout& la
         for_each_n(be, m, AdafactorRows<Grad>{g + b * mn, row_var, cols, grad_mult, w});
         for_each_n(be, cols, AdafactorCols<Grad>{g + b * mn, col_var, m, cols, grad_mult, w});
         reduce_into(be, sc + 2, static_cast<const float*>(row_var), m, ToAccumulator{}, workspace, workspace_bytes);
-        for_each_n(be, mn,
-                   AdafactorMatrixUpdate<Grad>{g + b * mn, row_var, col_var, sc + 2, u + b * mn, m, cols, grad_mult,
-                                               c.eps1});
+        for_each_n(
+            be, mn,
+            AdafactorMatrixUpdate<Grad>{g + b * mn, row_var, col_var, sc + 2, u + b * mn, m, cols, grad_mult, c.eps1});
       }
     } else {
       for_each_n(be, n, AdafactorVectorUpdate<Grad>{g, state + s.offset, u, grad_mult, w, c.eps1});
@@ -232,8 +234,8 @@ void adafactor_update(B be, const ParamRegistry& registry, const ArenaLayout& la
     const float rho = static_cast<float>(std::min(static_cast<double>(lr_k), inv_sqrt_t));
     for_each_n(be, n,
                AdafactorApply<Param>{master ? master + off : nullptr, params + off, u, sc, static_cast<float>(n), rho,
-                                     c.eps2, c.d, fp::sub(1.0f, fp::mul(lr_k, decay)), seed,
-                                     t * layout.padded_numel(), off, stochastic});
+                                     c.eps2, c.d, fp::sub(1.0f, fp::mul(lr_k, decay)), seed, t * layout.padded_numel(),
+                                     off, stochastic});
   }
 }
 

@@ -22,8 +22,8 @@ struct AdamWRule {
   static constexpr int slots = 2;
   ALLOY_HOST_DEVICE static constexpr bool slot_signed(int k) { return k == 0; }  // m signed, v not
   float lr, beta1, beta2, eps, weight_decay;
-  float step_size;          // lr / (1 - beta1^t)
-  float inv_sqrt_bias2;     // 1 / sqrt(1 - beta2^t)
+  float step_size;       // lr / (1 - beta1^t)
+  float inv_sqrt_bias2;  // 1 / sqrt(1 - beta2^t)
 
   ALLOY_HOST_DEVICE void operator()(float g, float& p, float* s, BlockScales b) const {
     const float lr_b = fp::mul(lr, b.lr);

@@ -37,8 +37,10 @@ struct State {
   // What one state value occupies in its arena.
   using storage_type = std::conditional_t<quantized, std::uint8_t, W>;
   static constexpr int quant_block = [] {
-    if constexpr (is_q8_v<W>) return W::block;
-    else return 1;
+    if constexpr (is_q8_v<W>)
+      return W::block;
+    else
+      return 1;
   }();
   // Bytes per parameter per state slot, the per-block scale included.
   static constexpr double bytes_per_value = sizeof(storage_type) + (quantized ? 4.0 / quant_block : 0.0);

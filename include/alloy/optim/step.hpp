@@ -22,13 +22,13 @@ struct StepOptions {
 };
 
 struct StepStats {
-  bool skipped = false;         // a non-finite gradient: nothing was updated
-  double grad_norm = 0.0;       // global L2 norm of the unscaled gradients, before clipping
+  bool skipped = false;    // a non-finite gradient: nothing was updated
+  double grad_norm = 0.0;  // global L2 norm of the unscaled gradients, before clipping
   double clip_coefficient = 1.0;
-  float loss_scale = 1.0f;      // the scale this step's gradients carried
-  float next_loss_scale = 1.0f; // the scale for the next backward
+  float loss_scale = 1.0f;       // the scale this step's gradients carried
+  float next_loss_scale = 1.0f;  // the scale for the next backward
   ScaleEvent scale_event = ScaleEvent::kept;
-  std::uint64_t step = 0;       // applied steps so far (the optimizer's t)
+  std::uint64_t step = 0;  // applied steps so far (the optimizer's t)
   std::uint64_t skipped_steps = 0;
   std::uint64_t overflows = 0;
 };

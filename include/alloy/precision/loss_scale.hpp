@@ -10,13 +10,13 @@
 namespace alloy {
 
 struct DynamicLossScaleConfig {
-  float init_scale = 65536.0f;     // 2^16, as GradScaler
-  float growth_factor = 2.0f;      // after growth_interval finite steps in a row
-  float backoff_factor = 0.5f;     // after `hysteresis` overflowing steps in a row
+  float init_scale = 65536.0f;  // 2^16, as GradScaler
+  float growth_factor = 2.0f;   // after growth_interval finite steps in a row
+  float backoff_factor = 0.5f;  // after `hysteresis` overflowing steps in a row
   int growth_interval = 2000;
-  int hysteresis = 1;              // consecutive overflows before backing off (DeepSpeed's delayed_shift)
-  float min_scale = 1.0f;          // backing off below this is an error, not silent training on nothing
-  float max_scale = 16777216.0f;   // 2^24: growth stops here
+  int hysteresis = 1;             // consecutive overflows before backing off (DeepSpeed's delayed_shift)
+  float min_scale = 1.0f;         // backing off below this is an error, not silent training on nothing
+  float max_scale = 16777216.0f;  // 2^24: growth stops here
 };
 
 // Where the scaler stands between steps. Part of a checkpoint.
@@ -37,7 +37,7 @@ enum class ScaleEvent : std::uint8_t {
 
 // One step of the dynamic scaler given whether the step's gradients were all finite.
 ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, const DynamicLossScaleConfig& c,
-                                                          bool found_non_finite) noexcept {
+                                                         bool found_non_finite) noexcept {
   if (found_non_finite) {
     if (s.hysteresis_left > 1) {
       --s.hysteresis_left;
