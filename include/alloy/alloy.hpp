@@ -14,6 +14,12 @@
 #include <alloy/optim/step.hpp>
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/precision/precision.hpp>
+#include <alloy/train/context.hpp>
+#include <alloy/train/model.hpp>
+#include <alloy/train/policies.hpp>
+#include <alloy/train/schedule.hpp>
+#include <alloy/train/trainer.hpp>
+#include <alloy/train/workspace.hpp>
 
 #define ALLOY_VERSION_MAJOR 0
 #define ALLOY_VERSION_MINOR 1

@@ -1,4 +1,4 @@
-// Buffer<T, Backend>: an owning array in the backend's memory. Host memory is 64-byte aligned;
+// Buffer<T, Backend>: an owning array in the backend's memory. Host memory is 256-byte aligned;
 // Cuda memory is stream-ordered (cudaMallocAsync / cudaFreeAsync on the backend's stream).
 #pragma once
 
@@ -17,7 +17,7 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr std::size_t host_alignment = 64;
+inline constexpr std::size_t host_alignment = 256;  // as cudaMalloc: kernels and workspaces may assume it
 
 inline void* allocate_bytes(Host, std::size_t bytes) {
   return ::operator new (bytes, std::align_val_t{host_alignment});

@@ -1,0 +1,203 @@
+// Trainer<Model, Policies...>: the API users see.
+//
+//   using Tr = alloy::Trainer<MyModel, alloy::Precision<alloy::bf16, alloy::fp32_master>,
+//                             alloy::Accumulate<16>, alloy::AdamW<>>;
+//   Tr trainer(MyModel{...}, {.schedule = alloy::LrSchedule::warmup_cosine(3e-4f, 100, 10000),
+//                             .max_grad_norm = 1.0f});
+//   alloy::StepReport r = trainer.step(next_batch);  // pulls 16 micro-batches
+//
+// One step: for each micro-batch, forward/backward with backward seeded by scale / N, the
+// gradients summed into the accumulator when there is one; then the optimizer step (pass 1,
+// skip/clip decision, pass 2).
+#pragma once
+
+#include <alloy/memory/param_store.hpp>
+#include <alloy/optim/step.hpp>
+#include <alloy/train/context.hpp>
+#include <alloy/train/model.hpp>
+#include <alloy/train/policies.hpp>
+#include <alloy/train/schedule.hpp>
+#include <alloy/train/workspace.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <iterator>
+#include <span>
+#include <type_traits>
+#include <utility>
+
+namespace alloy {
+
+struct StepReport {
+  float loss = 0.0f;        // mean of the micro-batch losses
+  double grad_norm = 0.0;   // global norm of the unscaled gradients, before clipping
+  float lr = 0.0f;          // the learning rate this step used
+  float loss_scale = 1.0f;  // the scale this step's gradients carried
+  bool skipped = false;     // a non-finite gradient: nothing was updated
+  std::uint64_t step = 0;   // steps attempted so far, this one included
+  std::uint64_t applied_steps = 0;
+  std::uint64_t skipped_steps = 0;
+  std::uint64_t overflows = 0;
+  double seconds = 0.0;  // wall time of the whole step
+};
+
+struct TrainerMemory {
+  MemoryReport arenas;               // parameters, gradients, accumulator, master, state
+  std::size_t activations_peak = 0;  // the largest micro-batch's workspace use
+  std::size_t workspace_reserved = 0;
+  MemoryStats backend;  // everything this trainer allocated: current and peak
+};
+
+namespace detail {
+
+// acc = g (first micro-batch) or acc + g. Per element: read g and (after the first) acc, write acc.
+template <class G, class Acc>
+struct AccumulateGrads {
+  bool first;
+  ALLOY_HOST_DEVICE void operator()(const G& g, Acc& acc) const {
+    const float x = to_float(g);
+    acc = round_nearest<Acc>(first ? x : fp::add(to_float(acc), x));
+  }
+};
+
+}  // namespace detail
+
+template <class M, class... Policies>
+class Trainer {
+  using policies = resolve_policies<Policies...>;
+
+ public:
+  using model_type = M;
+  using precision = typename policies::precision;
+  using optimizer_type = typename policies::optimizer;
+  using backend_type = typename policies::backend;
+  static constexpr int accumulation_steps = policies::accumulate::steps;
+  using store_type = ParamStore<precision, optimizer_type, backend_type, accumulation_steps>;
+  using step_type = OptimizerStep<precision, optimizer_type, backend_type, accumulation_steps>;
+  using context_type = Context<store_type>;
+  using compute_type = typename precision::compute_type;
+  using master_type = std::conditional_t<precision::has_master, float, void>;
+  using scaler_type = typename precision::scaler_type;
+  static constexpr double bytes_per_param = store_type::bytes_per_param;
+  static constexpr bool recomputes = policies::recompute;
+
+  static_assert(has_batch_type<M>,
+                "Trainer<Model>: the model must declare `using batch_type = ...;` (one micro-batch)");
+  static_assert(declares_parameters<M>,
+                "Trainer<Model>: the model needs `void declare(alloy::ParamRegistry&)` naming each parameter");
+  static_assert(runs_forward_backward<M, context_type>,
+                "Trainer<Model>: the model needs `float forward_backward(Ctx&, const batch_type&)` returning the "
+                "micro-batch loss and writing gradients of loss * ctx.loss_scale()");
+  static_assert(!recomputes || LayeredModel<M>,
+                "Checkpointing needs a model that exposes layers() (a LayeredModel); remove Checkpointing or build "
+                "the model from alloy::nn blocks");
+
+  struct Config {
+    typename optimizer_type::Config optimizer{};
+    typename scaler_type::Config scaler{};
+    LrSchedule schedule = LrSchedule::constant(typename optimizer_type::Config{}.lr);
+    float max_grad_norm = 0.0f;  // 0: no clipping
+    Rounding param_rounding = Rounding::nearest_even;
+    std::uint64_t seed = 0;  // initialization and stochastic rounding
+  };
+
+  explicit Trainer(M model, Config config = {}, backend_type be = {})
+      : model_(std::move(model)),
+        config_(config),
+        be_(be),
+        store_(declared(model_), be, config.seed, &tracker_),
+        step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
+        workspace_(be, &tracker_) {}
+
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  // One optimizer step over accumulation_steps micro-batches. `source` is a callable returning
+  // a batch_type, or an input iterator (advanced once per micro-batch).
+  template <class Source>
+  StepReport step(Source&& source) {
+    const auto start = std::chrono::steady_clock::now();
+    const float lr = config_.schedule.lr_at(attempted_);
+    const float scale = step_.loss_scale();
+    double loss_sum = 0.0;
+    for (int mb = 0; mb < accumulation_steps; ++mb) {
+      workspace_.reset();
+      const bool in_place = !store_type::has_accumulator && mb > 0;
+      context_type ctx(store_, workspace_, scale / static_cast<float>(accumulation_steps), in_place, mb,
+                       accumulation_steps, attempted_);
+      loss_sum += static_cast<double>(model_.forward_backward(ctx, next_batch(source)));
+      if constexpr (store_type::has_accumulator) {
+        using G = typename store_type::grad_type;
+        using Acc = typename store_type::optimizer_grad_type;
+        for_each_n(be_, store_.layout().padded_numel(), detail::AccumulateGrads<G, Acc>{mb == 0},
+                   in(static_cast<const G*>(store_.grads_arena().data())), inout(store_.accumulator_arena().data()));
+      }
+    }
+    const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
+    ++attempted_;
+    synchronize(be_);
+    StepReport r;
+    r.loss = static_cast<float>(loss_sum / accumulation_steps);
+    r.grad_norm = s.grad_norm;
+    r.lr = lr;
+    r.loss_scale = s.loss_scale;
+    r.skipped = s.skipped;
+    r.step = attempted_;
+    r.applied_steps = s.step;
+    r.skipped_steps = s.skipped_steps;
+    r.overflows = s.overflows;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return r;
+  }
+
+  // Exactly accumulation_steps batches.
+  StepReport step(std::span<const typename M::batch_type> batches) {
+    if (batches.size() != static_cast<std::size_t>(accumulation_steps)) {
+      throw error("Trainer::step: " + std::to_string(batches.size()) + " batches given, the trainer accumulates " +
+                  std::to_string(accumulation_steps));
+    }
+    auto it = batches.begin();
+    return step(it);
+  }
+
+  TrainerMemory memory() const {
+    return {store_.memory(), workspace_.peak_bytes(), workspace_.reserved_bytes(), tracker_.stats()};
+  }
+
+  M& model() noexcept { return model_; }
+  store_type& store() noexcept { return store_; }
+  step_type& optimizer() noexcept { return step_; }
+  const Config& config() const noexcept { return config_; }
+  std::uint64_t steps() const noexcept { return attempted_; }
+  float loss_scale() const noexcept { return step_.loss_scale(); }
+
+ private:
+  static ParamRegistry declared(M& model) {
+    ParamRegistry r;
+    model.declare(r);
+    if (r.size() == 0) throw error("Trainer: the model declared no parameters");
+    return r;
+  }
+
+  template <class Source>
+  static decltype(auto) next_batch(Source& source) {
+    if constexpr (std::is_invocable_v<Source&>) {
+      return source();
+    } else {
+      static_assert(std::input_iterator<std::remove_cvref_t<Source>>,
+                    "Trainer::step(source): source must be a callable returning a batch or an input iterator");
+      return *source++;
+    }
+  }
+
+  M model_;
+  Config config_;
+  backend_type be_;
+  MemoryTracker tracker_;
+  store_type store_;
+  step_type step_;
+  Workspace<backend_type> workspace_;
+  std::uint64_t attempted_ = 0;
+};
+
+}  // namespace alloy

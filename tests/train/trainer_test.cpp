@@ -1,0 +1,170 @@
+#include "../../examples/custom_model/teacher_mlp.hpp"
+#include "../support/test_support.hpp"
+
+#include <alloy/alloy.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace {
+
+using namespace alloy;
+using teacher::Batch;
+using teacher::StudentMlp;
+
+constexpr int in = 16, hid = 32, out = 4;
+
+// Mean loss of the trained student on a fixed held-out batch, measured without updating.
+template <class Tr>
+float held_out_loss(Tr& trainer, const Batch& batch) {
+  ParamRegistry r;
+  StudentMlp probe(in, hid, out);
+  probe.declare(r);
+  Workspace<Host> ws;
+  auto& store = trainer.store();
+  Context<typename Tr::store_type> ctx(store, ws, 0.0f, false, 0, 1, 0);  // seed 0: gradients are written as zero
+  const float loss = trainer.model().forward_backward(ctx, batch);
+  store.zero_grads();
+  return loss;
+}
+
+template <class P, int N = 1>
+std::pair<float, std::vector<StepReport>> train(std::uint64_t seed, int steps, int rows = 64,
+                                                const std::vector<int>& poisoned = {}) {
+  using Tr = Trainer<StudentMlp, P, Accumulate<N>, AdamW<>, Host>;
+  const teacher::Teacher t(in, hid, out, seed);
+  std::mt19937_64 rng(seed + 1);
+  Tr trainer(StudentMlp(in, hid, out),
+             {.optimizer = {.weight_decay = 0.0f}, .schedule = LrSchedule::warmup_cosine(3e-3f, 10, steps),
+              .max_grad_norm = 1.0f, .seed = seed});
+  std::vector<StepReport> reports;
+  for (int s = 0; s < steps; ++s) {
+    Batch b = t.batch(rows, rng);
+    if (std::find(poisoned.begin(), poisoned.end(), s) != poisoned.end()) b.x[rng() % b.x.size()] = std::nanf("");
+    reports.push_back(trainer.step([&] { return b; }));
+  }
+  std::mt19937_64 eval_rng(999);
+  return {held_out_loss(trainer, t.batch(512, eval_rng)), reports};
+}
+
+TEST(Trainer, TrainsAModelThatOwnsItsForwardAndBackward) {
+  ALLOY_SEEDED(seed);
+  const auto [loss, reports] = train<Precision<bf16, fp32_master>>(seed, 200);
+  EXPECT_LT(reports.back().loss, 0.2f * reports.front().loss);
+  EXPECT_LT(loss, 0.2f * reports.front().loss);
+  EXPECT_EQ(reports.back().step, 200u);
+  EXPECT_EQ(reports.back().applied_steps, 200u);
+  EXPECT_EQ(reports.back().skipped_steps, 0u);
+}
+
+// bf16 and fp16 (dynamic loss scale) with fp32 master weights end where fp32 ends.
+TEST(Trainer, SixteenBitComputeConvergesLikeFp32) {
+  ALLOY_SEEDED(seed);
+  const float full = train<Precision<fp32>>(seed, 200).first;
+  const float brain = train<Precision<bf16, fp32_master>>(seed, 200).first;
+  const float half = train<Precision<fp16, fp32_master>>(seed, 200).first;
+  std::printf("held-out loss after 200 steps: fp32 %.5f bf16 %.5f fp16 %.5f\n", full, brain, half);
+  EXPECT_NEAR(brain, full, 0.05f * full);
+  EXPECT_NEAR(half, full, 0.05f * full);
+}
+
+TEST(Trainer, AccumulatingMicroBatchesEqualsOneLargeBatch) {
+  ALLOY_SEEDED(seed);
+  using P = Precision<fp32>;
+  const teacher::Teacher t(in, hid, out, seed);
+  std::mt19937_64 rng(seed);
+  std::vector<Batch> whole;
+  for (int s = 0; s < 5; ++s) whole.push_back(t.batch(64, rng));
+  Trainer<StudentMlp, P, Accumulate<4>, SGD<>, Host> split(StudentMlp(in, hid, out), {.seed = seed});
+  Trainer<StudentMlp, P, SGD<>, Host> one(StudentMlp(in, hid, out), {.seed = seed});
+  for (const Batch& b : whole) {
+    std::vector<Batch> parts(4);
+    for (int p = 0; p < 4; ++p) {
+      parts[p].x.assign(b.x.begin() + p * 16 * in, b.x.begin() + (p + 1) * 16 * in);
+      parts[p].y.assign(b.y.begin() + p * 16 * out, b.y.begin() + (p + 1) * 16 * out);
+    }
+    const auto rs = split.step(std::span<const Batch>(parts));
+    const auto ro = one.step([&] { return b; });
+    EXPECT_NEAR(rs.loss, ro.loss, 1e-5f * ro.loss);
+    EXPECT_NEAR(rs.grad_norm, ro.grad_norm, 1e-5 * ro.grad_norm);
+  }
+  const auto a = to_host(split.store().params_arena()), b = to_host(one.store().params_arena());
+  for (std::size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-6f + 1e-5f * std::fabs(b[i])) << i;
+}
+
+TEST(Trainer, NaNInTheDataSkipsThoseStepsAndTrainingGoesOn) {
+  ALLOY_SEEDED(seed);
+  const std::vector<int> poisoned = {3, 40, 41, 120};
+  const auto [loss, reports] = train<Precision<fp16, fp32_master>>(seed, 200, 64, poisoned);
+  for (int s = 0; s < 200; ++s) {
+    const bool bad = std::find(poisoned.begin(), poisoned.end(), s) != poisoned.end();
+    EXPECT_EQ(reports[s].skipped, bad) << "step " << s;
+  }
+  EXPECT_EQ(reports.back().skipped_steps, poisoned.size());
+  EXPECT_EQ(reports.back().applied_steps, 200u - poisoned.size());
+  // The fp16 scale backed off once per poisoned step.
+  EXPECT_EQ(reports.back().overflows, poisoned.size());
+  EXPECT_LT(loss, 0.2f * reports.front().loss);
+}
+
+TEST(Trainer, ReportsTheScheduleTheScaleAndItsMemory) {
+  using Tr = Trainer<StudentMlp, Precision<fp16, fp32_master>, Accumulate<2>, AdamW<State<q8>>, Host>;
+  static_assert(Tr::accumulation_steps == 2);
+  static_assert(std::is_same_v<Tr::compute_type, fp16> && std::is_same_v<Tr::master_type, float>);
+  static_assert(Tr::scaler_type::dynamic);
+  static_assert(Tr::bytes_per_param == 2 + 2 + 4 + 4 + 2 + 8.0 / 256);
+  const teacher::Teacher t(in, hid, out, 1);
+  std::mt19937_64 rng(1);
+  Tr trainer(StudentMlp(in, hid, out), {.schedule = LrSchedule::warmup_linear(1e-3f, 4, 10)});
+  const auto r = trainer.step([&] { return t.batch(8, rng); });
+  EXPECT_FLOAT_EQ(r.lr, 1e-3f / 4);
+  EXPECT_EQ(r.loss_scale, 65536.0f);
+  EXPECT_GT(r.seconds, 0.0);
+  const auto m = trainer.memory();
+  const std::size_t padded = trainer.store().layout().padded_numel();
+  EXPECT_EQ(m.arenas.params, padded * 2);
+  EXPECT_EQ(m.arenas.grad_accumulator, padded * 4);
+  EXPECT_GT(m.activations_peak, 0u);
+  EXPECT_GE(m.backend.peak_bytes, m.arenas.total() + m.activations_peak);
+}
+
+TEST(Trainer, RejectsTheWrongNumberOfBatches) {
+  Trainer<StudentMlp, Precision<fp32>, Accumulate<3>, Host> trainer(StudentMlp(in, hid, out));
+  std::vector<Batch> two(2);
+  EXPECT_THROW(trainer.step(std::span<const Batch>(two)), alloy::error);
+  EXPECT_EQ(trainer.steps(), 0u);
+}
+
+TEST(LrSchedule, WarmupThenLinearOrCosineDecayToTheFloor) {
+  const auto lin = LrSchedule::warmup_linear(1.0f, 10, 110, 0.1f);
+  EXPECT_FLOAT_EQ(lin.lr_at(0), 0.1f);
+  EXPECT_FLOAT_EQ(lin.lr_at(9), 1.0f);
+  EXPECT_FLOAT_EQ(lin.lr_at(10), 1.0f);
+  EXPECT_FLOAT_EQ(lin.lr_at(60), 0.55f);
+  EXPECT_FLOAT_EQ(lin.lr_at(110), 0.1f);
+  EXPECT_FLOAT_EQ(lin.lr_at(1000), 0.1f);
+  const auto cos = LrSchedule::warmup_cosine(2.0f, 0, 100);
+  EXPECT_FLOAT_EQ(cos.lr_at(0), 2.0f);
+  EXPECT_FLOAT_EQ(cos.lr_at(50), 1.0f);
+  EXPECT_NEAR(cos.lr_at(99), 2.0f * 0.5f * (1 + std::cos(3.14159265 * 0.99)), 1e-6);
+  EXPECT_FLOAT_EQ(LrSchedule::constant(0.5f).lr_at(12345), 0.5f);
+}
+
+TEST(Workspace, BumpAllocatesAlignedAndMergesToThePeak) {
+  alloy::MemoryTracker tracker;
+  Workspace<Host> ws(Host{}, &tracker);
+  auto* a = ws.allocate<float>(10);
+  auto* b = ws.allocate<double>(1000);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(a) % 256, 0u);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(b) % 256, 0u);
+  EXPECT_EQ(ws.bytes_in_use(), 256u + 8192u);
+  ws.reset();
+  EXPECT_EQ(ws.bytes_in_use(), 0u);
+  EXPECT_EQ(ws.peak_bytes(), 256u + 8192u);
+  EXPECT_EQ(ws.reserved_bytes(), 256u + 8192u);  // merged into one block of the peak
+  ws.allocate<char>(8000);
+  EXPECT_EQ(ws.reserved_bytes(), 256u + 8192u);  // fits: no new block
+}
+
+}  // namespace
