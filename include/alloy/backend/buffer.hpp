@@ -108,9 +108,11 @@ void copy_from_host(Buffer<T, B>& dst, std::span<const T> src) {
   if constexpr (std::is_same_v<B, Host>) {
     std::memcpy(dst.data(), src.data(), dst.bytes());
   } else {
+#if ALLOY_HAS_CUDA_RUNTIME
     const auto stream = dst.backend().stream;
     ALLOY_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), dst.bytes(), cudaMemcpyHostToDevice, stream));
     ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
   }
 }
 
@@ -121,9 +123,11 @@ std::vector<T> to_host(const Buffer<T, B>& src) {
   if constexpr (std::is_same_v<B, Host>) {
     std::memcpy(out.data(), src.data(), src.bytes());
   } else {
+#if ALLOY_HAS_CUDA_RUNTIME
     const auto stream = src.backend().stream;
     ALLOY_CUDA_CHECK(cudaMemcpyAsync(out.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost, stream));
     ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
   }
   return out;
 }
@@ -135,7 +139,9 @@ void fill_zero(Buffer<T, B>& b) {
   if constexpr (std::is_same_v<B, Host>) {
     std::memset(static_cast<void*>(b.data()), 0, b.bytes());
   } else {
+#if ALLOY_HAS_CUDA_RUNTIME
     ALLOY_CUDA_CHECK(cudaMemsetAsync(b.data(), 0, b.bytes(), b.backend().stream));
+#endif
   }
 }
 

@@ -112,7 +112,9 @@ class TemporaryFile {
     do {
       dir = ::open(directory_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     } while (dir < 0 && errno == EINTR);
-    if (dir < 0) fail("open of directory '" + directory_.string() + "' to fsync the rename (the new file is in place)", errno);
+    if (dir < 0) {
+      fail("open of directory '" + directory_.string() + "' to fsync the rename (the new file is in place)", errno);
+    }
     int status = 0;
     while ((status = ::fsync(dir)) != 0 && errno == EINTR) {
     }

@@ -340,7 +340,7 @@ class Parser {
   unsigned parse_hex4() {
     if (text_.size() - pos_ < 4) fail("truncated \\u escape", pos_);
     unsigned value = 0;
-    for (int i = 0; i < 4; ++i) {
+    for (std::size_t i = 0; i < 4; ++i) {
       const char c = text_[pos_ + i];
       unsigned digit = 0;
       if (c >= '0' && c <= '9') {

@@ -1,0 +1,582 @@
+// Reading and writing safetensors files (https://github.com/huggingface/safetensors): an 8-byte
+// little-endian header length N, N bytes of JSON naming each tensor's dtype, shape and byte
+// range, then the data section. Files stay readable by PyTorch and Hugging Face tools.
+//
+// The writer streams tensor bytes from the caller's memory or from a callback that fills one
+// chunk at a time (a copy from the GPU in pieces), so no whole-file buffer ever exists. The
+// reader trusts no length it reads: it checks what safetensors checks before handing out a
+// single tensor, and reads tensors with pread at their offsets rather than mapping the file.
+#pragma once
+
+#include <alloy/error.hpp>
+#include <alloy/train/atomic_file.hpp>
+#include <alloy/train/detail/json.hpp>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <map>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace alloy {
+
+// The element types a safetensors file can name, each a whole number of bytes.
+enum class SafetensorsDtype : std::uint8_t {
+  boolean,
+  u8,
+  i8,
+  f8_e5m2,
+  f8_e4m3,
+  i16,
+  u16,
+  f16,
+  bf16,
+  i32,
+  u32,
+  f32,
+  i64,
+  u64,
+  f64,
+};
+
+namespace detail {
+
+struct SafetensorsDtypeInfo {
+  SafetensorsDtype dtype;
+  std::string_view name;  // as the header spells it
+  std::size_t size;       // bytes per element
+};
+
+inline constexpr std::array<SafetensorsDtypeInfo, 15> safetensors_dtypes{{
+    {SafetensorsDtype::boolean, "BOOL", 1},
+    {SafetensorsDtype::u8, "U8", 1},
+    {SafetensorsDtype::i8, "I8", 1},
+    {SafetensorsDtype::f8_e5m2, "F8_E5M2", 1},
+    {SafetensorsDtype::f8_e4m3, "F8_E4M3", 1},
+    {SafetensorsDtype::i16, "I16", 2},
+    {SafetensorsDtype::u16, "U16", 2},
+    {SafetensorsDtype::f16, "F16", 2},
+    {SafetensorsDtype::bf16, "BF16", 2},
+    {SafetensorsDtype::i32, "I32", 4},
+    {SafetensorsDtype::u32, "U32", 4},
+    {SafetensorsDtype::f32, "F32", 4},
+    {SafetensorsDtype::i64, "I64", 8},
+    {SafetensorsDtype::u64, "U64", 8},
+    {SafetensorsDtype::f64, "F64", 8},
+}};
+
+}  // namespace detail
+
+// "F32", "BF16", ...: the dtype's name in a safetensors header.
+constexpr std::string_view safetensors_name(SafetensorsDtype dtype) {
+  return detail::safetensors_dtypes[static_cast<std::size_t>(dtype)].name;
+}
+
+constexpr std::size_t element_size(SafetensorsDtype dtype) {
+  return detail::safetensors_dtypes[static_cast<std::size_t>(dtype)].size;
+}
+
+constexpr std::optional<SafetensorsDtype> safetensors_dtype_named(std::string_view name) {
+  for (const auto& info : detail::safetensors_dtypes) {
+    if (info.name == name) return info.dtype;
+  }
+  return std::nullopt;
+}
+
+// The largest header a reader accepts (safetensors' own limit): beyond it a file is refused
+// before any allocation.
+inline constexpr std::uint64_t safetensors_max_header_bytes = 100'000'000;
+
+inline constexpr std::size_t safetensors_default_chunk_bytes = std::size_t(16) << 20;
+
+// Fills `chunk` with bytes [offset, offset + chunk.size()) of one tensor's data.
+using TensorChunkSource = std::function<void(std::size_t offset, std::span<std::byte> chunk)>;
+
+// Receives bytes [offset, offset + chunk.size()) of one tensor's data.
+using TensorChunkSink = std::function<void(std::size_t offset, std::span<const std::byte> chunk)>;
+
+// One tensor to save: its bytes either lie in host memory, written straight from there, or
+// come from a callback asked for one chunk at a time.
+struct TensorToWrite {
+  std::string name;
+  SafetensorsDtype dtype = SafetensorsDtype::f32;
+  std::vector<std::int64_t> shape;  // {} is a scalar
+  std::variant<std::span<const std::byte>, TensorChunkSource> bytes;
+};
+
+struct SafetensorsWriteOptions {
+  // Chunk size for tensors given as a TensorChunkSource.
+  std::size_t chunk_bytes = safetensors_default_chunk_bytes;
+  // When not empty, chunks are filled here instead of in a buffer the writer allocates, e.g.
+  // pinned host memory the caller's GPU copies can target.
+  std::span<std::byte> chunk_buffer;
+};
+
+// A tensor as a safetensors file stores it.
+struct StoredTensor {
+  std::string name;
+  SafetensorsDtype dtype = SafetensorsDtype::f32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t offset = 0;  // from the start of the data section
+  std::uint64_t size = 0;    // bytes
+
+  std::uint64_t numel() const { return size / element_size(dtype); }
+};
+
+namespace detail {
+
+// numel x element size, or nothing when it does not fit in 64 bits.
+inline std::optional<std::uint64_t> checked_tensor_bytes(std::span<const std::int64_t> shape, SafetensorsDtype dtype) {
+  std::uint64_t bytes = element_size(dtype);
+  for (const std::int64_t d : shape) {
+    const auto dim = static_cast<std::uint64_t>(d);
+    if (dim != 0 && bytes > std::numeric_limits<std::uint64_t>::max() / dim) return std::nullopt;
+    bytes *= dim;
+  }
+  return bytes;
+}
+
+inline std::string shape_text(std::span<const std::int64_t> shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
+inline std::string quoted_name(std::string_view name) {
+  std::string out = "'";  // built by appends: GCC 12 warns falsely on "'" + std::string&&
+  out += json::printable(name);
+  out += '\'';
+  return out;
+}
+
+inline std::string byte_range(std::uint64_t begin, std::uint64_t end) {
+  return "[" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+}
+
+inline std::array<std::byte, 8> little_endian(std::uint64_t value) {
+  std::array<std::byte, 8> out{};
+  for (std::size_t i = 0; i < 8; ++i) out[i] = static_cast<std::byte>((value >> (8 * i)) & 0xFF);
+  return out;
+}
+
+inline std::uint64_t from_little_endian(std::span<const std::byte, 8> bytes) {
+  std::uint64_t value = 0;
+  for (std::size_t i = 0; i < 8; ++i) value |= std::to_integer<std::uint64_t>(bytes[i]) << (8 * i);
+  return value;
+}
+
+// The header JSON, padded with spaces to a multiple of 8 bytes so the data section starts
+// 8-byte aligned; tensors in the order given, back to back. Checks the writer's input.
+inline std::string safetensors_header(std::span<const TensorToWrite> tensors,
+                                      const std::map<std::string, std::string>& metadata,
+                                      std::vector<std::uint64_t>& sizes) {
+  const std::string where = "write_safetensors: ";
+  std::string header = "{";
+  if (!metadata.empty()) {
+    header += "\"__metadata__\":{";
+    bool first = true;
+    for (const auto& [key, value] : metadata) {
+      if (!json::is_valid_utf8(key) || !json::is_valid_utf8(value)) {
+        throw error(where + "metadata entry " + quoted_name(key) + " is not valid UTF-8");
+      }
+      if (!first) header += ',';
+      first = false;
+      json::append_string(header, key);
+      header += ':';
+      json::append_string(header, value);
+    }
+    header += "},";
+  }
+  std::set<std::string_view> names;
+  std::uint64_t offset = 0;
+  sizes.clear();
+  for (const TensorToWrite& t : tensors) {
+    const std::string name = quoted_name(t.name);
+    if (t.name.empty()) throw error(where + "a tensor needs a name");
+    if (t.name == "__metadata__") throw error(where + "'__metadata__' is reserved, not a tensor name");
+    if (!json::is_valid_utf8(t.name)) throw error(where + "tensor name " + name + " is not valid UTF-8");
+    if (!names.insert(t.name).second) throw error(where + "tensor " + name + " is given twice");
+    if (static_cast<std::size_t>(t.dtype) >= safetensors_dtypes.size()) {
+      throw error(where + "tensor " + name + " has an unknown dtype");
+    }
+    for (const std::int64_t d : t.shape) {
+      if (d < 0) throw error(where + "tensor " + name + " has a negative dimension in " + shape_text(t.shape));
+    }
+    const auto bytes = checked_tensor_bytes(t.shape, t.dtype);
+    if (!bytes || *bytes > std::numeric_limits<std::uint64_t>::max() - offset) {
+      throw error(where + "tensor " + name + " of shape " + shape_text(t.shape) + " is too large");
+    }
+    if (const auto* span = std::get_if<std::span<const std::byte>>(&t.bytes); span && span->size() != *bytes) {
+      throw error(where + "tensor " + name + " of shape " + shape_text(t.shape) + " and dtype " +
+                  std::string(safetensors_name(t.dtype)) + " needs " + std::to_string(*bytes) + " bytes, got " +
+                  std::to_string(span->size()));
+    }
+    if (const auto* source = std::get_if<TensorChunkSource>(&t.bytes); source && !*source) {
+      throw error(where + "tensor " + name + " has an empty chunk source");
+    }
+    json::append_string(header, t.name);
+    header += ":{\"dtype\":\"";
+    header += safetensors_name(t.dtype);
+    header += "\",\"shape\":[";
+    for (std::size_t i = 0; i < t.shape.size(); ++i) {
+      if (i) header += ',';
+      header += std::to_string(t.shape[i]);
+    }
+    header += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + *bytes) + "]},";
+    offset += *bytes;
+    sizes.push_back(*bytes);
+  }
+  if (header.size() > 1) header.pop_back();  // the last ','
+  header += '}';
+  header.append((8 - header.size() % 8) % 8, ' ');
+  if (header.size() > safetensors_max_header_bytes) {
+    throw error(where + "the header would be " + std::to_string(header.size()) + " bytes, more than the " +
+                std::to_string(safetensors_max_header_bytes) + " readers accept");
+  }
+  return header;
+}
+
+}  // namespace detail
+
+// Writes `tensors` and `metadata` to `path` as a safetensors file, atomically (see
+// write_file_atomically). Tensors appear in the header and the data section in the order
+// given, without gaps: to keep every tensor aligned to its element size, put wider dtypes
+// first. A chunk source is called with consecutive offsets, in order, each chunk full but the
+// last. Exceptions from a chunk source pass through and leave `path` as it was.
+inline void write_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
+                              const std::map<std::string, std::string>& metadata = {},
+                              const SafetensorsWriteOptions& options = {}) {
+  std::vector<std::uint64_t> sizes;
+  const std::string header = detail::safetensors_header(tensors, metadata, sizes);
+
+  std::uint64_t largest_chunked = 0;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    if (std::holds_alternative<TensorChunkSource>(tensors[i].bytes)) {
+      largest_chunked = std::max(largest_chunked, sizes[i]);
+    }
+  }
+  if (largest_chunked > 0 && options.chunk_buffer.empty() && options.chunk_bytes == 0) {
+    throw error("write_safetensors: chunk_bytes is 0 and no chunk_buffer is given");
+  }
+
+  write_file_atomically(path, [&](FileWriter& out) {
+    out.write(detail::little_endian(header.size()));
+    out.write(std::as_bytes(std::span(header)));
+    std::vector<std::byte> owned;
+    std::span<std::byte> buffer = options.chunk_buffer;
+    if (buffer.empty() && largest_chunked > 0) {
+      owned.resize(static_cast<std::size_t>(std::min<std::uint64_t>(largest_chunked, options.chunk_bytes)));
+      buffer = owned;
+    }
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      if (const auto* span = std::get_if<std::span<const std::byte>>(&tensors[i].bytes)) {
+        out.write(*span);
+        continue;
+      }
+      const auto& source = std::get<TensorChunkSource>(tensors[i].bytes);
+      const auto size = static_cast<std::size_t>(sizes[i]);
+      for (std::size_t offset = 0; offset < size;) {
+        const auto chunk = buffer.first(std::min(buffer.size(), size - offset));
+        source(offset, chunk);
+        out.write(chunk);
+        offset += chunk.size();
+      }
+    }
+  });
+}
+
+// An open safetensors file whose header has been validated. Reads are const and use pread on
+// one descriptor, so threads may read different tensors at once.
+class SafetensorsFile {
+ public:
+  // Opens and validates `path`; throws alloy::error saying what is wrong and where.
+  static SafetensorsFile open(const std::filesystem::path& path) {
+    SafetensorsFile file;
+    file.path_ = path;
+    file.load();
+    return file;
+  }
+
+  SafetensorsFile(SafetensorsFile&& other) noexcept { swap(other); }
+  SafetensorsFile& operator=(SafetensorsFile&& other) noexcept {
+    SafetensorsFile moved(std::move(other));
+    swap(moved);
+    return *this;
+  }
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  ~SafetensorsFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  const std::filesystem::path& path() const noexcept { return path_; }
+
+  // Every tensor, in file order (by offset).
+  std::span<const StoredTensor> tensors() const noexcept { return tensors_; }
+
+  // nullptr when the file has no tensor of that name.
+  const StoredTensor* find(std::string_view name) const {
+    const auto it = by_name_.find(name);
+    return it == by_name_.end() ? nullptr : &tensors_[it->second];
+  }
+
+  // Throws alloy::error naming the file when there is no tensor of that name.
+  const StoredTensor& tensor(std::string_view name) const {
+    if (const StoredTensor* t = find(name)) return *t;
+    throw error("SafetensorsFile: '" + path_.string() + "' has no tensor " + detail::quoted_name(name));
+  }
+
+  const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+
+  // Where the data section starts in the file.
+  std::uint64_t data_offset() const noexcept { return data_offset_; }
+
+  // Reads a whole tensor; `out` must be exactly its size.
+  void read(std::string_view name, std::span<std::byte> out) const {
+    const StoredTensor& t = tensor(name);
+    if (out.size() != t.size) {
+      throw error("SafetensorsFile::read: '" + path_.string() + "': tensor " + detail::quoted_name(name) + " has " +
+                  std::to_string(t.size) + " bytes, the destination " + std::to_string(out.size()));
+    }
+    read_at(data_offset_ + t.offset, out, "tensor " + detail::quoted_name(t.name));
+  }
+
+  // Reads a tensor chunk by chunk through `buffer` (pinned memory, say), handing each chunk to
+  // `consume` in order.
+  void read_chunks(std::string_view name, std::span<std::byte> buffer, const TensorChunkSink& consume) const {
+    const StoredTensor& t = tensor(name);
+    if (buffer.empty() && t.size > 0) {
+      throw error("SafetensorsFile::read_chunks: '" + path_.string() + "': the chunk buffer is empty");
+    }
+    for (std::uint64_t offset = 0; offset < t.size;) {
+      const auto chunk =
+          buffer.first(static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t.size - offset)));
+      read_at(data_offset_ + t.offset + offset, chunk, "tensor " + detail::quoted_name(t.name));
+      consume(static_cast<std::size_t>(offset), chunk);
+      offset += chunk.size();
+    }
+  }
+
+  // As above, through a buffer of up to `chunk_bytes` that this call allocates.
+  void read_chunks(std::string_view name, const TensorChunkSink& consume,
+                   std::size_t chunk_bytes = safetensors_default_chunk_bytes) const {
+    const StoredTensor& t = tensor(name);
+    std::vector<std::byte> buffer(static_cast<std::size_t>(std::min<std::uint64_t>(t.size, chunk_bytes)));
+    read_chunks(name, buffer, consume);
+  }
+
+ private:
+  SafetensorsFile() = default;
+
+  void swap(SafetensorsFile& other) noexcept {
+    std::swap(path_, other.path_);
+    std::swap(fd_, other.fd_);
+    std::swap(tensors_, other.tensors_);
+    std::swap(by_name_, other.by_name_);
+    std::swap(metadata_, other.metadata_);
+    std::swap(data_offset_, other.data_offset_);
+    std::swap(data_size_, other.data_size_);
+  }
+
+  [[noreturn]] void invalid(const std::string& what) const {
+    throw error("SafetensorsFile::open: '" + path_.string() + "': " + what);
+  }
+
+  // Fills `out` from `file_offset`; the file may have shrunk since it was validated.
+  void read_at(std::uint64_t file_offset, std::span<std::byte> out, const std::string& what) const {
+    while (!out.empty()) {
+      const ::ssize_t n = ::pread(fd_, out.data(), out.size(), static_cast<::off_t>(file_offset));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        throw error("SafetensorsFile: '" + path_.string() + "': reading " + what + " at byte " +
+                    std::to_string(file_offset) + " failed: " + detail::errno_text(errno));
+      }
+      if (n == 0) {
+        throw error("SafetensorsFile: '" + path_.string() + "': the file ends at byte " + std::to_string(file_offset) +
+                    ", inside " + what + " (truncated after it was opened?)");
+      }
+      out = out.subspan(static_cast<std::size_t>(n));
+      file_offset += static_cast<std::uint64_t>(n);
+    }
+  }
+
+  void load() {
+    do {
+      fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    } while (fd_ < 0 && errno == EINTR);
+    if (fd_ < 0) invalid("cannot open: " + detail::errno_text(errno));
+    struct stat info {};
+    if (::fstat(fd_, &info) != 0) invalid("fstat failed: " + detail::errno_text(errno));
+    if (!S_ISREG(info.st_mode)) invalid("not a regular file");
+    const auto file_size = static_cast<std::uint64_t>(info.st_size);
+
+    if (file_size < 8) {
+      invalid("the file is " + std::to_string(file_size) + " bytes, too short for the 8-byte header length");
+    }
+    std::array<std::byte, 8> length_bytes{};
+    read_at(0, length_bytes, "the header length");
+    const std::uint64_t header_size = detail::from_little_endian(length_bytes);
+    if (header_size > safetensors_max_header_bytes) {
+      invalid("header length " + std::to_string(header_size) + " exceeds the limit of " +
+              std::to_string(safetensors_max_header_bytes) + " bytes");
+    }
+    if (header_size > file_size - 8) {
+      invalid("header length " + std::to_string(header_size) + " runs past the end of the file (" +
+              std::to_string(file_size) + " bytes)");
+    }
+    std::string header(static_cast<std::size_t>(header_size), '\0');
+    read_at(8, std::as_writable_bytes(std::span(header)), "the header");
+    data_offset_ = 8 + header_size;
+    data_size_ = file_size - data_offset_;
+
+    try {
+      detail::json::parse_root_members(header, [&](detail::json::Member&& m) { add_entry(std::move(m)); });
+    } catch (const detail::json::ParseError& e) {
+      invalid("the header is not valid JSON: " + e.reason() + " at header byte " + std::to_string(e.offset()));
+    }
+    check_tiling();
+    for (std::size_t i = 0; i < tensors_.size(); ++i) by_name_.emplace(tensors_[i].name, i);
+  }
+
+  void add_entry(detail::json::Member&& m) {
+    using Kind = detail::json::Value::Kind;
+    if (m.key == "__metadata__") {
+      if (m.value.kind != Kind::object) {
+        invalid("__metadata__ is " + std::string(detail::json::kind_name(m.value.kind)) + ", not an object of strings");
+      }
+      for (auto& entry : m.value.members) {
+        if (entry.value.kind != Kind::string) {
+          invalid("__metadata__ entry " + detail::quoted_name(entry.key) + " is " +
+                  detail::json::kind_name(entry.value.kind) + ", not a string");
+        }
+        metadata_.emplace(std::move(entry.key), std::move(entry.value.string));
+      }
+      return;
+    }
+    if (m.key.empty()) invalid("a tensor has an empty name (header byte " + std::to_string(m.key_offset) + ")");
+    const std::string name = "tensor " + detail::quoted_name(m.key);
+    if (m.value.kind != Kind::object) {
+      invalid(name + " is " + detail::json::kind_name(m.value.kind) + ", not an object");
+    }
+    const detail::json::Value* dtype = nullptr;
+    const detail::json::Value* shape = nullptr;
+    const detail::json::Value* offsets = nullptr;
+    for (const auto& field : m.value.members) {
+      if (field.key == "dtype") {
+        dtype = &field.value;
+      } else if (field.key == "shape") {
+        shape = &field.value;
+      } else if (field.key == "data_offsets") {
+        offsets = &field.value;
+      } else {
+        invalid(name + " has an unexpected field " + detail::quoted_name(field.key));
+      }
+    }
+    if (!dtype) invalid(name + " has no 'dtype'");
+    if (!shape) invalid(name + " has no 'shape'");
+    if (!offsets) invalid(name + " has no 'data_offsets'");
+
+    StoredTensor t;
+    if (dtype->kind != Kind::string) invalid(name + ": 'dtype' is " + detail::json::kind_name(dtype->kind));
+    const auto known = safetensors_dtype_named(dtype->string);
+    if (!known) invalid(name + " has unknown dtype " + detail::quoted_name(dtype->string));
+    t.dtype = *known;
+
+    if (shape->kind != Kind::array) invalid(name + ": 'shape' is " + detail::json::kind_name(shape->kind));
+    for (std::size_t i = 0; i < shape->items.size(); ++i) {
+      const auto& d = shape->items[i];
+      const std::string at = "shape[" + std::to_string(i) + "]";
+      if (d.kind != Kind::integer) invalid(name + ": " + at + " is " + detail::json::kind_name(d.kind));
+      if (d.integer.negative) {
+        invalid(name + " has a negative dimension -" + std::to_string(d.integer.magnitude) + " at " + at);
+      }
+      if (d.integer.magnitude > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        invalid(name + ": dimension " + std::to_string(d.integer.magnitude) + " at " + at + " overflows 64 bits");
+      }
+      t.shape.push_back(static_cast<std::int64_t>(d.integer.magnitude));
+    }
+
+    if (offsets->kind != Kind::array || offsets->items.size() != 2 || offsets->items[0].kind != Kind::integer ||
+        offsets->items[1].kind != Kind::integer || offsets->items[0].integer.negative ||
+        offsets->items[1].integer.negative) {
+      invalid(name + ": 'data_offsets' is not a pair of non-negative integers");
+    }
+    const std::uint64_t begin = offsets->items[0].integer.magnitude;
+    const std::uint64_t end = offsets->items[1].integer.magnitude;
+    const std::string range = "data_offsets " + detail::byte_range(begin, end);
+    if (end < begin) invalid(name + " has " + range + ", which ends before it begins");
+
+    const auto bytes = detail::checked_tensor_bytes(t.shape, t.dtype);
+    const std::string described =
+        "shape " + detail::shape_text(t.shape) + " of " + std::string(safetensors_name(t.dtype));
+    if (!bytes) invalid(name + ": " + described + " overflows a 64-bit byte count");
+    if (*bytes != end - begin) {
+      invalid(name + ": " + described + " needs " + std::to_string(*bytes) + " bytes but " + range + " hold " +
+              std::to_string(end - begin));
+    }
+    if (end > data_size_) {
+      invalid(name + ": " + range + " runs past the end of the data section (" + std::to_string(data_size_) +
+              " bytes)");
+    }
+    t.offset = begin;
+    t.size = end - begin;
+    t.name = std::move(m.key);
+    tensors_.push_back(std::move(t));
+  }
+
+  // Tensors must cover the data section exactly: no gaps, no overlaps, nothing after the last.
+  void check_tiling() {
+    std::sort(tensors_.begin(), tensors_.end(), [](const StoredTensor& a, const StoredTensor& b) {
+      return std::pair(a.offset, a.size) < std::pair(b.offset, b.size);
+    });
+    std::uint64_t covered = 0;
+    const StoredTensor* previous = nullptr;
+    for (const StoredTensor& t : tensors_) {
+      const std::string range = detail::byte_range(t.offset, t.offset + t.size);
+      if (t.offset > covered) {
+        invalid("gap in the data section: bytes " + detail::byte_range(covered, t.offset) +
+                " belong to no tensor (next is tensor " + detail::quoted_name(t.name) + " at " + range + ")");
+      }
+      if (t.offset < covered) {
+        invalid("tensor " + detail::quoted_name(t.name) + " at " + range + " overlaps tensor " +
+                detail::quoted_name(previous->name) + " at " +
+                detail::byte_range(previous->offset, previous->offset + previous->size));
+      }
+      covered = t.offset + t.size;
+      previous = &t;
+    }
+    if (covered != data_size_) {
+      invalid("the data section has " + std::to_string(data_size_) + " bytes but the tensors cover only " +
+              std::to_string(covered) + ": bytes " + detail::byte_range(covered, data_size_) + " belong to no tensor");
+    }
+  }
+
+  std::filesystem::path path_;
+  int fd_ = -1;
+  std::vector<StoredTensor> tensors_;
+  std::map<std::string, std::size_t, std::less<>> by_name_;
+  std::map<std::string, std::string> metadata_;
+  std::uint64_t data_offset_ = 0;
+  std::uint64_t data_size_ = 0;
+};
+
+}  // namespace alloy
