@@ -1,0 +1,548 @@
+// The cuBLASLt matrix product against the Host one on the same fresh random inputs.
+// Tolerances, relative Frobenius error ||C_cuda - C_host|| / ||C_host||, from the dtype:
+//   bf16 1e-2, fp16 2e-3: each side rounds its fp32 result to 8 or 11 significant bits once, and
+//     summation orders differ, so results one rounding step apart (2^-8, 2^-11) are expected;
+//   fp32 1e-5: fp32 sums of up to 3072 products in different orders (about sqrt(k) * 2^-24);
+//   tf32 3e-3: the Host models the tensor cores' input rounding (to nearest even); whether they
+//     round or truncate is not documented, and truncation moves each input by up to 2^-10;
+//   GELU outputs at least 5e-4: cuBLASLt may evaluate tanh with the hardware approximation
+//     (relative error up to 2^-11), where the Host uses std::tanh.
+#include "../support/test_support.hpp"
+
+#include <alloy/backend/algorithms.hpp>
+#include <alloy/kernels/activations.hpp>
+#include <alloy/kernels/gemm.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <set>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using alloy::bf16;
+using alloy::Buffer;
+using alloy::Cuda;
+using alloy::Epilogue;
+using alloy::fp16;
+using alloy::GemmArgs;
+using alloy::GemmHandle;
+using alloy::Host;
+using alloy::storage_t;
+using alloy::tf32;
+using alloy::Transpose;
+
+constexpr Transpose no = Transpose::no;
+constexpr Transpose yes = Transpose::yes;
+
+template <class Compute>
+double tolerance() {
+  if constexpr (std::is_same_v<Compute, bf16>) {
+    return 1e-2;
+  } else if constexpr (std::is_same_v<Compute, fp16>) {
+    return 2e-3;
+  } else if constexpr (std::is_same_v<Compute, tf32>) {
+    return 3e-3;
+  } else {
+    return 1e-5;
+  }
+}
+
+template <class Compute>
+double gelu_tolerance() {
+  return std::max(tolerance<Compute>(), 5e-4);
+}
+
+template <class T>
+std::uint32_t bits_of(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return alloy::detail::float_bits(x);
+  } else {
+    return x.bits();
+  }
+}
+
+// A NaN with a payload no arithmetic produces: an element still holding it was never written.
+template <class T>
+T poison() {
+  if constexpr (std::is_same_v<T, float>) {
+    return alloy::detail::float_from_bits(0x7fa5a5a5u);
+  } else {
+    return T::from_bits(0x7fa5);
+  }
+}
+
+template <class T>
+std::vector<T> random_values(std::size_t n, std::mt19937_64& rng) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<T> v(n);
+  for (auto& x : v) x = alloy::round_nearest<T>(d(rng));
+  return v;
+}
+
+struct Case {
+  Transpose transa = no;
+  Transpose transb = no;
+  std::size_t m = 1, n = 1, k = 1;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  Epilogue epilogue = Epilogue::none;
+  bool keep_pre_activation = false;
+  bool packed = false;  // leading dimensions equal to the row lengths; otherwise padded
+};
+
+std::string describe(const Case& c) {
+  return "m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
+         " transa=" + alloy::detail::name_of(c.transa) + " transb=" + alloy::detail::name_of(c.transb) +
+         " alpha=" + std::to_string(c.alpha) + " beta=" + std::to_string(c.beta) + " " +
+         alloy::detail::name_of(c.epilogue) + (c.keep_pre_activation ? " keeping pre_activation" : "") +
+         (c.packed ? " packed" : " padded");
+}
+
+// One product's host-side operands: outputs poisoned, padding included.
+template <class Compute>
+struct Operands {
+  using T = storage_t<Compute>;
+  Case shape;
+  std::size_t lda, ldb, ldc, ldp;
+  std::vector<T> a, b, c, bias, bias_grad, pre_activation;
+
+  Operands(const Case& s, std::mt19937_64& rng) : shape(s) {
+    const std::size_t a_rows = s.transa == yes ? s.k : s.m, a_cols = s.transa == yes ? s.m : s.k;
+    const std::size_t b_rows = s.transb == yes ? s.n : s.k, b_cols = s.transb == yes ? s.k : s.n;
+    lda = a_cols + (s.packed ? 0 : 3);
+    ldb = b_cols + (s.packed ? 0 : 1);
+    ldc = s.n + (s.packed ? 0 : 2);
+    ldp = s.packed ? (s.n + 7) / 8 * 8 : (s.n / 8 + 1) * 8;
+    a = random_values<T>(a_rows * lda, rng);
+    b = random_values<T>(b_rows * ldb, rng);
+    c.assign(s.m * ldc, poison<T>());
+    if (s.beta != 0.0f) {
+      const auto fresh = random_values<T>(s.m * s.n, rng);
+      for (std::size_t i = 0; i < s.m; ++i) {
+        for (std::size_t j = 0; j < s.n; ++j) c[i * ldc + j] = fresh[i * s.n + j];
+      }
+    }
+    bias = random_values<T>(s.n, rng);
+    bias_grad.assign(s.m + 1, poison<T>());
+    pre_activation.assign(s.m * ldp, poison<T>());
+  }
+
+  template <class P, class Q>
+  GemmArgs<Compute> args(const P* a_, const P* b_, Q* c_, const P* bias_, Q* bias_grad_, Q* pre_) const {
+    return {.transa = shape.transa,
+            .transb = shape.transb,
+            .m = shape.m,
+            .n = shape.n,
+            .k = shape.k,
+            .a = a_,
+            .lda = lda,
+            .b = b_,
+            .ldb = ldb,
+            .c = c_,
+            .ldc = ldc,
+            .alpha = shape.alpha,
+            .beta = shape.beta,
+            .epilogue = shape.epilogue,
+            .bias = alloy::detail::adds_bias(shape.epilogue) ? bias_ : nullptr,
+            .bias_grad = shape.epilogue == Epilogue::bias_grad ? bias_grad_ : nullptr,
+            .pre_activation = shape.keep_pre_activation ? pre_ : nullptr,
+            .ld_pre_activation = shape.keep_pre_activation ? ldp : 0};
+  }
+};
+
+// The same operands in device memory, reusable for another draw of the same shape.
+template <class Compute>
+struct DeviceOperands {
+  using T = storage_t<Compute>;
+  Buffer<T, Cuda> a, b, c, bias, bias_grad, pre_activation;
+
+  DeviceOperands(const Operands<Compute>& x, Cuda be)
+      : a(x.a.size(), be),
+        b(x.b.size(), be),
+        c(x.c.size(), be),
+        bias(x.bias.size(), be),
+        bias_grad(x.bias_grad.size(), be),
+        pre_activation(x.pre_activation.size(), be) {
+    upload(x);
+  }
+
+  void upload(const Operands<Compute>& x) {
+    alloy::copy_from_host(a, std::span<const T>(x.a));
+    alloy::copy_from_host(b, std::span<const T>(x.b));
+    alloy::copy_from_host(c, std::span<const T>(x.c));
+    alloy::copy_from_host(bias, std::span<const T>(x.bias));
+    alloy::copy_from_host(bias_grad, std::span<const T>(x.bias_grad));
+    alloy::copy_from_host(pre_activation, std::span<const T>(x.pre_activation));
+  }
+
+  GemmArgs<Compute> args(const Operands<Compute>& x) {
+    return x.args(a.data(), b.data(), c.data(), bias.data(), bias_grad.data(), pre_activation.data());
+  }
+};
+
+// ||got - want|| / ||want|| over a rows x cols block with leading dimension ld; elements
+// outside the block must keep `before`'s bits. Unwritten or non-finite elements fail by name.
+template <class T>
+void expect_close(const char* what, const std::vector<T>& got, const std::vector<T>& want, const std::vector<T>& before,
+                  std::size_t rows, std::size_t cols, std::size_t ld, double tol) {
+  double error = 0, norm = 0;
+  std::size_t unwritten = 0, non_finite = 0;
+  for (std::size_t i = 0; i < rows; ++i) {
+    for (std::size_t j = 0; j < ld; ++j) {
+      const std::size_t e = i * ld + j;
+      if (j >= cols) {
+        ASSERT_EQ(bits_of(got[e]), bits_of(before[e]))
+            << what << " written outside its block at (" << i << ", " << j << ")";
+        continue;
+      }
+      const double g = alloy::to_float(got[e]), w = alloy::to_float(want[e]);
+      if (bits_of(got[e]) == bits_of(poison<T>())) ++unwritten;
+      if (!std::isfinite(g)) ++non_finite;
+      error += (g - w) * (g - w);
+      norm += w * w;
+    }
+  }
+  EXPECT_EQ(unwritten, 0u) << what << ": elements never written";
+  EXPECT_EQ(non_finite, 0u) << what << ": non-finite elements";
+  const double relative = norm > 0 ? std::sqrt(error / norm) : std::sqrt(error);
+  EXPECT_LT(relative, tol) << what << ": relative Frobenius error against Host";
+}
+
+// Runs x on Host and on Cuda (through `device`, which holds x's data) and compares every output.
+template <class Compute>
+void expect_cuda_matches_host(GemmHandle& handle, Operands<Compute>& x, DeviceOperands<Compute>& device, Cuda be = {}) {
+  const Case& s = x.shape;
+  SCOPED_TRACE(describe(s));
+  auto host = x;
+  alloy::gemm(Host{}, host.args(host.a.data(), host.b.data(), host.c.data(), host.bias.data(), host.bias_grad.data(),
+                                host.pre_activation.data()));
+  // A configuration cuBLASLt refuses fails this case alone, so one run lists every refusal.
+  try {
+    alloy::gemm(be, handle, device.args(x));
+    alloy::synchronize(be);
+  } catch (const alloy::cuda_error& e) {
+    ADD_FAILURE() << e.what();
+    return;
+  }
+
+  const bool gelu = alloy::detail::applies_gelu(s.epilogue);
+  expect_close("C", alloy::to_host(device.c), host.c, x.c, s.m, s.n, x.ldc,
+               gelu ? gelu_tolerance<Compute>() : tolerance<Compute>());
+  expect_close("pre_activation", alloy::to_host(device.pre_activation), host.pre_activation, x.pre_activation, s.m,
+               s.keep_pre_activation ? s.n : 0, x.ldp, tolerance<Compute>());
+  expect_close("bias_grad", alloy::to_host(device.bias_grad), host.bias_grad, x.bias_grad, 1,
+               s.epilogue == Epilogue::bias_grad ? s.m : 0, s.m + 1, tolerance<Compute>());
+}
+
+template <class Compute>
+void expect_cuda_matches_host(GemmHandle& handle, const Case& s, std::uint64_t seed, Cuda be = {}) {
+  std::mt19937_64 rng(seed);
+  Operands<Compute> x(s, rng);
+  DeviceOperands<Compute> device(x, be);
+  expect_cuda_matches_host(handle, x, device, be);
+}
+
+template <class Compute>
+class CudaGemm : public ::testing::Test {};
+
+struct ComputeName {
+  template <class T>
+  static std::string GetName(int) {
+    return alloy::numeric_traits<T>::name;
+  }
+};
+
+using Computes = ::testing::Types<bf16, fp16, float, tf32>;
+TYPED_TEST_SUITE(CudaGemm, Computes, ComputeName);
+
+constexpr Epilogue every_epilogue[] = {Epilogue::none, Epilogue::bias, Epilogue::gelu_tanh, Epilogue::bias_gelu_tanh,
+                                       Epilogue::bias_grad};
+
+TYPED_TEST(CudaGemm, MatchesHostForEveryTransposeAlphaAndBeta) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  GemmHandle handle;
+  const Case sizes[] = {{.m = 37, .n = 29, .k = 53},
+                        {.m = 1, .n = 1, .k = 1, .packed = true},
+                        {.m = 7, .n = 5, .k = 3},
+                        {.m = 64, .n = 48, .k = 80, .packed = true}};
+  const std::pair<float, float> scalings[] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.5f, 1.0f}};
+  for (Case s : sizes) {
+    for (Transpose ta : {no, yes}) {
+      for (Transpose tb : {no, yes}) {
+        for (auto [alpha, beta] : scalings) {
+          s.transa = ta, s.transb = tb, s.alpha = alpha, s.beta = beta;
+          expect_cuda_matches_host<TypeParam>(handle, s, seed + s.m);
+        }
+      }
+    }
+  }
+}
+
+TYPED_TEST(CudaGemm, EveryEpilogueMatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  GemmHandle handle;
+  for (Epilogue e : every_epilogue) {
+    for (bool keep : {false, true}) {
+      if (keep && !alloy::detail::applies_gelu(e)) continue;
+      for (Transpose ta : {no, yes}) {
+        for (Transpose tb : {no, yes}) {
+          for (float beta : {0.0f, 1.0f}) {
+            expect_cuda_matches_host<TypeParam>(handle,
+                                                {.transa = ta,
+                                                 .transb = tb,
+                                                 .m = 37,
+                                                 .n = 29,
+                                                 .k = 53,
+                                                 .beta = beta,
+                                                 .epilogue = e,
+                                                 .keep_pre_activation = keep},
+                                                seed);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Linear at GPT-2-like width, rows = 1024, in = 3072, out = 768, with the calls its layer makes:
+// forward with bias and GELU keeping the pre-activation, the input gradient, and the weight
+// gradient with its bias gradient, accumulated into an existing gradient (beta = 1).
+TYPED_TEST(CudaGemm, LinearSizedProductsMatchHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  GemmHandle handle;
+  const std::size_t rows = 1024, in = 3072, out = 768;
+  expect_cuda_matches_host<TypeParam>(handle,
+                                      {.transb = yes,
+                                       .m = rows,
+                                       .n = out,
+                                       .k = in,
+                                       .epilogue = Epilogue::bias_gelu_tanh,
+                                       .keep_pre_activation = true,
+                                       .packed = true},
+                                      seed);
+  expect_cuda_matches_host<TypeParam>(handle, {.m = rows, .n = in, .k = out, .packed = true}, seed + 1);
+  expect_cuda_matches_host<TypeParam>(
+      handle,
+      {.transa = yes, .m = out, .n = in, .k = rows, .beta = 1.0f, .epilogue = Epilogue::bias_grad, .packed = true},
+      seed + 2);
+}
+
+// Two micro-batches' weight gradients added into one gradient, dW += dY1^T X1 then
+// dW += dY2^T X2, on both backends.
+TYPED_TEST(CudaGemm, BetaOneAccumulatesSuccessiveProducts) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using T = storage_t<TypeParam>;
+  std::mt19937_64 rng(seed);
+  const std::size_t rows = 96, in = 40, out = 56;
+  const auto dy = random_values<T>(2 * rows * out, rng), x = random_values<T>(2 * rows * in, rng);
+  const auto dw0 = random_values<T>(out * in, rng);
+  auto dw = dw0;
+  Buffer<T, Cuda> d_dy(dy.size()), d_x(x.size()), d_dw(dw.size());
+  alloy::copy_from_host(d_dy, std::span<const T>(dy));
+  alloy::copy_from_host(d_x, std::span<const T>(x));
+  alloy::copy_from_host(d_dw, std::span<const T>(dw));
+  GemmHandle handle;
+  for (std::size_t batch = 0; batch < 2; ++batch) {
+    const auto args = [&](const T* dy_, const T* x_, T* dw_) {
+      return GemmArgs<TypeParam>{.transa = yes,
+                                 .m = out,
+                                 .n = in,
+                                 .k = rows,
+                                 .a = dy_ + batch * rows * out,
+                                 .lda = out,
+                                 .b = x_ + batch * rows * in,
+                                 .ldb = in,
+                                 .c = dw_,
+                                 .ldc = in,
+                                 .beta = 1.0f};
+    };
+    alloy::gemm(Host{}, args(dy.data(), x.data(), dw.data()));
+    alloy::gemm(Cuda{}, handle, args(d_dy.data(), d_x.data(), d_dw.data()));
+  }
+  expect_close("dW", alloy::to_host(d_dw), dw, dw0, out, in, in, tolerance<TypeParam>());
+}
+
+TYPED_TEST(CudaGemm, RepeatedCallsReuseOneCachedPlan) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  GemmHandle handle;
+  EXPECT_EQ(handle.cached_plans(), 0u);
+  const Case s{.transb = yes, .m = 37, .n = 29, .k = 53, .epilogue = Epilogue::bias};
+  Operands<TypeParam> x(s, rng);
+  DeviceOperands<TypeParam> device(x, Cuda{});
+  for (int call = 0; call < 5; ++call) {
+    x = Operands<TypeParam>(s, rng);  // fresh values in the same buffers
+    device.upload(x);
+    expect_cuda_matches_host(handle, x, device);
+    EXPECT_EQ(handle.cached_plans(), 1u) << "call " << call;
+  }
+  Case other = s;
+  other.epilogue = Epilogue::none;
+  Operands<TypeParam> y(other, rng);
+  DeviceOperands<TypeParam> device_y(y, Cuda{});
+  expect_cuda_matches_host(handle, y, device_y);
+  EXPECT_EQ(handle.cached_plans(), 2u) << "another epilogue is another plan";
+  expect_cuda_matches_host(handle, x, device);
+  EXPECT_EQ(handle.cached_plans(), 2u);
+}
+
+// Views into an arena or a workspace start on 16-byte boundaries, or on any element boundary
+// for an odd-sized view: cuBLASLt must be told, or it assumes 256 bytes. Each alignment is its
+// own plan, so a view at a lesser alignment never reuses an algorithm made for a greater one.
+TYPED_TEST(CudaGemm, OperandsAlignedBelow256BytesMatchHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using T = storage_t<TypeParam>;
+  std::mt19937_64 rng(seed);
+  const std::size_t m = 40, n = 24, k = 32;
+  GemmHandle handle;
+  std::set<std::array<std::uint32_t, 3>> alignments;
+  for (std::size_t offset : {std::size_t(0), 16 / sizeof(T), std::size_t(1)}) {  // 256, 16 and sizeof(T) bytes
+    SCOPED_TRACE("offset " + std::to_string(offset) + " elements");
+    const auto a = random_values<T>(offset + m * k, rng), b = random_values<T>(offset + k * n, rng);
+    std::vector<T> c(offset + m * n, poison<T>());
+    Buffer<T, Cuda> d_a(a.size()), d_b(b.size()), d_c(c.size());
+    alloy::copy_from_host(d_a, std::span<const T>(a));
+    alloy::copy_from_host(d_b, std::span<const T>(b));
+    alloy::copy_from_host(d_c, std::span<const T>(c));
+    const auto args = [&](const T* a_, const T* b_, T* c_) {
+      return GemmArgs<TypeParam>{
+          .m = m, .n = n, .k = k, .a = a_ + offset, .lda = k, .b = b_ + offset, .ldb = n, .c = c_ + offset, .ldc = n};
+    };
+    auto expected = c;
+    alloy::gemm(Host{}, args(a.data(), b.data(), expected.data()));
+    const auto device_args = args(d_a.data(), d_b.data(), d_c.data());
+    alignments.insert({alloy::detail::alignment_of(device_args.a), alloy::detail::alignment_of(device_args.b),
+                       alloy::detail::alignment_of(device_args.c)});
+    try {
+      alloy::gemm(Cuda{}, handle, device_args);
+    } catch (const alloy::cuda_error& e) {
+      ADD_FAILURE() << e.what();
+      continue;
+    }
+    const auto got = alloy::to_host(d_c);
+    if (offset > 0) EXPECT_EQ(bits_of(got[offset - 1]), bits_of(poison<T>())) << "the element before C was written";
+    const std::vector<T> got_c(got.begin() + offset, got.end()), want_c(expected.begin() + offset, expected.end());
+    expect_close("C", got_c, want_c, want_c, m, n, n, tolerance<TypeParam>());
+  }
+  EXPECT_EQ(handle.cached_plans(), alignments.size()) << "one plan per alignment";
+}
+
+TEST(CudaGemmStreams, ProductsRunOnTheCallersStreamInCallOrder) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  cudaStream_t stream = nullptr;
+  ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    GemmHandle handle(Cuda{});
+    const Case s{.transb = yes, .m = 300, .n = 200, .k = 500, .epilogue = Epilogue::bias_gelu_tanh};
+    expect_cuda_matches_host<bf16>(handle, s, seed, Cuda::on(stream));
+    expect_cuda_matches_host<bf16>(handle, s, seed + 1, Cuda{});
+    expect_cuda_matches_host<bf16>(handle, s, seed + 2, Cuda::on(stream));
+    GemmHandle on_stream(Cuda::on(stream));
+    expect_cuda_matches_host<float>(on_stream, s, seed + 3, Cuda::on(stream));
+  }
+  ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+  ALLOY_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const alloy::error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no alloy::error was thrown";
+  return "";
+}
+
+#define EXPECT_MENTIONS(message, text) \
+  EXPECT_NE((message).find(text), std::string::npos) << "message: " << (message) << "\nexpected to mention: " << (text)
+
+TEST(CudaGemmArguments, BadArgumentsThrowBeforeReachingCublasLt) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  Buffer<bf16, Cuda> a(6 * 4), b(4 * 5), c(6 * 5), bias(5);
+  GemmHandle handle;
+  const GemmArgs<bf16> valid{
+      .m = 6, .n = 5, .k = 4, .a = a.data(), .lda = 4, .b = b.data(), .ldb = 5, .c = c.data(), .ldc = 5};
+  auto g = valid;
+  g.lda = 3;
+  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }),
+                  "gemm<bf16>: lda = 3 is less than 4, the row length of a");
+  g = valid;
+  g.transb = yes;  // transposed, B is stored n x k: its rows have k = 4 elements
+  g.ldb = 3;
+  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "ldb = 3 is less than 4");
+  g = valid;
+  g.b = nullptr;
+  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "gemm<bf16>: b is null");
+  g = valid;
+  g.epilogue = Epilogue::bias;
+  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "Epilogue::bias needs bias");
+  EXPECT_EQ(handle.cached_plans(), 0u) << "a rejected call reached cuBLASLt";
+
+  g.bias = bias.data();
+  EXPECT_NO_THROW(alloy::gemm(Cuda{}, handle, g)) << "the handle stays usable after a rejected call";
+  alloy::synchronize(Cuda{});
+  EXPECT_EQ(handle.cached_plans(), 1u);
+}
+
+// gelu_tanh and its backward on the device within the bound activations.hpp states.
+struct GeluBothWays {
+  __host__ __device__ void operator()(const float& x, float& y, float& dx) const {
+    y = alloy::gelu_tanh(x);
+    dx = alloy::gelu_tanh_backward(x, 1.0f);
+  }
+};
+
+TEST(CudaGeluTanh, MatchesHostWithinTheStatedBound) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> wide(0.0f, 4.0f);
+  std::vector<float> x;
+  for (int i = -1600; i <= 1600; ++i) x.push_back(i / 128.0f);
+  for (int i = 0; i < 100000; ++i) x.push_back(wide(rng));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e20f, -1e20f, inf, -inf, std::nanf("")}) x.push_back(v);
+
+  const std::size_t n = x.size();
+  std::vector<float> y(n), dx(n);
+  alloy::for_each_n(Host{}, n, GeluBothWays{}, alloy::in(x.data()), alloy::out(y.data()), alloy::out(dx.data()));
+  Buffer<float, Cuda> d_x(n), d_y(n), d_dx(n);
+  alloy::copy_from_host(d_x, std::span<const float>(x));
+  alloy::for_each_n(Cuda{}, n, GeluBothWays{}, alloy::in(d_x.data()), alloy::out(d_y.data()), alloy::out(d_dx.data()));
+  const auto gy = alloy::to_host(d_y), gdx = alloy::to_host(d_dx);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    if (std::isnan(y[i]) || std::isinf(y[i])) {
+      EXPECT_EQ(alloy::detail::float_bits(gy[i]) & 0x7f800000u, 0x7f800000u) << "x = " << v;
+      EXPECT_EQ(std::isnan(gy[i]), std::isnan(y[i])) << "x = " << v;
+    } else {
+      EXPECT_NEAR(gy[i], y[i], std::ldexp(std::fabs(v), -21)) << "gelu_tanh, x = " << v;
+    }
+    if (std::isnan(dx[i])) {
+      EXPECT_TRUE(std::isnan(gdx[i])) << "x = " << v;
+    } else {
+      EXPECT_NEAR(gdx[i], dx[i], std::ldexp(1.0 + std::fabs(v) * (1.0 + 0.14 * v * v), -21))
+          << "gelu_tanh_backward, x = " << v;
+    }
+  }
+}
+
+}  // namespace
