@@ -296,6 +296,7 @@ TYPED_TEST(CudaGemm, EveryEpilogueMatchesHost) {
     for (bool keep : {false, true}) {
       if (keep && !alloy::detail::applies_gelu(e)) continue;
       for (Transpose ta : {no, yes}) {
+        if (e == Epilogue::bias_grad && ta == no) continue;  // refused by the argument check
         for (Transpose tb : {no, yes}) {
           for (float beta : {0.0f, 1.0f}) {
             expect_cuda_matches_host<TypeParam>(handle,

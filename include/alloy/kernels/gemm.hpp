@@ -53,7 +53,7 @@ enum class Epilogue {
   bias,            // C = v + bias[j]: one bias per output column, i.e. per output feature
   gelu_tanh,       // C = gelu_tanh(v)
   bias_gelu_tanh,  // C = gelu_tanh(v + bias[j])
-  bias_grad,       // C = v, and bias_grad[i] = sum over k of op(A)[i, k] (needs alpha == 1)
+  bias_grad,       // C = v, and bias_grad[i] = sum over k of op(A)[i, k] (needs alpha == 1 and transa == yes)
 };
 
 // The dtypes a matrix product computes in.
@@ -207,6 +207,12 @@ void check_gemm_args(const GemmArgs<Compute>& g) {
       throw error(where + epilogue +
                   " needs alpha = 1 (the bias gradient is the unscaled row sum of op(A)); got alpha = " +
                   std::to_string(g.alpha));
+    }
+    if (g.transa != Transpose::yes) {
+      // cuBLASLt (13.0, H200) fuses the bias gradient only into this layout: NOT_SUPPORTED otherwise.
+      throw error(where + epilogue +
+                  " needs transa = yes: it belongs to the weight-gradient product dW = dy^T x, the only layout "
+                  "cuBLASLt fuses it into");
     }
   } else if (g.bias_grad != nullptr) {
     throw error(where + "bias_grad is set but " + epilogue + " does not write it (use Epilogue::bias_grad)");
