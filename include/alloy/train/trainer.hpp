@@ -13,6 +13,7 @@
 
 #include <alloy/memory/param_store.hpp>
 #include <alloy/optim/step.hpp>
+#include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/policies.hpp>
@@ -158,6 +159,38 @@ class Trainer {
     }
     auto it = batches.begin();
     return step(it);
+  }
+
+  // Writes a checkpoint atomically (see train/checkpoint.hpp).
+  void save(const std::filesystem::path& path) {
+    const auto& s = step_.scale_state();
+    save_checkpoint(path, store_,
+                    {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature());
+  }
+
+  // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
+  // bit-exact: N steps, save, load into a fresh trainer, M steps gives the bytes of N + M steps.
+  // Throws alloy::error and changes nothing when the file is damaged or does not match.
+  void load(const std::filesystem::path& path) {
+    const CheckpointCounters c = load_checkpoint(path, store_, signature());
+    step_.restore(c.scale, c.applied_steps, c.skipped_steps);
+    step_.config().seed = c.seed;
+    config_.seed = c.seed;
+    attempted_ = c.attempted_steps;
+  }
+
+  // What a checkpoint must match: the dtypes, the scaler kind, the optimizer and its state width.
+  static std::string signature() {
+    std::string s = std::string("compute=") + numeric_traits<compute_type>::name +
+                    ";master=" + (precision::has_master ? "fp32" : "none") + ";scaler=" + scaler_type::name +
+                    ";optimizer=" + optimizer_type::name + ";state=";
+    using W = typename optimizer_type::state::width;
+    if constexpr (is_q8_v<W>) {
+      s += "q8/" + std::to_string(W::block);
+    } else {
+      s += numeric_traits<W>::name;
+    }
+    return s;
   }
 
   TrainerMemory memory() const {
