@@ -38,9 +38,9 @@ int train(int steps) {
   const auto mem = trainer.memory();
   std::printf("loss %.5f -> %.5f in %d steps (%.2f ms per step); %llu skipped\n", first.loss, last.loss, steps,
               1e3 * seconds / steps, static_cast<unsigned long long>(last.skipped_steps));
-  std::printf("memory: parameters %zu B, gradients %zu B, master %zu B, optimizer state %zu B, activations peak %zu B\n",
-              mem.arenas.params, mem.arenas.grads, mem.arenas.master, mem.arenas.optimizer_state,
-              mem.activations_peak);
+  std::printf(
+      "memory: parameters %zu B, gradients %zu B, master %zu B, optimizer state %zu B, activations peak %zu B\n",
+      mem.arenas.params, mem.arenas.grads, mem.arenas.master, mem.arenas.optimizer_state, mem.activations_peak);
   return last.loss < 0.5f * first.loss ? 0 : 1;
 }
 

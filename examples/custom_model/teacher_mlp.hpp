@@ -21,7 +21,13 @@ struct Batch {
 class Teacher {
  public:
   Teacher(int inputs, int hidden, int outputs, std::uint64_t seed)
-      : in_(inputs), hid_(hidden), out_(outputs), w1_(hidden * inputs), b1_(hidden), w2_(outputs * hidden), b2_(outputs) {
+      : in_(inputs),
+        hid_(hidden),
+        out_(outputs),
+        w1_(hidden * inputs),
+        b1_(hidden),
+        w2_(outputs * hidden),
+        b2_(outputs) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> d(0.0f, 1.0f);
     for (auto& v : w1_) v = d(rng) / std::sqrt(float(inputs));
@@ -161,15 +167,20 @@ class StudentMlp {
     float* dh = ctx.template allocate<float>(std::size_t(rows) * hid_);
     const float count = float(rows) * float(out_);
     const bool add = ctx.accumulate_grads();
-    alloy::for_each_n(be, std::size_t(rows) * hid_, kernels::Hidden<P>{x, ctx.param(w1_).data, ctx.param(b1_).data, h, in_, hid_});
+    alloy::for_each_n(be, std::size_t(rows) * hid_,
+                      kernels::Hidden<P>{x, ctx.param(w1_).data, ctx.param(b1_).data, h, in_, hid_});
     alloy::for_each_n(be, std::size_t(rows) * out_,
                       kernels::OutputAndError<P>{h, ctx.param(w2_).data, ctx.param(b2_).data, target, dy, sq, hid_,
                                                  out_, ctx.loss_scale() / count});
     alloy::for_each_n(be, std::size_t(rows) * hid_, kernels::HiddenGrad<P>{dy, ctx.param(w2_).data, h, dh, hid_, out_});
-    alloy::for_each_n(be, std::size_t(out_) * hid_, kernels::WeightGrad<G>{dy, h, ctx.grad(w2_).data, rows, out_, hid_, add});
-    alloy::for_each_n(be, std::size_t(out_), kernels::WeightGrad<G>{dy, nullptr, ctx.grad(b2_).data, rows, out_, 1, add});
-    alloy::for_each_n(be, std::size_t(hid_) * in_, kernels::WeightGrad<G>{dh, x, ctx.grad(w1_).data, rows, hid_, in_, add});
-    alloy::for_each_n(be, std::size_t(hid_), kernels::WeightGrad<G>{dh, nullptr, ctx.grad(b1_).data, rows, hid_, 1, add});
+    alloy::for_each_n(be, std::size_t(out_) * hid_,
+                      kernels::WeightGrad<G>{dy, h, ctx.grad(w2_).data, rows, out_, hid_, add});
+    alloy::for_each_n(be, std::size_t(out_),
+                      kernels::WeightGrad<G>{dy, nullptr, ctx.grad(b2_).data, rows, out_, 1, add});
+    alloy::for_each_n(be, std::size_t(hid_) * in_,
+                      kernels::WeightGrad<G>{dh, x, ctx.grad(w1_).data, rows, hid_, in_, add});
+    alloy::for_each_n(be, std::size_t(hid_),
+                      kernels::WeightGrad<G>{dh, nullptr, ctx.grad(b1_).data, rows, hid_, 1, add});
     return alloy::reduce_sum(be, static_cast<const float*>(sq), std::size_t(rows) * out_) / (2.0f * count);
   }
 
@@ -180,7 +191,8 @@ class StudentMlp {
     if constexpr (std::is_same_v<typename Ctx::backend_type, alloy::Host>) {
       std::copy(v.begin(), v.end(), p);
     } else {
-      ALLOY_CUDA_CHECK(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, ctx.backend().stream));
+      ALLOY_CUDA_CHECK(
+          cudaMemcpyAsync(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, ctx.backend().stream));
     }
     return p;
   }

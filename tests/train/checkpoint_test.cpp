@@ -18,8 +18,9 @@ using teacher::StudentMlp;
 
 class TempDir {
  public:
-  TempDir() : path_(std::filesystem::temp_directory_path() / ("alloy_ckpt_" + std::to_string(::getpid()) + "_" +
-                                                              std::to_string(counter()++))) {
+  TempDir()
+      : path_(std::filesystem::temp_directory_path() /
+              ("alloy_ckpt_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++))) {
     std::filesystem::create_directories(path_);
   }
   ~TempDir() { std::filesystem::remove_all(path_); }
@@ -106,7 +107,9 @@ TEST(Checkpoint, IsSafetensorsThatAnIndependentParserReads) {
   ASSERT_LE(8 + header_len, file.size());
   const std::string header = file.substr(8, header_len);
   const std::string data_section = file.substr(8 + header_len);
-  const std::regex entry("\"([^\"]+)\":\\{\"dtype\":\"([A-Z0-9]+)\",\"shape\":\\[([0-9,]*)\\],\"data_offsets\":\\[([0-9]+),([0-9]+)\\]\\}");
+  const std::regex entry(
+      "\"([^\"]+)\":\\{\"dtype\":\"([A-Z0-9]+)\",\"shape\":\\[([0-9,]*)\\],\"data_offsets\":\\[([0-9]+),([0-9]+)\\]"
+      "\\}");
   std::map<std::string, std::tuple<std::string, std::string, std::uint64_t, std::uint64_t>> found;
   for (std::sregex_iterator m(header.begin(), header.end(), entry), end; m != end; ++m) {
     found[(*m)[1]] = {(*m)[2], (*m)[3], std::stoull((*m)[4]), std::stoull((*m)[5])};

@@ -17,8 +17,8 @@ template <class P, int N>
 void lockstep(std::uint64_t seed) {
   using Host_ = Trainer<teacher::StudentMlp, P, Accumulate<N>, AdamW<>, Host>;
   using Cuda_ = Trainer<teacher::StudentMlp, P, Accumulate<N>, AdamW<>, Cuda>;
-  const typename Host_::Config config{.schedule = LrSchedule::warmup_cosine(3e-3f, 5, 60), .max_grad_norm = 1.0f,
-                                      .seed = seed};
+  const typename Host_::Config config{
+      .schedule = LrSchedule::warmup_cosine(3e-3f, 5, 60), .max_grad_norm = 1.0f, .seed = seed};
   Host_ host(teacher::StudentMlp(16, 32, 4), config);
   Cuda_ gpu(teacher::StudentMlp(16, 32, 4), {config.optimizer, config.scaler, config.schedule, config.max_grad_norm,
                                              config.param_rounding, config.seed});

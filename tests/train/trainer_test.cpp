@@ -35,9 +35,10 @@ std::pair<float, std::vector<StepReport>> train(std::uint64_t seed, int steps, i
   using Tr = Trainer<StudentMlp, P, Accumulate<N>, AdamW<>, Host>;
   const teacher::Teacher t(in, hid, out, seed);
   std::mt19937_64 rng(seed + 1);
-  Tr trainer(StudentMlp(in, hid, out),
-             {.optimizer = {.weight_decay = 0.0f}, .schedule = LrSchedule::warmup_cosine(3e-3f, 10, steps),
-              .max_grad_norm = 1.0f, .seed = seed});
+  Tr trainer(StudentMlp(in, hid, out), {.optimizer = {.weight_decay = 0.0f},
+                                        .schedule = LrSchedule::warmup_cosine(3e-3f, 10, steps),
+                                        .max_grad_norm = 1.0f,
+                                        .seed = seed});
   std::vector<StepReport> reports;
   for (int s = 0; s < steps; ++s) {
     Batch b = t.batch(rows, rng);
@@ -165,6 +166,19 @@ TEST(Workspace, BumpAllocatesAlignedAndMergesToThePeak) {
   EXPECT_EQ(ws.reserved_bytes(), 256u + 8192u);  // merged into one block of the peak
   ws.allocate<char>(8000);
   EXPECT_EQ(ws.reserved_bytes(), 256u + 8192u);  // fits: no new block
+}
+
+TEST(Workspace, ReleaseFreesWhatWasAllocatedAfterTheMark) {
+  Workspace<Host> ws;
+  auto* a = ws.allocate<float>(100);
+  const auto m = ws.mark();
+  auto* b = ws.allocate<float>(1000);
+  ws.release(m);
+  EXPECT_EQ(ws.bytes_in_use(), 512u);
+  auto* c = ws.allocate<float>(1000);
+  EXPECT_EQ(c, b) << "released memory is reused";
+  EXPECT_NE(a, c);
+  EXPECT_EQ(ws.peak_bytes(), 512u + 4096u);
 }
 
 }  // namespace

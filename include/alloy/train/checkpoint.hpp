@@ -27,9 +27,12 @@ namespace alloy {
 
 template <class T>
 constexpr SafetensorsDtype safetensors_dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return SafetensorsDtype::f32;
-  else if constexpr (std::is_same_v<T, bf16>) return SafetensorsDtype::bf16;
-  else if constexpr (std::is_same_v<T, fp16>) return SafetensorsDtype::f16;
+  if constexpr (std::is_same_v<T, float>)
+    return SafetensorsDtype::f32;
+  else if constexpr (std::is_same_v<T, bf16>)
+    return SafetensorsDtype::bf16;
+  else if constexpr (std::is_same_v<T, fp16>)
+    return SafetensorsDtype::f16;
   else {
     static_assert(std::is_same_v<T, std::uint8_t>, "safetensors_dtype_of: no safetensors dtype for this type");
     return SafetensorsDtype::u8;
@@ -93,8 +96,8 @@ std::span<const std::byte> bytes_of(const T* p, std::size_t n) {
 
 // A tensor's bytes from an arena on either backend: a span on Host, chunked copies on Cuda.
 template <class T, backend B>
-std::variant<std::span<const std::byte>, TensorChunkSource> arena_bytes(const Buffer<T, B>& arena,
-                                                                        std::size_t offset, std::size_t n) {
+std::variant<std::span<const std::byte>, TensorChunkSource> arena_bytes(const Buffer<T, B>& arena, std::size_t offset,
+                                                                        std::size_t n) {
   const T* p = arena.data() + offset;
   if constexpr (std::is_same_v<B, Host>) {
     return bytes_of(p, n);
@@ -138,12 +141,16 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
   for (int k = 0; k < Store::slots; ++k) {
     auto& arena = store.state_arena(k);
     auto& list = sizeof(State) == 4 ? f32 : (sizeof(State) == 2 ? narrow : bytes);
-    list.push_back({"alloy/state/" + std::to_string(k), safetensors_dtype_of<State>(),
-                    {static_cast<std::int64_t>(arena.size())}, detail::arena_bytes(arena, 0, arena.size())});
+    list.push_back({"alloy/state/" + std::to_string(k),
+                    safetensors_dtype_of<State>(),
+                    {static_cast<std::int64_t>(arena.size())},
+                    detail::arena_bytes(arena, 0, arena.size())});
     if constexpr (Store::state_policy::quantized) {
       auto& scales = store.state_scale_arena(k);
-      f32.push_back({"alloy/state_scale/" + std::to_string(k), SafetensorsDtype::f32,
-                     {static_cast<std::int64_t>(scales.size())}, detail::arena_bytes(scales, 0, scales.size())});
+      f32.push_back({"alloy/state_scale/" + std::to_string(k),
+                     SafetensorsDtype::f32,
+                     {static_cast<std::int64_t>(scales.size())},
+                     detail::arena_bytes(scales, 0, scales.size())});
     }
   }
   std::vector<TensorToWrite> all;

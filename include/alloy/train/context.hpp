@@ -4,6 +4,7 @@
 #pragma once
 
 #include <alloy/memory/param_store.hpp>
+#include <alloy/train/resources.hpp>
 #include <alloy/train/workspace.hpp>
 
 namespace alloy {
@@ -14,11 +15,15 @@ class Context {
   using param_type = typename Store::param_type;
   using grad_type = typename Store::grad_type;
   using backend_type = typename Store::backend_type;
+  using compute_type = typename Store::precision::compute_type;  // tf32 for float storage with tf32 math
 
   Context(Store& store, Workspace<backend_type>& workspace, float loss_scale, bool accumulate, int micro_batch,
-          int micro_batches, std::uint64_t step)
+          int micro_batches, std::uint64_t step, int checkpoint_every = 0,
+          BackendResources<backend_type>* resources = nullptr)
       : store_(store),
         workspace_(workspace),
+        resources_(resources),
+        checkpoint_every_(checkpoint_every),
         loss_scale_(loss_scale),
         accumulate_(accumulate),
         micro_batch_(micro_batch),
@@ -43,6 +48,15 @@ class Context {
     return workspace_.template allocate<T>(n);
   }
 
+  // Activation recomputation: keep every k-th block's input and recompute the rest inside
+  // backward (alloy::nn::Repeated does); 0 keeps everything.
+  int checkpoint_every() const noexcept { return checkpoint_every_; }
+  // The trainer's per-backend objects (the cuBLASLt handle on Cuda).
+  BackendResources<backend_type>& resources() const {
+    if (!resources_) throw error("Context::resources: this context was made without backend resources");
+    return *resources_;
+  }
+
   int micro_batch() const noexcept { return micro_batch_; }
   int micro_batches() const noexcept { return micro_batches_; }
   std::uint64_t step() const noexcept { return step_; }  // optimizer steps attempted before this one
@@ -50,6 +64,8 @@ class Context {
  private:
   Store& store_;
   Workspace<backend_type>& workspace_;
+  BackendResources<backend_type>* resources_;
+  int checkpoint_every_;
   float loss_scale_;
   bool accumulate_;
   int micro_batch_, micro_batches_;

@@ -100,6 +100,9 @@ class Trainer {
     float max_grad_norm = 0.0f;  // 0: no clipping
     Rounding param_rounding = Rounding::nearest_even;
     std::uint64_t seed = 0;  // initialization and stochastic rounding
+    // Micro-batches per step at run time; 0 takes Accumulate<N>'s N. With a 16-bit compute
+    // dtype and Accumulate<1> there is no fp32 accumulator, so more than one is refused.
+    int micro_batches = 0;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {})
@@ -108,12 +111,23 @@ class Trainer {
         be_(be),
         store_(declared(model_), be, config.seed, &tracker_),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
-        workspace_(be, &tracker_) {}
+        workspace_(be, &tracker_),
+        resources_(be),
+        micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
+    if (micro_batches_ < 1) {
+      throw error("Trainer: micro_batches = " + std::to_string(config.micro_batches) + "; at least one per step");
+    }
+    if (micro_batches_ > 1 && !store_type::has_accumulator && numeric_traits<compute_type>::bytes < 4) {
+      throw error("Trainer: " + std::to_string(micro_batches_) + " micro-batches with " +
+                  numeric_traits<compute_type>::name + " gradients and no fp32 accumulator would sum them in " +
+                  numeric_traits<compute_type>::name + "; use Accumulate<N> with N > 1");
+    }
+  }
 
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
-  // One optimizer step over accumulation_steps micro-batches. `source` is a callable returning
+  // One optimizer step over micro_batches() micro-batches. `source` is a callable returning
   // a batch_type, or an input iterator (advanced once per micro-batch).
   template <class Source>
   StepReport step(Source&& source) {
@@ -121,11 +135,11 @@ class Trainer {
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
     double loss_sum = 0.0;
-    for (int mb = 0; mb < accumulation_steps; ++mb) {
+    for (int mb = 0; mb < micro_batches_; ++mb) {
       workspace_.reset();
       const bool in_place = !store_type::has_accumulator && mb > 0;
-      context_type ctx(store_, workspace_, scale / static_cast<float>(accumulation_steps), in_place, mb,
-                       accumulation_steps, attempted_);
+      context_type ctx(store_, workspace_, scale / static_cast<float>(micro_batches_), in_place, mb, micro_batches_,
+                       attempted_, policies::checkpointing::every, &resources_);
       loss_sum += static_cast<double>(model_.forward_backward(ctx, next_batch(source)));
       if constexpr (store_type::has_accumulator) {
         using G = typename store_type::grad_type;
@@ -138,7 +152,7 @@ class Trainer {
     ++attempted_;
     synchronize(be_);
     StepReport r;
-    r.loss = static_cast<float>(loss_sum / accumulation_steps);
+    r.loss = static_cast<float>(loss_sum / micro_batches_);
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
@@ -151,11 +165,11 @@ class Trainer {
     return r;
   }
 
-  // Exactly accumulation_steps batches.
+  // Exactly micro_batches() batches.
   StepReport step(std::span<const typename M::batch_type> batches) {
-    if (batches.size() != static_cast<std::size_t>(accumulation_steps)) {
+    if (batches.size() != static_cast<std::size_t>(micro_batches_)) {
       throw error("Trainer::step: " + std::to_string(batches.size()) + " batches given, the trainer accumulates " +
-                  std::to_string(accumulation_steps));
+                  std::to_string(micro_batches_));
     }
     auto it = batches.begin();
     return step(it);
@@ -164,8 +178,7 @@ class Trainer {
   // Writes a checkpoint atomically (see train/checkpoint.hpp).
   void save(const std::filesystem::path& path) {
     const auto& s = step_.scale_state();
-    save_checkpoint(path, store_,
-                    {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature());
+    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature());
   }
 
   // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
@@ -202,6 +215,7 @@ class Trainer {
   step_type& optimizer() noexcept { return step_; }
   const Config& config() const noexcept { return config_; }
   std::uint64_t steps() const noexcept { return attempted_; }
+  int micro_batches() const noexcept { return micro_batches_; }
   float loss_scale() const noexcept { return step_.loss_scale(); }
 
  private:
@@ -230,6 +244,8 @@ class Trainer {
   store_type store_;
   step_type step_;
   Workspace<backend_type> workspace_;
+  BackendResources<backend_type> resources_;
+  int micro_batches_;
   std::uint64_t attempted_ = 0;
 };
 

@@ -1,12 +1,14 @@
-// Workspace<B>: the per-micro-batch activation arena. Bump allocation, reset at the start of
-// every micro-batch, so the activation peak is measured exactly. When a micro-batch needs more
-// than the current block, a new block is added; at the next reset the blocks are merged into
-// one of the peak size, so steady state is one allocation and no frees.
+// Workspace<B>: the per-micro-batch activation arena. Stack allocation: allocate() bumps, reset()
+// at the start of every micro-batch forgets everything, and release(mark) frees what was
+// allocated after mark() (activation recomputation frees a segment's activations this way). The
+// peak is measured exactly. When the current block is full a new block is added; at the next
+// reset the blocks are merged into one of the peak size, so steady state is one allocation and
+// no frees. Reuse is safe on Cuda because all of a micro-batch's work is ordered on one stream.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
 
-#include <string>
+#include <algorithm>
 #include <vector>
 
 namespace alloy {
@@ -14,36 +16,52 @@ namespace alloy {
 template <backend B>
 class Workspace {
  public:
+  struct Mark {
+    std::size_t block = 0;   // index of the current block
+    std::size_t offset = 0;  // bytes used in it
+    std::size_t used = 0;    // bytes in use in all
+  };
+
   explicit Workspace(B be = {}, MemoryTracker* tracker = nullptr) : be_(be), tracker_(tracker) {}
 
-  // n uninitialized elements of T, 256-byte aligned, valid until the next reset().
+  // n uninitialized elements of T, 256-byte aligned, valid until reset() or a release() past them.
   template <class T>
   T* allocate(std::size_t n) {
-    const std::size_t bytes = (n * sizeof(T) + alignment - 1) / alignment * alignment;
-    if (blocks_.empty() || used_in_block_ + bytes > blocks_.back().size()) {
+    const std::size_t bytes = std::max<std::size_t>(alignment, (n * sizeof(T) + alignment - 1) / alignment * alignment);
+    while (top_.block < blocks_.size() && top_.offset + bytes > blocks_[top_.block].size()) {
+      // The rest of this block is skipped (and counted as used, so marks stay exact).
+      top_.used += blocks_[top_.block].size() - top_.offset;
+      ++top_.block;
+      top_.offset = 0;
+    }
+    if (top_.block == blocks_.size()) {
       const std::size_t last = blocks_.empty() ? 0 : blocks_.back().size();
       blocks_.emplace_back(std::max(bytes, 2 * last), be_, tracker_);
-      used_in_block_ = 0;
     }
-    std::byte* p = blocks_.back().data() + used_in_block_;
-    used_in_block_ += bytes;
-    used_ += bytes;
-    peak_ = std::max(peak_, used_);
+    std::byte* p = blocks_[top_.block].data() + top_.offset;
+    top_.offset += bytes;
+    top_.used += bytes;
+    peak_ = std::max(peak_, top_.used);
     return reinterpret_cast<T*>(p);
   }
 
-  // Forgets every allocation (call between micro-batches, after their work is ordered).
+  Mark mark() const noexcept { return top_; }
+  void release(const Mark& m) noexcept { top_ = m; }
+
+  // Forgets every allocation (call between micro-batches).
   void reset() {
     if (blocks_.size() > 1) {
+      std::size_t total = 0;
+      for (const auto& b : blocks_) total += b.size();
       blocks_.clear();
-      blocks_.emplace_back(peak_, be_, tracker_);
+      blocks_.emplace_back(std::max(peak_, total), be_, tracker_);
     }
-    used_ = 0;
-    used_in_block_ = 0;
+    top_ = {};
   }
 
-  std::size_t bytes_in_use() const noexcept { return used_; }
+  std::size_t bytes_in_use() const noexcept { return top_.used; }
   std::size_t peak_bytes() const noexcept { return peak_; }
+  void reset_peak() noexcept { peak_ = top_.used; }
   std::size_t reserved_bytes() const noexcept {
     std::size_t total = 0;
     for (const auto& b : blocks_) total += b.size();
@@ -56,8 +74,7 @@ class Workspace {
   B be_;
   MemoryTracker* tracker_;
   std::vector<Buffer<std::byte, B>> blocks_;
-  std::size_t used_ = 0;
-  std::size_t used_in_block_ = 0;
+  Mark top_{};
   std::size_t peak_ = 0;
 };
 

@@ -1,0 +1,15 @@
+// The MLP example's tf32 trainers (Host and, under nvcc, Cuda).
+#include "run_mlp.hpp"
+
+namespace mlp {
+
+int run_tf32(const Options& o, const Shape& s, bool gpu) {
+  using P = alloy::Precision<alloy::tf32>;
+#if ALLOY_HAS_CUDA_KERNELS
+  if (gpu) return with_checkpointing<alloy::Cuda, P>(o, s);
+#endif
+  (void)gpu;
+  return with_checkpointing<alloy::Host, P>(o, s);
+}
+
+}  // namespace mlp

@@ -1,0 +1,107 @@
+// The residual MLP of ../shared/PEERS.md, built from alloy::nn layers:
+//   Linear(in, d); n blocks of x + Linear(4d, d)(GELU(Linear(d, 4d)(LayerNorm(x))));
+//   LayerNorm; Linear(d, classes); softmax cross-entropy.
+// Its synthetic task: labels from a fixed random "teacher" (argmax of tanh(x A) B), so there is
+// something to learn and the loss must go down.
+#pragma once
+
+#include <alloy/alloy.hpp>
+#include <alloy/nn/nn.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace mlp {
+
+struct Shape {
+  std::size_t inputs = 64, width = 64, blocks = 2, classes = 10, rows = 256;
+};
+
+struct Batch {
+  std::vector<float> x;             // rows x inputs
+  std::vector<std::int32_t> label;  // rows
+};
+
+class TeacherTask {
+ public:
+  TeacherTask(const Shape& s, std::uint64_t seed) : s_(s), hidden_(2 * s.classes) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    a_.resize(s.inputs * hidden_);
+    b_.resize(hidden_ * s.classes);
+    for (auto& v : a_) v = d(rng) / std::sqrt(float(s.inputs));
+    for (auto& v : b_) v = d(rng);
+  }
+
+  Batch batch(std::mt19937_64& rng) const {
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    Batch b{std::vector<float>(s_.rows * s_.inputs), std::vector<std::int32_t>(s_.rows)};
+    for (auto& v : b.x) v = d(rng);
+    std::vector<float> h(hidden_), logits(s_.classes);
+    for (std::size_t r = 0; r < s_.rows; ++r) {
+      for (std::size_t j = 0; j < hidden_; ++j) {
+        float acc = 0;
+        for (std::size_t i = 0; i < s_.inputs; ++i) acc += b.x[r * s_.inputs + i] * a_[i * hidden_ + j];
+        h[j] = std::tanh(acc);
+      }
+      std::size_t best = 0;
+      for (std::size_t c = 0; c < s_.classes; ++c) {
+        float acc = 0;
+        for (std::size_t j = 0; j < hidden_; ++j) acc += h[j] * b_[j * s_.classes + c];
+        logits[c] = acc;
+        if (logits[c] > logits[best]) best = c;
+      }
+      b.label[r] = static_cast<std::int32_t>(best);
+    }
+    return b;
+  }
+
+ private:
+  Shape s_;
+  std::size_t hidden_;
+  std::vector<float> a_, b_;
+};
+
+namespace nn = alloy::nn;
+using Block = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, nn::Gelu, nn::Linear>>;
+using Network = nn::Sequential<nn::Linear, nn::Repeated<Block>, nn::LayerNorm, nn::Linear>;
+
+inline Network network(const Shape& s) {
+  std::vector<Block> blocks;
+  for (std::size_t b = 0; b < s.blocks; ++b) {
+    const std::string p = "blocks." + std::to_string(b) + ".";
+    blocks.emplace_back(nn::Sequential(nn::LayerNorm(p + "norm", s.width), nn::Linear(p + "up", s.width, 4 * s.width),
+                                       nn::Gelu{}, nn::Linear(p + "down", 4 * s.width, s.width)));
+  }
+  return Network(nn::Linear("embed", s.inputs, s.width), nn::Repeated<Block>(std::move(blocks)),
+                 nn::LayerNorm("final_norm", s.width), nn::Linear("head", s.width, s.classes));
+}
+
+// A LayeredModel: Checkpointing recomputes the residual blocks.
+class ResidualMlp {
+ public:
+  using batch_type = Batch;
+
+  explicit ResidualMlp(const Shape& s) : shape_(s), net_(network(s)) {}
+
+  void declare(alloy::ParamRegistry& r) { net_.declare(r); }
+  Network& layers() noexcept { return net_; }
+
+  template <class Ctx>
+  float forward_backward(Ctx& ctx, const Batch& b) {
+    const auto x = nn::upload_features(ctx, b.x, shape_.inputs);
+    const auto* targets = nn::upload_targets(ctx, b.label, shape_.classes);
+    const auto logits = net_.forward(ctx, x);
+    const auto [loss, dlogits] = loss_.forward_backward(ctx, logits, targets);
+    net_.backward(ctx, dlogits);
+    return loss;
+  }
+
+ private:
+  Shape shape_;
+  Network net_;
+  nn::SoftmaxCrossEntropy loss_;
+};
+
+}  // namespace mlp

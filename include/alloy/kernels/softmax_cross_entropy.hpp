@@ -1,0 +1,227 @@
+// Softmax cross-entropy over the rows of logits [rows, classes] (T: float, bf16 or fp16) with
+// int32 targets, in fp32, and its fused backward:
+//   row_loss[r] = logsumexp(x) - x[t] = log(sum_c exp(x_c - max)) + (max - x[t])
+//   dlogits[r, c] = (softmax(x)_c - [c == t]) * grad_scale,  softmax(x)_c = exp(x_c - max) / sum
+// with x the row, t = targets[r]. The loss is written as log(sum) + (max - x[t]), two terms >= 0,
+// so nothing cancels, and max is subtracted before exp, so logits of any finite size are safe.
+// A NaN logit makes its row's loss and gradient NaN; so does +infinity (as in PyTorch); -infinity
+// is a logit of probability 0, and a row of them all has a NaN loss.
+//
+// A target outside [0, classes) gives row_loss = NaN and a NaN dlogits row: device code cannot
+// throw, so the caller validates targets on the host when it needs an error.
+//
+// One pass finds the maximum and the sum together: each thread keeps (max, sum of exp(x - max))
+// over its elements, rescaling its sum when a vector raises its maximum; the threads' pairs are
+// then combined in a fixed order. A second pass writes dlogits. Both backends run the same
+// per-thread code and the same combination order (the Host replays a block of 256 threads), and
+// differ only in their expf/logf, so results are deterministic for given inputs and alignment.
+#pragma once
+
+#include <alloy/backend/reduce_ops.hpp>
+#include <alloy/backend/tags.hpp>
+#include <alloy/error.hpp>
+#include <alloy/kernels/detail/rows.hpp>
+#include <alloy/numeric/fp_ops.hpp>
+#include <alloy/numeric/rounding.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+namespace alloy {
+
+namespace detail {
+
+inline constexpr int softmax_block = 256;  // threads sharing one row
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float exp_of(float x) {
+#if ALLOY_DEVICE_CODE
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float log_of(float x) {
+#if ALLOY_DEVICE_CODE
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
+inline constexpr float negative_infinity = float_from_bits(0xff800000u);
+inline constexpr float quiet_nan = float_from_bits(0x7fc00000u);
+
+// A running maximum and the sum of exp(x - max) over the elements seen so far.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE constexpr MaxSum empty_max_sum() { return {negative_infinity, 0.0f}; }
+
+// s.sum expressed relative to a maximum m >= s.max.
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float rescaled_sum(MaxSum s, float m) {
+  return s.max == m ? s.sum : fp::mul(s.sum, exp_of(fp::sub(s.max, m)));
+}
+
+// Combines two threads' pairs. Commutative bit for bit in `sum` (the two rescaled sums are
+// added), as the warp butterfly needs.
+struct CombineMaxSum {
+  ALLOY_HOST_DEVICE MaxSum operator()(MaxSum a, MaxSum b) const {
+    const float m = Max{}(a.max, b.max);
+    if (m == negative_infinity) return {m, 0.0f};  // nothing but -infinity yet: -inf - -inf would be NaN
+    return {m, fp::add(rescaled_sum(a, m), rescaled_sum(b, m))};
+  }
+};
+
+// Thread `thread` of `threads`: (max, sum of exp(x - max)) over its share of the row.
+template <class T>
+ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, std::size_t thread,
+                                                std::size_t threads) {
+  MaxSum acc = empty_max_sum();
+  for_each_run<row_vector_lanes<T>>(s, thread, threads, [&](auto run, std::size_t first) {
+    constexpr int W = decltype(run)::value;
+    T v[W];
+    load_run<W>(x + first, v);
+    float m = acc.max;
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
+    if (m == negative_infinity) return;
+    float sum = rescaled_sum(acc, m);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) sum = fp::add(sum, exp_of(fp::sub(to_float(v[l]), m)));
+    acc = {m, sum};
+  });
+  return acc;
+}
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float cross_entropy_loss(MaxSum total, float target_logit) {
+  return fp::add(log_of(total.sum), fp::sub(total.max, target_logit));
+}
+
+// Thread `thread` of `threads` writes its share of dlogits = (softmax - onehot(target)) * grad_scale.
+template <class T>
+ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T* dx, MaxSum total, std::size_t target,
+                                               float grad_scale, std::size_t thread, std::size_t threads) {
+  const float inv_sum = fp::div(1.0f, total.sum);
+  for_each_run<row_vector_lanes<T>>(s, thread, threads, [&](auto run, std::size_t first) {
+    constexpr int W = decltype(run)::value;
+    T v[W], d[W];
+    load_run<W>(x + first, v);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) {
+      const float p = fp::mul(exp_of(fp::sub(to_float(v[l]), total.max)), inv_sum);
+      const float onehot = first + l == target ? 1.0f : 0.0f;
+      d[l] = round_nearest<T>(fp::mul(fp::sub(p, onehot), grad_scale));
+    }
+    store_run<W>(dx + first, d);
+  });
+}
+
+template <class T>
+struct SoftmaxCrossEntropy {
+  const T* logits;
+  const std::int32_t* targets;
+  std::size_t rows;
+  std::size_t classes;
+  float* row_loss;
+  T* dlogits;  // may be null: loss only
+  float grad_scale;
+  bool vectorized;
+};
+
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool valid_target(std::int32_t t, std::size_t classes) {
+  return t >= 0 && static_cast<std::size_t>(t) < classes;
+}
+
+// The Host reference: plain loops replaying a 256-thread block per row.
+template <class T>
+void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
+  for (std::size_t r = 0; r < a.rows; ++r) {
+    const T* x = a.logits + r * a.classes;
+    T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
+    const std::int32_t t = a.targets[r];
+    if (!valid_target(t, a.classes)) {
+      a.row_loss[r] = quiet_nan;
+      if (dx) {
+        for (std::size_t c = 0; c < a.classes; ++c) dx[c] = round_nearest<T>(quiet_nan);
+      }
+      continue;
+    }
+    const RowSplit s = split_row(x, a.classes, a.vectorized);
+    MaxSum threads[softmax_block];
+    for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
+    const MaxSum total = block_replay(threads, CombineMaxSum{});
+    a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
+    if (dx) softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, 0, 1);
+  }
+}
+
+#if ALLOY_HAS_CUDA_KERNELS
+
+// A block per row. Per element: reads the logit twice (the second time from L2 when the row was
+// too large for L1) and, with dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and
+// writes the loss (4 bytes).
+template <class T>
+__global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(SoftmaxCrossEntropy<T> a) {
+  __shared__ MaxSum warp_totals[softmax_block / warp_size];
+  for (std::size_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    const T* x = a.logits + r * a.classes;
+    T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
+    const std::int32_t t = a.targets[r];
+    if (!valid_target(t, a.classes)) {  // the same for the whole block
+      if (threadIdx.x == 0) a.row_loss[r] = quiet_nan;
+      if (dx) {
+        for (std::size_t c = threadIdx.x; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(quiet_nan);
+      }
+      continue;
+    }
+    const RowSplit s = split_row(x, a.classes, a.vectorized);
+    const MaxSum total = block_allreduce<softmax_block>(softmax_thread_max_sum(s, x, threadIdx.x, softmax_block),
+                                                        CombineMaxSum{}, warp_totals);
+    if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
+    if (dx)
+      softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, threadIdx.x, softmax_block);
+    __syncthreads();  // warp_totals is read by every thread before the next row writes it
+  }
+}
+
+template <class T>
+void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
+  if (a.rows == 0) return;
+  constexpr std::size_t max_grid = std::size_t(1) << 20;  // the kernel strides over rows beyond
+  const int grid = static_cast<int>(a.rows < max_grid ? a.rows : max_grid);
+  softmax_cross_entropy_kernel<<<grid, softmax_block, 0, be.stream>>>(a);
+  ALLOY_CUDA_CHECK_LAUNCH();
+}
+
+#endif  // ALLOY_HAS_CUDA_KERNELS
+
+}  // namespace detail
+
+// row_loss[r] (fp32) for each of `rows` rows of `classes` logits and, when dlogits is not null,
+// dlogits = (softmax - onehot(target)) * grad_scale in T. grad_scale is what the caller wants the
+// gradient multiplied by (loss_scale / rows for a mean loss). Reduce row_loss with
+// alloy::reduce_sum. On Cuda: device pointers, ordered on be.stream.
+template <class T, class B>
+void softmax_cross_entropy(B be, const T* logits, const std::int32_t* targets, std::size_t rows, std::size_t classes,
+                           float* row_loss, T* dlogits, float grad_scale) {
+  static_assert(backend<B>, "softmax_cross_entropy: B must be alloy::Host or alloy::Cuda");
+  static_assert(detail::row_dtype<T>, "softmax_cross_entropy<T>: T must be float, bf16 or fp16");
+  static_assert(detail::has_row_kernels<B>,
+                "softmax_cross_entropy on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
+  if (classes == 0) throw error("softmax_cross_entropy: classes must be positive");
+  if (rows == 0) return;
+  if (!logits || !targets || !row_loss)
+    throw error("softmax_cross_entropy: logits, targets and row_loss must not be null");
+  // Rows are split at the logits' 16-byte boundaries; dlogits follows the same split.
+  const bool vectorized = dlogits ? detail::same_alignment(logits, dlogits) : true;
+  const detail::SoftmaxCrossEntropy<T> a{logits, targets, rows, classes, row_loss, dlogits, grad_scale, vectorized};
+  detail::softmax_cross_entropy_on(be, a);
+}
+
+}  // namespace alloy

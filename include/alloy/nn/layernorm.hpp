@@ -1,0 +1,57 @@
+// LayerNorm over the features of each row, with learnable scale (ones) and shift (zeros),
+// neither weight-decayed; statistics in fp32.
+#pragma once
+
+#include <alloy/kernels/layernorm.hpp>
+#include <alloy/memory/registry.hpp>
+#include <alloy/nn/activation.hpp>
+
+namespace alloy::nn {
+
+class LayerNorm {
+ public:
+  LayerNorm(std::string name, std::size_t features, float eps = 1e-5f)
+      : name_(std::move(name)), features_(features), eps_(eps) {}
+
+  void declare(ParamRegistry& r) {
+    gamma_ = r.declare(name_ + ".weight", {std::int64_t(features_)}, Init::ones(), {.weight_decay = false});
+    beta_ = r.declare(name_ + ".bias", {std::int64_t(features_)}, Init::zeros(), {.weight_decay = false});
+  }
+  std::size_t out_features(std::size_t) const noexcept { return features_; }
+
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
+    detail::check_width("LayerNorm", name_, features_, x.cols);
+    x_ = x.data;
+    rows_ = x.rows;
+    mean_ = ctx.template allocate<float>(x.rows);
+    rstd_ = ctx.template allocate<float>(x.rows);
+    auto y = detail::allocate(ctx, x.rows, x.cols);
+    layernorm_forward(ctx.backend(), x.data, ctx.param(gamma_).data, ctx.param(beta_).data, y.data, mean_, rstd_,
+                      x.rows, x.cols, eps_);
+    return y;
+  }
+
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
+    using T = detail::value_t<Ctx>;
+    auto dx = detail::allocate(ctx, dy.rows, dy.cols);
+    float* scratch = ctx.template allocate<float>(layernorm_backward_scratch_floats(dy.rows, dy.cols) + 1);
+    layernorm_backward(ctx.backend(), dy.data, static_cast<const T*>(x_), ctx.param(gamma_).data,
+                       static_cast<const float*>(mean_), static_cast<const float*>(rstd_), dx.data,
+                       ctx.grad(gamma_).data, ctx.grad(beta_).data, dy.rows, dy.cols, ctx.accumulate_grads(), scratch);
+    return dx;
+  }
+
+ private:
+  std::string name_;
+  std::size_t features_;
+  float eps_;
+  ParamHandle gamma_, beta_;
+  const void* x_ = nullptr;
+  std::size_t rows_ = 0;
+  float* mean_ = nullptr;
+  float* rstd_ = nullptr;
+};
+
+}  // namespace alloy::nn

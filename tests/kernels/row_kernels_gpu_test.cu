@@ -1,0 +1,530 @@
+// LayerNorm and softmax cross-entropy on Cuda against the Host backend on the same fresh random
+// inputs, placed at the same offsets from 256-byte-aligned buffers so both split rows alike.
+// Tolerances, per element, with `scale` the magnitude the element's fp32 rounding errors scale
+// with (stated beside each comparison):
+//   |cuda - host| <= 2 ulp of the output dtype at |host| + 1e-5 * scale.
+// For fp32 outputs that is about 1e-5 relative; for bf16 and fp16 outputs, two units in the last
+// place. The two backends run the same fp32 operations in the same order; they differ only where
+// the device's expf and logf (within 2 ulp) differ from the host's, which only the softmax uses.
+// Every Cuda output must also be bit-for-bit the same over two runs.
+#include "../support/test_support.hpp"
+
+#include <alloy/backend/buffer.hpp>
+#include <alloy/kernels/layernorm.hpp>
+#include <alloy/kernels/softmax_cross_entropy.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using alloy::bf16;
+using alloy::Buffer;
+using alloy::Cuda;
+using alloy::fp16;
+using alloy::Host;
+
+constexpr double tolerance = 1e-5;
+
+template <class T>
+std::uint32_t bits_of(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return alloy::detail::float_bits(x);
+  } else if constexpr (std::is_integral_v<T>) {
+    return static_cast<std::uint32_t>(x);
+  } else {
+    return x.bits();
+  }
+}
+
+// A value no kernel writes (a NaN with an odd payload): an element still holding it was never written.
+template <class T>
+T poison() {
+  if constexpr (std::is_same_v<T, float>) {
+    return alloy::detail::float_from_bits(0x7fa5a5a5u);
+  } else if constexpr (std::is_integral_v<T>) {
+    return T(-12345);
+  } else {
+    return T::from_bits(0x7fa5);
+  }
+}
+
+template <class T>
+double value(T x) {
+  return alloy::to_float(x);
+}
+
+// The spacing of T's values at magnitude v (subnormal spacing below the normal range).
+template <class T>
+double ulp(double v) {
+  const int min_exponent = std::is_same_v<T, fp16> ? -14 : -126;
+  const int exponent = v == 0 ? min_exponent : std::max(std::ilogb(v), min_exponent);
+  return std::ldexp(1.0, exponent - alloy::numeric_traits<T>::mantissa_bits);
+}
+
+template <class T>
+std::vector<T> normal(std::size_t n, double mean, double stddev, std::mt19937_64& rng) {
+  std::normal_distribution<double> d(mean, stddev);
+  std::vector<T> v(n);
+  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
+  return v;
+}
+
+template <class T>
+std::vector<T> uniform(std::size_t n, double lo, double hi, std::mt19937_64& rng) {
+  std::uniform_real_distribution<double> d(lo, hi);
+  std::vector<T> v(n);
+  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
+  return v;
+}
+
+// One array on both backends: `offset` poisoned elements, the values, one poisoned element, in a
+// host buffer and a device buffer that are both 256-byte aligned.
+template <class T>
+class Twin {
+ public:
+  Twin(const std::vector<T>& values, std::size_t offset, Cuda be = {})
+      : offset_(offset), size_(values.size()), host_(offset + values.size() + 1), device_(host_.size(), be) {
+    std::fill(host_.data(), host_.data() + host_.size(), poison<T>());
+    std::copy(values.begin(), values.end(), host_.data() + offset);
+    alloy::copy_from_host(device_, std::span<const T>(host_.span()));
+  }
+  T* host() { return host_.data() + offset_; }
+  T* device() { return device_.data() + offset_; }
+  std::vector<T> host_values() const { return {host_.data() + offset_, host_.data() + offset_ + size_}; }
+  // The device values; the poisoned elements around them must be untouched.
+  std::vector<T> device_values(const char* what) const {
+    const auto all = alloy::to_host(device_);
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (i >= offset_ && i < offset_ + size_) continue;
+      EXPECT_EQ(bits_of(all[i]), bits_of(poison<T>())) << what << " written outside its elements, at " << i;
+    }
+    return {all.begin() + offset_, all.begin() + offset_ + size_};
+  }
+
+ private:
+  std::size_t offset_, size_;
+  Buffer<T, Host> host_;
+  Buffer<T, Cuda> device_;
+};
+
+// Counts elements outside tolerance and reports the first few.
+class Compare {
+ public:
+  explicit Compare(std::string what) : what_(std::move(what)) {}
+  template <class T>
+  void expect(T got, T want, double scale, std::size_t i) {
+    const double g = value(got), w = value(want);
+    const double bound = 2 * ulp<T>(std::fabs(w)) + tolerance * scale;
+    if (std::isnan(w) ? std::isnan(g) : std::fabs(g - w) <= bound) return;
+    if (++failures_ <= 5) {
+      ADD_FAILURE() << what_ << " at " << i << ": Cuda " << g << ", Host " << w << ", allowed difference " << bound;
+    }
+  }
+  ~Compare() {
+    if (failures_ > 5) ADD_FAILURE() << what_ << ": " << failures_ << " elements out of tolerance in all";
+  }
+
+ private:
+  std::string what_;
+  int failures_ = 0;
+};
+
+template <class T>
+void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) differ += bits_of(a[i]) != bits_of(b[i]);
+  EXPECT_EQ(differ, 0u) << what << ": elements whose bits differ between two Cuda runs";
+}
+
+template <class T>
+class CudaRowKernels : public ::testing::Test {};
+
+struct DtypeName {
+  template <class T>
+  static std::string GetName(int) {
+    return alloy::numeric_traits<T>::name;
+  }
+};
+
+using Dtypes = ::testing::Types<bf16, fp16, float>;
+TYPED_TEST_SUITE(CudaRowKernels, Dtypes, DtypeName);
+
+// ---- LayerNorm ----
+
+// rows x cols, with the row-indexed arrays (x, y, dy, dx) `row_offset` elements past a 256-byte
+// boundary and gamma and beta `param_offset` past one: equal offsets with cols a multiple of a
+// 16-byte vector take the vector path (with a scalar head when the offset is not 0), anything
+// else the scalar one.
+struct LayerNormCase {
+  std::size_t rows, cols;
+  std::size_t row_offset = 0, param_offset = 0;
+};
+
+std::string describe(const char* dtype, const LayerNormCase& s) {
+  return std::string(dtype) + " rows=" + std::to_string(s.rows) + " cols=" + std::to_string(s.cols) + " offsets " +
+         std::to_string(s.row_offset) + "/" + std::to_string(s.param_offset);
+}
+
+// Odd widths, one column, whole vectors (with and without a head), a width whose backward keeps
+// its column sums in 64 KiB of shared memory (1024: 8 warps), in 80 KB (10000: one warp, above
+// the default 48 KiB), and in scratch (40000: 320 KB, more than a block's shared memory), and
+// 17000 rows, whose 1024 parts of 17 rows leave the last ones empty.
+const LayerNormCase layernorm_cases[] = {{37, 29},        {37, 1000},      {37, 1},         {4096, 1024},
+                                         {64, 768, 1, 1}, {64, 768, 1, 0}, {3, 8193},       {16, 10000},
+                                         {20, 40000},     {17000, 3},      {33, 1024, 3, 3}};
+
+template <class T>
+struct LayerNormData {
+  std::vector<T> x, gamma, beta, dy, dgamma0, dbeta0;
+  LayerNormData(const LayerNormCase& s, std::mt19937_64& rng)
+      : x(normal<T>(s.rows * s.cols, 0.5, 2.0, rng)),
+        gamma(normal<T>(s.cols, 1.0, 0.5, rng)),
+        beta(normal<T>(s.cols, 0.0, 1.0, rng)),
+        dy(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)),
+        dgamma0(normal<T>(s.cols, 0.0, 3.0, rng)),
+        dbeta0(normal<T>(s.cols, 0.0, 3.0, rng)) {}
+};
+
+// Every array of one LayerNorm forward and backward, on both backends.
+template <class T>
+struct LayerNormTwins {
+  Twin<T> x, gamma, beta, y, dy, dx, dgamma, dbeta;
+  Twin<float> mean, rstd;
+  Buffer<float, Cuda> scratch;
+  std::size_t rows, cols;
+
+  LayerNormTwins(const LayerNormCase& s, const LayerNormData<T>& d, bool accumulate, Cuda be = {})
+      : x(d.x, s.row_offset, be),
+        gamma(d.gamma, s.param_offset, be),
+        beta(d.beta, s.param_offset, be),
+        y(std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
+        dy(d.dy, s.row_offset, be),
+        dx(std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
+        dgamma(accumulate ? d.dgamma0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
+        dbeta(accumulate ? d.dbeta0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
+        mean(std::vector<float>(s.rows, poison<float>()), 0, be),
+        rstd(std::vector<float>(s.rows, poison<float>()), 0, be),
+        scratch(alloy::layernorm_backward_scratch_floats(s.rows, s.cols), be),
+        rows(s.rows),
+        cols(s.cols) {
+    // NaN everywhere: the kernels must not rely on scratch starting at zero.
+    ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
+  }
+
+  void run_host(float eps, bool accumulate) {
+    alloy::layernorm_forward(Host{}, x.host(), gamma.host(), beta.host(), y.host(), mean.host(), rstd.host(), rows,
+                             cols, eps);
+    alloy::layernorm_backward(Host{}, dy.host(), x.host(), gamma.host(), mean.host(), rstd.host(), dx.host(),
+                              dgamma.host(), dbeta.host(), rows, cols, accumulate, static_cast<float*>(nullptr));
+  }
+  void run_cuda(Cuda be, float eps, bool accumulate) {
+    alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
+                             rows, cols, eps);
+    alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
+                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data());
+    alloy::synchronize(be);
+  }
+};
+
+// Scales (from the Host's inputs and statistics), with xhat = (x - mean) rstd, g = dy gamma,
+// A = mean(g), B = mean(g xhat); m = (|x| + |mean|) rstd bounds how x - mean's rounding grows:
+//   mean: mean|x|    rstd: rstd    y: m |gamma| + |beta|
+//   dx: rstd (|g| + |A| + m |B|) + |xhat| rstd mean(|g| m)
+//   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
+template <class T>
+void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {}) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting"));
+  std::mt19937_64 rng(seed);
+  const LayerNormData<T> d(s, rng);
+  LayerNormTwins<T> t(s, d, accumulate, be);
+  const float eps = 1e-5f;
+  t.run_host(eps, accumulate);
+  try {
+    t.run_cuda(be, eps, accumulate);
+  } catch (const alloy::error& e) {
+    ADD_FAILURE() << e.what();
+    return;
+  }
+
+  const auto mean = t.mean.host_values(), rstd = t.rstd.host_values();
+  const auto y = t.y.host_values(), dx = t.dx.host_values(), dgamma = t.dgamma.host_values(),
+             dbeta = t.dbeta.host_values();
+  const auto cuda_mean = t.mean.device_values("mean"), cuda_rstd = t.rstd.device_values("rstd");
+  const auto cuda_y = t.y.device_values("y"), cuda_dx = t.dx.device_values("dx");
+  const auto cuda_dgamma = t.dgamma.device_values("dgamma"), cuda_dbeta = t.dbeta.device_values("dbeta");
+
+  Compare mean_check("mean"), rstd_check("rstd"), y_check("y"), dx_check("dx"), dgamma_check("dgamma"),
+      dbeta_check("dbeta");
+  std::vector<double> dgamma_scale(s.cols, 0.0), dbeta_scale(s.cols, 0.0);
+  if (accumulate) {
+    for (std::size_t c = 0; c < s.cols; ++c) {
+      dgamma_scale[c] = std::fabs(value(d.dgamma0[c]));
+      dbeta_scale[c] = std::fabs(value(d.dbeta0[c]));
+    }
+  }
+  for (std::size_t r = 0; r < s.rows; ++r) {
+    const double mu = mean[r], rs = rstd[r];
+    double abs_x = 0, A = 0, B = 0, gm = 0;
+    std::vector<double> m(s.cols), xhat(s.cols), g(s.cols);
+    for (std::size_t c = 0; c < s.cols; ++c) {
+      const double xv = value(d.x[r * s.cols + c]);
+      abs_x += std::fabs(xv);
+      m[c] = (std::fabs(xv) + std::fabs(mu)) * rs;
+      xhat[c] = (xv - mu) * rs;
+      g[c] = value(d.dy[r * s.cols + c]) * value(d.gamma[c]);
+      A += g[c], B += g[c] * xhat[c], gm += std::fabs(g[c]) * m[c];
+    }
+    A /= double(s.cols), B /= double(s.cols), gm /= double(s.cols);
+    mean_check.expect(cuda_mean[r], mean[r], abs_x / double(s.cols), r);
+    rstd_check.expect(cuda_rstd[r], rstd[r], rs, r);
+    for (std::size_t c = 0; c < s.cols; ++c) {
+      const std::size_t i = r * s.cols + c;
+      y_check.expect(cuda_y[i], y[i], m[c] * std::fabs(value(d.gamma[c])) + std::fabs(value(d.beta[c])), i);
+      dx_check.expect(cuda_dx[i], dx[i],
+                      rs * (std::fabs(g[c]) + std::fabs(A) + m[c] * std::fabs(B)) + std::fabs(xhat[c]) * rs * gm, i);
+      const double dyv = std::fabs(value(d.dy[i]));
+      dgamma_scale[c] += dyv * m[c];
+      dbeta_scale[c] += dyv;
+    }
+  }
+  for (std::size_t c = 0; c < s.cols; ++c) {
+    dgamma_check.expect(cuda_dgamma[c], dgamma[c], dgamma_scale[c], c);
+    dbeta_check.expect(cuda_dbeta[c], dbeta[c], dbeta_scale[c], c);
+  }
+}
+
+TYPED_TEST(CudaRowKernels, LayerNormMatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : layernorm_cases) {
+    expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, false);
+  }
+}
+
+TYPED_TEST(CudaRowKernels, LayerNormBackwardAccumulatesLikeHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : {LayerNormCase{37, 29}, LayerNormCase{4096, 1024}, LayerNormCase{64, 768, 1, 1},
+                                 LayerNormCase{20, 40000}, LayerNormCase{17000, 3}}) {
+    expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true);
+  }
+}
+
+TYPED_TEST(CudaRowKernels, LayerNormRunsTwiceToTheSameBits) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : {LayerNormCase{4096, 1024}, LayerNormCase{64, 768, 1, 0}, LayerNormCase{20, 40000}}) {
+    SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+    std::mt19937_64 rng(seed + s.cols);
+    const LayerNormData<T> d(s, rng);
+    LayerNormTwins<T> first(s, d, true), second(s, d, true);
+    first.run_cuda(Cuda{}, 1e-5f, true);
+    second.run_cuda(Cuda{}, 1e-5f, true);
+    expect_same_bits(first.y.device_values("y"), second.y.device_values("y"), "y");
+    expect_same_bits(first.mean.device_values("mean"), second.mean.device_values("mean"), "mean");
+    expect_same_bits(first.rstd.device_values("rstd"), second.rstd.device_values("rstd"), "rstd");
+    expect_same_bits(first.dx.device_values("dx"), second.dx.device_values("dx"), "dx");
+    expect_same_bits(first.dgamma.device_values("dgamma"), second.dgamma.device_values("dgamma"), "dgamma");
+    expect_same_bits(first.dbeta.device_values("dbeta"), second.dbeta.device_values("dbeta"), "dbeta");
+  }
+}
+
+// ---- softmax cross-entropy ----
+
+// rows x classes; logits `logits_offset` and dlogits `grad_offset` elements past a 256-byte
+// boundary (equal offsets split rows into vectors, unequal ones keep every access scalar).
+struct LossCase {
+  std::size_t rows, classes;
+  std::size_t logits_offset = 0, grad_offset = 0;
+  double spread = 3.0;  // logits ~ N(0, spread), or uniform in +-80 when 0
+};
+
+std::string describe(const char* dtype, const LossCase& s) {
+  return std::string(dtype) + " rows=" + std::to_string(s.rows) + " classes=" + std::to_string(s.classes) +
+         " offsets " + std::to_string(s.logits_offset) + "/" + std::to_string(s.grad_offset) +
+         (s.spread > 0 ? " logits ~ N(0, " + std::to_string(s.spread) + ")" : " logits in +-80");
+}
+
+const LossCase loss_cases[] = {{37, 29},
+                               {37, 1000},
+                               {37, 1},
+                               {256, 50257},
+                               {64, 32000, 1, 1},
+                               {64, 32000, 1, 0},
+                               {64, 50257, 3, 3},
+                               {37, 1000, 0, 0, 0.0},
+                               {128, 50257, 0, 0, 0.0}};
+
+template <class T>
+struct LossTwins {
+  Twin<T> logits, dlogits;
+  Twin<std::int32_t> targets;
+  Twin<float> loss;
+  LossCase shape;
+  float grad_scale;
+
+  LossTwins(const LossCase& s, const std::vector<T>& x, const std::vector<std::int32_t>& t, Cuda be = {})
+      : logits(x, s.logits_offset, be),
+        dlogits(std::vector<T>(x.size(), poison<T>()), s.grad_offset, be),
+        targets(t, 0, be),
+        loss(std::vector<float>(s.rows, poison<float>()), 0, be),
+        shape(s),
+        grad_scale(65536.0f / static_cast<float>(s.rows)) {}  // loss_scale / rows
+
+  void run_host(bool gradient = true) {
+    alloy::softmax_cross_entropy(Host{}, logits.host(), targets.host(), shape.rows, shape.classes, loss.host(),
+                                 gradient ? dlogits.host() : nullptr, grad_scale);
+  }
+  void run_cuda(Cuda be, bool gradient = true) {
+    alloy::softmax_cross_entropy(be, logits.device(), targets.device(), shape.rows, shape.classes, loss.device(),
+                                 gradient ? dlogits.device() : nullptr, grad_scale);
+    alloy::synchronize(be);
+  }
+};
+
+template <class T>
+std::vector<T> logits_for(const LossCase& s, std::mt19937_64& rng) {
+  return s.spread > 0 ? normal<T>(s.rows * s.classes, 0.0, s.spread, rng)
+                      : uniform<T>(s.rows * s.classes, -80.0, 80.0, rng);
+}
+
+std::vector<std::int32_t> random_targets(std::size_t rows, std::size_t classes, std::mt19937_64& rng) {
+  std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(classes) - 1);
+  std::vector<std::int32_t> t(rows);
+  for (auto& v : t) v = d(rng);
+  return t;
+}
+
+// Scales: the loss, 1 + |loss| (its two terms log(sum) and max - x[t] are both >= 0); dlogits,
+// |grad_scale| (p + onehot) with p the Host's probability.
+template <class T>
+void expect_loss_cuda_matches_host(const LossCase& s, std::uint64_t seed, Cuda be = {}) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+  std::mt19937_64 rng(seed);
+  const auto x = logits_for<T>(s, rng);
+  LossTwins<T> t(s, x, random_targets(s.rows, s.classes, rng), be);
+  t.run_host();
+  try {
+    t.run_cuda(be);
+  } catch (const alloy::error& e) {
+    ADD_FAILURE() << e.what();
+    return;
+  }
+  const auto loss = t.loss.host_values();
+  const auto dlogits = t.dlogits.host_values();
+  const auto cuda_loss = t.loss.device_values("row_loss");
+  const auto cuda_dlogits = t.dlogits.device_values("dlogits");
+  const auto targets = t.targets.host_values();
+  Compare loss_check("row_loss"), grad_check("dlogits");
+  for (std::size_t r = 0; r < s.rows; ++r) {
+    loss_check.expect(cuda_loss[r], loss[r], 1.0 + std::fabs(loss[r]), r);
+    for (std::size_t c = 0; c < s.classes; ++c) {
+      const std::size_t i = r * s.classes + c;
+      const double onehot = c == std::size_t(targets[r]) ? 1.0 : 0.0;
+      const double p = std::fabs(value(dlogits[i]) / t.grad_scale + onehot);
+      grad_check.expect(cuda_dlogits[i], dlogits[i], std::fabs(t.grad_scale) * (p + onehot), i);
+    }
+  }
+}
+
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyMatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LossCase& s : loss_cases) expect_loss_cuda_matches_host<TypeParam>(s, seed + s.classes);
+}
+
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyRunsTwiceToTheSameBits) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LossCase& s : {LossCase{512, 50257}, LossCase{64, 32000, 1, 0}}) {
+    SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+    std::mt19937_64 rng(seed + s.classes);
+    const auto x = logits_for<T>(s, rng);
+    const auto targets = random_targets(s.rows, s.classes, rng);
+    LossTwins<T> first(s, x, targets), second(s, x, targets);
+    first.run_cuda(Cuda{});
+    second.run_cuda(Cuda{});
+    expect_same_bits(first.loss.device_values("row_loss"), second.loss.device_values("row_loss"), "row_loss");
+    expect_same_bits(first.dlogits.device_values("dlogits"), second.dlogits.device_values("dlogits"), "dlogits");
+  }
+}
+
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyMarksOutOfRangeTargetsWithNaN) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const LossCase s{6, 50};
+  const std::vector<std::int32_t> targets = {
+      3, -1, 50, std::numeric_limits<std::int32_t>::min(), std::numeric_limits<std::int32_t>::max(), 49};
+  LossTwins<T> t(s, logits_for<T>(s, rng), targets);
+  t.run_host();
+  t.run_cuda(Cuda{});
+  const auto loss = t.loss.device_values("row_loss");
+  const auto dlogits = t.dlogits.device_values("dlogits");
+  const auto host_loss = t.loss.host_values();
+  for (std::size_t r = 0; r < s.rows; ++r) {
+    const bool valid = targets[r] >= 0 && targets[r] < 50;
+    EXPECT_EQ(std::isnan(loss[r]), !valid) << "row " << r << ", target " << targets[r];
+    if (valid) {
+      EXPECT_NEAR(loss[r], host_loss[r], tolerance * (1 + std::fabs(host_loss[r]))) << "row " << r;
+    }
+    for (std::size_t c = 0; c < s.classes; ++c) {
+      ASSERT_EQ(std::isnan(value(dlogits[r * s.classes + c])), !valid) << "row " << r << ", class " << c;
+    }
+  }
+}
+
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyWithoutGradientWritesTheSameLossAndNoGradient) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const LossCase s{37, 1000, 1, 1};
+  const auto x = logits_for<T>(s, rng);
+  const auto targets = random_targets(s.rows, s.classes, rng);
+  LossTwins<T> with(s, x, targets), without(s, x, targets);
+  with.run_cuda(Cuda{}, true);
+  without.run_cuda(Cuda{}, false);
+  expect_same_bits(with.loss.device_values("row_loss"), without.loss.device_values("row_loss"), "row_loss");
+  for (const T& d : without.dlogits.device_values("dlogits")) ASSERT_EQ(bits_of(d), bits_of(poison<T>()));
+}
+
+// Everything ordered on a caller's non-blocking stream: buffers, kernels, scratch.
+TEST(CudaRowKernelsStreams, RunOnTheCallersStream) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  cudaStream_t stream = nullptr;
+  ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  expect_layernorm_cuda_matches_host<bf16>({256, 1024}, seed, true, Cuda::on(stream));
+  expect_loss_cuda_matches_host<bf16>({64, 50257}, seed + 1, Cuda::on(stream));
+  ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+  ALLOY_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(CudaRowKernelsArguments, NullScratchThrowsBeforeLaunching) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  Buffer<float, Cuda> v(12), stats(3);
+  try {
+    alloy::layernorm_backward(Cuda{}, v.data(), v.data(), v.data(), stats.data(), stats.data(), v.data(), v.data(),
+                              v.data(), 3, 4, false, nullptr);
+    ADD_FAILURE() << "a null scratch was accepted";
+  } catch (const alloy::error& e) {
+    EXPECT_NE(std::string(e.what()).find("layernorm_backward_scratch_floats(3, 4)"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
