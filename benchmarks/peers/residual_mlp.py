@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""PyTorch's side of the end-to-end residual-MLP comparison (../shared/PEERS.md): input 1024 ->
+d 1024, 8 blocks of LayerNorm, Linear(d, 4d), GELU(tanh), Linear(4d, d), residual; final
+LayerNorm, Linear(d, 1000), softmax cross-entropy; 8192 rows of random data; fused AdamW, clip
+1.0, GradScaler for fp16. Times a whole training step (CUDA events, median of --repeats after
+warm-up) and the peak allocated memory, for fp32, tf32, bf16 autocast, fp16 autocast +
+GradScaler, and bf16 + checkpoint every block. Prints JSON (--out) and a table."""
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x)), approximate="tanh"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, inputs=1024, d=1024, blocks=8, classes=1000, recompute=False):
+        super().__init__()
+        self.embed = nn.Linear(inputs, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+        self.recompute = recompute
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False) if self.recompute else b(x)
+        return self.head(self.norm(x))
+
+
+def run(config, rows, repeats):
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = config == "tf32"
+    torch.backends.cudnn.allow_tf32 = config == "tf32"
+    model = Mlp(recompute=config == "bf16_checkpoint").cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=config == "fp16")
+    dtype = {"bf16": torch.bfloat16, "bf16_checkpoint": torch.bfloat16, "fp16": torch.float16}.get(config)
+    x = torch.randn(rows, 1024, device="cuda")
+    y = torch.randint(0, 1000, (rows,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters())
+    return {"config": config, "median_ms": ms, "rows_per_s": rows / ms * 1e3, "params": params,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--configs", default="fp32,tf32,bf16,fp16,bf16_checkpoint")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    results = []
+    for c in a.configs.split(","):
+        r = run(c, a.rows, a.repeats)
+        results.append(r)
+        print(f"{c:16s} {r['median_ms']:8.2f} ms  {r['rows_per_s'] / 1e3:7.0f} K rows/s  "
+              f"peak {r['peak_allocated_gib']:.2f} GiB", flush=True)
+        torch.cuda.empty_cache()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": a.rows, "results": results}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
