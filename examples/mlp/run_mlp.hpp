@@ -27,6 +27,12 @@ int run(const Options& o, Shape shape) {
   using Trainer = alloy::Trainer<ResidualMlp, P, alloy::Accumulate<2>, alloy::AdamW<>, Backend, Extra...>;
   const TeacherTask task(shape, 2026);
   std::mt19937_64 rng(11);
+  // At full size, labelling on the host would dominate the step: cycle through a pool of batches.
+  std::vector<Batch> pool;
+  const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 22);
+  for (int i = 0; use_pool && i < 16; ++i) pool.push_back(task.batch(rng));
+  std::size_t drawn = 0;
+  auto next = [&] { return use_pool ? pool[drawn++ % pool.size()] : task.batch(rng); };
   Trainer trainer(ResidualMlp(shape), {.optimizer = {.weight_decay = 0.01f},
                                        .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
                                        .max_grad_norm = 1.0f,
@@ -34,7 +40,7 @@ int run(const Options& o, Shape shape) {
                                        .micro_batches = o.accumulate});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
-    for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)task.batch(rng);
+    for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
     std::printf("resumed from %s at step %llu\n", o.resume.c_str(), static_cast<unsigned long long>(trainer.steps()));
   }
   std::printf(
@@ -47,7 +53,7 @@ int run(const Options& o, Shape shape) {
   double seconds = 0;
   const auto start_step = trainer.steps();
   while (trainer.steps() < static_cast<std::uint64_t>(o.steps)) {
-    last = trainer.step([&] { return task.batch(rng); });
+    last = trainer.step(next);
     if (last.step == start_step + 1) first = last;
     if (last.step > start_step + 2) seconds += last.seconds;  // after warm-up
     csv << last.step << ',' << last.loss << ',' << last.grad_norm << ',' << last.lr << ',' << last.loss_scale << ','
