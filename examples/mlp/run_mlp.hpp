@@ -29,7 +29,7 @@ int run(const Options& o, Shape shape) {
   std::mt19937_64 rng(11);
   // At full size, labelling on the host would dominate the step: cycle through a pool of batches.
   std::vector<Batch> pool;
-  const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 22);
+  const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 20);
   for (int i = 0; use_pool && i < 16; ++i) pool.push_back(task.batch(rng));
   std::size_t drawn = 0;
   auto next = [&] { return use_pool ? pool[drawn++ % pool.size()] : task.batch(rng); };
