@@ -58,10 +58,10 @@ mlp::Options parse(int argc, char** argv) {
 }
 
 int with_precision(const mlp::Options& o, const mlp::Shape& s, bool gpu) {
-  if (o.precision == "fp32") return mlp::run_fp32(o, s, gpu);
-  if (o.precision == "tf32") return mlp::run_tf32(o, s, gpu);
-  if (o.precision == "bf16") return mlp::run_bf16(o, s, gpu);
-  if (o.precision == "fp16") return mlp::run_fp16(o, s, gpu);
+  if (o.precision == "fp32") return mlp::run_precision<mlp::Fp32>(o, s, gpu);
+  if (o.precision == "tf32") return mlp::run_precision<mlp::Tf32>(o, s, gpu);
+  if (o.precision == "bf16") return mlp::run_precision<mlp::Bf16>(o, s, gpu);
+  if (o.precision == "fp16") return mlp::run_precision<mlp::Fp16>(o, s, gpu);
   usage(("unknown precision " + o.precision).c_str());
 }
 

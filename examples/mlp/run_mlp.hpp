@@ -82,10 +82,24 @@ int with_checkpointing(const Options& o, const Shape& s) {
   return o.checkpointing ? run<Backend, P, alloy::Checkpointing>(o, s) : run<Backend, P>(o, s);
 }
 
-// One per precision, each in its own translation unit (mlp_<precision>.cpp).
-int run_fp32(const Options& o, const Shape& s, bool gpu);
-int run_tf32(const Options& o, const Shape& s, bool gpu);
-int run_bf16(const Options& o, const Shape& s, bool gpu);
-int run_fp16(const Options& o, const Shape& s, bool gpu);
+// The trainers of one precision, on Cuda when `gpu`, else on Host. Each precision is compiled
+// in its own translation unit, generated from mlp_precision.cpp.in by CMake.
+template <class P>
+int run_precision(const Options& o, const Shape& s, bool gpu) {
+#if ALLOY_HAS_CUDA_KERNELS
+  if (gpu) return with_checkpointing<alloy::Cuda, P>(o, s);
+#endif
+  (void)gpu;
+  return with_checkpointing<alloy::Host, P>(o, s);
+}
+
+using Fp32 = alloy::Precision<alloy::fp32>;
+using Tf32 = alloy::Precision<alloy::tf32>;
+using Bf16 = alloy::Precision<alloy::bf16, alloy::fp32_master>;
+using Fp16 = alloy::Precision<alloy::fp16, alloy::fp32_master>;
+extern template int run_precision<Fp32>(const Options&, const Shape&, bool);
+extern template int run_precision<Tf32>(const Options&, const Shape&, bool);
+extern template int run_precision<Bf16>(const Options&, const Shape&, bool);
+extern template int run_precision<Fp16>(const Options&, const Shape&, bool);
 
 }  // namespace mlp

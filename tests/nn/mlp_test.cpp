@@ -141,3 +141,24 @@ TEST(Trainer, RuntimeMicroBatchesNeedAnAccumulatorForSixteenBitGradients) {
 }
 
 }  // namespace
+
+namespace {
+
+// The design's headline composition, exactly as written there, compiles and trains.
+TEST(ResidualMlp, TheDesignsExampleCompositionTrains) {
+  using Tr = alloy::Trainer<mlp::ResidualMlp, alloy::Precision<alloy::bf16, alloy::fp32_master>, alloy::Accumulate<16>,
+                            alloy::Checkpointing, alloy::Host>;
+  static_assert(Tr::accumulation_steps == 16 && Tr::recomputes);
+  static_assert(std::is_same_v<Tr::compute_type, alloy::bf16> && std::is_same_v<Tr::master_type, float>);
+  const mlp::Shape shape{12, 16, 2, 5, 8};
+  Tr trainer(mlp::ResidualMlp(shape), {.schedule = alloy::LrSchedule::constant(3e-3f), .seed = 4});
+  const mlp::TeacherTask task(shape, 4);
+  std::mt19937_64 rng(4);
+  const auto first = trainer.step([&] { return task.batch(rng); });
+  alloy::StepReport last;
+  for (int s = 0; s < 30; ++s) last = trainer.step([&] { return task.batch(rng); });
+  EXPECT_LT(last.loss, first.loss);
+  EXPECT_EQ(last.skipped_steps, 0u);
+}
+
+}  // namespace
