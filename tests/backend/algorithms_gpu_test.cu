@@ -1,12 +1,12 @@
 // The Cuda backend against the Host backend on the same fresh random inputs.
 #include "../support/test_support.hpp"
+#include "../support/values.hpp"
 
 #include <alloy/alloy.hpp>
 
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <random>
 
 namespace {
 
@@ -14,14 +14,7 @@ using alloy::bf16;
 using alloy::Buffer;
 using alloy::Cuda;
 using alloy::Host;
-
-std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 3.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using alloy::test::random_floats;
 
 template <class T>
 Buffer<T, Cuda> on_device(const std::vector<T>& v) {

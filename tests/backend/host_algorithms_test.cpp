@@ -1,4 +1,5 @@
 #include "../support/test_support.hpp"
+#include "../support/values.hpp"
 
 #include <alloy/backend/backend.hpp>
 #include <alloy/numeric/numeric.hpp>
@@ -6,19 +7,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <random>
 
 namespace {
 
 using alloy::Host;
-
-std::vector<float> random_floats(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 3.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using alloy::test::random_floats;
 
 TEST(HostForEach, VisitsEveryIndexOnce) {
   std::vector<int> hits(1237, 0);

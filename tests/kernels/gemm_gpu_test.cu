@@ -7,7 +7,9 @@
 //     round or truncate is not documented, and truncation moves each input by up to 2^-10;
 //   GELU outputs at least 5e-4: cuBLASLt may evaluate tanh with the hardware approximation
 //     (relative error up to 2^-11), where the Host uses std::tanh.
+#include "../support/gemm_operands.hpp"
 #include "../support/test_support.hpp"
+#include "../support/values.hpp"
 
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/kernels/activations.hpp>
@@ -39,6 +41,7 @@ using alloy::Host;
 using alloy::storage_t;
 using alloy::tf32;
 using alloy::Transpose;
+using namespace alloy::test;
 
 constexpr Transpose no = Transpose::no;
 constexpr Transpose yes = Transpose::yes;
@@ -61,111 +64,13 @@ double gelu_tolerance() {
   return std::max(tolerance<Compute>(), 5e-4);
 }
 
-template <class T>
-std::uint32_t bits_of(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_bits(x);
-  } else {
-    return x.bits();
-  }
-}
-
-// A NaN with a payload no arithmetic produces: an element still holding it was never written.
-template <class T>
-T poison() {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_from_bits(0x7fa5a5a5u);
-  } else {
-    return T::from_bits(0x7fa5);
-  }
-}
-
-template <class T>
-std::vector<T> random_values(std::size_t n, std::mt19937_64& rng) {
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<T> v(n);
-  for (auto& x : v) x = alloy::round_nearest<T>(d(rng));
-  return v;
-}
-
-struct Case {
-  Transpose transa = no;
-  Transpose transb = no;
-  std::size_t m = 1, n = 1, k = 1;
-  float alpha = 1.0f;
-  float beta = 0.0f;
-  Epilogue epilogue = Epilogue::none;
-  bool keep_pre_activation = false;
-  bool packed = false;  // leading dimensions equal to the row lengths; otherwise padded
-};
-
-std::string describe(const Case& c) {
-  return "m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) +
-         " transa=" + alloy::detail::name_of(c.transa) + " transb=" + alloy::detail::name_of(c.transb) +
-         " alpha=" + std::to_string(c.alpha) + " beta=" + std::to_string(c.beta) + " " +
-         alloy::detail::name_of(c.epilogue) + (c.keep_pre_activation ? " keeping pre_activation" : "") +
-         (c.packed ? " packed" : " padded");
-}
-
-// One product's host-side operands: outputs poisoned, padding included.
-template <class Compute>
-struct Operands {
-  using T = storage_t<Compute>;
-  Case shape;
-  std::size_t lda, ldb, ldc, ldp;
-  std::vector<T> a, b, c, bias, bias_grad, pre_activation;
-
-  Operands(const Case& s, std::mt19937_64& rng) : shape(s) {
-    const std::size_t a_rows = s.transa == yes ? s.k : s.m, a_cols = s.transa == yes ? s.m : s.k;
-    const std::size_t b_rows = s.transb == yes ? s.n : s.k, b_cols = s.transb == yes ? s.k : s.n;
-    lda = a_cols + (s.packed ? 0 : 3);
-    ldb = b_cols + (s.packed ? 0 : 1);
-    ldc = s.n + (s.packed ? 0 : 2);
-    ldp = s.packed ? (s.n + 7) / 8 * 8 : (s.n / 8 + 1) * 8;
-    a = random_values<T>(a_rows * lda, rng);
-    b = random_values<T>(b_rows * ldb, rng);
-    c.assign(s.m * ldc, poison<T>());
-    if (s.beta != 0.0f) {
-      const auto fresh = random_values<T>(s.m * s.n, rng);
-      for (std::size_t i = 0; i < s.m; ++i) {
-        for (std::size_t j = 0; j < s.n; ++j) c[i * ldc + j] = fresh[i * s.n + j];
-      }
-    }
-    bias = random_values<T>(s.n, rng);
-    bias_grad.assign(s.m + 1, poison<T>());
-    pre_activation.assign(s.m * ldp, poison<T>());
-  }
-
-  template <class P, class Q>
-  GemmArgs<Compute> args(const P* a_, const P* b_, Q* c_, const P* bias_, Q* bias_grad_, Q* pre_) const {
-    return {.transa = shape.transa,
-            .transb = shape.transb,
-            .m = shape.m,
-            .n = shape.n,
-            .k = shape.k,
-            .a = a_,
-            .lda = lda,
-            .b = b_,
-            .ldb = ldb,
-            .c = c_,
-            .ldc = ldc,
-            .alpha = shape.alpha,
-            .beta = shape.beta,
-            .epilogue = shape.epilogue,
-            .bias = alloy::detail::adds_bias(shape.epilogue) ? bias_ : nullptr,
-            .bias_grad = shape.epilogue == Epilogue::bias_grad ? bias_grad_ : nullptr,
-            .pre_activation = shape.keep_pre_activation ? pre_ : nullptr,
-            .ld_pre_activation = shape.keep_pre_activation ? ldp : 0};
-  }
-};
-
 // The same operands in device memory, reusable for another draw of the same shape.
 template <class Compute>
 struct DeviceOperands {
   using T = storage_t<Compute>;
   Buffer<T, Cuda> a, b, c, bias, bias_grad, pre_activation;
 
-  DeviceOperands(const Operands<Compute>& x, Cuda be)
+  DeviceOperands(const GemmOperands<Compute>& x, Cuda be)
       : a(x.a.size(), be),
         b(x.b.size(), be),
         c(x.c.size(), be),
@@ -175,7 +80,7 @@ struct DeviceOperands {
     upload(x);
   }
 
-  void upload(const Operands<Compute>& x) {
+  void upload(const GemmOperands<Compute>& x) {
     alloy::copy_from_host(a, std::span<const T>(x.a));
     alloy::copy_from_host(b, std::span<const T>(x.b));
     alloy::copy_from_host(c, std::span<const T>(x.c));
@@ -184,7 +89,7 @@ struct DeviceOperands {
     alloy::copy_from_host(pre_activation, std::span<const T>(x.pre_activation));
   }
 
-  GemmArgs<Compute> args(const Operands<Compute>& x) {
+  GemmArgs<Compute> args(const GemmOperands<Compute>& x) {
     return x.args(a.data(), b.data(), c.data(), bias.data(), bias_grad.data(), pre_activation.data());
   }
 };
@@ -219,12 +124,12 @@ void expect_close(const char* what, const std::vector<T>& got, const std::vector
 
 // Runs x on Host and on Cuda (through `device`, which holds x's data) and compares every output.
 template <class Compute>
-void expect_cuda_matches_host(GemmHandle& handle, Operands<Compute>& x, DeviceOperands<Compute>& device, Cuda be = {}) {
-  const Case& s = x.shape;
+void expect_cuda_matches_host(GemmHandle& handle, GemmOperands<Compute>& x, DeviceOperands<Compute>& device,
+                              Cuda be = {}) {
+  const GemmCase& s = x.shape;
   SCOPED_TRACE(describe(s));
   auto host = x;
-  alloy::gemm(Host{}, host.args(host.a.data(), host.b.data(), host.c.data(), host.bias.data(), host.bias_grad.data(),
-                                host.pre_activation.data()));
+  alloy::gemm(Host{}, host.args());
   // A configuration cuBLASLt refuses fails this case alone, so one run lists every refusal.
   try {
     alloy::gemm(be, handle, device.args(x));
@@ -244,9 +149,9 @@ void expect_cuda_matches_host(GemmHandle& handle, Operands<Compute>& x, DeviceOp
 }
 
 template <class Compute>
-void expect_cuda_matches_host(GemmHandle& handle, const Case& s, std::uint64_t seed, Cuda be = {}) {
+void expect_cuda_matches_host(GemmHandle& handle, const GemmCase& s, std::uint64_t seed, Cuda be = {}) {
   std::mt19937_64 rng(seed);
-  Operands<Compute> x(s, rng);
+  GemmOperands<Compute> x(s, rng);
   DeviceOperands<Compute> device(x, be);
   expect_cuda_matches_host(handle, x, device, be);
 }
@@ -254,29 +159,19 @@ void expect_cuda_matches_host(GemmHandle& handle, const Case& s, std::uint64_t s
 template <class Compute>
 class CudaGemm : public ::testing::Test {};
 
-struct ComputeName {
-  template <class T>
-  static std::string GetName(int) {
-    return alloy::numeric_traits<T>::name;
-  }
-};
-
 using Computes = ::testing::Types<bf16, fp16, float, tf32>;
-TYPED_TEST_SUITE(CudaGemm, Computes, ComputeName);
-
-constexpr Epilogue every_epilogue[] = {Epilogue::none, Epilogue::bias, Epilogue::gelu_tanh, Epilogue::bias_gelu_tanh,
-                                       Epilogue::bias_grad};
+TYPED_TEST_SUITE(CudaGemm, Computes, DtypeName);
 
 TYPED_TEST(CudaGemm, MatchesHostForEveryTransposeAlphaAndBeta) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
   GemmHandle handle;
-  const Case sizes[] = {{.m = 37, .n = 29, .k = 53},
-                        {.m = 1, .n = 1, .k = 1, .packed = true},
-                        {.m = 7, .n = 5, .k = 3},
-                        {.m = 64, .n = 48, .k = 80, .packed = true}};
+  const GemmCase sizes[] = {{.m = 37, .n = 29, .k = 53},
+                            {.m = 1, .n = 1, .k = 1, .packed = true},
+                            {.m = 7, .n = 5, .k = 3},
+                            {.m = 64, .n = 48, .k = 80, .packed = true}};
   const std::pair<float, float> scalings[] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.5f, 1.0f}};
-  for (Case s : sizes) {
+  for (GemmCase s : sizes) {
     for (Transpose ta : {no, yes}) {
       for (Transpose tb : {no, yes}) {
         for (auto [alpha, beta] : scalings) {
@@ -382,18 +277,18 @@ TYPED_TEST(CudaGemm, RepeatedCallsReuseOneCachedPlan) {
   std::mt19937_64 rng(seed);
   GemmHandle handle;
   EXPECT_EQ(handle.cached_plans(), 0u);
-  const Case s{.transb = yes, .m = 37, .n = 29, .k = 53, .epilogue = Epilogue::bias};
-  Operands<TypeParam> x(s, rng);
+  const GemmCase s{.transb = yes, .m = 37, .n = 29, .k = 53, .epilogue = Epilogue::bias};
+  GemmOperands<TypeParam> x(s, rng);
   DeviceOperands<TypeParam> device(x, Cuda{});
   for (int call = 0; call < 5; ++call) {
-    x = Operands<TypeParam>(s, rng);  // fresh values in the same buffers
+    x = GemmOperands<TypeParam>(s, rng);  // fresh values in the same buffers
     device.upload(x);
     expect_cuda_matches_host(handle, x, device);
     EXPECT_EQ(handle.cached_plans(), 1u) << "call " << call;
   }
-  Case other = s;
+  GemmCase other = s;
   other.epilogue = Epilogue::none;
-  Operands<TypeParam> y(other, rng);
+  GemmOperands<TypeParam> y(other, rng);
   DeviceOperands<TypeParam> device_y(y, Cuda{});
   expect_cuda_matches_host(handle, y, device_y);
   EXPECT_EQ(handle.cached_plans(), 2u) << "another epilogue is another plan";
@@ -450,7 +345,7 @@ TEST(CudaGemmStreams, ProductsRunOnTheCallersStreamInCallOrder) {
   ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   {
     GemmHandle handle(Cuda{});
-    const Case s{.transb = yes, .m = 300, .n = 200, .k = 500, .epilogue = Epilogue::bias_gelu_tanh};
+    const GemmCase s{.transb = yes, .m = 300, .n = 200, .k = 500, .epilogue = Epilogue::bias_gelu_tanh};
     expect_cuda_matches_host<bf16>(handle, s, seed, Cuda::on(stream));
     expect_cuda_matches_host<bf16>(handle, s, seed + 1, Cuda{});
     expect_cuda_matches_host<bf16>(handle, s, seed + 2, Cuda::on(stream));
@@ -461,20 +356,6 @@ TEST(CudaGemmStreams, ProductsRunOnTheCallersStreamInCallOrder) {
   ALLOY_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const alloy::error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no alloy::error was thrown";
-  return "";
-}
-
-#define EXPECT_MENTIONS(message, text) \
-  EXPECT_NE((message).find(text), std::string::npos) << "message: " << (message) << "\nexpected to mention: " << (text)
-
 TEST(CudaGemmArguments, BadArgumentsThrowBeforeReachingCublasLt) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   Buffer<bf16, Cuda> a(6 * 4), b(4 * 5), c(6 * 5), bias(5);
@@ -483,18 +364,18 @@ TEST(CudaGemmArguments, BadArgumentsThrowBeforeReachingCublasLt) {
       .m = 6, .n = 5, .k = 4, .a = a.data(), .lda = 4, .b = b.data(), .ldb = 5, .c = c.data(), .ldc = 5};
   auto g = valid;
   g.lda = 3;
-  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }),
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Cuda{}, handle, g); }),
                   "gemm<bf16>: lda = 3 is less than 4, the row length of a");
   g = valid;
   g.transb = yes;  // transposed, B is stored n x k: its rows have k = 4 elements
   g.ldb = 3;
-  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "ldb = 3 is less than 4");
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Cuda{}, handle, g); }), "ldb = 3 is less than 4");
   g = valid;
   g.b = nullptr;
-  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "gemm<bf16>: b is null");
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Cuda{}, handle, g); }), "gemm<bf16>: b is null");
   g = valid;
   g.epilogue = Epilogue::bias;
-  EXPECT_MENTIONS(error_of([&] { alloy::gemm(Cuda{}, handle, g); }), "Epilogue::bias needs bias");
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Cuda{}, handle, g); }), "Epilogue::bias needs bias");
   EXPECT_EQ(handle.cached_plans(), 0u) << "a rejected call reached cuBLASLt";
 
   g.bias = bias.data();

@@ -8,6 +8,7 @@
 // the device's expf and logf (within 2 ulp) differ from the host's, which only the softmax uses.
 // Every Cuda output must also be bit-for-bit the same over two runs.
 #include "../support/test_support.hpp"
+#include "../support/values.hpp"
 
 #include <alloy/backend/buffer.hpp>
 #include <alloy/kernels/layernorm.hpp>
@@ -32,36 +33,9 @@ using alloy::Buffer;
 using alloy::Cuda;
 using alloy::fp16;
 using alloy::Host;
+using namespace alloy::test;
 
 constexpr double tolerance = 1e-5;
-
-template <class T>
-std::uint32_t bits_of(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_bits(x);
-  } else if constexpr (std::is_integral_v<T>) {
-    return static_cast<std::uint32_t>(x);
-  } else {
-    return x.bits();
-  }
-}
-
-// A value no kernel writes (a NaN with an odd payload): an element still holding it was never written.
-template <class T>
-T poison() {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_from_bits(0x7fa5a5a5u);
-  } else if constexpr (std::is_integral_v<T>) {
-    return T(-12345);
-  } else {
-    return T::from_bits(0x7fa5);
-  }
-}
-
-template <class T>
-double value(T x) {
-  return alloy::to_float(x);
-}
 
 // The spacing of T's values at magnitude v (subnormal spacing below the normal range).
 template <class T>
@@ -69,22 +43,6 @@ double ulp(double v) {
   const int min_exponent = std::is_same_v<T, fp16> ? -14 : -126;
   const int exponent = v == 0 ? min_exponent : std::max(std::ilogb(v), min_exponent);
   return std::ldexp(1.0, exponent - alloy::numeric_traits<T>::mantissa_bits);
-}
-
-template <class T>
-std::vector<T> normal(std::size_t n, double mean, double stddev, std::mt19937_64& rng) {
-  std::normal_distribution<double> d(mean, stddev);
-  std::vector<T> v(n);
-  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
-  return v;
-}
-
-template <class T>
-std::vector<T> uniform(std::size_t n, double lo, double hi, std::mt19937_64& rng) {
-  std::uniform_real_distribution<double> d(lo, hi);
-  std::vector<T> v(n);
-  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
-  return v;
 }
 
 // One array on both backends: `offset` poisoned elements, the values, one poisoned element, in a
@@ -149,13 +107,6 @@ void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const ch
 
 template <class T>
 class CudaRowKernels : public ::testing::Test {};
-
-struct DtypeName {
-  template <class T>
-  static std::string GetName(int) {
-    return alloy::numeric_traits<T>::name;
-  }
-};
 
 using Dtypes = ::testing::Types<bf16, fp16, float>;
 TYPED_TEST_SUITE(CudaRowKernels, Dtypes, DtypeName);
@@ -398,13 +349,6 @@ template <class T>
 std::vector<T> logits_for(const LossCase& s, std::mt19937_64& rng) {
   return s.spread > 0 ? normal<T>(s.rows * s.classes, 0.0, s.spread, rng)
                       : uniform<T>(s.rows * s.classes, -80.0, 80.0, rng);
-}
-
-std::vector<std::int32_t> random_targets(std::size_t rows, std::size_t classes, std::mt19937_64& rng) {
-  std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(classes) - 1);
-  std::vector<std::int32_t> t(rows);
-  for (auto& v : t) v = d(rng);
-  return t;
 }
 
 // Scales: the loss, 1 + |loss| (its two terms log(sum) and max - x[t] are both >= 0); dlogits,

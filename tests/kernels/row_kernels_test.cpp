@@ -4,6 +4,7 @@
 // dtype; gradients are checked against the analytic float64 gradient and against central finite
 // differences of the float64 loss.
 #include "../support/test_support.hpp"
+#include "../support/values.hpp"
 
 #include <alloy/kernels/layernorm.hpp>
 #include <alloy/kernels/softmax_cross_entropy.hpp>
@@ -24,28 +25,9 @@ namespace {
 using alloy::bf16;
 using alloy::fp16;
 using alloy::Host;
+using namespace alloy::test;
 
-const double fp32_unit = std::ldexp(1.0, -24);  // u: an fp32 operation's relative rounding error
-const double exp_error = 4 * fp32_unit;         // expf/logf: within 2 ulp on host and device
-
-template <class T>
-std::uint32_t bits_of(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_bits(x);
-  } else {
-    return x.bits();
-  }
-}
-
-// A NaN with a payload no arithmetic produces: an element still holding it was never written.
-template <class T>
-T poison() {
-  if constexpr (std::is_same_v<T, float>) {
-    return alloy::detail::float_from_bits(0x7fa5a5a5u);
-  } else {
-    return T::from_bits(0x7fa5);
-  }
-}
+const double exp_error = 4 * fp32_unit;  // expf/logf: within 2 ulp on host and device
 
 // Relative error of rounding a float result to T (0 for float: the fp32 bounds include it).
 template <class T>
@@ -60,47 +42,6 @@ double out_floor() {
   return std::is_same_v<T, fp16> ? std::ldexp(1.0, -25) : std::ldexp(1.0, -120);
 }
 
-template <class T>
-double value(T x) {
-  return alloy::to_float(x);
-}
-
-template <class T>
-std::vector<T> normal(std::size_t n, double mean, double stddev, std::mt19937_64& rng) {
-  std::normal_distribution<double> d(mean, stddev);
-  std::vector<T> v(n);
-  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
-  return v;
-}
-
-template <class T>
-std::vector<T> uniform(std::size_t n, double lo, double hi, std::mt19937_64& rng) {
-  std::uniform_real_distribution<double> d(lo, hi);
-  std::vector<T> v(n);
-  for (auto& x : v) x = alloy::round_nearest<T>(static_cast<float>(d(rng)));
-  return v;
-}
-
-// Counts outputs outside their bound and reports the first few.
-class BoundCheck {
- public:
-  explicit BoundCheck(std::string what) : what_(std::move(what)) {}
-  void expect(double got, double expected, double bound, std::size_t i, std::size_t j) {
-    if (std::fabs(got - expected) <= bound) return;  // NaN fails here too
-    if (++failures_ <= 5) {
-      ADD_FAILURE() << what_ << " at (" << i << ", " << j << "): got " << got << ", float64 reference " << expected
-                    << ", allowed error " << bound;
-    }
-  }
-  ~BoundCheck() {
-    if (failures_ > 5) ADD_FAILURE() << what_ << ": " << failures_ << " elements out of bounds in all";
-  }
-
- private:
-  std::string what_;
-  int failures_ = 0;
-};
-
 // An output of dtype T: the fp32 error bound, then one rounding to T.
 template <class T>
 double rounded_bound(double expected, double fp32_error) {
@@ -109,13 +50,6 @@ double rounded_bound(double expected, double fp32_error) {
 
 template <class T>
 class RowKernels : public ::testing::Test {};
-
-struct DtypeName {
-  template <class T>
-  static std::string GetName(int) {
-    return alloy::numeric_traits<T>::name;
-  }
-};
 
 using Dtypes = ::testing::Types<bf16, fp16, float>;
 TYPED_TEST_SUITE(RowKernels, Dtypes, DtypeName);
@@ -550,13 +484,6 @@ template <class T>
 std::string describe(const std::vector<T>&, const LossCase& s) {
   return std::string(alloy::numeric_traits<T>::name) + " rows=" + std::to_string(s.rows) +
          " classes=" + std::to_string(s.classes);
-}
-
-std::vector<std::int32_t> random_targets(std::size_t rows, std::size_t classes, std::mt19937_64& rng) {
-  std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(classes) - 1);
-  std::vector<std::int32_t> t(rows);
-  for (auto& v : t) v = d(rng);
-  return t;
 }
 
 template <class T>

@@ -1,7 +1,9 @@
-// Shared by alloy's tests: fresh random seeds (reproducible on demand) and the GPU gate.
+// Shared by alloy's tests: fresh random seeds (reproducible on demand), the GPU gate, and the
+// message of the alloy::error a call throws.
 #pragma once
 
 #include <alloy/backend/device.hpp>
+#include <alloy/error.hpp>
 
 #include <gtest/gtest.h>
 
@@ -31,6 +33,23 @@ inline bool gpu_required() {
   return v && *v && std::string(v) != "0";
 }
 
+// The message of the alloy::error that f() throws; a failure, and "no error", if it throws none.
+template <class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const alloy::error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no alloy::error was thrown";
+  return "no error";
+}
+
+inline ::testing::AssertionResult mentions(const std::string& message, const std::string& text) {
+  if (message.find(text) != std::string::npos) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "message: " << message << "\nexpected to mention: " << text;
+}
+
 }  // namespace alloy::test
 
 #define ALLOY_SKIP_WITHOUT_CUDA_DEVICE()                                                          \
@@ -40,6 +59,9 @@ inline bool gpu_required() {
       GTEST_SKIP() << "no CUDA device";                                                           \
     }                                                                                             \
   } while (0)
+
+// The message (a std::string or a C string) contains text.
+#define EXPECT_MENTIONS(message, text) EXPECT_TRUE(::alloy::test::mentions((message), (text)))
 
 #define ALLOY_SEEDED(name)                                \
   const std::uint64_t name = ::alloy::test::fresh_seed(); \

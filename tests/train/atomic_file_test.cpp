@@ -1,3 +1,4 @@
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
 #include <alloy/train/atomic_file.hpp>
@@ -9,12 +10,8 @@
 
 #include <algorithm>
 #include <csignal>
-#include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
-#include <iterator>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -24,54 +21,27 @@
 namespace {
 
 namespace fs = std::filesystem;
+using alloy::test::message_of;
+using alloy::test::random_bytes;
+using alloy::test::read_all;
 
 // Each test gets its own directory under the system's temporary directory.
 class AtomicFile : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string pattern = (fs::temp_directory_path() / "alloy_atomic_file_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   // Everything in the test's directory: a leftover temporary file shows up here.
   std::vector<std::string> listing() const {
     std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(dir_)) names.push_back(entry.path().filename().string());
+    for (const auto& entry : fs::directory_iterator(dir_.path())) names.push_back(entry.path().filename().string());
     std::sort(names.begin(), names.end());
     return names;
   }
 
-  fs::path dir_;
+  alloy::test::TempDir dir_{"alloy_atomic_file"};
 };
-
-std::vector<std::byte> random_bytes(std::mt19937_64& rng, std::size_t n) {
-  std::vector<std::byte> out(n);
-  for (auto& b : out) b = static_cast<std::byte>(rng() & 0xFF);
-  return out;
-}
-
-std::vector<std::byte> read_all(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(chars.size());
-  std::memcpy(out.data(), chars.data(), chars.size());
-  return out;
-}
 
 void write_plain(const fs::path& path, const std::vector<std::byte>& bytes) {
   std::ofstream out(path, std::ios::binary);
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const alloy::error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 TEST_F(AtomicFile, CreatesTheTargetWithReadableMode) {

@@ -1,5 +1,6 @@
 #include "../../examples/custom_model/teacher_mlp.hpp"
 #include "../optim/reference.hpp"
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
 #include <alloy/alloy.hpp>
@@ -15,24 +16,7 @@ namespace {
 using namespace alloy;
 using teacher::Batch;
 using teacher::StudentMlp;
-
-class TempDir {
- public:
-  TempDir()
-      : path_(std::filesystem::temp_directory_path() /
-              ("alloy_ckpt_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++))) {
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-  std::filesystem::path path_;
-};
+using test::TempDir;
 
 std::vector<Batch> batches(std::uint64_t seed, int count, bool poison_one = false) {
   const teacher::Teacher t(16, 32, 4, seed);
@@ -219,7 +203,7 @@ TEST(Checkpoint, SavingReplacesTheOldFileWhole) {
   other.load(dir / "c.safetensors");
   EXPECT_EQ(other.steps(), 1u);
   std::size_t entries = 0;
-  for (auto& e : std::filesystem::directory_iterator(dir / "")) entries += e.is_regular_file();
+  for (auto& e : std::filesystem::directory_iterator(dir.path())) entries += e.is_regular_file();
   EXPECT_EQ(entries, 1u) << "a temporary file was left behind";
 }
 

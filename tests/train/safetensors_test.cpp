@@ -1,3 +1,4 @@
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
 #include <alloy/train/safetensors.hpp>
@@ -10,7 +11,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <iterator>
 #include <map>
 #include <optional>
@@ -25,16 +25,12 @@ namespace fs = std::filesystem;
 using alloy::SafetensorsDtype;
 using alloy::SafetensorsFile;
 using alloy::TensorToWrite;
+using alloy::test::message_of;
+using alloy::test::random_bytes;
+using alloy::test::read_all;
 
 class Safetensors : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string pattern = (fs::temp_directory_path() / "alloy_safetensors_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr);
-    dir_ = pattern;
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   // A file with the given header text and data section, and a header length that may lie.
   fs::path raw_file(const std::string& header, std::size_t data_bytes,
                     std::optional<std::uint64_t> declared_length = std::nullopt) {
@@ -56,35 +52,9 @@ class Safetensors : public ::testing::Test {
     return "no error";
   }
 
-  fs::path dir_;
+  alloy::test::TempDir dir_{"alloy_safetensors"};
   int raw_files_ = 0;
 };
-
-std::vector<std::byte> random_bytes(std::mt19937_64& rng, std::size_t n) {
-  std::vector<std::byte> out(n);
-  for (auto& b : out) b = static_cast<std::byte>(rng() & 0xFF);
-  return out;
-}
-
-std::vector<std::byte> read_all(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(chars.size());
-  std::memcpy(out.data(), chars.data(), chars.size());
-  return out;
-}
-
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const alloy::error& e) {
-    return e.what();
-  }
-  return "no error";
-}
-
-#define EXPECT_MENTIONS(message, text) \
-  EXPECT_NE(std::string(message).find(text), std::string::npos) << "message: " << (message)
 
 struct Sample {
   std::string name;
@@ -338,7 +308,7 @@ TEST_F(Safetensors, FailingChunkSourceLeavesTheOldFile) {
   options.chunk_bytes = 1 << 16;
   EXPECT_THROW(alloy::write_safetensors(path, failing, {}, options), std::runtime_error);
   EXPECT_EQ(read_all(path), before);
-  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_.path()), fs::directory_iterator()), 1);
 }
 
 TEST_F(Safetensors, WriterRejectsInconsistentTensors) {
@@ -405,7 +375,7 @@ TEST_F(Safetensors, RejectsAFileShorterThanTheLengthField) {
 
 TEST_F(Safetensors, RejectsAMissingFileOrADirectory) {
   EXPECT_MENTIONS(open_error(dir_ / "absent.safetensors"), "cannot open: No such file or directory");
-  EXPECT_MENTIONS(open_error(dir_), "not a regular file");
+  EXPECT_MENTIONS(open_error(dir_.path()), "not a regular file");
 }
 
 TEST_F(Safetensors, RejectsAHeaderLengthPastTheEndOfTheFile) {

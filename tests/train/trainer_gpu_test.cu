@@ -1,6 +1,7 @@
 // The Trainer on Cuda against the same Trainer on Host, fed the same batches.
 #include "../../examples/custom_model/teacher_mlp.hpp"
 #include "../optim/reference.hpp"
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
 #include <alloy/alloy.hpp>
@@ -83,8 +84,7 @@ TEST(GpuCheckpoint, ResumeOnTheDeviceIsBitExactAndFilesMoveBetweenBackends) {
   using P = Precision<fp16, fp32_master>;
   using Gpu = Trainer<teacher::StudentMlp, P, Accumulate<2>, AdamW<State<q8>>, Cuda>;
   using Cpu = Trainer<teacher::StudentMlp, P, Accumulate<2>, AdamW<State<q8>>, Host>;
-  const auto dir = std::filesystem::temp_directory_path() / ("alloy_gpu_ckpt_" + std::to_string(seed));
-  std::filesystem::create_directories(dir);
+  const test::TempDir dir("alloy_gpu_ckpt");
   const auto data = gpu_batches(seed, 24);
   Gpu straight(teacher::StudentMlp(16, 32, 4), {.max_grad_norm = 1.0f, .seed = seed});
   auto it = data.begin();
@@ -104,7 +104,6 @@ TEST(GpuCheckpoint, ResumeOnTheDeviceIsBitExactAndFilesMoveBetweenBackends) {
   straight.save(dir / "gpu.safetensors");
   host.load(dir / "gpu.safetensors");
   EXPECT_EQ(test::snapshot(host.store()), test::snapshot(straight.store()));
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <alloy/numeric/rounding.hpp>
 
 #include <string>
+#include <type_traits>
 
 namespace alloy::nn {
 
@@ -15,8 +16,15 @@ template <class T>
 struct Activation {
   T* data = nullptr;
   std::size_t rows = 0, cols = 0;
+
+  Activation() = default;
+  Activation(T* d, std::size_t r, std::size_t c) noexcept : data(d), rows(r), cols(c) {}
+  // A writable activation is readable: Activation<T> converts to Activation<const T>.
+  template <class U>
+    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+  Activation(const Activation<U>& a) noexcept : data(a.data), rows(a.rows), cols(a.cols) {}
+
   std::size_t size() const noexcept { return rows * cols; }
-  operator Activation<const T>() const noexcept { return {data, rows, cols}; }
 };
 
 namespace detail {
