@@ -57,6 +57,10 @@ static_assert(Q8Store::bytes_per_param == 2 + 2 + 4 + 2 + 8.0 / 256);
 using AccumStore = ParamStore<Precision<bf16, fp32_master>, AdamW<State<bf16>>, Host, 16>;
 static_assert(AccumStore::bytes_per_param == 2 + 2 + 4 + 4 + 4);
 static_assert(AccumStore::has_accumulator && std::is_same_v<AccumStore::optimizer_grad_type, float>);
+static_assert(AccumStore::bytes_per_param_by_role.grad_accumulator == 4 &&
+              AccumStore::bytes_per_param_by_role.optimizer_state == 4 &&
+              AccumStore::bytes_per_param_by_role.master == 4);
+static_assert(Q8Store::bytes_per_param_by_role.optimizer_state == 2 + 8.0 / 256);
 using DirectStore = ParamStore<Precision<bf16>, Lion<State<bf16>>, Host>;
 static_assert(DirectStore::bytes_per_param == 2 + 2 + 2);
 

@@ -54,11 +54,17 @@ class ParamStore {
   static constexpr std::size_t quant_block = static_cast<std::size_t>(state_policy::quant_block);
   static constexpr std::size_t layout_block = quant_block > 256 ? quant_block : 256;
 
-  // Bytes per parameter over all roles (layout padding aside). Adafactor's statistics grow with
-  // rows + columns, not with elements, and are left out.
-  static constexpr double bytes_per_param = sizeof(param_type) + sizeof(grad_type) +
-                                            (has_accumulator ? sizeof(optimizer_grad_type) : 0) + (has_master ? 4 : 0) +
-                                            (is_adafactor_v<O> ? 0.0 : slots * state_policy::bytes_per_value);
+  // Bytes per parameter of each role and in all (layout padding aside). Adafactor's statistics
+  // grow with rows + columns, not with elements, and are left out.
+  struct RoleBytes {
+    double params, grads, grad_accumulator, master, optimizer_state;
+    constexpr double total() const { return params + grads + grad_accumulator + master + optimizer_state; }
+  };
+  static constexpr RoleBytes bytes_per_param_by_role{double(sizeof(param_type)), double(sizeof(grad_type)),
+                                                     has_accumulator ? double(sizeof(optimizer_grad_type)) : 0.0,
+                                                     has_master ? 4.0 : 0.0,
+                                                     is_adafactor_v<O> ? 0.0 : slots* state_policy::bytes_per_value};
+  static constexpr double bytes_per_param = bytes_per_param_by_role.total();
 
   explicit ParamStore(const ParamRegistry& registry, B be = {}, std::uint64_t seed = 0,
                       MemoryTracker* tracker = nullptr)
