@@ -21,7 +21,7 @@
 
 namespace alloy::detail {
 
-inline constexpr std::size_t scale_block = 256;  // BlockScales granularity, as ArenaLayout's
+inline constexpr std::size_t scale_block = block_scales_granularity;
 
 // Everything one pass-2 launch needs besides the arenas.
 template <class Rule>

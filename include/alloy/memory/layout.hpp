@@ -37,7 +37,7 @@ class ArenaLayout {
   }
 
   // Granularity of BlockScales: one entry per 256 elements.
-  static constexpr std::size_t scale_block = 256;
+  static constexpr std::size_t scale_block = block_scales_granularity;
 
   const TensorPlacement& operator[](std::size_t i) const { return placements_.at(i); }
   std::size_t tensors() const noexcept { return placements_.size(); }

@@ -8,9 +8,12 @@
 
 #include <alloy/numeric/fp_ops.hpp>
 
+#include <cstddef>
+
 namespace alloy {
 
-// Per-block multipliers, from the parameter's declaration.
+// Per-block multipliers, from the parameter's declaration: one per this many elements.
+inline constexpr std::size_t block_scales_granularity = 256;
 struct BlockScales {
   float lr = 1.0f;
   float decay = 1.0f;
