@@ -67,43 +67,73 @@ class TeacherTask {
 
 namespace nn = alloy::nn;
 using Block = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, nn::Gelu, nn::Linear>>;
-using Network = nn::Sequential<nn::Linear, nn::Repeated<Block>, nn::LayerNorm, nn::Linear>;
 
-inline Network network(const Shape& s) {
-  std::vector<Block> blocks;
-  for (std::size_t b = 0; b < s.blocks; ++b) {
-    const std::string p = "blocks." + std::to_string(b) + ".";
-    blocks.emplace_back(nn::Sequential(nn::LayerNorm(p + "norm", s.width), nn::Linear(p + "up", s.width, 4 * s.width),
-                                       nn::Gelu{}, nn::Linear(p + "down", 4 * s.width, s.width)));
+inline std::vector<Block> blocks(const Shape& s) {
+  std::vector<Block> b;
+  for (std::size_t i = 0; i < s.blocks; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    b.emplace_back(nn::Sequential(nn::LayerNorm(p + "norm", s.width), nn::Linear(p + "up", s.width, 4 * s.width),
+                                  nn::Gelu{}, nn::Linear(p + "down", 4 * s.width, s.width)));
   }
-  return Network(nn::Linear("embed", s.inputs, s.width), nn::Repeated<Block>(std::move(blocks)),
-                 nn::LayerNorm("final_norm", s.width), nn::Linear("head", s.width, s.classes));
+  return b;
 }
 
-// A LayeredModel: Checkpointing recomputes the residual blocks.
+// A LayeredModel (alloy/train/model.hpp): the trainer runs the residual blocks itself, so
+// Checkpointing keeps only every k-th block's input and recomputes the rest in backward.
+//   input: the batch uploaded and embedded; layers: the blocks; head: final LayerNorm, the
+//   classifier and softmax cross-entropy, forward and backward; input_backward: the embedding.
 class ResidualMlp {
  public:
   using batch_type = Batch;
 
-  explicit ResidualMlp(const Shape& s) : shape_(s), net_(network(s)) {}
+  explicit ResidualMlp(const Shape& s)
+      : shape_(s),
+        embed_("embed", s.inputs, s.width),
+        blocks_(mlp::blocks(s)),
+        final_norm_("final_norm", s.width),
+        head_("head", s.width, s.classes) {}
 
-  void declare(alloy::ParamRegistry& r) { net_.declare(r); }
-  Network& layers() noexcept { return net_; }
+  void declare(alloy::ParamRegistry& r) {
+    embed_.declare(r);
+    for (auto& b : blocks_) b.declare(r);
+    final_norm_.declare(r);
+    head_.declare(r);
+  }
+
+  std::vector<Block>& layers() noexcept { return blocks_; }
 
   template <class Ctx>
-  float forward_backward(Ctx& ctx, const Batch& b) {
-    const auto x = nn::upload_features(ctx, b.x, shape_.inputs);
+  auto input(Ctx& ctx, const Batch& b) {
+    return embed_.forward(ctx, nn::upload_features(ctx, b.x, shape_.inputs));
+  }
+
+  template <class Ctx>
+  auto head(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> y, const Batch& b) {
     const auto* targets = nn::upload_targets(ctx, b.label, shape_.classes);
-    const auto logits = net_.forward(ctx, x);
+    const auto logits = head_.forward(ctx, final_norm_.forward(ctx, y));
     const auto [loss, dlogits] = loss_.forward_backward(ctx, logits, targets);
-    net_.backward(ctx, dlogits);
-    return loss;
+    return std::make_pair(loss, final_norm_.backward(ctx, head_.backward(ctx, dlogits)));
+  }
+
+  template <class Ctx>
+  void input_backward(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> dx, const Batch&) {
+    embed_.backward(ctx, dx);
+  }
+
+  // The same micro-batch driven by hand (tests): recomputes every ctx.checkpoint_every() blocks.
+  template <class Ctx>
+  float forward_backward(Ctx& ctx, const Batch& b) {
+    return alloy::run_layered(ctx, *this, b, ctx.checkpoint_every(), kept_);
   }
 
  private:
   Shape shape_;
-  Network net_;
+  nn::Linear embed_;
+  std::vector<Block> blocks_;
+  nn::LayerNorm final_norm_;
+  nn::Linear head_;
   nn::SoftmaxCrossEntropy loss_;
+  alloy::KeptInputs kept_;
 };
 
 }  // namespace mlp

@@ -4,6 +4,7 @@
 #include <alloy/backend/backend.hpp>
 #include <alloy/config.hpp>
 #include <alloy/error.hpp>
+#include <alloy/memory/activation.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/memory/param_store.hpp>
 #include <alloy/memory/registry.hpp>
@@ -17,6 +18,7 @@
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/policies.hpp>
+#include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
 #include <alloy/train/trainer.hpp>
 #include <alloy/train/workspace.hpp>

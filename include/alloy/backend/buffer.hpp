@@ -132,6 +132,22 @@ std::vector<T> to_host(const Buffer<T, B>& src) {
   return out;
 }
 
+// Copies n elements from host memory to backend memory at dst (raw pointers: workspace
+// activations). On Cuda the copy is ordered on the backend's stream; from pageable host memory
+// the call returns once the source has been read, so the host side may be reused on return.
+template <class T, backend B>
+void upload(B be, T* dst, std::span<const T> src) {
+  if (src.empty()) return;
+  if constexpr (std::is_same_v<B, Host>) {
+    std::memcpy(static_cast<void*>(dst), src.data(), src.size_bytes());
+  } else {
+#if ALLOY_HAS_CUDA_RUNTIME
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(dst, src.data(), src.size_bytes(), cudaMemcpyHostToDevice, be.stream));
+#endif
+  }
+  (void)be;
+}
+
 // Sets every byte of the buffer to zero (ordered on the buffer's stream on Cuda).
 template <class T, backend B>
 void fill_zero(Buffer<T, B>& b) {

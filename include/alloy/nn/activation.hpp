@@ -1,9 +1,10 @@
-// Activation<T>: a row-major [rows, cols] tensor in the workspace, the currency between layers.
-// Helpers shared by the layers: the backend dispatch of matrix products, copies and adds.
+// The layers' currency is alloy::Activation<T> (memory/activation.hpp). Helpers shared by the layers: the backend
+// dispatch of matrix products, copies and adds.
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/kernels/gemm.hpp>
+#include <alloy/memory/activation.hpp>
 #include <alloy/numeric/fp_ops.hpp>
 #include <alloy/numeric/rounding.hpp>
 
@@ -12,20 +13,7 @@
 
 namespace alloy::nn {
 
-template <class T>
-struct Activation {
-  T* data = nullptr;
-  std::size_t rows = 0, cols = 0;
-
-  Activation() = default;
-  Activation(T* d, std::size_t r, std::size_t c) noexcept : data(d), rows(r), cols(c) {}
-  // A writable activation is readable: Activation<T> converts to Activation<const T>.
-  template <class U>
-    requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
-  Activation(const Activation<U>& a) noexcept : data(a.data), rows(a.rows), cols(a.cols) {}
-
-  std::size_t size() const noexcept { return rows * cols; }
-};
+using alloy::Activation;
 
 namespace detail {
 

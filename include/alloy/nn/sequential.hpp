@@ -1,13 +1,13 @@
 // Containers: Sequential<Layers...> runs its layers in order; Residual<Block> adds its input to
-// its block's output; Repeated<Block> holds n blocks of one type and is where activation
-// recomputation happens: with ctx.checkpoint_every() = k it keeps only the input of every k-th
-// block during forward and re-runs each segment's forward inside backward. The recomputed
-// forward is the same computation on the same inputs, so gradients are bit-identical to keeping
-// everything; the peak activation memory falls to about one segment plus the kept inputs.
+// its block's output; Repeated<Block> holds n blocks of one type and runs them through
+// train/recompute.hpp: with ctx.checkpoint_every() = k it keeps only the input of every k-th
+// block during forward and re-runs each segment's forward inside backward, bit-identical to
+// keeping everything. A LayeredModel usually hands the trainer repeated.blocks() as its layers().
 #pragma once
 
 #include <alloy/memory/registry.hpp>
 #include <alloy/nn/activation.hpp>
+#include <alloy/train/recompute.hpp>
 
 #include <tuple>
 #include <utility>
@@ -109,55 +109,20 @@ class Repeated {
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
-    using T = detail::value_t<Ctx>;
-    const std::size_t k = static_cast<std::size_t>(ctx.checkpoint_every());
-    Activation<T> y{const_cast<T*>(x.data), x.rows, x.cols};
-    if (k == 0) {
-      for (auto& b : blocks_) y = b.forward(ctx, y);
-      return y;
-    }
-    // Keep each segment's input; drop what its blocks allocate, keeping a copy of its output.
-    segment_inputs_.clear();
-    for (std::size_t first = 0; first < blocks_.size(); first += k) {
-      segment_inputs_.push_back(y.data);
-      auto kept = detail::allocate(ctx, y.rows, y.cols);
-      const auto mark = ctx.workspace().mark();
-      Activation<T> s = y;
-      for (std::size_t i = first; i < std::min(first + k, blocks_.size()); ++i) s = blocks_[i].forward(ctx, s);
-      detail::copy<Ctx, T>(ctx, s, kept);
-      ctx.workspace().release(mark);
-      y = kept;
-    }
-    return y;
+    return forward_blocks(ctx, blocks_, x, ctx.checkpoint_every(), kept_);
   }
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
-    using T = detail::value_t<Ctx>;
-    const std::size_t k = static_cast<std::size_t>(ctx.checkpoint_every());
-    Activation<T> d{const_cast<T*>(dy.data), dy.rows, dy.cols};
-    if (k == 0) {
-      for (std::size_t i = blocks_.size(); i-- > 0;) d = blocks_[i].backward(ctx, d);
-      return d;
-    }
-    for (std::size_t s = segment_inputs_.size(); s-- > 0;) {
-      const std::size_t first = s * k, last = std::min(first + k, blocks_.size());
-      auto kept = detail::allocate(ctx, d.rows, d.cols);
-      const auto mark = ctx.workspace().mark();
-      Activation<T> y{static_cast<T*>(segment_inputs_[s]), d.rows, d.cols};
-      for (std::size_t i = first; i < last; ++i) y = blocks_[i].forward(ctx, y);  // recompute
-      Activation<T> g = d;
-      for (std::size_t i = last; i-- > first;) g = blocks_[i].backward(ctx, g);
-      detail::copy<Ctx, T>(ctx, g, kept);
-      ctx.workspace().release(mark);
-      d = kept;
-    }
-    return d;
+    return backward_blocks(ctx, blocks_, dy, kept_);
   }
+
+  // The blocks, for a LayeredModel whose layers() they are (the trainer then runs them).
+  std::vector<Block>& blocks() noexcept { return blocks_; }
 
  private:
   std::vector<Block> blocks_;
-  std::vector<void*> segment_inputs_;
+  KeptInputs kept_;
 };
 
 }  // namespace alloy::nn

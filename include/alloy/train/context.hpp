@@ -49,8 +49,15 @@ class Context {
   }
 
   // Activation recomputation: keep every k-th block's input and recompute the rest inside
-  // backward (alloy::nn::Repeated does); 0 keeps everything.
+  // backward (train/recompute.hpp: the trainer for a LayeredModel's blocks, and
+  // alloy::nn::Repeated); 0 keeps everything.
   int checkpoint_every() const noexcept { return checkpoint_every_; }
+  // The same context with another spacing (0 inside a segment that is itself recomputed).
+  Context with_checkpoint_every(int k) const {
+    Context c(*this);
+    c.checkpoint_every_ = k;
+    return c;
+  }
   // The trainer's per-backend objects (the cuBLASLt handle on Cuda).
   BackendResources<backend_type>& resources() const {
     if (!resources_) throw error("Context::resources: this context was made without backend resources");

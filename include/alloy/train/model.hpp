@@ -1,5 +1,7 @@
 // The model contract, checked with concepts so a failure names the missing requirement.
 //
+// Level 1, a Model, owns its whole forward and backward:
+//
 //   struct MyModel {
 //     using batch_type = ...;                                   // one micro-batch
 //     void declare(alloy::ParamRegistry&);                      // name every parameter
@@ -8,13 +10,39 @@
 //
 // forward_backward runs forward in the compute dtype, returns the micro-batch loss (fp32), and
 // writes (or, when ctx.accumulate_grads(), adds) gradients of loss * ctx.loss_scale() into
-// ctx.grad(...). That is enough for every policy but Checkpointing, which needs the trainer to
-// see the model's blocks (a LayeredModel, with alloy/nn).
+// ctx.grad(...). That is enough for every policy but Checkpointing.
+//
+// Level 2, a LayeredModel, shows the trainer its sequence of blocks, and the trainer runs them
+// (train/recompute.hpp), so it can drop activations and recompute them under Checkpointing:
+//
+//   struct MyLayeredModel {
+//     using batch_type = ...;
+//     void declare(alloy::ParamRegistry&);
+//     std::vector<MyBlock>& layers();                          // any random-access range of blocks
+//     template <class Ctx> alloy::Activation<T> input(Ctx&, const batch_type&);    // before the blocks
+//     template <class Ctx> std::pair<float, alloy::Activation<T>>                  // after them: the loss
+//         head(Ctx&, alloy::Activation<const T> y, const batch_type&);             // and d loss*scale / dy
+//     template <class Ctx> void input_backward(Ctx&, alloy::Activation<const T> dx, const batch_type&);  // optional
+//   };
+//   struct MyBlock {
+//     template <class Ctx> alloy::Activation<T> forward(Ctx&, alloy::Activation<const T> x);
+//     template <class Ctx> alloy::Activation<T> backward(Ctx&, alloy::Activation<const T> dy);
+//   };
+//
+// T is Ctx::param_type, the compute-dtype storage. For each micro-batch the trainer runs
+// input, the blocks forward, head, the blocks backward and input_backward when there is one.
+// Blocks allocate what they keep for backward from ctx (the workspace) and write their
+// parameter gradients as a Model does. A LayeredModel needs no forward_backward; the trainer
+// runs the layered path for it with or without Checkpointing, so both give the same bits.
 #pragma once
 
+#include <alloy/memory/activation.hpp>
 #include <alloy/memory/registry.hpp>
 
 #include <concepts>
+#include <iterator>
+#include <ranges>
+#include <utility>
 
 namespace alloy {
 
@@ -36,10 +64,57 @@ concept runs_forward_backward = has_batch_type<M> && requires(M& m, Ctx& ctx, co
 template <class M, class Ctx>
 concept Model = has_batch_type<M> && declares_parameters<M> && runs_forward_backward<M, Ctx>;
 
-// Exposes its block sequence, so the trainer can drop and recompute activations.
+// The pieces of a LayeredModel, one concept each so the trainer can name what is missing.
 template <class M>
-concept LayeredModel = requires(M& m) {
+concept has_layers = requires(M& m) {
   m.layers();
 };
+
+template <class M>
+concept layers_are_a_range = has_layers<M> && requires(M& m) {
+  requires std::ranges::random_access_range<decltype(m.layers())>;
+  requires std::ranges::sized_range<decltype(m.layers())>;
+};
+
+template <class M>
+using block_t = std::ranges::range_value_t<decltype(std::declval<M&>().layers())>;
+
+template <class Block, class Ctx>
+concept block_runs_forward = requires(Block& b, Ctx& ctx, Activation<const typename Ctx::param_type> x) {
+  { b.forward(ctx, x) } -> std::convertible_to<Activation<const typename Ctx::param_type>>;
+};
+
+template <class Block, class Ctx>
+concept block_runs_backward = requires(Block& b, Ctx& ctx, Activation<const typename Ctx::param_type> dy) {
+  { b.backward(ctx, dy) } -> std::convertible_to<Activation<const typename Ctx::param_type>>;
+};
+
+// Every block of M's layers() runs forward / backward over Ctx (false when layers() is no range).
+template <class M, class Ctx>
+concept layer_blocks_run_forward = layers_are_a_range<M> && block_runs_forward<block_t<M>, Ctx>;
+template <class M, class Ctx>
+concept layer_blocks_run_backward = layers_are_a_range<M> && block_runs_backward<block_t<M>, Ctx>;
+
+template <class M, class Ctx>
+concept has_input = has_batch_type<M> && requires(M& m, Ctx& ctx, const typename M::batch_type& b) {
+  { m.input(ctx, b) } -> std::convertible_to<Activation<const typename Ctx::param_type>>;
+};
+
+template <class M, class Ctx>
+concept has_head = has_batch_type<M> &&
+    requires(M& m, Ctx& ctx, Activation<const typename Ctx::param_type> y, const typename M::batch_type& b) {
+  { m.head(ctx, y, b).first } -> std::convertible_to<float>;
+  { m.head(ctx, y, b).second } -> std::convertible_to<Activation<const typename Ctx::param_type>>;
+};
+
+template <class M, class Ctx>
+concept has_input_backward = has_batch_type<M> &&
+    requires(M& m, Ctx& ctx, Activation<const typename Ctx::param_type> dx, const typename M::batch_type& b) {
+  m.input_backward(ctx, dx, b);
+};
+
+template <class M, class Ctx>
+concept LayeredModel = has_batch_type<M> && declares_parameters<M> && layer_blocks_run_forward<M, Ctx> &&
+    layer_blocks_run_backward<M, Ctx> && has_input<M, Ctx> && has_head<M, Ctx>;
 
 }  // namespace alloy

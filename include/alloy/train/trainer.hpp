@@ -17,6 +17,7 @@
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/policies.hpp>
+#include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
 #include <alloy/train/workspace.hpp>
 
@@ -86,17 +87,43 @@ class Trainer {
                 "Trainer<Model>: the model must declare `using batch_type = ...;` (one micro-batch)");
   static_assert(declares_parameters<M>,
                 "Trainer<Model>: the model needs `void declare(alloy::ParamRegistry&)` naming each parameter");
-  static_assert(runs_forward_backward<M, context_type>,
+  // The trainer runs a LayeredModel's blocks itself (Checkpointing or not); any other model
+  // runs its own forward_backward.
+  static constexpr bool layered = LayeredModel<M, context_type>;
+  // Checkpointing, or a model without forward_backward that shows layers(), needs every
+  // LayeredModel member; each missing one gets its own message.
+  static constexpr bool needs_layers = recomputes || (!runs_forward_backward<M, context_type> && has_layers<M>);
+
+  static_assert(runs_forward_backward<M, context_type> || has_layers<M>,
                 "Trainer<Model>: the model needs `float forward_backward(Ctx&, const batch_type&)` returning the "
-                "micro-batch loss and writing gradients of loss * ctx.loss_scale()");
-  static_assert(!recomputes || LayeredModel<M>,
-                "Checkpointing needs a model that exposes layers() (a LayeredModel); remove Checkpointing or build "
-                "the model from alloy::nn blocks");
+                "micro-batch loss and writing gradients of loss * ctx.loss_scale() (a Model), or layers(), input() "
+                "and head() (a LayeredModel; see alloy/train/model.hpp)");
+  static_assert(!recomputes || has_layers<M>,
+                "Checkpointing needs a LayeredModel: the model has no layers(). Give it `layers()` (a range of blocks "
+                "with forward and backward), `input(ctx, batch)` and `head(ctx, y, batch)` so the trainer can run and "
+                "recompute the blocks (see alloy/train/model.hpp), or remove Checkpointing");
+  static_assert(!needs_layers || !has_layers<M> || layers_are_a_range<M>,
+                "LayeredModel: layers() must return a random-access, sized range of blocks (std::vector<Block>&, "
+                "std::span<Block>, std::array<Block, N>&)");
+  static_assert(!needs_layers || !layers_are_a_range<M> || layer_blocks_run_forward<M, context_type>,
+                "LayeredModel: each block in layers() needs a member `Activation<T> forward(Ctx&, "
+                "Activation<const T> x)` (T = Ctx::param_type)");
+  static_assert(!needs_layers || !layers_are_a_range<M> || layer_blocks_run_backward<M, context_type>,
+                "LayeredModel: each block in layers() needs a member `Activation<T> backward(Ctx&, "
+                "Activation<const T> dy)` returning dx and writing the block's parameter gradients");
+  static_assert(!needs_layers || !has_layers<M> || has_input<M, context_type>,
+                "LayeredModel: the model needs a member `Activation<T> input(Ctx&, const batch_type&)` giving the "
+                "first block's input");
+  static_assert(!needs_layers || !has_layers<M> || has_head<M, context_type>,
+                "LayeredModel: the model needs a member `std::pair<float, Activation<T>> head(Ctx&, Activation<const "
+                "T> y, const batch_type&)` returning the loss and the gradient of loss * ctx.loss_scale() w.r.t. y");
 
   struct Config {
     typename optimizer_type::Config optimizer{};
     typename scaler_type::Config scaler{};
-    LrSchedule schedule = LrSchedule::constant(typename optimizer_type::Config{}.lr);
+    // The rate each step uses. Unset, it is optimizer.lr, constant: a rate set in one place is
+    // the rate. A schedule and an optimizer.lr that disagree are refused (see the constructor).
+    LrSchedule schedule = LrSchedule::constant(optimizer.lr);
     float max_grad_norm = 0.0f;  // 0: no clipping
     Rounding param_rounding = Rounding::nearest_even;
     std::uint64_t seed = 0;  // initialization and stochastic rounding
@@ -114,6 +141,7 @@ class Trainer {
         workspace_(be, &tracker_),
         resources_(be),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
+    check_learning_rate(config_);
     if (micro_batches_ < 1) {
       throw error("Trainer: micro_batches = " + std::to_string(config.micro_batches) + "; at least one per step");
     }
@@ -140,7 +168,7 @@ class Trainer {
       const bool in_place = !store_type::has_accumulator && mb > 0;
       context_type ctx(store_, workspace_, scale / static_cast<float>(micro_batches_), in_place, mb, micro_batches_,
                        attempted_, policies::checkpointing::every, &resources_);
-      loss_sum += static_cast<double>(model_.forward_backward(ctx, next_batch(source)));
+      loss_sum += static_cast<double>(forward_backward(ctx, next_batch(source)));
       if constexpr (store_type::has_accumulator) {
         using G = typename store_type::grad_type;
         using Acc = typename store_type::optimizer_grad_type;
@@ -219,11 +247,33 @@ class Trainer {
   float loss_scale() const noexcept { return step_.loss_scale(); }
 
  private:
+  // optimizer.lr changed from its default and a schedule whose peak differs: two rates, and
+  // whichever the trainer picked would surprise someone.
+  static void check_learning_rate(const Config& c) {
+    const float default_lr = typename optimizer_type::Config{}.lr;
+    if (c.optimizer.lr != default_lr && c.schedule.peak_lr != c.optimizer.lr) {
+      throw error("Trainer: two learning rates: optimizer.lr = " + std::to_string(c.optimizer.lr) +
+                  " and a schedule with peak " + std::to_string(c.schedule.peak_lr) +
+                  "; the schedule sets each step's rate: set the rate in the schedule (and leave optimizer.lr), or "
+                  "leave the schedule out to train at optimizer.lr");
+    }
+  }
+
   static ParamRegistry declared(M& model) {
     ParamRegistry r;
     model.declare(r);
     if (r.size() == 0) throw error("Trainer: the model declared no parameters");
     return r;
+  }
+
+  // One micro-batch: the model's own forward_backward, or for a LayeredModel input, the blocks
+  // (with recomputation every policies::checkpointing::every blocks), head, the blocks backward.
+  float forward_backward(context_type& ctx, const typename M::batch_type& batch) {
+    if constexpr (layered) {
+      return run_layered(ctx, model_, batch, policies::checkpointing::every, kept_);
+    } else {
+      return model_.forward_backward(ctx, batch);
+    }
   }
 
   template <class Source>
@@ -247,6 +297,7 @@ class Trainer {
   BackendResources<backend_type> resources_;
   int micro_batches_;
   std::uint64_t attempted_ = 0;
+  KeptInputs kept_;  // a LayeredModel's segment inputs, between forward and backward
 };
 
 }  // namespace alloy

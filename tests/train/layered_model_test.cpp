@@ -1,0 +1,130 @@
+// The trainer's second model level: a hand-written LayeredModel (no alloy::nn layer) whose
+// blocks the trainer runs, recomputing them under Checkpointing and CheckpointEvery<k>.
+#include "layered_model.hpp"
+#include "../optim/reference.hpp"
+#include "../support/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+
+namespace {
+
+using namespace alloy;
+
+constexpr std::size_t features = 37, rows = 53, blocks = 7;
+
+static_assert(LayeredModel<layered::Model, Context<ParamStore<Precision<fp32>, AdamW<>, Host>>>);
+
+// Loss and gradients of one batch at the store's parameters, the layered path driven by hand.
+template <class Store>
+float loss_and_grads(Store& store, layered::Model& model, const layered::Batch& b, Workspace<Host>& ws, int every) {
+  ws.reset();
+  Context<Store> ctx(store, ws, 1.0f, false, 0, 1, 0, every);
+  KeptInputs kept;
+  return run_layered(ctx, model, b, every, kept);
+}
+
+TEST(LayeredModel, GradientsMatchFiniteDifferences) {
+  ALLOY_SEEDED(seed);
+  // Few features: the float loss sums every column, so its rounding, divided by the step,
+  // must stay below the tolerance of one column's gradient.
+  constexpr std::size_t features = 5, rows = 11;
+  layered::Model model(features, 3);
+  ParamRegistry r;
+  model.declare(r);
+  using Store = ParamStore<Precision<fp32>, SGD<>, Host>;
+  Store store(r, Host{}, seed);
+  Workspace<Host> ws;
+  std::mt19937_64 rng(seed);
+  const auto batch = layered::random_batch(rows, features, rng);
+  loss_and_grads(store, model, batch, ws, 0);
+  const auto grads = to_host(store.grads_arena());
+  for (const char* name : {"input.scale", "blocks.0.a", "blocks.1.c", "blocks.2.a", "head.w"}) {
+    const auto h = r.handle(name);
+    auto p = store.param(h);
+    const std::size_t offset = store.layout()[h.index].offset;
+    for (std::int64_t i : {std::int64_t(0), p.numel() / 2, p.numel() - 1}) {
+      const float keep = p[i];
+      const float step = 1e-2f * std::max(1.0f, std::fabs(keep));
+      p[i] = keep + step;
+      const double up = loss_and_grads(store, model, batch, ws, 0);
+      p[i] = keep - step;
+      const double down = loss_and_grads(store, model, batch, ws, 0);
+      p[i] = keep;
+      const double numeric = (up - down) / (2.0 * step);
+      EXPECT_NEAR(grads[offset + i], numeric, 2e-3 * std::fabs(numeric) + 2e-4) << name << "[" << i << "]";
+    }
+  }
+}
+
+TEST(LayeredModel, RecomputedGradientsAreBitwiseTheKeptOnes) {
+  ALLOY_SEEDED(seed);
+  layered::Model model(features, blocks);
+  ParamRegistry r;
+  model.declare(r);
+  using Store = ParamStore<Precision<bf16, fp32_master>, AdamW<>, Host>;
+  Store store(r, Host{}, seed);
+  Workspace<Host> ws;
+  std::mt19937_64 rng(seed);
+  const auto batch = layered::random_batch(rows, features, rng);
+  std::vector<std::vector<bf16>> grads;
+  std::vector<std::size_t> peaks;
+  std::vector<float> losses;
+  for (int every : {0, 1, 2, 3, 7, 9}) {
+    ws = Workspace<Host>{};
+    losses.push_back(loss_and_grads(store, model, batch, ws, every));
+    grads.push_back(to_host(store.grads_arena()));
+    peaks.push_back(ws.peak_bytes());
+  }
+  for (std::size_t i = 1; i < grads.size(); ++i) {
+    EXPECT_EQ(losses[i], losses[0]) << i;
+    EXPECT_TRUE(std::equal(grads[i].begin(), grads[i].end(), grads[0].begin(),
+                           [](bf16 a, bf16 b) { return a.bits() == b.bits(); }))
+        << "spacing #" << i;
+  }
+  std::printf("activation peak: kept %zu, every 1: %zu, every 2: %zu, every 3: %zu bytes\n", peaks[0], peaks[1],
+              peaks[2], peaks[3]);
+  EXPECT_LT(peaks[1], peaks[0]);
+  EXPECT_LT(peaks[2], peaks[0]);
+  EXPECT_LT(peaks[3], peaks[0]);
+}
+
+template <class... Extra>
+auto train(std::uint64_t seed, int steps) {
+  using Tr = Trainer<layered::Model, Precision<bf16, fp32_master>, Accumulate<2>, AdamW<>, Host, Extra...>;
+  auto trainer = std::make_unique<Tr>(
+      layered::Model(features, blocks),
+      typename Tr::Config{.schedule = LrSchedule::warmup_cosine(3e-3f, 2, steps), .max_grad_norm = 1.0f, .seed = seed});
+  std::mt19937_64 rng(seed + 1);
+  std::vector<StepReport> reports;
+  for (int s = 0; s < steps; ++s) {
+    reports.push_back(trainer->step([&] { return layered::random_batch(rows, features, rng); }));
+  }
+  return std::make_pair(std::move(trainer), reports);
+}
+
+TEST(LayeredModel, TrainerRecomputesWithTheSameBitsAndLessActivationMemory) {
+  ALLOY_SEEDED(seed);
+  auto [kept, r0] = train(seed, 4);
+  auto [every1, r1] = train<Checkpointing>(seed, 4);
+  auto [every2, r2] = train<CheckpointEvery<2>>(seed, 4);
+  static_assert(!std::remove_cvref_t<decltype(*kept)>::recomputes &&
+                std::remove_cvref_t<decltype(*every1)>::recomputes);
+  for (int s = 0; s < 4; ++s) {
+    EXPECT_EQ(r0[s].loss, r1[s].loss) << s;
+    EXPECT_EQ(r0[s].grad_norm, r1[s].grad_norm) << s;
+    EXPECT_EQ(r0[s].grad_norm, r2[s].grad_norm) << s;
+  }
+  EXPECT_LT(r0[3].loss, r0[0].loss);  // it trains
+  EXPECT_EQ(test::snapshot(kept->store()), test::snapshot(every1->store()));
+  EXPECT_EQ(test::snapshot(kept->store()), test::snapshot(every2->store()));
+  const auto a = kept->memory().activations_peak, b = every1->memory().activations_peak,
+             c = every2->memory().activations_peak;
+  std::printf("trainer activation peak: kept %zu, Checkpointing %zu, CheckpointEvery<2> %zu bytes\n", a, b, c);
+  EXPECT_LT(b, a);
+  EXPECT_LT(c, a);
+}
+
+}  // namespace
