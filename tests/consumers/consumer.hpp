@@ -47,6 +47,12 @@ struct Quadratic {
 
 // The trainer a user writes without naming a backend.
 using DefaultTrainer = alloy::Trainer<Quadratic, alloy::AdamW<>>;
+// Named, never constructed: more of the library's class templates (dynamic loss scale, fp32
+// accumulator, q8 state) whose layout both translation units must agree on.
+using FullTrainer = alloy::Trainer<Quadratic, alloy::Precision<alloy::fp16, alloy::fp32_master>, alloy::Accumulate<2>,
+                                   alloy::AdamW<alloy::State<alloy::q8>>>;
+using FullHostTrainer = alloy::Trainer<Quadratic, alloy::Precision<alloy::bf16, alloy::fp32_master>,
+                                       alloy::Accumulate<4>, alloy::Adafactor<>, alloy::Host>;
 
 struct Report {
   const char* compiler;
@@ -56,6 +62,7 @@ struct Report {
   const char* trainer_type;      // typeid(DefaultTrainer).name()
   std::size_t trainer_size;
   double bytes_per_param;
+  std::size_t other_sizes[2];  // sizeof FullTrainer, FullHostTrainer
   bool bf16_converts_to_cuda;  // bf16 <-> __nv_bfloat16 and fp16 <-> __half are part of the class
 };
 
@@ -75,6 +82,7 @@ inline Report this_translation_unit(const char* compiler) {
           typeid(DefaultTrainer).name(),
           sizeof(DefaultTrainer),
           DefaultTrainer::bytes_per_param,
+          {sizeof(FullTrainer), sizeof(FullHostTrainer)},
           converts};
 }
 }  // namespace
@@ -83,6 +91,7 @@ inline bool same(const Report& a, const Report& b) {
   return a.cuda_runtime == b.cuda_runtime && std::strcmp(a.policies_backend, b.policies_backend) == 0 &&
          std::strcmp(a.trainer_backend, b.trainer_backend) == 0 && std::strcmp(a.trainer_type, b.trainer_type) == 0 &&
          a.trainer_size == b.trainer_size && a.bytes_per_param == b.bytes_per_param &&
+         a.other_sizes[0] == b.other_sizes[0] && a.other_sizes[1] == b.other_sizes[1] &&
          a.bf16_converts_to_cuda == b.bf16_converts_to_cuda;
 }
 

@@ -4,6 +4,8 @@
 #include "consumer.hpp"
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -11,9 +13,9 @@ namespace {
 void print(const consumer::Report& r) {
   std::printf(
       "  %-4s TU: CUDA runtime %d, resolve_policies<AdamW<>>::backend %s, Trainer<M, AdamW<>>::backend_type %s, "
-      "sizeof %zu, %.2f bytes/param, bf16<->__nv_bfloat16 %d\n    type %s\n",
-      r.compiler, int(r.cuda_runtime), r.policies_backend, r.trainer_backend, r.trainer_size, r.bytes_per_param,
-      int(r.bf16_converts_to_cuda), r.trainer_type);
+      "sizeof %zu (others %zu, %zu), %.2f bytes/param, bf16<->__nv_bfloat16 %d\n    type %s\n",
+      r.compiler, int(r.cuda_runtime), r.policies_backend, r.trainer_backend, r.trainer_size, r.other_sizes[0],
+      r.other_sizes[1], r.bytes_per_param, int(r.bf16_converts_to_cuda), r.trainer_type);
 }
 
 int fail(const char* what) {
@@ -58,9 +60,13 @@ int main() {
   switch (consumer::train_default_trainer_on_cuda()) {
     case 0:
       break;
-    case 2:
+    case 2: {
+      // ALLOY_REQUIRE_GPU=1 (the GPU runs set it) makes a missing device a failure, as in the tests.
+      const char* required = std::getenv("ALLOY_REQUIRE_GPU");
+      if (required && *required && std::strcmp(required, "0") != 0) return fail("ALLOY_REQUIRE_GPU but no device");
       std::printf("  no CUDA device: the default (Cuda) trainer was compiled in the nvcc TU but not run\n");
       break;
+    }
     default:
       return fail("the default trainer did not learn on Cuda");
   }
