@@ -45,6 +45,9 @@ if(CONSUMER_CUDA)
        -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES})
 endif()
 
+if(MODE STREQUAL "subdirectory" OR MODE STREQUAL "fetchcontent")
+  list(APPEND configure_args -DALLOY_CUDA=${ALLOY_CUDA})  # alloy's CUDA setting as in the build that runs this
+endif()
 if(MODE STREQUAL "find_package")
   # Install alloy from its build tree into a private prefix, then find it there.
   run(${CMAKE_COMMAND} --install ${ALLOY_BINARY_DIR} --prefix ${work}/prefix)

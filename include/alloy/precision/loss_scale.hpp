@@ -18,8 +18,9 @@ inline constexpr float largest_float = 0x1.fffffep+127f;  // no <limits>: usable
 // - min_scale 1: backing off below it is an error (ScaleEvent::underflow), not a silent slide.
 //   A scale that keeps falling means the gradients overflow at any scale (a diverged run, a
 //   learning rate too high, bad data). Below 1 the scale shrinks gradients, small fp16 ones
-//   flush to zero and steps apply nothing; GradScaler keeps halving into float's denormals and
-//   to 0, where 1/scale is infinite and every step is skipped: training on nothing, unreported.
+//   flush to zero and steps apply next to nothing; GradScaler keeps halving into float's
+//   denormals and to 0 (below 2^-128, 1/scale is infinite and every step is skipped): training
+//   on nothing, unreported.
 // - max_scale 2^24: growth stops there. GradScaler's only ceiling is float's largest value. A
 //   run with no overflow for long (gradients that are zero or tiny, or bf16/tf32 compute, whose
 //   range is float's, which alloy lets a dynamic scaler serve) doubles the scale every interval
@@ -36,7 +37,7 @@ struct DynamicLossScaleConfig {
 
   // torch.amp.GradScaler's defaults and update rule (torch._amp_update_scale_): no lower bound,
   // so the scale may fall into denormals and to 0; growth only while the result is finite.
-  //   Trainer tr(model, {.scaler = alloy::DynamicLossScaleConfig::grad_scaler()});
+  //   Trainer tr(model, {.scaler = alloy::DynamicLossScaleConfig::grad_scaler()});  // scaler: DynamicLossScale
   static constexpr DynamicLossScaleConfig grad_scaler() noexcept {
     return {.init_scale = 65536.0f,
             .growth_factor = 2.0f,
