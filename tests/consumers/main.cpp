@@ -38,9 +38,15 @@ int main() {
               ok ? "ok" : "WRONG");
   if (!ok) return fail("host algorithms or conversions");
 
-  // The default backend is Cuda wherever the CUDA runtime is, whatever compiler reads the header.
+  // Both translation units first, then the agreement between them, then the expected default:
+  // Cuda wherever the CUDA runtime is, whatever compiler reads the header.
   const consumer::Report cpp = consumer::this_translation_unit("g++");
   print(cpp);
+#ifdef CONSUMER_HAS_CUDA_TU
+  const consumer::Report cu = consumer::cuda_translation_unit();
+  print(cu);
+  if (!consumer::same(cpp, cu)) return fail("the g++ and nvcc translation units disagree on alloy's types");
+#endif
   if (cpp.cuda_runtime != bool(CONSUMER_EXPECT_CUDA_RUNTIME)) return fail("CUDA runtime not as the build expects");
   if (std::strcmp(cpp.trainer_backend, cpp.cuda_runtime ? "Cuda" : "Host") != 0) return fail("default backend");
 
@@ -54,9 +60,6 @@ int main() {
   if (!(last < 0.5f * first)) return fail("the Host trainer did not learn");
 
 #ifdef CONSUMER_HAS_CUDA_TU
-  const consumer::Report cu = consumer::cuda_translation_unit();
-  print(cu);
-  if (!consumer::same(cpp, cu)) return fail("the g++ and nvcc translation units disagree on alloy's types");
   switch (consumer::train_default_trainer_on_cuda()) {
     case 0:
       break;
