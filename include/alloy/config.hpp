@@ -1,6 +1,11 @@
 // Compiler and platform switches shared by every alloy header.
 #pragma once
 
+// nvcc defaults to C++17; under it alloy fails at its first concept unless told otherwise.
+#if __cplusplus < 202002L
+#error "alloy needs C++20: compile with -std=c++20 (nvcc too); CMake's alloy::alloy target asks for it"
+#endif
+
 #if defined(__CUDACC__)
 #define ALLOY_HOST_DEVICE __host__ __device__
 #define ALLOY_DEVICE __device__
@@ -38,7 +43,10 @@
 #define ALLOY_HAS_CUDA_RUNTIME 0
 #endif
 
-// Kernels (the Cuda backend's algorithms) exist only where nvcc compiles the file.
+// Kernels (the Cuda backend's algorithms) exist only where nvcc compiles the file. This switch
+// decides what a translation unit can run, never what a type is: a class must be defined the
+// same way in g++ and nvcc translation units of one program, so class definitions, layouts and
+// defaults key on ALLOY_HAS_CUDA_RUNTIME, which both kinds of TU agree on.
 #if ALLOY_HAS_CUDA_RUNTIME && defined(__CUDACC__)
 #define ALLOY_HAS_CUDA_KERNELS 1
 #else

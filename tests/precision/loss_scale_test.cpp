@@ -24,7 +24,7 @@ std::vector<float> run(const DynamicLossScaleConfig& c, const std::string& steps
   return scales;
 }
 
-TEST(DynamicLossScale, DefaultsAreGradScalers) {
+TEST(DynamicLossScale, DefaultsShareGradScalersKnobs) {
   constexpr DynamicLossScaleConfig c;
   EXPECT_EQ(c.init_scale, 65536.0f);
   EXPECT_EQ(c.growth_factor, 2.0f);

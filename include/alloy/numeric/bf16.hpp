@@ -3,7 +3,9 @@
 
 #include <alloy/numeric/detail/bits.hpp>
 
-#if defined(__CUDACC__)
+// The toolkit's header compiles under host compilers too: the conversions to and from
+// __nv_bfloat16 below exist in g++ and nvcc translation units alike, so the class is the same in both.
+#if ALLOY_HAS_CUDA_RUNTIME
 #include <cuda_bf16.h>
 #endif
 
@@ -15,17 +17,16 @@ struct alignas(2) bf16 {
   bf16() = default;
 
   // Round to nearest, ties to even; overflow gives infinity, NaN the canonical NaN 0x7fff.
-  ALLOY_HOST_DEVICE explicit bf16(float x) noexcept
+  ALLOY_HOST_DEVICE explicit bf16(float x) noexcept {
 #if ALLOY_DEVICE_CODE
-      : storage(__bfloat16_as_ushort(__float2bfloat16_rn(x))){}
+    storage = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 #else
-      : storage(detail::float_to_bf16_bits(x)) {
-  }
+    storage = detail::float_to_bf16_bits(x);
 #endif
+  }
 
-        // Exact: every bfloat16 value is a float.
-        ALLOY_HOST_DEVICE explicit
-        operator float() const noexcept {
+  // Exact: every bfloat16 value is a float.
+  ALLOY_HOST_DEVICE explicit operator float() const noexcept {
 #if ALLOY_DEVICE_CODE
     return __bfloat162float(__ushort_as_bfloat16(storage));
 #else
@@ -40,7 +41,7 @@ struct alignas(2) bf16 {
   }
   ALLOY_HOST_DEVICE constexpr std::uint16_t bits() const noexcept { return storage; }
 
-#if defined(__CUDACC__)
+#if ALLOY_HAS_CUDA_RUNTIME
   ALLOY_HOST_DEVICE bf16(__nv_bfloat16 h) noexcept : storage(__bfloat16_as_ushort(h)) {}
   ALLOY_HOST_DEVICE explicit operator __nv_bfloat16() const noexcept { return __ushort_as_bfloat16(storage); }
 #endif

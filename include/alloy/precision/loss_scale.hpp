@@ -9,14 +9,44 @@
 
 namespace alloy {
 
+namespace detail {
+inline constexpr float largest_float = 0x1.fffffep+127f;  // no <limits>: usable in device code as is
+}  // namespace detail
+
+// The defaults are GradScaler's (init 2^16, growth 2 every 2000 finite steps, backoff 0.5, no
+// hysteresis) plus two bounds GradScaler does not have:
+// - min_scale 1: backing off below it is an error (ScaleEvent::underflow), not a silent slide.
+//   A scale that keeps falling means the gradients overflow at any scale (a diverged run, a
+//   learning rate too high, bad data). Below 1 the scale shrinks gradients, small fp16 ones
+//   flush to zero and steps apply next to nothing; GradScaler keeps halving into float's
+//   denormals and to 0 (below 2^-128, 1/scale is infinite and every step is skipped): training
+//   on nothing, unreported.
+// - max_scale 2^24: growth stops there. GradScaler's only ceiling is float's largest value. A
+//   run with no overflow for long (gradients that are zero or tiny, or bf16/tf32 compute, whose
+//   range is float's, which alloy lets a dynamic scaler serve) doubles the scale every interval
+//   up to 2^127, and then pays one skipped step per halving on the way back down.
+// grad_scaler() drops both bounds: exactly torch.amp.GradScaler's update.
 struct DynamicLossScaleConfig {
-  float init_scale = 65536.0f;  // 2^16, as GradScaler
-  float growth_factor = 2.0f;   // after growth_interval finite steps in a row
-  float backoff_factor = 0.5f;  // after `hysteresis` overflowing steps in a row
-  int growth_interval = 2000;
+  float init_scale = 65536.0f;    // 2^16, as GradScaler
+  float growth_factor = 2.0f;     // after growth_interval finite steps in a row, as GradScaler
+  float backoff_factor = 0.5f;    // after `hysteresis` overflowing steps in a row, as GradScaler
+  int growth_interval = 2000;     // as GradScaler
   int hysteresis = 1;             // consecutive overflows before backing off (DeepSpeed's delayed_shift)
-  float min_scale = 1.0f;         // backing off below this is an error, not silent training on nothing
-  float max_scale = 16777216.0f;  // 2^24: growth stops here
+  float min_scale = 1.0f;         // GradScaler: none (0). Backing off below it is an error
+  float max_scale = 16777216.0f;  // GradScaler: none (float's largest). 2^24: growth stops here
+
+  // torch.amp.GradScaler's defaults and update rule (torch._amp_update_scale_): no lower bound,
+  // so the scale may fall into denormals and to 0; growth only while the result is finite.
+  //   Trainer tr(model, {.scaler = alloy::DynamicLossScaleConfig::grad_scaler()});  // scaler: DynamicLossScale
+  static constexpr DynamicLossScaleConfig grad_scaler() noexcept {
+    return {.init_scale = 65536.0f,
+            .growth_factor = 2.0f,
+            .backoff_factor = 0.5f,
+            .growth_interval = 2000,
+            .hysteresis = 1,
+            .min_scale = 0.0f,
+            .max_scale = detail::largest_float};
+  }
 };
 
 // Where the scaler stands between steps. Part of a checkpoint.
@@ -57,7 +87,8 @@ ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, cons
   if (++s.growth_tracker >= c.growth_interval) {
     s.growth_tracker = 0;
     const float next = s.scale * c.growth_factor;
-    if (next <= c.max_scale && next > s.scale) {
+    // Never to infinity, whatever max_scale says (GradScaler's one bound).
+    if (next <= c.max_scale && next <= detail::largest_float && next > s.scale) {
       s.scale = next;
       return ScaleEvent::grew;
     }
@@ -94,13 +125,14 @@ struct StaticLossScale {
 // The scale grows after a run of finite steps and backs off after overflows. `Defaults` are the
 // compile-time defaults of the runtime config:
 //   DynamicLossScale<DynamicLossScaleConfig{.init_scale = 1024.0f, .hysteresis = 2}>
+//   DynamicLossScale<DynamicLossScaleConfig::grad_scaler()>   // GradScaler's behaviour exactly
 template <DynamicLossScaleConfig Defaults = DynamicLossScaleConfig{}>
 struct DynamicLossScale {
   static_assert(Defaults.init_scale > 0.0f && Defaults.growth_factor >= 1.0f && Defaults.backoff_factor > 0.0f &&
                     Defaults.backoff_factor < 1.0f && Defaults.growth_interval > 0 && Defaults.hysteresis > 0 &&
-                    Defaults.min_scale > 0.0f && Defaults.max_scale >= Defaults.init_scale,
+                    Defaults.min_scale >= 0.0f && Defaults.max_scale >= Defaults.init_scale,
                 "DynamicLossScale: needs init_scale > 0, growth_factor >= 1, 0 < backoff_factor < 1, "
-                "growth_interval > 0, hysteresis > 0, 0 < min_scale, init_scale <= max_scale");
+                "growth_interval > 0, hysteresis > 0, 0 <= min_scale, init_scale <= max_scale");
   static constexpr bool dynamic = true;
   static constexpr const char* name = "DynamicLossScale";
   using Config = DynamicLossScaleConfig;

@@ -73,7 +73,10 @@ struct no_checkpointing {
   static constexpr int every = 0;
 };
 
-#if ALLOY_HAS_CUDA_KERNELS
+// Cuda wherever the build has the CUDA runtime, whatever compiler reads this: a Trainer type
+// must mean the same in every translation unit of a program (g++ and nvcc ones alike). A g++
+// translation unit may name a Cuda Trainer but not construct one (the constructor says so).
+#if ALLOY_HAS_CUDA_RUNTIME
 using default_backend = Cuda;
 #else
 using default_backend = Host;

@@ -141,6 +141,9 @@ class Trainer {
         workspace_(be, &tracker_),
         resources_(be),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
+    static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
+                  "Trainer: backend Cuda runs kernels: construct this Trainer in a .cu file compiled by nvcc, or "
+                  "name alloy::Host among its policies to train on the CPU");
     check_learning_rate(config_);
     if (micro_batches_ < 1) {
       throw error("Trainer: micro_batches = " + std::to_string(config.micro_batches) + "; at least one per step");
