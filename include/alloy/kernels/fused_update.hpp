@@ -8,6 +8,7 @@
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
+#include <alloy/memory/layout.hpp>
 #include <alloy/numeric/minifloat8.hpp>
 #include <alloy/numeric/random.hpp>
 #include <alloy/numeric/rounding.hpp>
@@ -20,8 +21,6 @@
 #include <vector>
 
 namespace alloy::detail {
-
-inline constexpr std::size_t scale_block = block_scales_granularity;
 
 // Everything one pass-2 launch needs besides the arenas.
 template <class Rule>
@@ -61,7 +60,7 @@ struct FusedUpdate {
     const float g = fp::mul(to_float(grad), s.grad_mult);
     if constexpr (ClearGrad) grad = round_nearest<Grad>(0.0f);
     float values[sizeof...(St) > 0 ? sizeof...(St) : 1] = {to_float(state)...};
-    s.rule(g, p, values, blocks[i / scale_block]);
+    s.rule(g, p, values, blocks[i / block_scales_granularity]);
     param = round_to<Param>(p, s.stochastic_params, update_bits(s.seed, s.stream, i, 0));
     StateT* refs[] = {&state...};
     ALLOY_UNROLL
@@ -186,8 +185,8 @@ void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>&
         p[l] = a.master ? a.master[first + l] : to_float(a.params[first + l]);
         for (int k = 0; k < Slots; ++k) codes[k][l] = a.state[k][first + l];
       }
-      q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax,
-                                                out, chunk);
+      q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / block_scales_granularity], first, grad, p, codes,
+                                                old_absmax, out, chunk);
       for (int l = 0; l < q8_lanes; ++l) {
         if (a.master) a.master[first + l] = p[l];
         a.params[first + l] = out[l];
@@ -278,8 +277,8 @@ __global__ void __launch_bounds__(cuda_block)
     }
 #pragma unroll
     for (int k = 0; k < Slots; ++k) load8(a.state[k] + first, codes[k]);
-    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / scale_block], first, grad, p, codes, old_absmax, out,
-                                              values);
+    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / block_scales_granularity], first, grad, p, codes,
+                                              old_absmax, out, values);
     if (a.master) store8(a.master + first, p);
     store8(a.params + first, out);
     float absmax[Slots];

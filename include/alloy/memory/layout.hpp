@@ -7,12 +7,20 @@
 #pragma once
 
 #include <alloy/memory/registry.hpp>
-#include <alloy/optim/rules.hpp>
 
 #include <cstddef>
 #include <vector>
 
 namespace alloy {
+
+// Per-block multipliers of the learning rate and the weight decay (0 for no-decay tensors), from
+// each parameter's declaration: one BlockScales per block_scales_granularity elements of the
+// arenas. The update rules read them; pass 2 indexes them by element / block_scales_granularity.
+inline constexpr std::size_t block_scales_granularity = 256;
+struct BlockScales {
+  float lr = 1.0f;
+  float decay = 1.0f;
+};
 
 struct TensorPlacement {
   std::size_t offset = 0;  // first element, in elements, in every arena
@@ -29,15 +37,12 @@ class ArenaLayout {
       placements_.push_back({offset, n});
       const std::size_t padded = (n + block - 1) / block * block;
       const BlockScales scales{spec.options.lr_scale, spec.options.weight_decay ? 1.0f : 0.0f};
-      for (std::size_t b = 0; b < padded / scale_block; ++b) block_scales_.push_back(scales);
+      for (std::size_t b = 0; b < padded / block_scales_granularity; ++b) block_scales_.push_back(scales);
       offset += padded;
       real_ += n;
     }
     padded_ = offset;
   }
-
-  // Granularity of BlockScales: one entry per 256 elements.
-  static constexpr std::size_t scale_block = block_scales_granularity;
 
   const TensorPlacement& operator[](std::size_t i) const { return placements_.at(i); }
   std::size_t tensors() const noexcept { return placements_.size(); }
@@ -47,7 +52,7 @@ class ArenaLayout {
   const std::vector<BlockScales>& block_scales() const noexcept { return block_scales_; }
 
  private:
-  std::size_t block_ = scale_block;
+  std::size_t block_ = block_scales_granularity;
   std::vector<TensorPlacement> placements_;
   std::vector<BlockScales> block_scales_;
   std::size_t padded_ = 0;

@@ -6,18 +6,10 @@
 // (bias corrections) are computed once on the host in double precision.
 #pragma once
 
+#include <alloy/memory/layout.hpp>
 #include <alloy/numeric/fp_ops.hpp>
 
-#include <cstddef>
-
 namespace alloy {
-
-// Per-block multipliers, from the parameter's declaration: one per this many elements.
-inline constexpr std::size_t block_scales_granularity = 256;
-struct BlockScales {
-  float lr = 1.0f;
-  float decay = 1.0f;
-};
 
 // torch.optim.AdamW: p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
 // p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps).
