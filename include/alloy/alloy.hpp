@@ -9,6 +9,7 @@
 #include <alloy/memory/param_store.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/memory/tensor_view.hpp>
+#include <alloy/memory/workspace.hpp>
 #include <alloy/numeric/numeric.hpp>
 #include <alloy/optim/optimizers.hpp>
 #include <alloy/optim/state.hpp>
@@ -21,7 +22,6 @@
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
 #include <alloy/train/trainer.hpp>
-#include <alloy/train/workspace.hpp>
 
 #define ALLOY_VERSION_MAJOR 0
 #define ALLOY_VERSION_MINOR 1

@@ -4,8 +4,8 @@
 #pragma once
 
 #include <alloy/memory/param_store.hpp>
+#include <alloy/memory/workspace.hpp>
 #include <alloy/train/resources.hpp>
-#include <alloy/train/workspace.hpp>
 
 namespace alloy {
 

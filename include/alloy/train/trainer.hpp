@@ -12,6 +12,7 @@
 #pragma once
 
 #include <alloy/memory/param_store.hpp>
+#include <alloy/memory/workspace.hpp>
 #include <alloy/optim/step.hpp>
 #include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
@@ -19,7 +20,6 @@
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
-#include <alloy/train/workspace.hpp>
 
 #include <chrono>
 #include <cmath>
