@@ -6,7 +6,6 @@
 #include <alloy/error.hpp>
 #include <alloy/memory/activation.hpp>
 #include <alloy/memory/layout.hpp>
-#include <alloy/memory/param_store.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/memory/tensor_view.hpp>
 #include <alloy/memory/workspace.hpp>
@@ -18,6 +17,7 @@
 #include <alloy/precision/precision.hpp>
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
+#include <alloy/train/param_store.hpp>
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>

@@ -8,7 +8,7 @@
 
 #include <alloy/kernels/fused_update.hpp>
 #include <alloy/kernels/grad_norm.hpp>
-#include <alloy/memory/param_store.hpp>
+#include <alloy/train/param_store.hpp>
 
 #include <cmath>
 #include <limits>

@@ -11,8 +11,8 @@
 // failed load leaves the trainer as it was.
 #pragma once
 
-#include <alloy/memory/param_store.hpp>
 #include <alloy/precision/loss_scale.hpp>
+#include <alloy/train/param_store.hpp>
 #include <alloy/train/safetensors.hpp>
 
 #include <cmath>

@@ -3,8 +3,8 @@
 // backend (and so the stream) to launch on, and the activation workspace.
 #pragma once
 
-#include <alloy/memory/param_store.hpp>
 #include <alloy/memory/workspace.hpp>
+#include <alloy/train/param_store.hpp>
 #include <alloy/train/resources.hpp>
 
 namespace alloy {
