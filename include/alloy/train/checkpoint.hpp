@@ -11,9 +11,9 @@
 // failed load leaves the trainer as it was.
 #pragma once
 
+#include <alloy/io/safetensors.hpp>
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/train/param_store.hpp>
-#include <alloy/train/safetensors.hpp>
 
 #include <cmath>
 #include <cstdio>

@@ -9,8 +9,8 @@
 #pragma once
 
 #include <alloy/error.hpp>
-#include <alloy/train/atomic_file.hpp>
-#include <alloy/train/detail/json.hpp>
+#include <alloy/io/atomic_file.hpp>
+#include <alloy/io/detail/json.hpp>
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -1,7 +1,7 @@
 #include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
-#include <alloy/train/safetensors.hpp>
+#include <alloy/io/safetensors.hpp>
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 #include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
-#include <alloy/train/atomic_file.hpp>
+#include <alloy/io/atomic_file.hpp>
 
 #include <gtest/gtest.h>
 
