@@ -12,11 +12,11 @@
 #include <alloy/numeric/numeric.hpp>
 #include <alloy/optim/optimizers.hpp>
 #include <alloy/optim/state.hpp>
-#include <alloy/optim/step.hpp>
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/precision/precision.hpp>
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
+#include <alloy/train/optimizer_step.hpp>
 #include <alloy/train/param_store.hpp>
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>

@@ -12,10 +12,10 @@
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
-#include <alloy/optim/step.hpp>
 #include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
 #include <alloy/train/model.hpp>
+#include <alloy/train/optimizer_step.hpp>
 #include <alloy/train/param_store.hpp>
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
