@@ -70,6 +70,16 @@ TEST(HostReduce, TransformReduceOverTwoArrays) {
   EXPECT_NEAR(dot, exact, 1e-4 * std::sqrt(777.0) * 9);
 }
 
+TEST(HostReduce, TwoPhaseFormWritesTheSameValueIntoResult) {
+  ALLOY_SEEDED(seed);
+  const auto a = random_floats(10007, seed);
+  EXPECT_EQ(alloy::reduce_workspace_bytes<float>(Host{}), 0u);
+  float result = -1.0f;
+  alloy::transform_reduce_async(Host{}, nullptr, 0, &result, a.size(), 0.0f, alloy::Sum{}, alloy::ToAccumulator{},
+                                alloy::in(a.data()));
+  EXPECT_EQ(result, alloy::reduce_sum(Host{}, a.data(), a.size()));
+}
+
 TEST(HostReduce, SixteenBitInputsAccumulateInFloat) {
   std::vector<alloy::bf16> v(3000, alloy::bf16(1.0f));  // 3000 is not representable in bf16
   EXPECT_EQ(alloy::reduce_sum(Host{}, v.data(), v.size()), 3000.0f);

@@ -49,4 +49,17 @@ Acc transform_reduce(Host, std::size_t n, Acc init, Reduce reduce, Transform tra
   return total;
 }
 
+// The two-phase form, with the Cuda backend's call shape: the Host needs no workspace, and the
+// result is in *result (host memory) on return.
+template <class Acc>
+std::size_t reduce_workspace_bytes(Host) {
+  return 0;
+}
+
+template <class Acc, class Reduce, class Transform, element_access... W>
+void transform_reduce_async(Host be, void* /*workspace*/, std::size_t /*workspace_bytes*/, Acc* result, std::size_t n,
+                            Acc init, Reduce reduce, Transform transform, W... w) {
+  *result = transform_reduce(be, n, init, reduce, transform, w...);
+}
+
 }  // namespace alloy
