@@ -13,7 +13,7 @@
 
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/kernels/fused_update.hpp>
-#include <alloy/kernels/grad_norm.hpp>
+#include <alloy/kernels/grad_stats.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/numeric/fp_ops.hpp>
 #include <alloy/optim/state.hpp>

@@ -1,5 +1,6 @@
 // OptimizerStep: what happens between "gradients exist" and "the next forward can start".
-//   1. pass 1 (one read of the gradients): sum of squares of the unscaled gradients;
+//   1. pass 1 (one read of the gradients): sum of squares of the unscaled gradients
+//      (kernels/grad_stats.hpp);
 //   2. on the host: non-finite means the step is skipped (master, state and parameters left
 //      bit-identical) and counted, and the scaler backs off; otherwise the global norm gives
 //      the clip coefficient and the scaler counts toward growth;
@@ -7,7 +8,7 @@
 #pragma once
 
 #include <alloy/kernels/fused_update.hpp>
-#include <alloy/kernels/grad_norm.hpp>
+#include <alloy/kernels/grad_stats.hpp>
 #include <alloy/train/param_store.hpp>
 
 #include <cmath>
@@ -87,12 +88,14 @@ class OptimizerStep {
   double grad_sum_of_squares(store_type& store) {
     const auto* g = store.optimizer_grads();
     const std::size_t n = store.layout().padded_numel();
-    const detail::UnscaledSquare<typename store_type::optimizer_grad_type> square{1.0f / scale_.scale};
+    const float inv_scale = 1.0f / scale_.scale;
     if constexpr (std::is_same_v<B, Host>) {
-      return transform_reduce(be_, n, 0.0f, Sum{}, square, in(g));
+      float sum = 0.0f;
+      grad_sum_of_squares_async(be_, g, n, inv_scale, nullptr, 0, &sum);
+      return sum;
     } else {
 #if ALLOY_HAS_CUDA_KERNELS
-      transform_reduce_async(be_, workspace_.data(), workspace_.size(), sum_.data(), n, 0.0f, Sum{}, square, in(g));
+      grad_sum_of_squares_async(be_, g, n, inv_scale, workspace_.data(), workspace_.size(), sum_.data());
       ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
       ALLOY_CUDA_CHECK(cudaStreamSynchronize(be_.stream));
       return *host_sum_;
