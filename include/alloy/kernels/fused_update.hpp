@@ -9,10 +9,10 @@
 
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/memory/layout.hpp>
+#include <alloy/numeric/fp_ops.hpp>
 #include <alloy/numeric/minifloat8.hpp>
-#include <alloy/numeric/random.hpp>
 #include <alloy/numeric/rounding.hpp>
-#include <alloy/optim/rules.hpp>
+#include <alloy/optim/random_stream.hpp>
 
 #include <cstdint>
 #include <tuple>
@@ -31,12 +31,6 @@ struct UpdateScalars {
   std::uint64_t stream;    // first random index of this step: step * padded elements
   bool stochastic_params;  // round the compute copy stochastically
 };
-
-// Random word k (0: parameter, 1 + slot: state) of element i in this step.
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t update_bits(std::uint64_t seed, std::uint64_t stream, std::size_t i,
-                                                              int k) {
-  return random_bits(seed, (stream + i) * 4 + static_cast<std::uint64_t>(k));
-}
 
 // State values in fp32 or bf16 (bf16 written with stochastic rounding).
 template <class S>

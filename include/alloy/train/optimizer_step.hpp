@@ -7,6 +7,7 @@
 //   3. pass 2 (one fused pass over all arenas): the update (kernels/fused_update.hpp).
 #pragma once
 
+#include <alloy/kernels/adafactor_update.hpp>
 #include <alloy/kernels/fused_update.hpp>
 #include <alloy/kernels/grad_stats.hpp>
 #include <alloy/train/param_store.hpp>

@@ -7,6 +7,7 @@
 
 #include <alloy/backend/backend.hpp>
 #include <alloy/kernels/init.hpp>
+#include <alloy/memory/adafactor_layout.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/memory/tensor_view.hpp>
