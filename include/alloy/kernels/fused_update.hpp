@@ -2,7 +2,7 @@
 // gradient (one multiply by grad_mult), apply the optimizer rule to the fp32 parameter (the
 // master copy, or the widened compute parameter when there is none) and its state, write the
 // parameter, the state and the compute copy (round to nearest even, or stochastic), and clear
-// the gradient accumulator when there is one.
+// the gradient accumulator when there is one. q8 state has its own kernel (fused_update_q8.hpp).
 // Bytes per element (Precision<bf16, fp32_master> + AdamW<State<fp32>>): read grad 2, master 4,
 // m 4, v 4; write master 4, m 4, v 4, param 2: 28.
 #pragma once
@@ -10,7 +10,6 @@
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/numeric/fp_ops.hpp>
-#include <alloy/numeric/minifloat8.hpp>
 #include <alloy/numeric/rounding.hpp>
 #include <alloy/optim/random_stream.hpp>
 
@@ -18,7 +17,6 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 namespace alloy::detail {
 
@@ -116,213 +114,5 @@ void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const
       },
       states);
 }
-
-// ---- q8 state: block-wise quantized moments ------------------------------------------------
-
-template <bool Signed>
-using q8_codec = std::conditional_t<Signed, SignedE4M3, UnsignedE5M3>;
-
-inline constexpr int q8_lanes = 8;  // elements per thread
-
-// Updates the 8 consecutive elements starting at `first` (inside one quantization block),
-// held in registers: gradients, fp32 parameters (in and out), the state codes with their
-// block's old scales. Leaves the new state values in `values` and the compute copy in `out`.
-// Shared by Host and Cuda so both compute the same bits.
-template <class Rule, class Param, class Grad, int Slots>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void q8_update_lanes(const UpdateScalars<Rule>& s, BlockScales b, std::size_t first,
-                                                         const Grad (&grad)[q8_lanes], float (&p)[q8_lanes],
-                                                         const std::uint8_t (&codes)[Slots][q8_lanes],
-                                                         const float (&old_absmax)[Slots], Param (&out)[q8_lanes],
-                                                         float (&values)[Slots][q8_lanes]) {
-  ALLOY_UNROLL
-  for (int l = 0; l < q8_lanes; ++l) {
-    const float g = fp::mul(to_float(grad[l]), s.grad_mult);
-    float st[Slots];
-    ALLOY_UNROLL
-    for (int k = 0; k < Slots; ++k) {
-      const float decoded =
-          Rule::slot_signed(k) ? q8_codec<true>::decode(codes[k][l]) : q8_codec<false>::decode(codes[k][l]);
-      st[k] = fp::mul(decoded, old_absmax[k]);
-    }
-    s.rule(g, p[l], st, b);
-    out[l] = round_to<Param>(p[l], s.stochastic_params, update_bits(s.seed, s.stream, first + l, 0));
-    ALLOY_UNROLL
-    for (int k = 0; k < Slots; ++k) values[k][l] = st[k];
-  }
-}
-
-template <bool Signed>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint8_t q8_encode(float x, float inv_absmax) {
-  return q8_codec<Signed>::encode(fp::mul(x, inv_absmax));
-}
-
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float q8_inverse(float absmax) {
-  return absmax > 0.0f ? fp::div(1.0f, absmax) : 0.0f;
-}
-
-// Host: one quantization block at a time.
-template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
-void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a, const UpdateScalars<Rule>& s) {
-  std::vector<float> values(static_cast<std::size_t>(Slots) * QBlock);
-  for (std::size_t q = 0; q * QBlock < a.n; ++q) {
-    float old_absmax[Slots], new_absmax[Slots] = {};
-    for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
-    for (int c = 0; c < QBlock; c += q8_lanes) {
-      const std::size_t first = q * QBlock + c;
-      Grad grad[q8_lanes];
-      float p[q8_lanes], chunk[Slots][q8_lanes];
-      std::uint8_t codes[Slots][q8_lanes];
-      Param out[q8_lanes];
-      for (int l = 0; l < q8_lanes; ++l) {
-        grad[l] = a.grads[first + l];
-        if constexpr (ClearGrad) a.grads[first + l] = round_nearest<Grad>(0.0f);
-        p[l] = a.master ? a.master[first + l] : to_float(a.params[first + l]);
-        for (int k = 0; k < Slots; ++k) codes[k][l] = a.state[k][first + l];
-      }
-      q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / block_scales_granularity], first, grad, p, codes,
-                                                old_absmax, out, chunk);
-      for (int l = 0; l < q8_lanes; ++l) {
-        if (a.master) a.master[first + l] = p[l];
-        a.params[first + l] = out[l];
-        for (int k = 0; k < Slots; ++k) {
-          values[k * QBlock + c + l] = chunk[k][l];
-          new_absmax[k] = Max{}(new_absmax[k], chunk[k][l] < 0 ? -chunk[k][l] : chunk[k][l]);
-        }
-      }
-    }
-    for (int k = 0; k < Slots; ++k) {
-      a.absmax[k][q] = new_absmax[k];
-      const float inv = q8_inverse(new_absmax[k]);
-      for (int e = 0; e < QBlock; ++e) {
-        const float v = values[k * QBlock + e];
-        a.state[k][q * QBlock + e] = Rule::slot_signed(k) ? q8_encode<true>(v, inv) : q8_encode<false>(v, inv);
-      }
-    }
-  }
-}
-
-#if ALLOY_HAS_CUDA_KERNELS
-
-// 8 consecutive elements (8-aligned) in 8, 16 or 32 bytes: one or two 16-byte accesses.
-template <class T>
-__device__ ALLOY_FORCEINLINE void load8(const T* p, T (&v)[q8_lanes]) {
-  if constexpr (sizeof(T) == 1) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    memcpy(v, &u, 8);
-  } else {
-#pragma unroll
-    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
-      const uint4 u = reinterpret_cast<const uint4*>(p)[c];
-      memcpy(reinterpret_cast<char*>(v) + 16 * c, &u, 16);
-    }
-  }
-}
-
-template <class T>
-__device__ ALLOY_FORCEINLINE void store8(T* p, const T (&v)[q8_lanes]) {
-  if constexpr (sizeof(T) == 1) {
-    uint2 u;
-    memcpy(&u, v, 8);
-    *reinterpret_cast<uint2*>(p) = u;
-  } else {
-#pragma unroll
-    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
-      uint4 u;
-      memcpy(&u, reinterpret_cast<const char*>(v) + 16 * c, 16);
-      reinterpret_cast<uint4*>(p)[c] = u;
-    }
-  }
-}
-
-// Cuda: QBlock / 8 threads per quantization block, 8 elements each; the block's new absolute
-// maximum comes from a warp (QBlock 256) or whole-block (QBlock 2048) reduction.
-template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
-__global__ void __launch_bounds__(cuda_block)
-    fused_update_q8_kernel(UpdateArenas<Param, Grad, std::uint8_t, Slots> a, UpdateScalars<Rule> s) {
-  constexpr int threads_per_q = QBlock / q8_lanes;
-  constexpr int groups = cuda_block / threads_per_q;
-  static_assert(threads_per_q == 32 || threads_per_q == cuda_block, "q8 block must be 256 or 2048");
-  const int group = threadIdx.x / threads_per_q;
-  const int lane = threadIdx.x % threads_per_q;
-  const std::size_t blocks = a.n / QBlock;
-  __shared__ float shared_max[Slots][cuda_block / 32];
-  for (std::size_t q = std::size_t(blockIdx.x) * groups + group; q < blocks; q += std::size_t(gridDim.x) * groups) {
-    float old_absmax[Slots];
-#pragma unroll
-    for (int k = 0; k < Slots; ++k) old_absmax[k] = a.absmax[k][q];
-    const std::size_t first = q * QBlock + std::size_t(lane) * q8_lanes;
-    Grad grad[q8_lanes];
-    float p[q8_lanes], values[Slots][q8_lanes];
-    std::uint8_t codes[Slots][q8_lanes];
-    Param out[q8_lanes];
-    load8(a.grads + first, grad);
-    if constexpr (ClearGrad) {
-      Grad zeros[q8_lanes];
-#pragma unroll
-      for (int l = 0; l < q8_lanes; ++l) zeros[l] = round_nearest<Grad>(0.0f);
-      store8(a.grads + first, zeros);
-    }
-    if (a.master) {
-      load8(a.master + first, p);
-    } else {
-      load8(a.params + first, out);
-#pragma unroll
-      for (int l = 0; l < q8_lanes; ++l) p[l] = to_float(out[l]);
-    }
-#pragma unroll
-    for (int k = 0; k < Slots; ++k) load8(a.state[k] + first, codes[k]);
-    q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / block_scales_granularity], first, grad, p, codes,
-                                              old_absmax, out, values);
-    if (a.master) store8(a.master + first, p);
-    store8(a.params + first, out);
-    float absmax[Slots];
-#pragma unroll
-    for (int k = 0; k < Slots; ++k) {
-      float m = 0.0f;
-#pragma unroll
-      for (int l = 0; l < q8_lanes; ++l) m = fmaxf(m, fabsf(values[k][l]));
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-      absmax[k] = m;
-    }
-    if constexpr (threads_per_q > 32) {
-      __syncthreads();  // the previous iteration's readers are done with shared_max
-      if (threadIdx.x % 32 == 0) {
-#pragma unroll
-        for (int k = 0; k < Slots; ++k) shared_max[k][threadIdx.x / 32] = absmax[k];
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < Slots; ++k) {
-        float m = 0.0f;
-#pragma unroll
-        for (int w = 0; w < cuda_block / 32; ++w) m = fmaxf(m, shared_max[k][w]);
-        absmax[k] = m;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < Slots; ++k) {
-      if (lane == 0) a.absmax[k][q] = absmax[k];
-      const float inv = q8_inverse(absmax[k]);
-      std::uint8_t new_codes[q8_lanes];
-#pragma unroll
-      for (int l = 0; l < q8_lanes; ++l) {
-        new_codes[l] = Rule::slot_signed(k) ? q8_encode<true>(values[k][l], inv) : q8_encode<false>(values[k][l], inv);
-      }
-      store8(a.state[k] + first, new_codes);
-    }
-  }
-}
-
-template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
-void fused_update_q8(Cuda be, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a, const UpdateScalars<Rule>& s) {
-  if (a.n == 0) return;
-  constexpr int groups = cuda_block / (QBlock / q8_lanes);
-  const int grid = grid_for(a.n / QBlock * cuda_block / groups);
-  fused_update_q8_kernel<QBlock, ClearGrad><<<grid, cuda_block, 0, be.stream>>>(a, s);
-  ALLOY_CUDA_CHECK_LAUNCH();
-}
-
-#endif  // ALLOY_HAS_CUDA_KERNELS
 
 }  // namespace alloy::detail

@@ -9,6 +9,7 @@
 
 #include <alloy/kernels/adafactor_update.hpp>
 #include <alloy/kernels/fused_update.hpp>
+#include <alloy/kernels/fused_update_q8.hpp>
 #include <alloy/kernels/grad_stats.hpp>
 #include <alloy/train/param_store.hpp>
 
