@@ -3,7 +3,7 @@
 #pragma once
 
 #include <alloy/backend/tags.hpp>
-#include <alloy/kernels/gemm.hpp>
+#include <alloy/kernels/cuda/gemm_cublaslt.hpp>
 
 #include <optional>
 

@@ -1,0 +1,307 @@
+// The Cuda matrix product through cuBLASLt (kernels/gemm_args.hpp gives the semantics): the
+// mapping of row-major products and epilogues onto cuBLASLt's column-major ones, plans cached per
+// problem in a GemmHandle, and gemm(Cuda, handle, args). Needs the CUDA runtime, not nvcc.
+#pragma once
+
+#include <alloy/config.hpp>
+
+#if ALLOY_HAS_CUDA_RUNTIME
+
+#include <alloy/backend/buffer.hpp>
+#include <alloy/backend/tags.hpp>
+#include <alloy/cublas_error.hpp>
+#include <alloy/error.hpp>
+#include <alloy/kernels/gemm_args.hpp>
+
+#include <cublasLt.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+
+namespace alloy {
+
+namespace detail {
+
+template <class Compute>
+inline constexpr cudaDataType_t cuda_data_type = CUDA_R_32F;  // fp32 and tf32
+template <>
+inline constexpr cudaDataType_t cuda_data_type<fp16> = CUDA_R_16F;
+template <>
+inline constexpr cudaDataType_t cuda_data_type<bf16> = CUDA_R_16BF;
+
+template <class Compute>
+inline constexpr cublasComputeType_t cublas_compute_type =
+    std::is_same_v<Compute, tf32> ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+
+// cuBLASLt is column-major. A row-major m x n matrix with leading dimension ld is, read
+// column-major, its n x m transpose with the same ld. So C = op(A) op(B) is computed as
+// C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its "B" is our A, the transpose flags
+// carry over unchanged, and cuBLASLt's m and n are our n and m. Consequences for the epilogues:
+// cuBLASLt's bias runs along the rows of its D (our columns: one per output feature), and its
+// BGRADB (a reduction over k of its op(B), our op(A)) is our per-row bias gradient.
+inline cublasLtEpilogue_t cublaslt_epilogue(Epilogue e, bool keeps_pre_activation) {
+  switch (e) {
+    case Epilogue::none:
+      return CUBLASLT_EPILOGUE_DEFAULT;
+    case Epilogue::bias:
+      return CUBLASLT_EPILOGUE_BIAS;
+    case Epilogue::gelu_tanh:
+      return keeps_pre_activation ? CUBLASLT_EPILOGUE_GELU_AUX : CUBLASLT_EPILOGUE_GELU;
+    case Epilogue::bias_gelu_tanh:
+      return keeps_pre_activation ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
+    case Epilogue::bias_grad:
+      return CUBLASLT_EPILOGUE_BGRADB;
+  }
+  throw error(std::string("gemm: ") + name_of(e) + " has no cuBLASLt epilogue");
+}
+
+inline cublasOperation_t cublas_operation(Transpose t) { return t == Transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+// The largest power of two, up to 256, that divides the address: cuBLASLt picks kernels for
+// the alignment it is promised (256 unless told otherwise), so plans are made per alignment.
+inline std::uint32_t alignment_of(const void* p) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t alignment = 256;
+  while (alignment > 1 && address % alignment != 0) alignment /= 2;
+  return alignment;
+}
+
+// Everything cuBLASLt's choice of algorithm depends on.
+struct GemmPlanKey {
+  int data_type;
+  int compute_type;
+  Transpose transa;
+  Transpose transb;
+  std::size_t m, n, k, lda, ldb, ldc, ld_pre_activation;
+  Epilogue epilogue;
+  bool keeps_pre_activation;
+  std::uint32_t align_a, align_b, align_c, align_vector, align_pre_activation;
+
+  auto operator<=>(const GemmPlanKey&) const = default;
+};
+
+template <class Compute>
+GemmPlanKey plan_key(const GemmArgs<Compute>& g) {
+  const void* vector = g.epilogue == Epilogue::bias_grad ? static_cast<const void*>(g.bias_grad) : g.bias;
+  const bool keeps = g.pre_activation != nullptr;
+  return {cuda_data_type<Compute>,
+          cublas_compute_type<Compute>,
+          g.transa,
+          g.transb,
+          g.m,
+          g.n,
+          g.k,
+          g.lda,
+          g.ldb,
+          g.ldc,
+          keeps ? g.ld_pre_activation : 0,
+          g.epilogue,
+          keeps,
+          alignment_of(g.a),
+          alignment_of(g.b),
+          alignment_of(g.c),
+          alignment_of(vector),
+          alignment_of(g.pre_activation)};
+}
+
+struct MatmulDescDeleter {
+  void operator()(cublasLtMatmulDesc_t d) const noexcept { (void)cublasLtMatmulDescDestroy(d); }
+};
+struct MatrixLayoutDeleter {
+  void operator()(cublasLtMatrixLayout_t l) const noexcept { (void)cublasLtMatrixLayoutDestroy(l); }
+};
+struct PreferenceDeleter {
+  void operator()(cublasLtMatmulPreference_t p) const noexcept { (void)cublasLtMatmulPreferenceDestroy(p); }
+};
+struct LtHandleDeleter {
+  void operator()(cublasLtHandle_t h) const noexcept { (void)cublasLtDestroy(h); }
+};
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
+};
+
+using MatmulDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulDesc_t>, MatmulDescDeleter>;
+using MatrixLayout = std::unique_ptr<std::remove_pointer_t<cublasLtMatrixLayout_t>, MatrixLayoutDeleter>;
+using MatmulPreference = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, PreferenceDeleter>;
+using LtHandle = std::unique_ptr<std::remove_pointer_t<cublasLtHandle_t>, LtHandleDeleter>;
+using Event = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
+
+// A problem's descriptors and chosen algorithm, in cuBLASLt's (swapped) roles.
+struct GemmPlan {
+  MatmulDesc desc;
+  MatrixLayout lt_a;  // our B
+  MatrixLayout lt_b;  // our A
+  MatrixLayout lt_c;  // our C, also the output D
+  cublasLtMatmulAlgo_t algo{};
+};
+
+template <class V>
+void set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, const V& value) {
+  ALLOY_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof(value)));
+}
+
+inline MatrixLayout make_layout(cudaDataType_t type, std::size_t rows, std::size_t cols, std::size_t ld) {
+  cublasLtMatrixLayout_t layout = nullptr;
+  ALLOY_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, type, rows, cols, static_cast<std::int64_t>(ld)));
+  return MatrixLayout(layout);
+}
+
+// The per-call pointers the epilogue reads or writes. cuBLASLt's heuristic also reads them
+// (for their alignment), so they are set before the plan is made too.
+template <class Compute>
+void set_epilogue_pointers(cublasLtMatmulDesc_t desc, const GemmArgs<Compute>& g) {
+  if (adds_bias(g.epilogue)) set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));
+  if (g.epilogue == Epilogue::bias_grad) {
+    set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<void*>(g.bias_grad));
+  }
+  if (g.pre_activation) {
+    set_attribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, static_cast<void*>(g.pre_activation));
+  }
+}
+
+template <class Compute>
+GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::size_t workspace_bytes) {
+  constexpr cudaDataType_t type = cuda_data_type<Compute>;
+  GemmPlan plan;
+  cublasLtMatmulDesc_t desc = nullptr;
+  ALLOY_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, cublas_compute_type<Compute>, CUDA_R_32F));
+  plan.desc.reset(desc);
+  set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, cublas_operation(g.transb));
+  set_attribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, cublas_operation(g.transa));
+  set_attribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, cublaslt_epilogue(g.epilogue, g.pre_activation != nullptr));
+  if (g.pre_activation) {
+    set_attribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<std::int64_t>(g.ld_pre_activation));
+  }
+  set_epilogue_pointers(desc, g);
+
+  const bool ta = g.transa == Transpose::yes;
+  const bool tb = g.transb == Transpose::yes;
+  // Column-major shapes of the stored matrices: a row-major r x c matrix is c x r here.
+  plan.lt_a = make_layout(type, tb ? g.k : g.n, tb ? g.n : g.k, g.ldb);
+  plan.lt_b = make_layout(type, ta ? g.m : g.k, ta ? g.k : g.m, g.lda);
+  plan.lt_c = make_layout(type, g.n, g.m, g.ldc);
+
+  cublasLtMatmulPreference_t preference_handle = nullptr;
+  ALLOY_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference_handle));
+  const MatmulPreference preference(preference_handle);
+  const auto set_preference = [&](cublasLtMatmulPreferenceAttributes_t attribute, auto value) {
+    ALLOY_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference_handle, attribute, &value, sizeof(value)));
+  };
+  set_preference(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(workspace_bytes));
+  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.b));
+  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.a));
+  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.c));
+  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.c));
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  ALLOY_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, plan.lt_a.get(), plan.lt_b.get(), plan.lt_c.get(),
+                                                    plan.lt_c.get(), preference_handle, 1, &result, &found));
+  if (found == 0) {
+    throw cuda_error("cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__, CUBLAS_STATUS_NOT_SUPPORTED,
+                     std::string("no cuBLASLt algorithm for gemm<") + numeric_traits<Compute>::name +
+                         "> m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n) +
+                         ", k = " + std::to_string(g.k) + ", transa = " + name_of(g.transa) +
+                         ", transb = " + name_of(g.transb) + ", " + name_of(g.epilogue));
+  }
+  plan.algo = result.algo;
+  return plan;
+}
+
+}  // namespace detail
+
+// What the Cuda gemm needs across calls: the cuBLASLt handle, a workspace, and one plan
+// (descriptors and the heuristic's algorithm) per problem, since making them costs far more
+// than a small product. Belongs to the device current at construction. Not thread-safe; calls
+// on different streams are ordered one after another (the workspace is shared), so give each
+// stream its own handle when products should overlap.
+class GemmHandle {
+ public:
+  static constexpr std::size_t default_workspace_bytes = std::size_t(32) << 20;
+  // Plans kept before the cache starts over: far more shapes than a model has.
+  static constexpr std::size_t max_cached_plans = 1024;
+
+  explicit GemmHandle(Cuda be = {}, std::size_t workspace_bytes = default_workspace_bytes)
+      : workspace_(workspace_bytes, be), last_stream_(be.stream) {
+    ALLOY_CUDA_CHECK(cudaGetDevice(&device_));
+    cublasLtHandle_t handle = nullptr;
+    ALLOY_CUBLAS_CHECK(cublasLtCreate(&handle));
+    handle_.reset(handle);
+    cudaEvent_t event = nullptr;
+    ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    stream_switch_.reset(event);
+  }
+
+  GemmHandle(GemmHandle&&) noexcept = default;
+  GemmHandle& operator=(GemmHandle&&) = delete;
+  GemmHandle(const GemmHandle&) = delete;
+  GemmHandle& operator=(const GemmHandle&) = delete;
+
+  // The workspace is freed in its own stream's order: that stream first waits for the last
+  // product, which may have run on another.
+  ~GemmHandle() {
+    if (!stream_switch_) return;
+    const cudaStream_t own = workspace_.backend().stream;
+    if (last_stream_ != own && cudaEventRecord(stream_switch_.get(), last_stream_) == cudaSuccess) {
+      (void)cudaStreamWaitEvent(own, stream_switch_.get(), 0);
+    }
+  }
+
+  std::size_t cached_plans() const noexcept { return plans_.size(); }
+  std::size_t workspace_bytes() const noexcept { return workspace_.bytes(); }
+  int device() const noexcept { return device_; }
+
+ private:
+  template <class Compute>
+  friend void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g);
+
+  // The plan for g's problem, made on first use.
+  template <class Compute>
+  detail::GemmPlan& plan_for(const GemmArgs<Compute>& g) {
+    const detail::GemmPlanKey key = detail::plan_key(g);
+    if (auto found = plans_.find(key); found != plans_.end()) return found->second;
+    if (plans_.size() >= max_cached_plans) plans_.clear();
+    return plans_.emplace(key, detail::make_plan(handle_.get(), g, workspace_.bytes())).first->second;
+  }
+
+  // Orders this call after the previous one when it comes on another stream.
+  void enter_stream(cudaStream_t stream) {
+    if (stream == last_stream_) return;
+    ALLOY_CUDA_CHECK(cudaEventRecord(stream_switch_.get(), last_stream_));
+    ALLOY_CUDA_CHECK(cudaStreamWaitEvent(stream, stream_switch_.get(), 0));
+    last_stream_ = stream;
+  }
+
+  Buffer<std::byte, Cuda> workspace_;
+  detail::LtHandle handle_;
+  detail::Event stream_switch_;
+  cudaStream_t last_stream_;
+  int device_ = 0;
+  std::map<detail::GemmPlanKey, detail::GemmPlan> plans_;
+};
+
+// The product on the backend's stream, asynchronously. Pointers are device memory.
+template <class Compute>
+void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
+  detail::check_gemm_args(g);
+  int device = 0;
+  ALLOY_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != handle.device()) {
+    throw error("gemm: the GemmHandle belongs to device " + std::to_string(handle.device()) + " but device " +
+                std::to_string(device) + " is current");
+  }
+  detail::GemmPlan& plan = handle.plan_for(g);
+  detail::set_epilogue_pointers(plan.desc.get(), g);
+  handle.enter_stream(be.stream);
+  ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan.desc.get(), &g.alpha, g.b, plan.lt_a.get(), g.a,
+                                    plan.lt_b.get(), &g.beta, g.c, plan.lt_c.get(), g.c, plan.lt_c.get(), &plan.algo,
+                                    handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
+}
+
+}  // namespace alloy
+
+#endif  // ALLOY_HAS_CUDA_RUNTIME

@@ -1,0 +1,215 @@
+// Matrix products for the Linear layer: C = epilogue(alpha * op(A) * op(B) + beta * C), every
+// matrix row-major, on Host (a blocked loop, the reference) and on Cuda (cuBLASLt).
+//
+// Element types follow the Compute dtype: for bf16 and fp16, A, B, C (and bias, bias_grad,
+// pre_activation) are 16-bit values, products accumulate in fp32 and alpha/beta are fp32; for
+// fp32 everything is float with plain fp32 math; for tf32 storage is float and the product's
+// inputs are rounded to tf32 (10 fraction bits) before they are multiplied, accumulating in fp32
+// (CUBLAS_COMPUTE_32F_FAST_TF32 on Cuda; the Host loop rounds to nearest even to model it: how
+// the tensor cores' conversion breaks ties or truncates is not documented, and any of those
+// stays within one tf32 step of each input).
+//
+// Linear, with x[rows, in], W[out, in] (PyTorch's layout), b[out], y[rows, out]:
+//   forward   y  = x * W^T + b      transb = yes, m = rows, n = out, k = in, Epilogue::bias
+//   backward  dx = dy * W           m = rows, n = in, k = out
+//             dW = dy^T * x         transa = yes, m = out, n = in, k = rows, Epilogue::bias_grad
+//                                   writes db = column sums of dy in the same pass
+// Gradient accumulation across uses of one weight: beta = 1 adds into C. The bias gradient is
+// always written, never accumulated (cuBLASLt's bias-gradient epilogue has no beta).
+//
+// This header holds the arguments and the checks both backends make; host/gemm.hpp is the Host
+// reference and cuda/gemm_cublaslt.hpp the Cuda path (kernels/gemm.hpp includes all three).
+#pragma once
+
+#include <alloy/error.hpp>
+#include <alloy/numeric/rounding.hpp>
+#include <alloy/numeric/traits.hpp>
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace alloy {
+
+enum class Transpose { no, yes };
+
+// What happens to each element v = alpha * (op(A) op(B))[i, j] + beta * C[i, j] before it is
+// rounded into C[i, j]. All of it is fp32 arithmetic.
+enum class Epilogue {
+  none,            // C = v
+  bias,            // C = v + bias[j]: one bias per output column, i.e. per output feature
+  gelu_tanh,       // C = gelu_tanh(v)
+  bias_gelu_tanh,  // C = gelu_tanh(v + bias[j])
+  bias_grad,       // C = v, and bias_grad[i] = sum over k of op(A)[i, k] (needs alpha == 1 and transa == yes)
+};
+
+// The dtypes a matrix product computes in.
+template <class T>
+concept gemm_dtype = std::same_as<T, float> || std::same_as<T, tf32> || std::same_as<T, fp16> || std::same_as<T, bf16>;
+
+// One product. op(A) is m x k, op(B) is k x n, C is m x n; each matrix is stored row-major with
+// the given leading dimension (elements from one row to the next, at least the row length).
+// A stored matrix is op(X) itself when its transpose is `no`, op(X)'s transpose when `yes`.
+template <class Compute>
+struct GemmArgs {
+  static_assert(gemm_dtype<Compute>, "GemmArgs<Compute>: Compute must be fp32, tf32, fp16 or bf16");
+  using value_type = storage_t<Compute>;
+
+  Transpose transa = Transpose::no;
+  Transpose transb = Transpose::no;
+  std::size_t m = 0;
+  std::size_t n = 0;
+  std::size_t k = 0;
+  const value_type* a = nullptr;
+  std::size_t lda = 0;
+  const value_type* b = nullptr;
+  std::size_t ldb = 0;
+  value_type* c = nullptr;  // read only when beta != 0, so it may hold anything (NaN) when beta == 0
+  std::size_t ldc = 0;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  Epilogue epilogue = Epilogue::none;
+  const value_type* bias = nullptr;  // n elements: Epilogue::bias and bias_gelu_tanh
+  value_type* bias_grad = nullptr;   // m elements, written by Epilogue::bias_grad
+  // Optional with the GELU epilogues: GELU's input (bias included), m x n, for the backward pass.
+  // Its leading dimension must be a multiple of 8 (cuBLASLt's rule, kept on every backend so
+  // code tested on Host runs on Cuda).
+  value_type* pre_activation = nullptr;
+  std::size_t ld_pre_activation = 0;
+};
+
+namespace detail {
+
+inline const char* name_of(Transpose t) { return t == Transpose::no ? "no" : "yes"; }
+
+inline const char* name_of(Epilogue e) {
+  switch (e) {
+    case Epilogue::none:
+      return "Epilogue::none";
+    case Epilogue::bias:
+      return "Epilogue::bias";
+    case Epilogue::gelu_tanh:
+      return "Epilogue::gelu_tanh";
+    case Epilogue::bias_gelu_tanh:
+      return "Epilogue::bias_gelu_tanh";
+    case Epilogue::bias_grad:
+      return "Epilogue::bias_grad";
+  }
+  return "an unknown Epilogue";
+}
+
+inline bool adds_bias(Epilogue e) { return e == Epilogue::bias || e == Epilogue::bias_gelu_tanh; }
+inline bool applies_gelu(Epilogue e) { return e == Epilogue::gelu_tanh || e == Epilogue::bias_gelu_tanh; }
+
+// float -> the nearest tf32 value (10 fraction bits), ties to even, held in a float. Infinities
+// and NaN pass through; values past tf32's largest round to infinity.
+ALLOY_HOST_DEVICE constexpr float round_to_tf32(float x) noexcept {
+  const std::uint32_t u = float_bits(x);
+  if ((u & 0x7fffffffu) >= 0x7f800000u) return x;
+  const std::uint32_t rounding_bias = 0xfffu + ((u >> 13) & 1u);
+  return float_from_bits((u + rounding_bias) & ~0x1fffu);
+}
+
+// Byte range [first, last) a stored rows x cols matrix spans.
+struct Extent {
+  std::uintptr_t first;
+  std::uintptr_t last;
+};
+
+template <class T>
+Extent extent_of(const T* p, std::size_t rows, std::size_t cols, std::size_t ld) {
+  const auto first = reinterpret_cast<std::uintptr_t>(p);
+  return {first, first + ((rows - 1) * ld + cols) * sizeof(T)};
+}
+
+inline bool overlap(Extent x, Extent y) { return x.first < y.last && y.first < x.last; }
+
+template <class T>
+void check_matrix(const std::string& where, const char* name, const T* p, std::size_t rows, std::size_t cols,
+                  std::size_t ld, const char* ld_name, const std::string& layout) {
+  if (p == nullptr) {
+    throw error(where + name + " is null; it must point to " + std::to_string(rows) + " x " + std::to_string(cols) +
+                " elements" + layout);
+  }
+  if (ld < cols) {
+    throw error(where + ld_name + " = " + std::to_string(ld) + " is less than " + std::to_string(cols) +
+                ", the row length of " + name + " (" + std::to_string(rows) + " x " + std::to_string(cols) + layout +
+                ")");
+  }
+}
+
+// The checks both backends make, so a mistake reads the same on each and nothing reaches
+// cuBLASLt that it would reject or misread.
+template <class Compute>
+void check_gemm_args(const GemmArgs<Compute>& g) {
+  const std::string where = std::string("gemm<") + numeric_traits<Compute>::name + ">: ";
+  if (g.m == 0 || g.n == 0 || g.k == 0) {
+    throw error(where + "m, n and k must be positive (got m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n) +
+                ", k = " + std::to_string(g.k) + ")");
+  }
+  const bool ta = g.transa == Transpose::yes;
+  const bool tb = g.transb == Transpose::yes;
+  const std::size_t a_rows = ta ? g.k : g.m, a_cols = ta ? g.m : g.k;
+  const std::size_t b_rows = tb ? g.n : g.k, b_cols = tb ? g.k : g.n;
+  check_matrix(where, "a", g.a, a_rows, a_cols, g.lda, "lda",
+               std::string(", row-major, transa = ") + name_of(g.transa) + ", m = " + std::to_string(g.m) +
+                   ", k = " + std::to_string(g.k));
+  check_matrix(where, "b", g.b, b_rows, b_cols, g.ldb, "ldb",
+               std::string(", row-major, transb = ") + name_of(g.transb) + ", k = " + std::to_string(g.k) +
+                   ", n = " + std::to_string(g.n));
+  check_matrix(where, "c", static_cast<const storage_t<Compute>*>(g.c), g.m, g.n, g.ldc, "ldc",
+               ", row-major, m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n));
+  const Extent c = extent_of(g.c, g.m, g.n, g.ldc);
+  if (overlap(c, extent_of(g.a, a_rows, a_cols, g.lda))) {
+    throw error(where + "c overlaps a; the output may not alias an input");
+  }
+  if (overlap(c, extent_of(g.b, b_rows, b_cols, g.ldb))) {
+    throw error(where + "c overlaps b; the output may not alias an input");
+  }
+
+  const std::string epilogue = name_of(g.epilogue);
+  if (adds_bias(g.epilogue) && g.bias == nullptr) {
+    throw error(where + epilogue + " needs bias, a vector of n = " + std::to_string(g.n) +
+                " elements (one per column of C)");
+  }
+  if (!adds_bias(g.epilogue) && g.bias != nullptr) {
+    throw error(where + "bias is set but " + epilogue + " does not add it (use Epilogue::bias or bias_gelu_tanh)");
+  }
+  if (g.epilogue == Epilogue::bias_grad) {
+    if (g.bias_grad == nullptr) {
+      throw error(where + epilogue + " needs bias_grad, a vector of m = " + std::to_string(g.m) +
+                  " elements (one per row of C)");
+    }
+    if (g.alpha != 1.0f) {
+      throw error(where + epilogue +
+                  " needs alpha = 1 (the bias gradient is the unscaled row sum of op(A)); got alpha = " +
+                  std::to_string(g.alpha));
+    }
+    if (g.transa != Transpose::yes) {
+      // cuBLASLt (13.0, H200) fuses the bias gradient only into this layout: NOT_SUPPORTED otherwise.
+      throw error(where + epilogue +
+                  " needs transa = yes: it belongs to the weight-gradient product dW = dy^T x, the only layout "
+                  "cuBLASLt fuses it into");
+    }
+  } else if (g.bias_grad != nullptr) {
+    throw error(where + "bias_grad is set but " + epilogue + " does not write it (use Epilogue::bias_grad)");
+  }
+  if (g.pre_activation != nullptr) {
+    if (!applies_gelu(g.epilogue)) {
+      throw error(where + "pre_activation is set but " + epilogue +
+                  " has no activation (use Epilogue::gelu_tanh or bias_gelu_tanh)");
+    }
+    if (g.ld_pre_activation < g.n || g.ld_pre_activation % 8 != 0) {
+      throw error(where + "ld_pre_activation = " + std::to_string(g.ld_pre_activation) +
+                  " must be at least n = " + std::to_string(g.n) +
+                  " and a multiple of 8 (cuBLASLt's rule for the GELU input, kept on every backend)");
+    }
+    if (overlap(c, extent_of(g.pre_activation, g.m, g.n, g.ld_pre_activation))) {
+      throw error(where + "pre_activation overlaps c");
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace alloy
