@@ -10,8 +10,7 @@
 #pragma once
 
 #include <alloy/numeric/fp_ops.hpp>
-
-#include <cmath>
+#include <alloy/numeric/math.hpp>
 
 namespace alloy {
 
@@ -24,14 +23,6 @@ inline constexpr float gelu_cubic_slope = 3.0f * gelu_cubic;  // du/dx = sqrt(2/
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float gelu_tanh_argument(float x) {
   const float cube = fp::mul(fp::mul(x, x), x);
   return fp::mul(gelu_sqrt_2_over_pi, fp::add(x, fp::mul(gelu_cubic, cube)));
-}
-
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float tanh_of(float u) {
-#if ALLOY_DEVICE_CODE
-  return tanhf(u);
-#else
-  return std::tanh(u);
-#endif
 }
 
 }  // namespace detail

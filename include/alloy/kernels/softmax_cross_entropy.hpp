@@ -22,9 +22,9 @@
 #include <alloy/error.hpp>
 #include <alloy/kernels/detail/rows.hpp>
 #include <alloy/numeric/fp_ops.hpp>
+#include <alloy/numeric/math.hpp>
 #include <alloy/numeric/rounding.hpp>
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -35,22 +35,6 @@ namespace alloy {
 namespace detail {
 
 inline constexpr int softmax_block = 256;  // threads sharing one row
-
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float exp_of(float x) {
-#if ALLOY_DEVICE_CODE
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float log_of(float x) {
-#if ALLOY_DEVICE_CODE
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
 
 inline constexpr float negative_infinity = float_from_bits(0xff800000u);
 inline constexpr float quiet_nan = float_from_bits(0x7fc00000u);

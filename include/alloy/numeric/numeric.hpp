@@ -5,6 +5,7 @@
 #include <alloy/numeric/dtype.hpp>
 #include <alloy/numeric/fp16.hpp>
 #include <alloy/numeric/fp_ops.hpp>
+#include <alloy/numeric/math.hpp>
 #include <alloy/numeric/minifloat8.hpp>
 #include <alloy/numeric/random.hpp>
 #include <alloy/numeric/rounding.hpp>
