@@ -1,5 +1,6 @@
 // The Cuda backend's algorithms: grid-stride kernels over 16-byte vectors with a scalar tail,
-// and deterministic two-stage reductions built on cub::BlockReduce. Needs nvcc.
+// and deterministic two-stage reductions built on cub::BlockReduce. Needs nvcc. Block size, grid
+// and vector accesses come from backend/cuda/ (launch.hpp, vector_io.hpp), shared by all kernels.
 #pragma once
 
 #include <alloy/config.hpp>
@@ -8,13 +9,14 @@
 
 #include <alloy/backend/access.hpp>
 #include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/launch.hpp>
+#include <alloy/backend/cuda/vector_io.hpp>
 #include <alloy/backend/device.hpp>
 #include <alloy/backend/tags.hpp>
 
 #include <cub/block/block_reduce.cuh>
 #include <cuda/std/tuple>
 
-#include <algorithm>
 #include <cstddef>
 #include <utility>
 
@@ -22,15 +24,7 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr int cuda_block = 256;
-inline constexpr int cuda_blocks_per_sm = 8;  // 2048 threads: a full Hopper multiprocessor
-inline constexpr int cuda_unroll = 4;         // vectors each thread has in flight
-
-inline int grid_for(std::size_t work_items) {
-  const std::size_t wanted = (work_items + cuda_block - 1) / cuda_block;
-  const std::size_t cap = static_cast<std::size_t>(current_device_sm_count()) * cuda_blocks_per_sm;
-  return static_cast<int>(std::max<std::size_t>(1, std::min(wanted, cap)));
-}
+inline constexpr int cuda_unroll = 4;  // vectors each thread has in flight
 
 // One array's share of a vector step: L consecutive elements held in registers.
 template <class W, int L>
@@ -38,17 +32,14 @@ struct Lanes {
   typename W::value_type v[L];
 };
 
+// An `in` array is never written by the kernel, so it is read through the read-only path
+// (backend/cuda/vector_io.hpp states the rule).
 template <int L, class W>
 __device__ ALLOY_FORCEINLINE void load_lanes(Lanes<W, L>& r, const W& w, std::size_t first) {
   using T = typename W::value_type;
   if constexpr (W::reads) {
     if constexpr ((L * sizeof(T)) % 16 == 0) {
-      const uint4* src = reinterpret_cast<const uint4*>(w.data + first);
-#pragma unroll
-      for (int c = 0; c < int(L * sizeof(T) / 16); ++c) {
-        const uint4 u = W::writes ? src[c] : __ldg(src + c);
-        memcpy(reinterpret_cast<char*>(r.v) + 16 * c, &u, 16);
-      }
+      load_vector<W::writes ? LoadPath::plain : LoadPath::read_only>(w.data + first, r.v);
     } else {
 #pragma unroll
       for (int l = 0; l < L; ++l) r.v[l] = w.data[first + l];
@@ -61,13 +52,7 @@ __device__ ALLOY_FORCEINLINE void store_lanes(const Lanes<W, L>& r, const W& w, 
   using T = typename W::value_type;
   if constexpr (W::writes) {
     if constexpr ((L * sizeof(T)) % 16 == 0) {
-      uint4* dst = reinterpret_cast<uint4*>(w.data + first);
-#pragma unroll
-      for (int c = 0; c < int(L * sizeof(T) / 16); ++c) {
-        uint4 u;
-        memcpy(&u, reinterpret_cast<const char*>(r.v) + 16 * c, 16);
-        dst[c] = u;
-      }
+      store_vector(w.data + first, r.v);
     } else {
 #pragma unroll
       for (int l = 0; l < L; ++l) w.data[first + l] = r.v[l];
@@ -222,8 +207,7 @@ void for_each_n(Cuda be, std::size_t n, F f) {
 // Calls f(a[i], b[i], ...) for every i in [0, n), ordered on the backend's stream. Arrays all
 // 16-byte aligned move 16 bytes per access; otherwise every access is scalar.
 template <class F, element_access... W>
-  requires(sizeof...(W) > 0)
-void for_each_n(Cuda be, std::size_t n, F f, W... w) {
+requires(sizeof...(W) > 0) void for_each_n(Cuda be, std::size_t n, F f, W... w) {
   detail::launch_for_each<detail::cuda_unroll, false>(be, n, f, w...);
 }
 
@@ -237,7 +221,7 @@ void for_each_indexed_n(Cuda be, std::size_t n, F f, W... w) {
 // Workspace bytes transform_reduce_async needs on the current device for accumulator Acc.
 template <class Acc>
 std::size_t reduce_workspace_bytes(Cuda) {
-  return static_cast<std::size_t>(current_device_sm_count()) * detail::cuda_blocks_per_sm * sizeof(Acc);
+  return static_cast<std::size_t>(detail::resident_blocks()) * sizeof(Acc);
 }
 
 // reduce(init, transform(a[i], b[i], ...)) over [0, n) into *result (device memory), ordered on

@@ -8,6 +8,9 @@
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
+#include <alloy/backend/cuda/launch.hpp>
+#include <alloy/backend/cuda/vector_io.hpp>
+#include <alloy/backend/cuda/warp_reduce.hpp>
 #include <alloy/kernels/fused_update.hpp>
 #include <alloy/numeric/fp_ops.hpp>
 #include <alloy/numeric/minifloat8.hpp>
@@ -103,36 +106,20 @@ void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>&
 
 #if ALLOY_HAS_CUDA_KERNELS
 
-// 8 consecutive elements (8-aligned) in 8, 16 or 32 bytes: one or two 16-byte accesses.
-template <class T>
-__device__ ALLOY_FORCEINLINE void load8(const T* p, T (&v)[q8_lanes]) {
-  if constexpr (sizeof(T) == 1) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    memcpy(v, &u, 8);
-  } else {
-#pragma unroll
-    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
-      const uint4 u = reinterpret_cast<const uint4*>(p)[c];
-      memcpy(reinterpret_cast<char*>(v) + 16 * c, &u, 16);
-    }
-  }
-}
+// The largest |state value| of each slot: a warp or a block reduces them together.
+template <int Slots>
+struct SlotMaxima {
+  float m[Slots];
+};
 
-template <class T>
-__device__ ALLOY_FORCEINLINE void store8(T* p, const T (&v)[q8_lanes]) {
-  if constexpr (sizeof(T) == 1) {
-    uint2 u;
-    memcpy(&u, v, 8);
-    *reinterpret_cast<uint2*>(p) = u;
-  } else {
+struct SlotMaximaMax {
+  template <int Slots>
+  __device__ ALLOY_FORCEINLINE SlotMaxima<Slots> operator()(SlotMaxima<Slots> a, const SlotMaxima<Slots>& b) const {
 #pragma unroll
-    for (int c = 0; c < int(sizeof(T) * q8_lanes / 16); ++c) {
-      uint4 u;
-      memcpy(&u, reinterpret_cast<const char*>(v) + 16 * c, 16);
-      reinterpret_cast<uint4*>(p)[c] = u;
-    }
+    for (int k = 0; k < Slots; ++k) a.m[k] = fmaxf(a.m[k], b.m[k]);
+    return a;
   }
-}
+};
 
 // Cuda: QBlock / 8 threads per quantization block, 8 elements each; the block's new absolute
 // maximum comes from a warp (QBlock 256) or whole-block (QBlock 2048) reduction.
@@ -141,11 +128,11 @@ __global__ void __launch_bounds__(cuda_block)
     fused_update_q8_kernel(UpdateArenas<Param, Grad, std::uint8_t, Slots> a, UpdateScalars<Rule> s) {
   constexpr int threads_per_q = QBlock / q8_lanes;
   constexpr int groups = cuda_block / threads_per_q;
-  static_assert(threads_per_q == 32 || threads_per_q == cuda_block, "q8 block must be 256 or 2048");
+  static_assert(threads_per_q == warp_size || threads_per_q == cuda_block, "q8 block must be 256 or 2048");
   const int group = threadIdx.x / threads_per_q;
   const int lane = threadIdx.x % threads_per_q;
   const std::size_t blocks = a.n / QBlock;
-  __shared__ float shared_max[Slots][cuda_block / 32];
+  __shared__ SlotMaxima<Slots> shared_max[cuda_block / warp_size];
   for (std::size_t q = std::size_t(blockIdx.x) * groups + group; q < blocks; q += std::size_t(gridDim.x) * groups) {
     float old_absmax[Slots];
 #pragma unroll
@@ -155,61 +142,52 @@ __global__ void __launch_bounds__(cuda_block)
     float p[q8_lanes], values[Slots][q8_lanes];
     std::uint8_t codes[Slots][q8_lanes];
     Param out[q8_lanes];
-    load8(a.grads + first, grad);
+    load_vector(a.grads + first, grad);
     if constexpr (ClearGrad) {
       Grad zeros[q8_lanes];
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) zeros[l] = round_nearest<Grad>(0.0f);
-      store8(a.grads + first, zeros);
+      store_vector(a.grads + first, zeros);
     }
     if (a.master) {
-      load8(a.master + first, p);
+      load_vector(a.master + first, p);
     } else {
-      load8(a.params + first, out);
+      load_vector(a.params + first, out);
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) p[l] = to_float(out[l]);
     }
 #pragma unroll
-    for (int k = 0; k < Slots; ++k) load8(a.state[k] + first, codes[k]);
+    for (int k = 0; k < Slots; ++k) load_vector(a.state[k] + first, codes[k]);
     q8_update_lanes<Rule, Param, Grad, Slots>(s, a.blocks[first / block_scales_granularity], first, grad, p, codes,
                                               old_absmax, out, values);
-    if (a.master) store8(a.master + first, p);
-    store8(a.params + first, out);
-    float absmax[Slots];
+    if (a.master) store_vector(a.master + first, p);
+    store_vector(a.params + first, out);
+    // Every |value| is >= +0 and fmaxf drops NaN, so each thread's maximum starts from +0 and is
+    // never NaN or -0: the reductions' order cannot change it.
+    SlotMaxima<Slots> absmax;
 #pragma unroll
     for (int k = 0; k < Slots; ++k) {
       float m = 0.0f;
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) m = fmaxf(m, fabsf(values[k][l]));
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-      absmax[k] = m;
+      absmax.m[k] = m;
     }
-    if constexpr (threads_per_q > 32) {
+    if constexpr (threads_per_q == warp_size) {
+      absmax = warp_allreduce(absmax, SlotMaximaMax{});
+    } else {
       __syncthreads();  // the previous iteration's readers are done with shared_max
-      if (threadIdx.x % 32 == 0) {
-#pragma unroll
-        for (int k = 0; k < Slots; ++k) shared_max[k][threadIdx.x / 32] = absmax[k];
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < Slots; ++k) {
-        float m = 0.0f;
-#pragma unroll
-        for (int w = 0; w < cuda_block / 32; ++w) m = fmaxf(m, shared_max[k][w]);
-        absmax[k] = m;
-      }
+      absmax = block_allreduce<cuda_block>(absmax, SlotMaximaMax{}, shared_max);
     }
 #pragma unroll
     for (int k = 0; k < Slots; ++k) {
-      if (lane == 0) a.absmax[k][q] = absmax[k];
-      const float inv = q8_inverse(absmax[k]);
+      if (lane == 0) a.absmax[k][q] = absmax.m[k];
+      const float inv = q8_inverse(absmax.m[k]);
       std::uint8_t new_codes[q8_lanes];
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) {
         new_codes[l] = Rule::slot_signed(k) ? q8_encode<true>(values[k][l], inv) : q8_encode<false>(values[k][l], inv);
       }
-      store8(a.state[k] + first, new_codes);
+      store_vector(a.state[k] + first, new_codes);
     }
   }
 }
@@ -218,7 +196,7 @@ template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int S
 void fused_update_q8(Cuda be, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a, const UpdateScalars<Rule>& s) {
   if (a.n == 0) return;
   constexpr int groups = cuda_block / (QBlock / q8_lanes);
-  const int grid = grid_for(a.n / QBlock * cuda_block / groups);
+  const int grid = grid_for(a.n / QBlock, groups);
   fused_update_q8_kernel<QBlock, ClearGrad><<<grid, cuda_block, 0, be.stream>>>(a, s);
   ALLOY_CUDA_CHECK_LAUNCH();
 }

@@ -18,6 +18,7 @@
 // bits depend only on the inputs and on the pointers' addresses modulo 16 (which split the rows).
 #pragma once
 
+#include <alloy/backend/cuda/launch.hpp>
 #include <alloy/backend/tags.hpp>
 #include <alloy/error.hpp>
 #include <alloy/kernels/detail/rows.hpp>
@@ -308,7 +309,7 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
 
 #if ALLOY_HAS_CUDA_KERNELS
 
-inline constexpr int layernorm_block = 256;  // forward: 8 warps, a row each
+inline constexpr int layernorm_block = cuda_block;  // forward: 8 warps, a row each
 
 // A warp per row. Per element: reads x three times (the second and third from cache), gamma
 // and beta (cached, shared by all rows); writes y. DRAM: sizeof(T) read + sizeof(T) written,
@@ -376,7 +377,7 @@ __global__ void __launch_bounds__(layernorm_max_part_warps* warp_size)
 // A thread per parameter-gradient element: sums the parts' partial sums in part order. Per
 // element: reads 4 bytes per part (and the old value when accumulating), writes sizeof(G).
 template <class G>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(cuda_block)
     layernorm_param_grad_kernel(const float* partials, std::size_t parts, std::size_t cols, G* dgamma, G* dbeta,
                                 bool accumulate) {
   const std::size_t span = 2 * cols;
@@ -388,23 +389,10 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-inline int layernorm_grid(std::size_t work, std::size_t per_block) {
-  const std::size_t blocks = (work + per_block - 1) / per_block;
-  constexpr std::size_t cap = std::size_t(1) << 20;  // kernels stride over anything beyond
-  return static_cast<int>(blocks < cap ? blocks : cap);
-}
-
-inline std::size_t max_shared_bytes_per_block() {
-  int device = 0, bytes = 0;
-  ALLOY_CUDA_CHECK(cudaGetDevice(&device));
-  ALLOY_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<std::size_t>(bytes);
-}
-
 template <class T>
 void layernorm_forward_on(Cuda be, const LayerNormForward<T>& a) {
   if (a.rows == 0) return;
-  layernorm_forward_kernel<<<layernorm_grid(a.rows, layernorm_block / warp_size), layernorm_block, 0, be.stream>>>(a);
+  layernorm_forward_kernel<<<grid_for(a.rows, layernorm_block / warp_size), layernorm_block, 0, be.stream>>>(a);
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
@@ -417,7 +405,7 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
     std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
     // Devices before sm_70 cannot give 64 KiB; a single warp's sums that do not fit stay in
     // scratch (L2). Either way the order of additions, hence the bits, is the same.
-    const bool sums_in_shared = shared_bytes <= max_shared_bytes_per_block();
+    const bool sums_in_shared = shared_bytes <= current_device_max_shared_bytes_per_block();
     if (!sums_in_shared && warps > 1) {
       throw error("layernorm_backward: this device has too little shared memory per block for " +
                   std::to_string(warps) + " warps' column sums (" + std::to_string(shared_bytes) + " bytes)");
@@ -432,8 +420,8 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
         a, layernorm_rows_in_part(rows, parts), scratch, sums_in_shared);
     ALLOY_CUDA_CHECK_LAUNCH();
   }
-  layernorm_param_grad_kernel<<<layernorm_grid(2 * cols, 256), 256, 0, be.stream>>>(scratch, parts, cols, a.dgamma,
-                                                                                    a.dbeta, a.accumulate);
+  layernorm_param_grad_kernel<<<grid_for(2 * cols), cuda_block, 0, be.stream>>>(scratch, parts, cols, a.dgamma, a.dbeta,
+                                                                                a.accumulate);
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 

@@ -17,6 +17,7 @@
 // differ only in their expf/logf, so results are deterministic for given inputs and alignment.
 #pragma once
 
+#include <alloy/backend/cuda/launch.hpp>
 #include <alloy/backend/reduce_ops.hpp>
 #include <alloy/backend/tags.hpp>
 #include <alloy/error.hpp>
@@ -34,7 +35,7 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr int softmax_block = 256;  // threads sharing one row
+inline constexpr int softmax_block = 256;  // threads sharing one row (the Host replays this many)
 
 inline constexpr float negative_infinity = float_from_bits(0xff800000u);
 inline constexpr float quiet_nan = float_from_bits(0x7fc00000u);
@@ -177,9 +178,7 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
 template <class T>
 void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
   if (a.rows == 0) return;
-  constexpr std::size_t max_grid = std::size_t(1) << 20;  // the kernel strides over rows beyond
-  const int grid = static_cast<int>(a.rows < max_grid ? a.rows : max_grid);
-  softmax_cross_entropy_kernel<<<grid, softmax_block, 0, be.stream>>>(a);
+  softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
