@@ -4,5 +4,5 @@
 #include <alloy/backend/algorithms.hpp>
 #include <alloy/backend/buffer.hpp>
 #include <alloy/backend/device.hpp>
-#include <alloy/backend/memory.hpp>
+#include <alloy/backend/memory_tracker.hpp>
 #include <alloy/backend/tags.hpp>

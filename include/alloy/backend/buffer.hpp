@@ -2,7 +2,7 @@
 // Cuda memory is stream-ordered (cudaMallocAsync / cudaFreeAsync on the backend's stream).
 #pragma once
 
-#include <alloy/backend/memory.hpp>
+#include <alloy/backend/memory_tracker.hpp>
 #include <alloy/error.hpp>
 
 #include <cstring>
