@@ -1,6 +1,6 @@
-// alloy quickstart: what the foundation offers today. Rounds a vector of floats to bf16 with
-// round-to-nearest-even and with stochastic rounding, and compares the sums, on the GPU when
-// there is one and on the Host backend when not.
+// alloy quickstart: the numeric and backend layers alone, without a trainer (README.md shows one).
+// Rounds a vector of floats to bf16 with round-to-nearest-even and with stochastic rounding, and
+// compares the sums, on the GPU when there is one and on the Host backend when not.
 //   ./alloy_quickstart [n]
 #include <alloy/alloy.hpp>
 
