@@ -112,6 +112,10 @@ struct SlotMaxima {
   float m[Slots];
 };
 
+struct FloatMax {
+  __device__ ALLOY_FORCEINLINE float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 struct SlotMaximaMax {
   template <int Slots>
   __device__ ALLOY_FORCEINLINE SlotMaxima<Slots> operator()(SlotMaxima<Slots> a, const SlotMaxima<Slots>& b) const {
@@ -162,19 +166,19 @@ __global__ void __launch_bounds__(cuda_block)
                                               old_absmax, out, values);
     if (a.master) store_vector(a.master + first, p);
     store_vector(a.params + first, out);
-    // Every |value| is >= +0 and fmaxf drops NaN, so each thread's maximum starts from +0 and is
-    // never NaN or -0: the reductions' order cannot change it.
+    // Each slot's largest |value|: a warp's butterfly (QBlock 256), or the whole block's
+    // reduction (QBlock 2048). Every |value| is >= +0 and fmaxf drops NaN, so a thread's maximum
+    // starts from +0 and is never NaN or -0, and the block fold may start from the first warp's.
     SlotMaxima<Slots> absmax;
 #pragma unroll
     for (int k = 0; k < Slots; ++k) {
       float m = 0.0f;
 #pragma unroll
       for (int l = 0; l < q8_lanes; ++l) m = fmaxf(m, fabsf(values[k][l]));
+      if constexpr (threads_per_q == warp_size) m = warp_allreduce(m, FloatMax{});
       absmax.m[k] = m;
     }
-    if constexpr (threads_per_q == warp_size) {
-      absmax = warp_allreduce(absmax, SlotMaximaMax{});
-    } else {
+    if constexpr (threads_per_q > warp_size) {
       __syncthreads();  // the previous iteration's readers are done with shared_max
       absmax = block_allreduce<cuda_block>(absmax, SlotMaximaMax{}, shared_max);
     }

@@ -69,8 +69,9 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void for_each_run(const RowSplit& s, std::si
 }
 
 // W consecutive elements: one 16-byte access on the device when they fill a vector (the split
-// puts every vector on a 16-byte boundary), element by element otherwise. Loads are plain: an
-// output may alias an input (backend/cuda/vector_io.hpp).
+// puts every vector on a 16-byte boundary), element by element otherwise. Loads are plain (an
+// output may alias an input); stores go through __stwb, since a plain one gets split
+// (backend/cuda/vector_io.hpp).
 template <int W, class T>
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void load_run(const T* p, T (&v)[W]) {
 #if ALLOY_DEVICE_CODE
@@ -88,7 +89,7 @@ template <int W, class T>
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void store_run(T* p, const T (&v)[W]) {
 #if ALLOY_DEVICE_CODE
   if constexpr (W * sizeof(T) == 16) {
-    store_vector(p, v);
+    store_vector<StorePath::write_back>(p, v);
   } else
 #endif
   {
