@@ -3,7 +3,9 @@
 // scalars. `t` is the 1-based count of applied (not skipped) steps.
 #pragma once
 
-#include <alloy/optim/rules.hpp>
+#include <alloy/optim/rules/adamw.hpp>
+#include <alloy/optim/rules/lion.hpp>
+#include <alloy/optim/rules/sgd.hpp>
 #include <alloy/optim/state.hpp>
 
 #include <cmath>
