@@ -16,7 +16,7 @@
 
 #include <alloy/config.hpp>
 
-#if defined(__CUDACC__)
+#if ALLOY_HAS_CUDA_KERNELS
 
 #include <cstring>
 
@@ -84,4 +84,4 @@ __device__ ALLOY_FORCEINLINE void store_vector(T* p, const T (&v)[N]) {
 
 }  // namespace alloy::detail
 
-#endif  // defined(__CUDACC__)
+#endif  // ALLOY_HAS_CUDA_KERNELS

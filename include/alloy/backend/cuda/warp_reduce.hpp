@@ -47,7 +47,7 @@ V block_replay(const V (&threads)[Threads], Op op) {
   return total;
 }
 
-#if defined(__CUDACC__)
+#if ALLOY_HAS_CUDA_KERNELS
 
 // A value of whole 32-bit words from lane (this lane ^ mask).
 template <class V>
@@ -85,6 +85,6 @@ __device__ ALLOY_FORCEINLINE V block_allreduce(V v, Op op, V* shared) {
   return total;
 }
 
-#endif  // defined(__CUDACC__)
+#endif  // ALLOY_HAS_CUDA_KERNELS
 
 }  // namespace alloy::detail

@@ -74,7 +74,7 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void for_each_run(const RowSplit& s, std::si
 // (backend/cuda/vector_io.hpp).
 template <int W, class T>
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void load_run(const T* p, T (&v)[W]) {
-#if ALLOY_DEVICE_CODE
+#if ALLOY_DEVICE_CODE && ALLOY_HAS_CUDA_KERNELS
   if constexpr (W * sizeof(T) == 16) {
     load_vector(p, v);
   } else
@@ -87,7 +87,7 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void load_run(const T* p, T (&v)[W]) {
 
 template <int W, class T>
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void store_run(T* p, const T (&v)[W]) {
-#if ALLOY_DEVICE_CODE
+#if ALLOY_DEVICE_CODE && ALLOY_HAS_CUDA_KERNELS
   if constexpr (W * sizeof(T) == 16) {
     store_vector<StorePath::write_back>(p, v);
   } else
