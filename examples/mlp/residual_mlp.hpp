@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace mlp {
@@ -89,6 +90,17 @@ class ResidualMlp {
 
   void declare(alloy::ParamRegistry& r) { net_.declare(r); }
   Network& layers() noexcept { return net_; }
+
+  // Forward alone, nothing updated and no gradients written: the logits of rows of features (in
+  // the compute dtype, in ctx's workspace) and their mean cross-entropy against `labels`.
+  template <class Ctx>
+  std::pair<nn::Activation<const nn::detail::value_t<Ctx>>, float> evaluate(Ctx& ctx, const std::vector<float>& x,
+                                                                            const std::vector<std::int32_t>& labels) {
+    const auto input = nn::upload_features(ctx, x, shape_.inputs);
+    const auto* targets = nn::upload_targets(ctx, labels, shape_.classes);
+    const auto logits = net_.forward(ctx, input);
+    return {logits, loss_.forward_backward(ctx, logits, targets).first};
+  }
 
   template <class Ctx>
   float forward_backward(Ctx& ctx, const Batch& b) {
