@@ -30,9 +30,10 @@ Tolerances, on the largest |alloy - torch| over the logits divided by 1 + max |t
 on |alloy loss - torch loss| / (1 + torch loss):
     fp32: 1e-4 (both all-fp32, with different kernels: cuBLASLt and alloy's LayerNorm and GELU
           against torch's, each summing in its own order);
-    bf16: 5e-2 for the largest, 1e-2 for the mean logit difference and for the loss (both round
+    bf16: 3e-2 for the largest, 5e-3 for the mean logit difference and for the loss (both round
           every activation to bf16, but the products and sums before each rounding differ in
-          order, and one bf16 step is 0.4 % of a value).
+          order, and one bf16 step is 0.4 % of a value; on the Host backend alloy's bf16 logits
+          were within 2e-3 of an exact forward of the same weights).
 Exact checks compare bits. Prints every figure; exits 1 on any mismatch, 2 when it cannot run.
 """
 import argparse
@@ -56,7 +57,7 @@ from residual_mlp import Mlp  # noqa: E402  (the same network, alloy's parameter
 
 INPUTS, WIDTH, BLOCKS, CLASSES, ROWS = 64, 64, 2, 10, 77  # alloy_mlp --size small; 77 rows to evaluate
 TOLERANCE = {"fp32": {"max": 1e-4, "mean": 1e-4, "loss": 1e-4},
-             "bf16": {"max": 5e-2, "mean": 1e-2, "loss": 1e-2}}
+             "bf16": {"max": 3e-2, "mean": 5e-3, "loss": 5e-3}}
 
 failures = []
 

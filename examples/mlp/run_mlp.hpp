@@ -33,6 +33,7 @@ template <class B, class T>
 std::vector<float> download(B be, const T* p, std::size_t n) {
   std::vector<T> staged(n);
   if constexpr (std::is_same_v<B, alloy::Host>) {
+    (void)be;
     std::copy(p, p + n, staged.begin());
   } else {
 #if ALLOY_HAS_CUDA_RUNTIME
