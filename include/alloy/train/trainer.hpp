@@ -135,7 +135,8 @@ class Trainer {
   Trainer(Trainer&&) = default;
   Trainer& operator=(Trainer&& other) {
     if (this == &other) return *this;
-    // Memory first, while the tracker its release is reported to still exists; the tracker last.
+    // Every member, by hand (keep the list complete): memory first, while the tracker its release
+    // is reported to still exists; the tracker after it.
     store_ = std::move(other.store_);
     step_ = std::move(other.step_);
     workspace_ = std::move(other.workspace_);
