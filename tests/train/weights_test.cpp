@@ -359,8 +359,12 @@ TEST(Weights, RefusesMissingExtraMisshapedAndBadValuesChangingNothing) {
   expect_refused(target,
                  variant("misshaped.safetensors",
                          [&](auto& ts) {
-                           auto& t = find(ts, "layer.weight");
-                           std::swap(t.shape[0], t.shape[1]);
+                           auto& t = find(ts, "layer.weight");  // transposed, or flattened if square
+                           if (t.shape[0] != t.shape[1]) {
+                             std::swap(t.shape[0], t.shape[1]);
+                           } else {
+                             t.shape = {t.shape[0] * t.shape[1]};
+                           }
                          }),
                  {"tensor 'layer.weight' has shape"});
   expect_refused(target, variant("int.safetensors", [&](auto& ts) { ts.back().dtype = "I32"; }),
