@@ -3,7 +3,8 @@
 #   configure with the gpu preset, build with every core, run the whole test suite with GPU
 #   tests required (ALLOY_REQUIRE_GPU=1: a missing device fails instead of skipping), run the
 #   benchmarks, and write logs and a summary table under $OUT (default: ./gpu-out).
-#   With PyTorch on the machine it also times the peers (benchmarks/peers/) and writes the
+#   With PyTorch on the machine it also checks weights files both ways against PyTorch
+#   (scripts/torch_weights_roundtrip.py), times the peers (benchmarks/peers/) and writes the
 #   side-by-side table; bitsandbytes comes from a wheel carried in .whl/ when present.
 # Usage: scripts/gpu-check.sh [--no-bench] [--no-peers] [--bench-only] [--bench-filter REGEX]
 set -uo pipefail
@@ -47,6 +48,11 @@ step build cmake --build --preset gpu -j "$(nproc)" || { grep -E "error|FAILED" 
 if [ $run_tests -eq 1 ]; then
   step tests ctest --preset gpu -j 4
   grep -E "tests passed|tests failed|Skipped|\(Failed\)" "$log" | tail -20
+  # Weights to and from PyTorch, both ways, where PyTorch and safetensors are installed.
+  if python3 -c "import torch, safetensors" 2>/dev/null; then
+    step torch-weights python3 scripts/torch_weights_roundtrip.py --build build/gpu
+    grep -E "^  (ok|FAIL) |all checks passed|check\(s\) failed" "$log" | tail -20
+  fi
 fi
 
 if [ $run_bench -eq 1 ]; then

@@ -27,11 +27,15 @@ class Block(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Parameter names are alloy's (examples/mlp/residual_mlp.hpp declares embed.weight,
+    blocks.0.norm.weight, ..., final_norm.bias, head.bias), so weights files load both ways
+    (scripts/torch_weights_roundtrip.py)."""
+
     def __init__(self, inputs=1024, d=1024, blocks=8, classes=1000, recompute=False):
         super().__init__()
         self.embed = nn.Linear(inputs, d)
         self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
-        self.norm = nn.LayerNorm(d)
+        self.final_norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
         self.recompute = recompute
 
@@ -39,7 +43,7 @@ class Mlp(nn.Module):
         x = self.embed(x)
         for b in self.blocks:
             x = checkpoint(b, x, use_reentrant=False) if self.recompute else b(x)
-        return self.head(self.norm(x))
+        return self.head(self.final_norm(x))
 
 
 def run(config, rows, repeats):

@@ -1,8 +1,16 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
 //   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
+//             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
+//             [--eval-input PATH --eval-output PATH]
 // On the GPU when there is one (full size by default: 1024 -> 1024 x 8 blocks -> 1000 classes,
 // 8192 rows), on the Host backend otherwise (small by default).
+//
+// Weights move to and from PyTorch (scripts/torch_weights_roundtrip.py): --import-weights sets
+// the parameters from a safetensors file (after --resume, before training); each
+// --export-weights writes them after training, in the dtype of the last --export-dtype before
+// it (fp32 by default); --eval-input reads "x" and "labels" and writes the logits and the loss to
+// --eval-output. --steps 0 trains nothing.
 #include "run_mlp.hpp"
 
 #include <cstdio>
@@ -16,13 +24,16 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]\n",
+               "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
+               "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
+               "[--eval-input PATH --eval-output PATH]\n",
                why);
   std::exit(2);
 }
 
 mlp::Options parse(int argc, char** argv) {
   mlp::Options o;
+  alloy::WeightsDtype export_dtype = alloy::WeightsDtype::fp32;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -49,11 +60,24 @@ mlp::Options parse(int argc, char** argv) {
       o.csv = value();
     else if (a == "--host")
       o.host = true;
+    else if (a == "--import-weights")
+      o.import_weights = value();
+    else if (a == "--export-dtype") {
+      const auto d = alloy::weights_dtype_named(value());
+      if (!d) usage("--export-dtype takes fp32, bf16 or fp16");
+      export_dtype = *d;
+    } else if (a == "--export-weights")
+      o.export_weights.emplace_back(value(), export_dtype);
+    else if (a == "--eval-input")
+      o.eval_input = value();
+    else if (a == "--eval-output")
+      o.eval_output = value();
     else
       usage(("unknown option " + a).c_str());
   }
   if (o.accumulate < 1) usage("--accumulate needs N >= 1");
-  if (o.steps < 1) usage("--steps needs N >= 1");
+  if (o.steps < 0) usage("--steps needs N >= 0");
+  if (o.eval_input.empty() != o.eval_output.empty()) usage("--eval-input and --eval-output go together");
   return o;
 }
 

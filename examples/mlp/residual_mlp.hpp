@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 namespace mlp {
@@ -101,6 +102,19 @@ class ResidualMlp {
   }
 
   std::vector<Block>& layers() noexcept { return blocks_; }
+
+  // Forward alone, nothing updated and no gradients written: the logits of rows of features (in
+  // the compute dtype, in ctx's workspace) and their mean cross-entropy against `labels`.
+  template <class Ctx>
+  std::pair<nn::Activation<const nn::detail::value_t<Ctx>>, float> evaluate(Ctx& ctx, const std::vector<float>& x,
+                                                                            const std::vector<std::int32_t>& labels) {
+    const auto input = nn::upload_features(ctx, x, shape_.inputs);
+    const auto* targets = nn::upload_targets(ctx, labels, shape_.classes);
+    alloy::Activation<const nn::detail::value_t<Ctx>> y = embed_.forward(ctx, input);
+    for (auto& b : blocks_) y = b.forward(ctx, y);
+    const auto logits = head_.forward(ctx, final_norm_.forward(ctx, y));
+    return {logits, loss_.forward_backward(ctx, logits, targets).first};
+  }
 
   template <class Ctx>
   auto input(Ctx& ctx, const Batch& b) {

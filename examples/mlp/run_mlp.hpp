@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace mlp {
 
@@ -19,7 +21,76 @@ struct Options {
   std::size_t rows = 0;
   std::string save, resume, csv = "mlp_loss.csv";
   bool host = false;
+  // Weights in and out (PyTorch interop): imported after --resume and before training, exported
+  // after training, each path in its dtype; then the model is evaluated on --eval-input.
+  std::string import_weights;
+  std::vector<std::pair<std::string, alloy::WeightsDtype>> export_weights;
+  std::string eval_input, eval_output;
 };
+
+// n elements of a backend's memory, widened to float on the host.
+template <class B, class T>
+std::vector<float> download(B be, const T* p, std::size_t n) {
+  std::vector<T> staged(n);
+  if constexpr (std::is_same_v<B, alloy::Host>) {
+    (void)be;
+    std::copy(p, p + n, staged.begin());
+  } else {
+#if ALLOY_HAS_CUDA_RUNTIME
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(staged.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost, be.stream));
+    ALLOY_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+#endif
+  }
+  std::vector<float> out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = alloy::to_float(staged[i]);
+  return out;
+}
+
+// Reads features "x" (F32, rows x inputs) and class labels "labels" (I32 or I64, rows) from a
+// safetensors file, runs the model forward on them (nothing is updated) and writes "logits" (F32,
+// rows x classes) and their mean cross-entropy "loss" (F32, a scalar) to o.eval_output.
+template <class Trainer>
+void evaluate(Trainer& trainer, const Options& o, const Shape& shape) {
+  using B = typename Trainer::backend_type;
+  const auto file = alloy::SafetensorsFile::open(o.eval_input);
+  const std::string where = "--eval-input " + o.eval_input + ": ";
+  const auto& xt = file.tensor("x");
+  if (xt.dtype != alloy::SafetensorsDtype::f32 || xt.shape.size() != 2 ||
+      xt.shape[1] != static_cast<std::int64_t>(shape.inputs)) {
+    throw alloy::error(where + "'x' must be F32 [rows, " + std::to_string(shape.inputs) + "]");
+  }
+  const auto rows = static_cast<std::size_t>(xt.shape[0]);
+  std::vector<float> x(rows * shape.inputs);
+  file.read("x", std::as_writable_bytes(std::span(x)));
+  const auto& lt = file.tensor("labels");
+  if (lt.shape != std::vector<std::int64_t>{xt.shape[0]} ||
+      (lt.dtype != alloy::SafetensorsDtype::i32 && lt.dtype != alloy::SafetensorsDtype::i64)) {
+    throw alloy::error(where + "'labels' must be I32 or I64 [" + std::to_string(rows) + "]");
+  }
+  std::vector<std::int32_t> labels(rows);
+  if (lt.dtype == alloy::SafetensorsDtype::i32) {
+    file.read("labels", std::as_writable_bytes(std::span(labels)));
+  } else {
+    std::vector<std::int64_t> wide(rows);
+    file.read("labels", std::as_writable_bytes(std::span(wide)));
+    for (std::size_t i = 0; i < rows; ++i) labels[i] = static_cast<std::int32_t>(wide[i]);
+  }
+  const B be = trainer.store().backend();
+  alloy::Workspace<B> workspace(be);
+  alloy::BackendResources<B> resources(be);
+  typename Trainer::context_type ctx(trainer.store(), workspace, 1.0f, false, 0, 1, trainer.steps(), 0, &resources);
+  const auto [logits, loss] = trainer.model().evaluate(ctx, x, labels);
+  const std::vector<float> values = download(be, logits.data, logits.size());
+  const std::vector<alloy::TensorToWrite> out = {
+      {"logits",
+       alloy::SafetensorsDtype::f32,
+       {static_cast<std::int64_t>(rows), static_cast<std::int64_t>(shape.classes)},
+       std::as_bytes(std::span(values))},
+      {"loss", alloy::SafetensorsDtype::f32, {}, std::as_bytes(std::span(&loss, 1))},
+  };
+  alloy::write_safetensors(o.eval_output, out, {{"format", "pt"}});
+  std::printf("evaluated %zu rows: loss %.6f; logits and loss written to %s\n", rows, loss, o.eval_output.c_str());
+}
 
 template <class Backend, class P, class... Extra>
 int run(const Options& o, Shape shape) {
@@ -42,6 +113,10 @@ int run(const Options& o, Shape shape) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
     std::printf("resumed from %s at step %llu\n", o.resume.c_str(), static_cast<unsigned long long>(trainer.steps()));
+  }
+  if (!o.import_weights.empty()) {
+    trainer.import_weights(o.import_weights);
+    std::printf("imported weights from %s\n", o.import_weights.c_str());
   }
   std::printf(
       "residual MLP on %s, %s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters\n",
@@ -68,6 +143,13 @@ int run(const Options& o, Shape shape) {
     trainer.save(o.save);
     std::printf("saved %s\n", o.save.c_str());
   }
+  for (const auto& [path, dtype] : o.export_weights) {
+    trainer.export_weights(path, dtype);
+    std::printf("exported the weights in %s to %s\n", std::string(alloy::weights_dtype_name(dtype)).c_str(),
+                path.c_str());
+  }
+  if (!o.eval_input.empty()) evaluate(trainer, o, shape);
+  if (trainer.steps() == start_step) return 0;  // nothing trained (--steps 0, or already there)
   const auto mem = trainer.memory();
   const double timed = static_cast<double>(o.steps - start_step > 2 ? o.steps - start_step - 2 : 1);
   std::printf("loss %.5f -> %.5f; %.3f ms per step, %.0f rows/s; activations peak %.1f MiB, all memory peak %.1f MiB\n",

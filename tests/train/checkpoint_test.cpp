@@ -2,6 +2,7 @@
 #include "../optim/reference.hpp"
 #include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
+#include "odd_model.hpp"
 
 #include <alloy/alloy.hpp>
 
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 
 namespace {
 
@@ -74,6 +76,140 @@ TEST(Checkpoint, ResumeIsBitExact) {
   resume_is_bit_exact<Trainer<StudentMlp, Precision<fp32>, Accumulate<3>, SGD<State<q8_blockwise<2048>>>, Host>>(seed);
 }
 
+// The same on parameters of irregular shapes (a rank-3 tensor, [1], [k, 1], tensors past one q8
+// block), whose per-parameter state tensors leave the arenas' padding out.
+template <class Tr>
+void odd_resume_is_bit_exact(std::uint64_t seed) {
+  SCOPED_TRACE(Tr::signature());
+  TempDir dir;
+  const test::OddModel shapes(seed);
+  std::mt19937_64 rng(seed);
+  std::vector<test::OddBatch> data;
+  for (int i = 0; i < 7 * Tr::accumulation_steps; ++i) data.push_back(shapes.batch(rng));
+  const typename Tr::Config config{.schedule = LrSchedule::constant(1e-2f), .max_grad_norm = 1.0f, .seed = seed};
+  Tr straight(test::OddModel(seed), config);
+  auto it = data.begin();
+  for (int s = 0; s < 4; ++s) straight.step(it);
+  straight.save(dir / "ckpt.safetensors");
+  auto other = config;
+  other.seed = seed + 1;  // another initialization, overwritten by load (the seed too)
+  Tr resumed(test::OddModel(seed), other);
+  resumed.load(dir / "ckpt.safetensors");
+  EXPECT_EQ(test::snapshot(resumed.store()), test::snapshot(straight.store()));
+  auto it2 = it;
+  for (int s = 0; s < 3; ++s) EXPECT_EQ(straight.step(it).loss, resumed.step(it2).loss);
+  EXPECT_EQ(test::snapshot(resumed.store()), test::snapshot(straight.store()));
+}
+
+TEST(Checkpoint, ResumeIsBitExactOnIrregularShapes) {
+  ALLOY_SEEDED(seed);
+  odd_resume_is_bit_exact<Trainer<test::OddModel, Precision<bf16, fp32_master>, AdamW<State<q8>>, Host>>(seed);
+  odd_resume_is_bit_exact<Trainer<test::OddModel, Precision<fp32>, Adafactor<>, Host>>(seed);
+  odd_resume_is_bit_exact<
+      Trainer<test::OddModel, Precision<fp16, fp32_master>, Accumulate<2>, SGD<State<q8_blockwise<2048>>>, Host>>(seed);
+  odd_resume_is_bit_exact<Trainer<test::OddModel, Precision<bf16>, Lion<State<bf16>>, Host>>(seed);
+}
+
+// What a checkpoint holds for each parameter of `trainer`: name -> (dtype, shape, the values).
+template <class Tr>
+void expect_state_per_parameter(Tr& trainer, const std::filesystem::path& path, const std::vector<std::string>& slots,
+                                SafetensorsDtype state_dtype) {
+  SCOPED_TRACE(Tr::signature());
+  using Store = typename Tr::store_type;
+  using S = typename Store::state_storage;
+  trainer.save(path);
+  const SafetensorsFile file = SafetensorsFile::open(path);
+  auto& store = trainer.store();
+  std::set<std::string> expected;
+  auto expect_tensor = [&](const std::string& name, SafetensorsDtype dtype, const std::vector<std::int64_t>& shape,
+                           const auto& arena, std::size_t offset) {
+    expected.insert(name);
+    const StoredTensor* t = file.find(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(t->dtype, dtype) << name;
+    EXPECT_EQ(t->shape, shape) << name;
+    const auto all = to_host(arena);
+    using T = typename std::decay_t<decltype(all)>::value_type;
+    std::vector<T> values(t->numel());
+    file.read(name, std::as_writable_bytes(std::span(values)));
+    ASSERT_LE(offset + values.size(), all.size());
+    EXPECT_EQ(0, std::memcmp(values.data(), all.data() + offset, values.size() * sizeof(T))) << name;
+  };
+  for (std::size_t t = 0; t < store.registry().size(); ++t) {
+    const auto& spec = store.registry().specs()[t];
+    const auto& place = store.layout()[t];
+    expected.insert(spec.name);
+    if constexpr (Store::has_master) expected.insert("alloy/master/" + spec.name);
+    if constexpr (is_adafactor_v<typename Tr::optimizer_type>) {
+      const auto& a = store.adafactor_placements()[t];
+      if (spec.shape.size() >= 2) {
+        auto rows = spec.shape, cols = spec.shape;
+        rows.back() = 1;
+        cols[cols.size() - 2] = 1;
+        expect_tensor("alloy/state/" + spec.name + "/row_var", state_dtype, rows, store.state_arena(0), a.offset);
+        expect_tensor("alloy/state/" + spec.name + "/col_var", state_dtype, cols, store.state_arena(0),
+                      a.offset + a.batch * a.rows);
+      } else {
+        expect_tensor("alloy/state/" + spec.name + "/variance", state_dtype, spec.shape, store.state_arena(0),
+                      a.offset);
+      }
+    } else {
+      for (std::size_t k = 0; k < slots.size(); ++k) {
+        const std::string name = "alloy/state/" + spec.name + "/" + slots[k];
+        expect_tensor(name, state_dtype, spec.shape, store.state_arena(int(k)), place.offset);
+        if constexpr (Store::state_policy::quantized) {
+          const std::size_t block = Store::quant_block;
+          expect_tensor(name + ".absmax", SafetensorsDtype::f32,
+                        {static_cast<std::int64_t>((place.numel + block - 1) / block)}, store.state_scale_arena(int(k)),
+                        place.offset / block);
+        }
+      }
+    }
+  }
+  std::set<std::string> found;
+  for (const auto& t : file.tensors()) found.insert(t.name);
+  EXPECT_EQ(found, expected);
+  (void)sizeof(S);
+}
+
+TEST(Checkpoint, StoresOptimizerStatePerParameterUnderItsName) {
+  ALLOY_SEEDED(seed);
+  TempDir dir;
+  const test::OddModel shapes(seed);
+  auto trained = [&](auto& trainer) -> auto& {
+    std::mt19937_64 rng(seed);
+    for (int s = 0; s < 3; ++s) trainer.step([&] { return shapes.batch(rng); });
+    return trainer;
+  };
+  {
+    Trainer<test::OddModel, Precision<bf16, fp32_master>, AdamW<>, Host> t(test::OddModel(seed), {.seed = seed});
+    expect_state_per_parameter(trained(t), dir / "adamw.safetensors", {"exp_avg", "exp_avg_sq"}, SafetensorsDtype::f32);
+  }
+  {
+    Trainer<test::OddModel, Precision<fp32>, SGD<State<bf16>>, Host> t(test::OddModel(seed),
+                                                                       {.optimizer = {.momentum = 0.9f}, .seed = seed});
+    expect_state_per_parameter(trained(t), dir / "sgd.safetensors", {"momentum_buffer"}, SafetensorsDtype::bf16);
+  }
+  {
+    Trainer<test::OddModel, Precision<bf16>, Lion<>, Host> t(test::OddModel(seed), {.seed = seed});
+    expect_state_per_parameter(trained(t), dir / "lion.safetensors", {"exp_avg"}, SafetensorsDtype::f32);
+  }
+  {
+    Trainer<test::OddModel, Precision<fp32>, Adafactor<>, Host> t(test::OddModel(seed), {.seed = seed});
+    expect_state_per_parameter(trained(t), dir / "adafactor.safetensors", {}, SafetensorsDtype::f32);
+  }
+  {
+    Trainer<test::OddModel, Precision<fp16, fp32_master>, AdamW<State<q8>>, Host> t(test::OddModel(seed),
+                                                                                    {.seed = seed});
+    expect_state_per_parameter(trained(t), dir / "q8.safetensors", {"exp_avg", "exp_avg_sq"}, SafetensorsDtype::u8);
+  }
+  {
+    Trainer<test::OddModel, Precision<bf16, fp32_master>, Lion<State<q8_blockwise<2048>>>, Host> t(test::OddModel(seed),
+                                                                                                   {.seed = seed});
+    expect_state_per_parameter(trained(t), dir / "q8_2048.safetensors", {"exp_avg"}, SafetensorsDtype::u8);
+  }
+}
+
 using Bf16Trainer = Trainer<StudentMlp, Precision<bf16, fp32_master>, AdamW<>, Host>;
 
 // Reads the checkpoint with a scan written here, not the library's reader: the 8-byte length,
@@ -98,11 +234,15 @@ TEST(Checkpoint, IsSafetensorsThatAnIndependentParserReads) {
   for (std::sregex_iterator m(header.begin(), header.end(), entry), end; m != end; ++m) {
     found[(*m)[1]] = {(*m)[2], (*m)[3], std::stoull((*m)[4]), std::stoull((*m)[5])};
   }
-  ASSERT_TRUE(found.count("w1") && found.count("alloy/master/w1") && found.count("alloy/state/0"));
+  ASSERT_TRUE(found.count("w1") && found.count("alloy/master/w1") && found.count("alloy/state/w1/exp_avg") &&
+              found.count("alloy/state/w1/exp_avg_sq"));
   EXPECT_EQ(std::get<0>(found["w1"]), "BF16");
   EXPECT_EQ(std::get<1>(found["w1"]), "32,16");
   EXPECT_EQ(std::get<0>(found["alloy/master/w1"]), "F32");
-  EXPECT_NE(header.find("\"alloy.format\":\"alloy-checkpoint-1\""), std::string::npos);
+  EXPECT_EQ(std::get<0>(found["alloy/state/b2/exp_avg_sq"]), "F32");
+  EXPECT_EQ(std::get<1>(found["alloy/state/b2/exp_avg_sq"]), "4");
+  EXPECT_EQ(found.size(), 4u * 4u) << "each of 4 parameters: itself, its master, exp_avg, exp_avg_sq";
+  EXPECT_NE(header.find("\"alloy.format\":\"alloy-checkpoint-2\""), std::string::npos);
   // The master tensor's bytes are the trainer's fp32 master values.
   const auto [dtype, shape, begin, end] = found["alloy/master/w1"];
   ASSERT_EQ(end - begin, 32u * 16u * 4u);
@@ -190,6 +330,41 @@ TEST(Checkpoint, RefusesNonFiniteWeights) {
   trainer.save(dir / "nan.safetensors");
   Bf16Trainer other(StudentMlp(16, 32, 4));
   expect_refused(other, dir / "nan.safetensors", "parameter 'b2' holds a non-finite value at element 1");
+}
+
+TEST(Checkpoint, RefusesOlderFormatsSayingSo) {
+  TempDir dir;
+  Bf16Trainer trainer(StudentMlp(16, 32, 4));
+  write_safetensors(dir / "v1.safetensors", std::vector<TensorToWrite>{},
+                    {{"alloy.format", "alloy-checkpoint-1"}, {"alloy.signature", Bf16Trainer::signature()}});
+  expect_refused(trainer, dir / "v1.safetensors", "written in format 'alloy-checkpoint-1'");
+  expect_refused(trainer, dir / "v1.safetensors", "it reads 'alloy-checkpoint-2'");
+}
+
+// Optimizer state is validated as the weights are: finite, second moments not negative.
+TEST(Checkpoint, RefusesBadOptimizerState) {
+  ALLOY_SEEDED(seed);
+  TempDir dir;
+  const auto data = batches(seed, 3);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.seed = seed});
+  source.step(data.begin());
+  source.step(data.begin() + 1);
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.seed = seed + 1});
+  target.step(data.begin() + 2);
+  std::mt19937_64 rng(seed);
+  const std::size_t at = rng() % 4;
+  const std::size_t offset = source.store().layout()[3].offset;  // b2, the last parameter
+  auto& v = source.store().state_arena(1);
+  const float kept = v.data()[offset + at];
+  v.data()[offset + at] = -1e-3f;
+  source.save(dir / "negative.safetensors");
+  expect_refused(target, dir / "negative.safetensors",
+                 "optimizer state 'alloy/state/b2/exp_avg_sq' holds a negative value at element " + std::to_string(at));
+  v.data()[offset + at] = kept;
+  source.store().state_arena(0).data()[offset + at] = std::numeric_limits<float>::infinity();
+  source.save(dir / "infinite.safetensors");
+  expect_refused(target, dir / "infinite.safetensors",
+                 "optimizer state 'alloy/state/b2/exp_avg' holds a non-finite value at element " + std::to_string(at));
 }
 
 TEST(Checkpoint, SavingReplacesTheOldFileWhole) {

@@ -8,7 +8,9 @@
 #include <alloy/optim/rules/sgd.hpp>
 #include <alloy/optim/state.hpp>
 
+#include <array>
 #include <cmath>
+#include <string_view>
 
 namespace alloy {
 
@@ -19,6 +21,8 @@ struct AdamW {
   using rule_type = AdamWRule;
   static constexpr const char* name = "AdamW";
   static constexpr int slots = rule_type::slots;
+  // Each state slot's name in checkpoints, as torch.optim.AdamW names it.
+  static constexpr std::array<std::string_view, slots> state_names{"exp_avg", "exp_avg_sq"};
   struct Config {
     float lr = 1e-3f;
     float beta1 = 0.9f;
@@ -46,6 +50,7 @@ struct SGD {
   using rule_type = SGDRule;
   static constexpr const char* name = "SGD";
   static constexpr int slots = rule_type::slots;
+  static constexpr std::array<std::string_view, slots> state_names{"momentum_buffer"};  // as torch.optim.SGD
   struct Config {
     float lr = 1e-3f;
     float momentum = 0.0f;
@@ -65,6 +70,7 @@ struct Lion {
   using rule_type = LionRule;
   static constexpr const char* name = "Lion";
   static constexpr int slots = rule_type::slots;
+  static constexpr std::array<std::string_view, slots> state_names{"exp_avg"};  // as lion-pytorch
   struct Config {
     float lr = 1e-4f;
     float beta1 = 0.9f;

@@ -1,14 +1,24 @@
-// Trainer checkpoints: one safetensors file. Tensors: each parameter by its declared name in
-// the compute dtype (readable by PyTorch and Hugging Face tools as they are), its fp32 master as
-// "alloy/master/<name>", and the optimizer state arenas as "alloy/state/<slot>" (with
-// "alloy/state_scale/<slot>" for q8 block scales). Metadata: the format version, the policy
-// signature, step counters, loss-scaler state and the random seed (stochastic rounding draws
-// from (seed, step, element), so that is the whole RNG state).
+// Trainer checkpoints: one safetensors file (format "alloy-checkpoint-2"). Tensors, each with
+// its real (unpadded) shape:
+//   <name>                          the parameter in the compute dtype, as declared (readable by
+//                                   PyTorch and Hugging Face tools as it is)
+//   alloy/master/<name>             its fp32 master copy (with fp32_master)
+//   alloy/state/<name>/<slot>       its optimizer state, slots named as PyTorch names them:
+//                                   AdamW exp_avg, exp_avg_sq; SGD momentum_buffer; Lion exp_avg;
+//                                   in the state width (F32, BF16, or U8 codes for q8), the
+//                                   parameter's shape; Adafactor row_var [..., rows, 1] and
+//                                   col_var [..., 1, cols] for rank >= 2, variance for vectors
+//   alloy/state/<name>/<slot>.absmax  q8 only: the F32 scale of each block of quant_block codes
+//                                   (value = decode(code) * absmax[i / quant_block])
+// Metadata: the format version, the policy signature, step counters, loss-scaler state and the
+// random seed (stochastic rounding draws from (seed, step, element), so that is the whole RNG
+// state).
 //
 // Writing goes through write_file_atomically: a crash leaves the old checkpoint or the new one.
 // Loading validates the whole file (format, signature, every tensor's presence, dtype and shape,
-// finite weights) and reads it into host staging before touching the store, so a refused or
-// failed load leaves the trainer as it was.
+// nothing else, finite weights and state, non-negative second moments and q8 scales) and reads
+// it into host staging before touching the store, so a refused or failed load leaves the
+// trainer as it was.
 #pragma once
 
 #include <alloy/io/safetensors.hpp>
@@ -18,9 +28,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace alloy {
@@ -48,7 +60,9 @@ struct CheckpointCounters {
   std::uint64_t seed = 0;
 };
 
-inline constexpr const char* checkpoint_format = "alloy-checkpoint-1";
+// Version 1 stored the optimizer state as padded flat arenas ("alloy/state/<k>"); version 2 stores
+// it per parameter. Older versions are refused with a message saying so.
+inline constexpr const char* checkpoint_format = "alloy-checkpoint-2";
 
 namespace detail {
 
@@ -115,6 +129,78 @@ std::variant<std::span<const std::byte>, TensorChunkSource> arena_bytes(const Bu
   }
 }
 
+// Elements [offset, offset + out.size()) of an arena, copied into host memory on either backend.
+template <class T, backend B>
+void read_arena(const Buffer<T, B>& arena, std::size_t offset, std::span<T> out) {
+  if (out.empty()) return;
+  if constexpr (std::is_same_v<B, Host>) {
+    std::memcpy(out.data(), arena.data() + offset, out.size_bytes());
+  } else {
+#if ALLOY_HAS_CUDA_RUNTIME
+    const auto stream = arena.backend().stream;
+    ALLOY_CUDA_CHECK(
+        cudaMemcpyAsync(out.data(), arena.data() + offset, out.size_bytes(), cudaMemcpyDeviceToHost, stream));
+    ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+  }
+}
+
+// One optimizer-state tensor of one parameter: where it lies in its state arena and how it is
+// stored in a checkpoint.
+struct StateTensor {
+  std::string name;                   // alloy/state/<param>/<slot>
+  int slot = 0;                       // which state arena
+  std::size_t offset = 0, numel = 0;  // in that arena
+  std::vector<std::int64_t> shape;
+  bool non_negative = false;  // a second moment
+};
+
+inline std::string state_tensor_name(const std::string& param, std::string_view slot) {
+  std::string out = "alloy/state/";
+  out += param;
+  out += '/';
+  out += slot;
+  return out;
+}
+
+// The state tensors of parameter t of `store`, in slot order.
+template <class Store>
+std::vector<StateTensor> state_tensors(Store& store, std::size_t t) {
+  using O = typename Store::optimizer;
+  const auto& spec = store.registry().specs()[t];
+  std::vector<StateTensor> out;
+  if constexpr (is_adafactor_v<O>) {
+    const AdafactorPlacement& a = store.adafactor_placements()[t];
+    if (a.factored) {
+      // torch.optim.Adafactor's shapes: row_var keeps the rows (columns reduced to 1),
+      // col_var the columns.
+      std::vector<std::int64_t> rows = spec.shape, cols = spec.shape;
+      rows.back() = 1;
+      cols[cols.size() - 2] = 1;
+      out.push_back({state_tensor_name(spec.name, "row_var"), 0, a.offset, a.batch * a.rows, rows, true});
+      out.push_back(
+          {state_tensor_name(spec.name, "col_var"), 0, a.offset + a.batch * a.rows, a.batch * a.cols, cols, true});
+    } else {
+      out.push_back({state_tensor_name(spec.name, "variance"), 0, a.offset, a.cols, spec.shape, true});
+    }
+  } else {
+    const auto& place = store.layout()[t];
+    for (int k = 0; k < Store::slots; ++k) {
+      out.push_back({state_tensor_name(spec.name, O::state_names[k]), k, place.offset, place.numel, spec.shape,
+                     !O::rule_type::slot_signed(k)});
+    }
+  }
+  return out;
+}
+
+// q8: the block scales of a state tensor, "<state tensor>.absmax", one per quant_block codes.
+template <class Store>
+StateTensor state_scale_tensor(const StateTensor& s) {
+  constexpr std::size_t block = Store::quant_block;
+  const std::size_t blocks = (s.numel + block - 1) / block;
+  return {s.name + ".absmax", s.slot, s.offset / block, blocks, {static_cast<std::int64_t>(blocks)}, true};
+}
+
 }  // namespace detail
 
 template <class Store>
@@ -127,30 +213,28 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
   using State = typename Store::state_storage;
   // Wider dtypes first, so every tensor's offset is a multiple of its element size.
   std::vector<TensorToWrite> f32, narrow, bytes;
+  auto by_size = [&](std::size_t size) -> std::vector<TensorToWrite>& {
+    return size == 4 ? f32 : (size == 2 ? narrow : bytes);
+  };
   for (std::size_t t = 0; t < registry.size(); ++t) {
     const auto& spec = registry.specs()[t];
     const auto& place = layout[t];
-    (sizeof(Param) == 4 ? f32 : narrow)
+    by_size(sizeof(Param))
         .push_back({spec.name, safetensors_dtype_of<Param>(), spec.shape,
                     detail::arena_bytes(store.params_arena(), place.offset, place.numel)});
     if constexpr (Store::has_master) {
       f32.push_back({"alloy/master/" + spec.name, SafetensorsDtype::f32, spec.shape,
                      detail::arena_bytes(store.master_arena(), place.offset, place.numel)});
     }
-  }
-  for (int k = 0; k < Store::slots; ++k) {
-    auto& arena = store.state_arena(k);
-    auto& list = sizeof(State) == 4 ? f32 : (sizeof(State) == 2 ? narrow : bytes);
-    list.push_back({"alloy/state/" + std::to_string(k),
-                    safetensors_dtype_of<State>(),
-                    {static_cast<std::int64_t>(arena.size())},
-                    detail::arena_bytes(arena, 0, arena.size())});
-    if constexpr (Store::state_policy::quantized) {
-      auto& scales = store.state_scale_arena(k);
-      f32.push_back({"alloy/state_scale/" + std::to_string(k),
-                     SafetensorsDtype::f32,
-                     {static_cast<std::int64_t>(scales.size())},
-                     detail::arena_bytes(scales, 0, scales.size())});
+    for (const auto& s : detail::state_tensors(store, t)) {
+      by_size(sizeof(State))
+          .push_back({s.name, safetensors_dtype_of<State>(), s.shape,
+                      detail::arena_bytes(store.state_arena(s.slot), s.offset, s.numel)});
+      if constexpr (Store::state_policy::quantized) {
+        const auto scale = detail::state_scale_tensor<Store>(s);
+        f32.push_back({scale.name, SafetensorsDtype::f32, scale.shape,
+                       detail::arena_bytes(store.state_scale_arena(s.slot), scale.offset, scale.numel)});
+      }
     }
   }
   std::vector<TensorToWrite> all;
@@ -174,12 +258,19 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
 
 // Validates `path` against `store`, then replaces the store's parameters, master and state with
 // the file's and returns its counters. Throws alloy::error, with the store untouched, when the
-// file is damaged, foreign, or from another model, precision or optimizer.
+// file is damaged, foreign, of an older format, or from another model, precision or optimizer.
 template <class Store>
 CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature) {
   const SafetensorsFile file = SafetensorsFile::open(path);
   const std::string where = "load checkpoint '" + path.string() + "': ";
   const auto format = file.metadata().find("alloy.format");
+  if (format != file.metadata().end() && format->second != checkpoint_format &&
+      format->second.rfind("alloy-checkpoint-", 0) == 0) {
+    throw error(where + "written in format '" + format->second +
+                "', which this version of alloy does not read (it reads '" + checkpoint_format +
+                "'; format 1 stored optimizer state as flat arenas, format 2 per parameter): resume it with the alloy "
+                "version that wrote it, or carry its weights over with export_weights / import_weights");
+  }
   if (format == file.metadata().end() || format->second != checkpoint_format) {
     throw error(where + "not an alloy checkpoint (metadata alloy.format is " +
                 (format == file.metadata().end() ? std::string("missing") : "'" + format->second + "'") +
@@ -204,16 +295,18 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
                   detail::shape_text(shape));
     }
   };
-  for (const auto& spec : registry.specs()) {
+  std::vector<std::vector<detail::StateTensor>> state_tensors(registry.size());
+  for (std::size_t t = 0; t < registry.size(); ++t) {
+    const auto& spec = registry.specs()[t];
     check(spec.name, safetensors_dtype_of<Param>(), spec.shape);
     if constexpr (Store::has_master) check("alloy/master/" + spec.name, SafetensorsDtype::f32, spec.shape);
-  }
-  for (int k = 0; k < Store::slots; ++k) {
-    check("alloy/state/" + std::to_string(k), safetensors_dtype_of<State>(),
-          {static_cast<std::int64_t>(store.state_arena(k).size())});
-    if constexpr (Store::state_policy::quantized) {
-      check("alloy/state_scale/" + std::to_string(k), SafetensorsDtype::f32,
-            {static_cast<std::int64_t>(store.state_scale_arena(k).size())});
+    state_tensors[t] = detail::state_tensors(store, t);
+    for (const auto& s : state_tensors[t]) {
+      check(s.name, safetensors_dtype_of<State>(), s.shape);
+      if constexpr (Store::state_policy::quantized) {
+        const auto scale = detail::state_scale_tensor<Store>(s);
+        check(scale.name, SafetensorsDtype::f32, scale.shape);
+      }
     }
   }
   for (const auto& t : file.tensors()) {
@@ -232,7 +325,7 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
   c.seed = detail::metadata_u64(file, "alloy.seed");
   if (!(c.scale.scale > 0.0f)) throw error(where + "metadata alloy.loss_scale is not positive");
 
-  // Stage everything on the host; check the weights are finite.
+  // Stage everything on the host (padding zero, as in every arena); check the weights are finite.
   const std::size_t n = layout.padded_numel();
   std::vector<Param> params(n, round_nearest<Param>(0.0f));
   std::vector<float> master(Store::has_master ? n : 0, 0.0f);
@@ -253,14 +346,37 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
       }
     }
   }
+  // Optimizer state: finite, second moments and q8 scales non-negative.
+  auto check_values = [&](const std::string& name, const auto* values, std::size_t count, bool non_negative) {
+    for (std::size_t i = 0; i < count; ++i) {
+      const float v = to_float(values[i]);
+      if (!std::isfinite(v)) {
+        throw error(where + "optimizer state '" + name + "' holds a non-finite value at element " + std::to_string(i));
+      }
+      if (non_negative && v < 0.0f) {
+        throw error(where + "optimizer state '" + name + "' holds a negative value at element " + std::to_string(i) +
+                    " (a second moment or scale cannot be negative)");
+      }
+    }
+  };
   std::vector<std::vector<State>> state(Store::slots);
   std::vector<std::vector<float>> scales(Store::slots);
   for (int k = 0; k < Store::slots; ++k) {
-    state[k].resize(store.state_arena(k).size());
-    read_into("alloy/state/" + std::to_string(k), state[k].data(), state[k].size() * sizeof(State));
-    if constexpr (Store::state_policy::quantized) {
-      scales[k].resize(store.state_scale_arena(k).size());
-      read_into("alloy/state_scale/" + std::to_string(k), scales[k].data(), scales[k].size() * sizeof(float));
+    state[k].assign(store.state_arena(k).size(), State{});
+    if constexpr (Store::state_policy::quantized) scales[k].assign(store.state_scale_arena(k).size(), 0.0f);
+  }
+  for (std::size_t t = 0; t < registry.size(); ++t) {
+    for (const auto& s : state_tensors[t]) {
+      State* dst = state[s.slot].data() + s.offset;
+      read_into(s.name, dst, s.numel * sizeof(State));
+      if constexpr (Store::state_policy::quantized) {
+        const auto scale = detail::state_scale_tensor<Store>(s);
+        float* sdst = scales[s.slot].data() + scale.offset;
+        read_into(scale.name, sdst, scale.numel * sizeof(float));
+        check_values(scale.name, sdst, scale.numel, true);
+      } else {
+        check_values(s.name, dst, s.numel, s.non_negative);
+      }
     }
   }
 

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <utility>
 
 namespace alloy {
 
@@ -70,6 +71,40 @@ class OptimizerStep {
   }
   OptimizerStep(const OptimizerStep&) = delete;
   OptimizerStep& operator=(const OptimizerStep&) = delete;
+  // Movable, as the Trainer that owns it: buffers and the pinned scalar change hands.
+  OptimizerStep(OptimizerStep&& other) noexcept
+      : config_(other.config_),
+        be_(other.be_),
+        scale_(other.scale_),
+        step_(other.step_),
+        skipped_(other.skipped_),
+        adafactor_u_(std::move(other.adafactor_u_)),
+        adafactor_scalars_(std::move(other.adafactor_scalars_))
+#if ALLOY_HAS_CUDA_RUNTIME
+        ,
+        workspace_(std::move(other.workspace_)),
+        sum_(std::move(other.sum_)),
+        host_sum_(std::exchange(other.host_sum_, nullptr))
+#endif
+  {
+  }
+  OptimizerStep& operator=(OptimizerStep&& other) noexcept {
+    if (this == &other) return *this;
+    config_ = other.config_;
+    be_ = other.be_;
+    scale_ = other.scale_;
+    step_ = other.step_;
+    skipped_ = other.skipped_;
+    adafactor_u_ = std::move(other.adafactor_u_);
+    adafactor_scalars_ = std::move(other.adafactor_scalars_);
+#if ALLOY_HAS_CUDA_RUNTIME
+    workspace_ = std::move(other.workspace_);
+    sum_ = std::move(other.sum_);
+    if (host_sum_) (void)cudaFreeHost(host_sum_);
+    host_sum_ = std::exchange(other.host_sum_, nullptr);
+#endif
+    return *this;
+  }
 
   // The scale the next backward pass must be seeded with.
   float loss_scale() const noexcept { return scale_.scale; }

@@ -90,6 +90,9 @@ class ParamStore {
 
   ParamStore(const ParamStore&) = delete;
   ParamStore& operator=(const ParamStore&) = delete;
+  // Moving keeps every arena's memory (views taken before stay valid); the moved-from store is empty.
+  ParamStore(ParamStore&&) = default;
+  ParamStore& operator=(ParamStore&&) = default;
 
   const ParamRegistry& registry() const noexcept { return registry_; }
   const ArenaLayout& layout() const noexcept { return layout_; }

@@ -6,6 +6,7 @@
 #include <alloy/kernels/cuda/gemm_cublaslt.hpp>
 
 #include <optional>
+#include <utility>
 
 namespace alloy {
 
@@ -20,12 +21,29 @@ template <>
 class BackendResources<Cuda> {
  public:
   explicit BackendResources(Cuda be = {}) : be_(be) {}
+  BackendResources(BackendResources&& other) noexcept : be_(other.be_) { take(other); }
+  BackendResources& operator=(BackendResources&& other) noexcept {
+    if (this != &other) {
+      gemm_.reset();
+      be_ = other.be_;
+      take(other);
+    }
+    return *this;
+  }
   GemmHandle& gemm() {
     if (!gemm_) gemm_.emplace(be_);
     return *gemm_;
   }
 
  private:
+  // GemmHandle moves by construction only (it cannot be assigned).
+  void take(BackendResources& other) noexcept {
+    if (other.gemm_) {
+      gemm_.emplace(std::move(*other.gemm_));
+      other.gemm_.reset();
+    }
+  }
+
   Cuda be_;
   std::optional<GemmHandle> gemm_;
 };

@@ -20,10 +20,12 @@
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
+#include <alloy/train/weights.hpp>
 
 #include <chrono>
 #include <cmath>
 #include <iterator>
+#include <memory>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -136,9 +138,9 @@ class Trainer {
       : model_(std::move(model)),
         config_(config),
         be_(be),
-        store_(declared(model_), be, config.seed, &tracker_),
+        store_(declared(model_), be, config.seed, tracker_.get()),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
-        workspace_(be, &tracker_),
+        workspace_(be, tracker_.get()),
         resources_(be),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
     static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
@@ -157,6 +159,28 @@ class Trainer {
 
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
+
+  // Movable: the arenas, the workspace and the backend objects move with their memory, and the
+  // memory tracker they report to lives on the heap, so its address survives the move. A
+  // moved-from trainer may only be destroyed or assigned to.
+  Trainer(Trainer&&) = default;
+  Trainer& operator=(Trainer&& other) {
+    if (this == &other) return *this;
+    // Every member, by hand (keep the list complete): memory first, while the tracker its release
+    // is reported to still exists; the tracker after it.
+    store_ = std::move(other.store_);
+    step_ = std::move(other.step_);
+    workspace_ = std::move(other.workspace_);
+    resources_ = std::move(other.resources_);
+    tracker_ = std::move(other.tracker_);
+    model_ = std::move(other.model_);
+    config_ = std::move(other.config_);
+    be_ = other.be_;
+    micro_batches_ = other.micro_batches_;
+    attempted_ = other.attempted_;
+    kept_ = std::move(other.kept_);
+    return *this;
+  }
 
   // One optimizer step over micro_batches() micro-batches. `source` is a callable returning
   // a batch_type, or an input iterator (advanced once per micro-batch).
@@ -223,6 +247,23 @@ class Trainer {
     attempted_ = c.attempted_steps;
   }
 
+  // Writes the model's parameters alone, under their declared names and shapes, in `dtype`: fp32
+  // from the master copy when there is one, bf16 or fp16 their rounding to nearest even. A
+  // torch.nn.Module with the same parameter names loads the file with
+  // load_state_dict(safetensors.torch.load_file(path), strict=True). Atomic, as save().
+  void export_weights(const std::filesystem::path& path, WeightsDtype dtype = WeightsDtype::fp32) {
+    alloy::export_weights(path, store_, dtype);
+  }
+
+  // Initializes the parameters (master and compute copies) from a weights file: one tensor per
+  // declared parameter, by name, with its shape, in F32, BF16 or F16 (export_weights' files, or
+  // safetensors.torch.save_file(module.state_dict())). The compute copy is the master rounded to
+  // nearest even. Optimizer state, the step counters and the loss scale are kept as they are
+  // (as torch's load_state_dict leaves the optimizer alone): call it before training, or
+  // construct a fresh trainer to restart the optimizer. Throws alloy::error naming the file and
+  // each missing, extra or mis-shaped tensor, or a non-finite value, and then changes nothing.
+  void import_weights(const std::filesystem::path& path) { alloy::import_weights(path, store_); }
+
   // What a checkpoint must match: the dtypes, the scaler kind, the optimizer and its state width.
   static std::string signature() {
     std::string s = std::string("compute=") + numeric_traits<compute_type>::name +
@@ -238,7 +279,7 @@ class Trainer {
   }
 
   TrainerMemory memory() const {
-    return {store_.memory(), workspace_.peak_bytes(), workspace_.reserved_bytes(), tracker_.stats()};
+    return {store_.memory(), workspace_.peak_bytes(), workspace_.reserved_bytes(), tracker_->stats()};
   }
 
   M& model() noexcept { return model_; }
@@ -293,7 +334,7 @@ class Trainer {
   M model_;
   Config config_;
   backend_type be_;
-  MemoryTracker tracker_;
+  std::unique_ptr<MemoryTracker> tracker_ = std::make_unique<MemoryTracker>();  // on the heap: see the move
   store_type store_;
   step_type step_;
   Workspace<backend_type> workspace_;
