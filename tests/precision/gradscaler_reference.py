@@ -84,7 +84,8 @@ def check_gradscaler_defaults():
     if not scaler.is_enabled():
         print("GradScaler defaults: not checked (GradScaler disabled here)")
         return True
-    got = (scaler.get_init_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
+    # get_scale() is the initial scale until the first update (there is no get_init_scale()).
+    got = (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
            scaler.get_growth_interval())
     ok = got == (INIT, GROWTH, BACKOFF, 2000)
     print(f"GradScaler defaults (init, growth, backoff, interval): {got}: {'as grad_scaler()' if ok else 'DIFFERENT'}")
