@@ -2,6 +2,7 @@
 // recomputation bit-identical to keeping activations, convergence of 16-bit precisions.
 #include "../../examples/mlp/residual_mlp.hpp"
 #include "../optim/reference.hpp"
+#include "../support/finite_differences.hpp"
 #include "../support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -39,25 +40,11 @@ TEST(ResidualMlp, GradientsMatchFiniteDifferences) {
   loss_and_grads(store, model, batch, ws, res);
   const auto grads = to_host(store.grads_arena());
   // Central differences in double-checked float: a few elements of every kind of parameter.
-  for (const char* name :
-       {"embed.weight", "embed.bias", "blocks.0.norm.weight", "blocks.1.norm.bias", "blocks.2.up.weight",
-        "blocks.1.up.bias", "blocks.0.down.weight", "final_norm.weight", "head.weight", "head.bias"}) {
-    const auto h = r.handle(name);
-    auto p = store.param(h);
-    const std::size_t offset = store.layout()[h.index].offset;
-    for (std::int64_t i : {std::int64_t(0), p.numel() / 2, p.numel() - 1}) {
-      const float keep = p[i];
-      const float step = 1e-2f * std::max(1.0f, std::fabs(keep));
-      p[i] = keep + step;
-      const double up = loss_and_grads(store, model, batch, ws, res);
-      p[i] = keep - step;
-      const double down = loss_and_grads(store, model, batch, ws, res);
-      p[i] = keep;
-      const double numeric = (up - down) / (2.0 * step);
-      const double analytic = grads[offset + i];
-      EXPECT_NEAR(analytic, numeric, 2e-3 * std::fabs(numeric) + 2e-4) << name << "[" << i << "]";
-    }
-  }
+  test::expect_gradients_match_finite_differences(
+      store, grads,
+      {"embed.weight", "embed.bias", "blocks.0.norm.weight", "blocks.1.norm.bias", "blocks.2.up.weight",
+       "blocks.1.up.bias", "blocks.0.down.weight", "final_norm.weight", "head.weight", "head.bias"},
+      [&] { return loss_and_grads(store, model, batch, ws, res); });
 }
 
 template <class P, class Backend, class... Extra>

@@ -2,6 +2,7 @@
 // blocks the trainer runs, recomputing them under Checkpointing and CheckpointEvery<k>.
 #include "layered_model.hpp"
 #include "../optim/reference.hpp"
+#include "../support/finite_differences.hpp"
 #include "../support/test_support.hpp"
 
 #include <gtest/gtest.h>
@@ -41,22 +42,9 @@ TEST(LayeredModel, GradientsMatchFiniteDifferences) {
   const auto batch = layered::random_batch(rows, features, rng);
   loss_and_grads(store, model, batch, ws, 0);
   const auto grads = to_host(store.grads_arena());
-  for (const char* name : {"input.scale", "blocks.0.a", "blocks.1.c", "blocks.2.a", "head.w"}) {
-    const auto h = r.handle(name);
-    auto p = store.param(h);
-    const std::size_t offset = store.layout()[h.index].offset;
-    for (std::int64_t i : {std::int64_t(0), p.numel() / 2, p.numel() - 1}) {
-      const float keep = p[i];
-      const float step = 1e-2f * std::max(1.0f, std::fabs(keep));
-      p[i] = keep + step;
-      const double up = loss_and_grads(store, model, batch, ws, 0);
-      p[i] = keep - step;
-      const double down = loss_and_grads(store, model, batch, ws, 0);
-      p[i] = keep;
-      const double numeric = (up - down) / (2.0 * step);
-      EXPECT_NEAR(grads[offset + i], numeric, 2e-3 * std::fabs(numeric) + 2e-4) << name << "[" << i << "]";
-    }
-  }
+  test::expect_gradients_match_finite_differences(store, grads,
+                                                  {"input.scale", "blocks.0.a", "blocks.1.c", "blocks.2.a", "head.w"},
+                                                  [&] { return loss_and_grads(store, model, batch, ws, 0); });
 }
 
 TEST(LayeredModel, RecomputedGradientsAreBitwiseTheKeptOnes) {
