@@ -1,5 +1,5 @@
 // The layers' currency is alloy::Activation<T> (memory/activation.hpp). Helpers shared by the layers: the backend
-// dispatch of matrix products, copies and adds.
+// dispatch of matrix products, adds and gradient writes.
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
@@ -41,11 +41,6 @@ void gemm(Ctx& ctx, const GemmArgs<gemm_compute_t<Ctx>>& args) {
   }
 }
 
-template <class T>
-struct CopyElements {
-  ALLOY_HOST_DEVICE void operator()(const T& x, T& y) const { y = x; }
-};
-
 // c = a + b (in float, rounded once).
 template <class T>
 struct AddElements {
@@ -63,11 +58,6 @@ struct StoreGradient {
     g = add ? round_nearest<T>(fp::add(to_float(g), to_float(v))) : v;
   }
 };
-
-template <class Ctx, class T>
-void copy(Ctx& ctx, Activation<const T> from, Activation<T> to) {
-  for_each_n(ctx.backend(), from.size(), CopyElements<T>{}, in(from.data), out(to.data));
-}
 
 inline void check_width(const char* layer, const std::string& name, std::size_t expected, std::size_t got) {
   if (expected != got) {
