@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# On the GPU machine, after scripts/gpu-check.sh built build/gpu: the residual MLP at full size
-# (PEERS.md's shape) for each precision, and PyTorch's same model in the same run. Writes
-# $OUT/mlp.txt (alloy's summaries) and $OUT/mlp_peers.json.
+# On the GPU machine: the residual MLP at full size (PEERS.md's shape) in every configuration
+# issue 10 tracks, alloy and PyTorch (eager and torch.compile) in the same run, and the table of
+# both with their ratio (scripts/mlp_table.py). Builds alloy_mlp when build/gpu lacks it.
+# Writes $OUT/mlp.txt (alloy's summaries), $OUT/mlp_peers.json and $OUT/mlp_table.md.
+#   MLP_STEPS (default 60) steps per alloy run; the first two are warm-up and not timed.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
-steps=${MLP_STEPS:-300}
+mkdir -p "$OUT"
+steps=${MLP_STEPS:-60}
 bin=build/gpu/examples/alloy_mlp
+if [ ! -x "$bin" ]; then
+  cmake --preset gpu >/dev/null && cmake --build --preset gpu --target alloy_mlp -j "$(nproc)" >"$OUT/build_mlp.txt" 2>&1 \
+    || { tail -30 "$OUT/build_mlp.txt"; exit 1; }
+fi
+run() {  # run NAME ARGS...
+  local name=$1
+  shift
+  echo "== $name"
+  "$bin" "$@" --steps "$steps" --csv "/tmp/mlp_$name.csv" | grep -E "^residual|^loss [0-9.-]+ ->" | tail -2
+}
 {
-  for p in fp32 tf32 bf16 fp16; do
-    echo "== $p"
-    $bin --precision "$p" --steps "$steps" --csv "/tmp/mlp_$p.csv" | grep -E "^residual|^loss|skipped [0-9]+$" | tail -3
-  done
-  echo "== bf16 + checkpointing"
-  $bin --precision bf16 --checkpointing --steps 30 --csv /tmp/mlp_ckpt.csv | grep -E "^residual|^loss"
-  echo "== bf16, 4 micro-batches of 2048 rows"
-  $bin --precision bf16 --accumulate 4 --rows 2048 --steps 30 --csv /tmp/mlp_acc.csv | grep -E "^residual|^loss"
+  run fp32 --precision fp32
+  run tf32 --precision tf32
+  run bf16 --precision bf16
+  run fp16 --precision fp16
+  run bf16_checkpoint --precision bf16 --checkpointing
+  run bf16_4x2048 --precision bf16 --accumulate 4 --rows 2048
 } 2>&1 | tee "$OUT/mlp.txt"
 if python3 -c "import torch" 2>/dev/null; then
-  PYTHONUNBUFFERED=1 python3 benchmarks/peers/residual_mlp.py --out "$OUT/mlp_peers.json" 2>&1 | tee -a "$OUT/mlp.txt"
+  PYTHONUNBUFFERED=1 python3 benchmarks/peers/residual_mlp.py --out "$OUT/mlp_peers.json" ${MLP_PEER_CONFIGS:+--configs "$MLP_PEER_CONFIGS"} 2>&1 | tail -12
 fi
+python3 scripts/mlp_table.py "$OUT/mlp.txt" "$OUT/mlp_peers.json" | tee "$OUT/mlp_table.md"

@@ -4,7 +4,8 @@ d 1024, 8 blocks of LayerNorm, Linear(d, 4d), GELU(tanh), Linear(4d, d), residua
 LayerNorm, Linear(d, 1000), softmax cross-entropy; 8192 rows of random data; fused AdamW, clip
 1.0, GradScaler for fp16. Times a whole training step (CUDA events, median of --repeats after
 warm-up) and the peak allocated memory, for fp32, tf32, bf16 autocast, fp16 autocast +
-GradScaler, and bf16 + checkpoint every block. Prints JSON (--out) and a table."""
+GradScaler, and bf16 + checkpoint every block; a config ending in "_compile" runs the same model
+under torch.compile (default mode). Prints JSON (--out) and a table."""
 import argparse
 import json
 import statistics
@@ -48,18 +49,21 @@ class Mlp(nn.Module):
 
 def run(config, rows, repeats):
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = config == "tf32"
-    torch.backends.cudnn.allow_tf32 = config == "tf32"
-    model = Mlp(recompute=config == "bf16_checkpoint").cuda()
+    compiled = config.endswith("_compile")
+    base = config.removesuffix("_compile")
+    torch.backends.cuda.matmul.allow_tf32 = base == "tf32"
+    torch.backends.cudnn.allow_tf32 = base == "tf32"
+    model = Mlp(recompute=base == "bf16_checkpoint").cuda()
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=config == "fp16")
-    dtype = {"bf16": torch.bfloat16, "bf16_checkpoint": torch.bfloat16, "fp16": torch.float16}.get(config)
+    scaler = torch.amp.GradScaler("cuda", enabled=base == "fp16")
+    dtype = {"bf16": torch.bfloat16, "bf16_checkpoint": torch.bfloat16, "fp16": torch.float16}.get(base)
     x = torch.randn(rows, 1024, device="cuda")
     y = torch.randint(0, 1000, (rows,), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,7 +72,7 @@ def run(config, rows, repeats):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(3):
+    for _ in range(5 if compiled else 3):  # compiling happens in the first steps
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -90,14 +94,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--configs", default="fp32,tf32,bf16,fp16,bf16_checkpoint")
+    ap.add_argument("--configs",
+                    default="fp32,tf32,bf16,fp16,bf16_checkpoint,bf16_compile,bf16_checkpoint_compile")
     ap.add_argument("--out")
     a = ap.parse_args()
     results = []
     for c in a.configs.split(","):
         r = run(c, a.rows, a.repeats)
         results.append(r)
-        print(f"{c:16s} {r['median_ms']:8.2f} ms  {r['rows_per_s'] / 1e3:7.0f} K rows/s  "
+        print(f"{c:24s} {r['median_ms']:8.2f} ms  {r['rows_per_s'] / 1e3:7.0f} K rows/s  "
               f"peak {r['peak_allocated_gib']:.2f} GiB", flush=True)
         torch.cuda.empty_cache()
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": a.rows, "results": results}

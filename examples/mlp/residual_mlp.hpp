@@ -20,8 +20,11 @@ struct Shape {
   std::size_t inputs = 64, width = 64, blocks = 2, classes = 10, rows = 256;
 };
 
+// Features in pinned host memory (alloy::pinned_vector): the trainer's input pipeline copies them
+// to the GPU by DMA on its copy stream, overlapped with compute. Labels are small and pageable:
+// they go through the pipeline's staging memory.
 struct Batch {
-  std::vector<float> x;             // rows x inputs
+  alloy::pinned_vector<float> x;    // rows x inputs
   std::vector<std::int32_t> label;  // rows
 };
 
@@ -39,7 +42,7 @@ class TeacherTask {
 
   Batch batch(std::mt19937_64& rng) const {
     std::normal_distribution<float> d(0.0f, 1.0f);
-    Batch b{std::vector<float>(s_.rows * s_.inputs), std::vector<std::int32_t>(s_.rows)};
+    Batch b{alloy::pinned_vector<float>(s_.rows * s_.inputs), std::vector<std::int32_t>(s_.rows)};
     for (auto& v : b.x) v = d(rng);
     std::vector<float> h(hidden_), logits(s_.classes);
     for (std::size_t r = 0; r < s_.rows; ++r) {
@@ -116,8 +119,10 @@ class ResidualMlp {
     return {logits, loss_.forward_backward(ctx, logits, targets).first};
   }
 
+  // A batch of the wrong shape is refused here, before anything is copied or launched.
   template <class Ctx>
   auto input(Ctx& ctx, const Batch& b) {
+    check(b);
     return embed_.forward(ctx, nn::upload_features(ctx, b.x, shape_.inputs));
   }
 
@@ -141,6 +146,14 @@ class ResidualMlp {
   }
 
  private:
+  void check(const Batch& b) const {
+    if (b.x.empty() || b.x.size() % shape_.inputs != 0 || b.label.size() != b.x.size() / shape_.inputs) {
+      throw alloy::error("ResidualMlp: a batch of " + std::to_string(b.x.size()) + " features and " +
+                         std::to_string(b.label.size()) + " labels; it needs rows x " +
+                         std::to_string(shape_.inputs) + " features and one label per row");
+    }
+  }
+
   Shape shape_;
   nn::Linear embed_;
   std::vector<Block> blocks_;

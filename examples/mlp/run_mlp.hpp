@@ -99,11 +99,17 @@ int run(const Options& o, Shape shape) {
   const TeacherTask task(shape, 2026);
   std::mt19937_64 rng(11);
   // At full size, labelling on the host would dominate the step: cycle through a pool of batches.
+  // The trainer reads each batch where it is (a reference, no copy).
   std::vector<Batch> pool;
   const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 20);
   for (int i = 0; use_pool && i < 16; ++i) pool.push_back(task.batch(rng));
   std::size_t drawn = 0;
-  auto next = [&] { return use_pool ? pool[drawn++ % pool.size()] : task.batch(rng); };
+  Batch fresh;
+  auto next = [&]() -> const Batch& {
+    if (use_pool) return pool[drawn++ % pool.size()];
+    fresh = task.batch(rng);
+    return fresh;
+  };
   Trainer trainer(ResidualMlp(shape), {.optimizer = {.weight_decay = 0.01f},
                                        .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
                                        .max_grad_norm = 1.0f,

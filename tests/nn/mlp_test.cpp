@@ -149,3 +149,38 @@ TEST(ResidualMlp, TheDesignsExampleCompositionTrains) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ResidualMlp, AWrongSizedBatchIsRefusedBeforeAnythingRuns) {
+  auto [trainer, reports] = train<Precision<bf16, fp32_master>, Host>(3, 1, tiny());
+  const auto before = test::snapshot(trainer->store());
+  std::mt19937_64 rng(1);
+  mlp::Batch bad = mlp::TeacherTask(tiny(), 3).batch(rng);
+  bad.label.pop_back();  // one label short
+  try {
+    trainer->step([&]() -> const mlp::Batch& { return bad; });
+    FAIL() << "no error";
+  } catch (const alloy::error& e) {
+    EXPECT_NE(std::string(e.what()).find("one label per row"), std::string::npos) << e.what();
+  }
+  bad = mlp::TeacherTask(tiny(), 3).batch(rng);
+  bad.x.pop_back();  // not a whole number of rows
+  EXPECT_THROW(trainer->step([&]() -> const mlp::Batch& { return bad; }), alloy::error);
+  EXPECT_EQ(test::snapshot(trainer->store()), before);
+  EXPECT_EQ(trainer->steps(), 1u);
+}
+
+TEST(PinnedVector, IsAnOrdinaryVectorWhereNothingCanBePinned) {
+  alloy::pinned_vector<float> v(1000);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i) * 0.5f;
+  v.resize(5000, 2.0f);
+  EXPECT_EQ(v[999], 499.5f);
+  EXPECT_EQ(v[4999], 2.0f);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(v.data()) % 256, 0u);
+  std::vector<float> pageable(10);
+  EXPECT_FALSE(alloy::is_pinned(pageable.data()));
+  EXPECT_FALSE(alloy::is_pinned(nullptr));
+}
+
+}  // namespace

@@ -13,14 +13,17 @@
 
 namespace alloy {
 
+// A position in a Workspace (mark() / release()), the same for every backend.
+struct WorkspaceMark {
+  std::size_t block = 0;   // index of the current block
+  std::size_t offset = 0;  // bytes used in it
+  std::size_t used = 0;    // bytes in use in all
+};
+
 template <backend B>
 class Workspace {
  public:
-  struct Mark {
-    std::size_t block = 0;   // index of the current block
-    std::size_t offset = 0;  // bytes used in it
-    std::size_t used = 0;    // bytes in use in all
-  };
+  using Mark = WorkspaceMark;
 
   explicit Workspace(B be = {}, MemoryTracker* tracker = nullptr) : be_(be), tracker_(tracker) {}
 

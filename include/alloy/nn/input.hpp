@@ -1,14 +1,21 @@
 // Moving a micro-batch from host memory into the workspace: features converted to the compute
 // dtype, class targets checked against the class count first (a bad label is bad input, not
-// a NaN loss).
+// a NaN loss). Every check runs before anything is copied or launched.
+//
+// Sources are any contiguous range (std::vector, alloy::pinned_vector, std::span, ...). Under a
+// trainer the copies go through its input pipeline (memory/input_uploads.hpp): on a copy stream,
+// overlapped with the previous micro-batch's compute, by DMA from pinned memory. In a context
+// made by hand they are copied on the compute stream.
 #pragma once
 
 #include <alloy/error.hpp>
 #include <alloy/nn/activation.hpp>
 
 #include <cstdint>
+#include <ranges>
+#include <span>
 #include <string>
-#include <vector>
+#include <type_traits>
 
 namespace alloy::nn {
 
@@ -18,14 +25,20 @@ struct FromFloat {
   ALLOY_HOST_DEVICE void operator()(const float& x, T& y) const { y = round_nearest<T>(x); }
 };
 
+template <class R, class T>
+concept contiguous_of = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
+                        std::is_same_v<std::remove_cv_t<std::ranges::range_value_t<R>>, T>;
+
+// The host values as device (or, on Host, addressable) memory valid for this micro-batch.
 template <class Ctx, class T>
-T* upload_raw(Ctx& ctx, const std::vector<T>& v) {
+const T* upload_raw(Ctx& ctx, std::span<const T> v) {
+  if (auto* uploads = ctx.uploads()) return uploads->upload(v);
   T* p = ctx.template allocate<T>(v.size());
   if constexpr (std::is_same_v<typename Ctx::backend_type, Host>) {
     std::copy(v.begin(), v.end(), p);
   } else {
 #if ALLOY_HAS_CUDA_RUNTIME
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, ctx.backend().stream));
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(p, v.data(), v.size_bytes(), cudaMemcpyHostToDevice, ctx.backend().stream));
 #endif
   }
   return p;
@@ -33,29 +46,33 @@ T* upload_raw(Ctx& ctx, const std::vector<T>& v) {
 }  // namespace detail
 
 // rows x cols floats (row-major) as a compute-dtype activation.
-template <class Ctx>
-Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const std::vector<float>& x, std::size_t cols) {
+template <class Ctx, class R>
+requires detail::contiguous_of<R, float>
+Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const R& x, std::size_t cols) {
   using T = detail::value_t<Ctx>;
-  if (cols == 0 || x.size() % cols != 0) {
-    throw error("upload_features: " + std::to_string(x.size()) + " values do not make rows of " + std::to_string(cols) +
-                " features");
+  const std::span<const float> values(std::ranges::data(x), std::ranges::size(x));
+  if (cols == 0 || values.size() % cols != 0) {
+    throw error("upload_features: " + std::to_string(values.size()) + " values do not make rows of " +
+                std::to_string(cols) + " features");
   }
-  const float* staged = detail::upload_raw(ctx, x);
-  auto a = detail::allocate(ctx, x.size() / cols, cols);
-  for_each_n(ctx.backend(), x.size(), detail::FromFloat<T>{}, in(staged), out(a.data));
+  const float* staged = detail::upload_raw(ctx, values);
+  auto a = detail::allocate(ctx, values.size() / cols, cols);
+  for_each_n(ctx.backend(), values.size(), detail::FromFloat<T>{}, in(staged), out(a.data));
   return a;
 }
 
 // Class indices, each checked to lie in [0, classes).
-template <class Ctx>
-const std::int32_t* upload_targets(Ctx& ctx, const std::vector<std::int32_t>& targets, std::size_t classes) {
-  for (std::size_t i = 0; i < targets.size(); ++i) {
-    if (targets[i] < 0 || static_cast<std::size_t>(targets[i]) >= classes) {
-      throw error("upload_targets: target " + std::to_string(targets[i]) + " at row " + std::to_string(i) +
+template <class Ctx, class R>
+requires detail::contiguous_of<R, std::int32_t>
+const std::int32_t* upload_targets(Ctx& ctx, const R& targets, std::size_t classes) {
+  const std::span<const std::int32_t> values(std::ranges::data(targets), std::ranges::size(targets));
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (values[i] < 0 || static_cast<std::size_t>(values[i]) >= classes) {
+      throw error("upload_targets: target " + std::to_string(values[i]) + " at row " + std::to_string(i) +
                   " is outside [0, " + std::to_string(classes) + ")");
     }
   }
-  return detail::upload_raw(ctx, targets);
+  return detail::upload_raw(ctx, values);
 }
 
 }  // namespace alloy::nn

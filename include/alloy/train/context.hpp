@@ -3,6 +3,7 @@
 // backend (and so the stream) to launch on, and the activation workspace.
 #pragma once
 
+#include <alloy/memory/input_uploads.hpp>
 #include <alloy/memory/workspace.hpp>
 #include <alloy/train/param_store.hpp>
 #include <alloy/train/resources.hpp>
@@ -19,10 +20,11 @@ class Context {
 
   Context(Store& store, Workspace<backend_type>& workspace, float loss_scale, bool accumulate, int micro_batch,
           int micro_batches, std::uint64_t step, int checkpoint_every = 0,
-          BackendResources<backend_type>* resources = nullptr)
+          BackendResources<backend_type>* resources = nullptr, InputUploads<backend_type>* uploads = nullptr)
       : store_(store),
         workspace_(workspace),
         resources_(resources),
+        uploads_(uploads),
         checkpoint_every_(checkpoint_every),
         loss_scale_(loss_scale),
         accumulate_(accumulate),
@@ -64,6 +66,11 @@ class Context {
     return *resources_;
   }
 
+  // The trainer's input pipeline (memory/input_uploads.hpp): host data for this micro-batch goes
+  // to the device on a copy stream, overlapped with compute. Null in a context made by hand;
+  // nn::upload_features and nn::upload_targets then copy on the compute stream.
+  InputUploads<backend_type>* uploads() const noexcept { return uploads_; }
+
   int micro_batch() const noexcept { return micro_batch_; }
   int micro_batches() const noexcept { return micro_batches_; }
   std::uint64_t step() const noexcept { return step_; }  // optimizer steps attempted before this one
@@ -72,6 +79,7 @@ class Context {
   Store& store_;
   Workspace<backend_type>& workspace_;
   BackendResources<backend_type>* resources_;
+  InputUploads<backend_type>* uploads_;
   int checkpoint_every_;
   float loss_scale_;
   bool accumulate_;

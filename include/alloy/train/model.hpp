@@ -8,9 +8,15 @@
 //     template <class Ctx> float forward_backward(Ctx&, const batch_type&);
 //   };
 //
-// forward_backward runs forward in the compute dtype, returns the micro-batch loss (fp32), and
+// forward_backward runs forward in the compute dtype, returns the micro-batch loss, and
 // writes (or, when ctx.accumulate_grads(), adds) gradients of loss * ctx.loss_scale() into
 // ctx.grad(...). That is enough for every policy but Checkpointing.
+//
+// The loss is a float or an alloy::Loss (backend/loss.hpp): a float the kernels left in device
+// memory. Return a float computed on the GPU and the host waits for the forward pass before it
+// can queue the backward; return the device Loss (nn::SoftmaxCrossEntropy does) and nothing
+// waits: the trainer gathers the micro-batch losses on the device and reads them once, after the
+// optimizer step, at the step's one synchronization.
 //
 // Level 2, a LayeredModel, shows the trainer its sequence of blocks, and the trainer runs them
 // (train/recompute.hpp), so it can drop activations and recompute them under Checkpointing:
@@ -20,7 +26,7 @@
 //     void declare(alloy::ParamRegistry&);
 //     std::vector<MyBlock>& layers();                          // any random-access range of blocks
 //     template <class Ctx> alloy::Activation<T> input(Ctx&, const batch_type&);    // before the blocks
-//     template <class Ctx> std::pair<float, alloy::Activation<T>>                  // after them: the loss
+//     template <class Ctx> std::pair<alloy::Loss, alloy::Activation<T>>            // after them: the loss
 //         head(Ctx&, alloy::Activation<const T> y, const batch_type&);             // and d loss*scale / dy
 //     template <class Ctx> void input_backward(Ctx&, alloy::Activation<const T> dx, const batch_type&);  // optional
 //   };
@@ -36,6 +42,7 @@
 // runs the layered path for it with or without Checkpointing, so both give the same bits.
 #pragma once
 
+#include <alloy/backend/loss.hpp>
 #include <alloy/memory/activation.hpp>
 #include <alloy/memory/registry.hpp>
 

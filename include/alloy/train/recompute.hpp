@@ -19,12 +19,15 @@
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
+#include <alloy/backend/loss.hpp>
 #include <alloy/error.hpp>
 #include <alloy/memory/activation.hpp>
+#include <alloy/memory/workspace.hpp>
 
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace alloy {
@@ -41,14 +44,45 @@ void copy_activation(Ctx& ctx, Activation<const T> from, T* to) {
   for_each_n(ctx.backend(), from.size(), CopyActivation<T>{}, in(from.data), out(to));
 }
 
+// Releases the workspace down to `mark` and copies `a` to the bottom of the freed space; `a` as it
+// is (and nothing released) when there is no mark or the copy would overlap it.
+template <class Ctx, class T>
+Activation<T> move_down(Ctx& ctx, Activation<T> a, const WorkspaceMark* mark) {
+  if (mark == nullptr) return a;
+  auto& ws = ctx.workspace();
+  const auto top = ws.mark();
+  ws.release(*mark);
+  T* slot = ctx.template allocate<T>(a.size());
+  const auto* from = reinterpret_cast<const std::byte*>(a.data);
+  const auto* to = reinterpret_cast<const std::byte*>(slot);
+  const std::size_t bytes = a.size() * sizeof(T);
+  if (slot == a.data || (to < from + bytes && from < to + bytes)) {
+    ws.release(top);  // nothing written: the workspace is as it was
+    return a;
+  }
+  copy_activation<Ctx, T>(ctx, Activation<const T>(a), slot);
+  return {slot, a.rows, a.cols};
+}
+
 }  // namespace detail
 
-// The inputs a recomputing forward kept for backward: one per segment.
+// The inputs a recomputing forward kept for backward: one per segment. Without recomputation,
+// the workspace position where each block's forward began, so backward can give back a block's
+// activations and temporaries as soon as the block is done.
 struct KeptInputs {
   std::vector<Activation<void>> segments;  // typed by the blocks' value type when read
+  std::vector<WorkspaceMark> block_marks;
   std::size_t every = 0;
   std::size_t blocks = 0;
 };
+
+template <class Ctx>
+inline constexpr bool keeps_device_loss =
+#if ALLOY_HAS_CUDA_RUNTIME
+    std::is_same_v<typename Ctx::backend_type, Cuda>;
+#else
+    false;
+#endif
 
 // Runs blocks[0..n) forward from x. With every > 0 records each segment's input in `kept`.
 template <class Ctx, class Blocks, class T = typename Ctx::param_type>
@@ -56,16 +90,21 @@ Activation<T> forward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> x, i
   if (every < 0) throw error("forward_blocks: checkpoint spacing " + std::to_string(every) + " is negative");
   const std::size_t n = std::size(blocks), k = static_cast<std::size_t>(every);
   kept.segments.clear();
+  kept.block_marks.clear();
   kept.every = k;
   kept.blocks = n;
   Activation<T> y{const_cast<T*>(x.data), x.rows, x.cols};
   if (k == 0) {
-    for (std::size_t i = 0; i < n; ++i) y = blocks[i].forward(ctx, Activation<const T>(y));
+    for (std::size_t i = 0; i < n; ++i) {
+      kept.block_marks.push_back(ctx.workspace().mark());
+      y = blocks[i].forward(ctx, Activation<const T>(y));
+    }
     return y;
   }
   auto inner = ctx.with_checkpoint_every(0);
   for (std::size_t first = 0; first < n; first += k) {
     kept.segments.push_back({y.data, y.rows, y.cols});
+    kept.block_marks.push_back(ctx.workspace().mark());
     // The segment's output outlives its activations: it goes into a buffer taken below them,
     // sized like the segment's input (blocks usually keep the shape).
     const Activation<T> slot{ctx.template allocate<T>(y.size()), y.rows, y.cols};
@@ -84,8 +123,13 @@ Activation<T> forward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> x, i
 }
 
 // Runs blocks[n..0) backward from dy, recomputing each segment's forward when `kept` says so.
+// `outermost`: nothing the caller allocated after the blocks' forward (dy included) is needed once
+// this returns, so without recomputation each block's memory is given back as soon as its
+// backward is done (run_layered says so; a block sequence nested in a layer, whose caller may
+// still read dy, must not).
 template <class Ctx, class Blocks, class T = typename Ctx::param_type>
-Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy, const KeptInputs& kept) {
+Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy, const KeptInputs& kept,
+                              bool outermost = false) {
   const std::size_t n = std::size(blocks), k = kept.every;
   if (kept.blocks != n) {
     throw error("backward_blocks: forward ran " + std::to_string(kept.blocks) + " blocks, backward has " +
@@ -93,7 +137,15 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
   }
   Activation<T> d{const_cast<T*>(dy.data), dy.rows, dy.cols};
   if (k == 0) {
-    for (std::size_t i = n; i-- > 0;) d = blocks[i].backward(ctx, Activation<const T>(d));
+    // Memory by liveness: once block i's backward is done, nothing above where its forward began
+    // is needed but its dx (the blocks below kept their own activations below that point, and
+    // the head's are consumed). dx moves down to that point, the rest is given back, and the next
+    // block's backward reuses it: the peak is the forward's activations plus one block's
+    // backward, not every block's backward on top of each other.
+    for (std::size_t i = n; i-- > 0;) {
+      const Activation<T> g = blocks[i].backward(ctx, Activation<const T>(d));
+      d = detail::move_down(ctx, g, outermost && kept.block_marks.size() == n ? &kept.block_marks[i] : nullptr);
+    }
     return d;
   }
   auto inner = ctx.with_checkpoint_every(0);
@@ -101,6 +153,16 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
     const std::size_t first = seg * k, last = std::min(first + k, n);
     const Activation<T> input{static_cast<T*>(kept.segments[seg].data), kept.segments[seg].rows,
                               kept.segments[seg].cols};
+    if (outermost && kept.block_marks.size() == kept.segments.size()) {
+      // As without recomputation: once the segment is done, everything from where its forward
+      // output was kept is dead but its dx, which moves down there.
+      Activation<T> y = input;
+      for (std::size_t i = first; i < last; ++i) y = blocks[i].forward(inner, Activation<const T>(y));  // recompute
+      Activation<T> g = d;
+      for (std::size_t i = last; i-- > first;) g = blocks[i].backward(inner, Activation<const T>(g));
+      d = detail::move_down(ctx, g, &kept.block_marks[seg]);
+      continue;
+    }
     const Activation<T> slot{ctx.template allocate<T>(input.size()), input.rows, input.cols};
     const auto mark = ctx.workspace().mark();
     Activation<T> y = input;
@@ -120,19 +182,33 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
 
 // One micro-batch of a LayeredModel (train/model.hpp): input, the blocks forward (keeping every
 // `every`-th block's input when every > 0), head (the loss and its gradient), the blocks
-// backward, and input_backward when the model has one. Returns the loss. The trainer calls
-// this; a model may call it from its own forward_backward too.
+// backward, and input_backward when the model has one. Returns the loss as head() gave it (on
+// the device when head left it there). The trainer calls this; a model may call it from its own
+// forward_backward too.
 template <class M, class Ctx>
-float run_layered(Ctx& ctx, M& model, const typename M::batch_type& batch, int every, KeptInputs& kept) {
+Loss run_layered(Ctx& ctx, M& model, const typename M::batch_type& batch, int every, KeptInputs& kept) {
   using T = typename Ctx::param_type;
+  // A loss head() leaves on the device lives in the head's workspace, which backward gives back:
+  // it is copied here, below everything the blocks allocate.
+  [[maybe_unused]] float* const loss_slot = keeps_device_loss<Ctx> ? ctx.template allocate<float>(1) : nullptr;
   const Activation<const T> x = model.input(ctx, batch);
   const Activation<T> y = forward_blocks(ctx, model.layers(), x, every, kept);
-  const auto [loss, dy] = model.head(ctx, Activation<const T>(y), batch);
-  const Activation<T> dx = backward_blocks(ctx, model.layers(), Activation<const T>(dy), kept);
+  const auto [head_loss, dy] = model.head(ctx, Activation<const T>(y), batch);
+  Loss loss(head_loss);
+#if ALLOY_HAS_CUDA_RUNTIME
+  if constexpr (keeps_device_loss<Ctx>) {
+    if (loss.on_device()) {
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(loss_slot, loss.device_pointer(), sizeof(float), cudaMemcpyDeviceToDevice,
+                                       ctx.backend().stream));
+      loss = Loss(loss_slot, ctx.backend().stream);
+    }
+  }
+#endif
+  const Activation<T> dx = backward_blocks(ctx, model.layers(), Activation<const T>(dy), kept, true);
   if constexpr (requires { model.input_backward(ctx, Activation<const T>(dx), batch); }) {
     model.input_backward(ctx, Activation<const T>(dx), batch);
   }
-  return static_cast<float>(loss);
+  return loss;
 }
 
 }  // namespace alloy

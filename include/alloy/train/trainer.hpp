@@ -20,6 +20,7 @@
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
+#include <alloy/train/step_losses.hpp>
 #include <alloy/train/weights.hpp>
 
 #include <chrono>
@@ -49,6 +50,8 @@ struct TrainerMemory {
   MemoryReport arenas;               // parameters, gradients, accumulator, master, state
   std::size_t activations_peak = 0;  // the largest micro-batch's workspace use
   std::size_t workspace_reserved = 0;
+  std::size_t input_slots = 0;    // device memory of the input pipeline's two slots
+  std::size_t input_staging = 0;  // its pinned host staging memory (pageable input only)
   MemoryStats backend;  // everything this trainer allocated: current and peak
 };
 
@@ -142,6 +145,8 @@ class Trainer {
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be),
+        uploads_(be, tracker_.get()),
+        losses_(be, tracker_.get()),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
     static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
                   "Trainer: backend Cuda runs kernels: construct this Trainer in a .cu file compiled by nvcc, or "
@@ -172,6 +177,8 @@ class Trainer {
     step_ = std::move(other.step_);
     workspace_ = std::move(other.workspace_);
     resources_ = std::move(other.resources_);
+    uploads_ = std::move(other.uploads_);
+    losses_ = std::move(other.losses_);
     tracker_ = std::move(other.tracker_);
     model_ = std::move(other.model_);
     config_ = std::move(other.config_);
@@ -189,13 +196,22 @@ class Trainer {
     const auto start = std::chrono::steady_clock::now();
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
-    double loss_sum = 0.0;
+    losses_.begin(micro_batches_);
     for (int mb = 0; mb < micro_batches_; ++mb) {
       workspace_.reset();
       const bool in_place = !store_type::has_accumulator && mb > 0;
       context_type ctx(store_, workspace_, scale / static_cast<float>(micro_batches_), in_place, mb, micro_batches_,
-                       attempted_, policies::checkpointing::every, &resources_);
-      loss_sum += static_cast<double>(forward_backward(ctx, next_batch(source)));
+                       attempted_, policies::checkpointing::every, &resources_, &uploads_);
+      uploads_.begin_micro_batch();
+      try {
+        // Nothing here waits for the device: the loss stays there (see backend/loss.hpp) and the
+        // next micro-batch's uploads overlap this one's compute.
+        losses_.record(mb, forward_backward(ctx, next_batch(source)));
+      } catch (...) {
+        uploads_.abandon_micro_batch();
+        throw;
+      }
+      uploads_.end_micro_batch();
       if constexpr (store_type::has_accumulator) {
         using G = typename store_type::grad_type;
         using Acc = typename store_type::optimizer_grad_type;
@@ -205,9 +221,10 @@ class Trainer {
     }
     const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
     ++attempted_;
+    losses_.fetch();
     synchronize(be_);
     StepReport r;
-    r.loss = static_cast<float>(loss_sum / micro_batches_);
+    r.loss = losses_.mean();
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
@@ -279,7 +296,14 @@ class Trainer {
   }
 
   TrainerMemory memory() const {
-    return {store_.memory(), workspace_.peak_bytes(), workspace_.reserved_bytes(), tracker_->stats()};
+    TrainerMemory m;
+    m.arenas = store_.memory();
+    m.activations_peak = workspace_.peak_bytes();
+    m.workspace_reserved = workspace_.reserved_bytes();
+    m.input_slots = uploads_.reserved_bytes();
+    m.input_staging = uploads_.staging_bytes();
+    m.backend = tracker_->stats();
+    return m;
   }
 
   M& model() noexcept { return model_; }
@@ -312,11 +336,11 @@ class Trainer {
 
   // One micro-batch: the model's own forward_backward, or for a LayeredModel input, the blocks
   // (with recomputation every policies::checkpointing::every blocks), head, the blocks backward.
-  float forward_backward(context_type& ctx, const typename M::batch_type& batch) {
+  Loss forward_backward(context_type& ctx, const typename M::batch_type& batch) {
     if constexpr (layered) {
       return run_layered(ctx, model_, batch, policies::checkpointing::every, kept_);
     } else {
-      return model_.forward_backward(ctx, batch);
+      return Loss(model_.forward_backward(ctx, batch));
     }
   }
 
@@ -339,6 +363,8 @@ class Trainer {
   step_type step_;
   Workspace<backend_type> workspace_;
   BackendResources<backend_type> resources_;
+  InputUploads<backend_type> uploads_;
+  StepLosses<backend_type> losses_;
   int micro_batches_;
   std::uint64_t attempted_ = 0;
   KeptInputs kept_;  // a LayeredModel's segment inputs, between forward and backward

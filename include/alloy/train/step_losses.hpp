@@ -1,0 +1,89 @@
+// StepLosses<B>: the losses of one step's micro-batches, collected without waiting for any of
+// them. A float loss is stored as it comes; a device loss (alloy::Loss in the workspace) is copied
+// on the compute stream into the trainer's own device array before the workspace is reused, and
+// the array comes back in one copy before the step's single synchronization.
+#pragma once
+
+#include <alloy/backend/buffer.hpp>
+#include <alloy/backend/loss.hpp>
+#include <alloy/backend/pinned.hpp>
+
+#include <vector>
+
+namespace alloy {
+
+template <backend B>
+class StepLosses {
+ public:
+  explicit StepLosses(B be = {}, MemoryTracker* tracker = nullptr) : be_(be), tracker_(tracker) {}
+
+  void begin(int micro_batches) {
+    host_.assign(static_cast<std::size_t>(micro_batches), 0.0f);
+    on_device_.assign(static_cast<std::size_t>(micro_batches), false);
+    any_on_device_ = false;
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (device_.size() < host_.size()) {
+        device_ = Buffer<float, Cuda>(host_.size(), be_, tracker_);
+        pinned_.resize(host_.size());
+      }
+    }
+#endif
+  }
+
+  void record(int micro_batch, const Loss& loss) {
+    const auto i = static_cast<std::size_t>(micro_batch);
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (loss.on_device()) {
+        ALLOY_CUDA_CHECK(cudaMemcpyAsync(device_.data() + i, loss.device_pointer(), sizeof(float),
+                                         cudaMemcpyDeviceToDevice, be_.stream));
+        on_device_[i] = true;
+        any_on_device_ = true;
+        return;
+      }
+    }
+#endif
+    host_[i] = loss.value();
+  }
+
+  // Queues the copy back; call before the step synchronizes.
+  void fetch() {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (any_on_device_) {
+        ALLOY_CUDA_CHECK(cudaMemcpyAsync(pinned_.data(), device_.data(), host_.size() * sizeof(float),
+                                         cudaMemcpyDeviceToHost, be_.stream));
+      }
+    }
+#endif
+  }
+
+  // After the synchronization: the mean of the micro-batch losses, summed in order in double.
+  float mean() const {
+    double sum = 0.0;
+    for (std::size_t i = 0; i < host_.size(); ++i) {
+#if ALLOY_HAS_CUDA_RUNTIME
+      if (on_device_[i]) {
+        sum += static_cast<double>(pinned_[i]);
+        continue;
+      }
+#endif
+      sum += static_cast<double>(host_[i]);
+    }
+    return static_cast<float>(sum / static_cast<double>(host_.size()));
+  }
+
+ private:
+  B be_;
+  MemoryTracker* tracker_;
+  std::vector<float> host_;
+  std::vector<bool> on_device_;
+  bool any_on_device_ = false;
+#if ALLOY_HAS_CUDA_RUNTIME
+  Buffer<float, Cuda> device_;
+  pinned_vector<float> pinned_;
+#endif
+};
+
+}  // namespace alloy
