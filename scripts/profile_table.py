@@ -31,8 +31,14 @@ def main(path, steps=None):
         print("no kernels profiled")
         return 1
     steps = steps or 3
-    per = len(rows) // steps
-    last = rows[len(rows) - per:]
+    # A step starts with the input conversion (FromFloat); the first step also runs the
+    # initialization kernels, so slice at the last two starts rather than by count.
+    starts = [i for i, r in enumerate(rows) if "FromFloat" in short(r[1])]
+    if len(starts) >= 2:
+        last = rows[starts[-2]:starts[-1]]
+    else:
+        last = rows[len(rows) - len(rows) // steps:]
+    per = len(last)
     phase = "forward"
     phases = OrderedDict((p, 0.0) for p in ("forward", "backward", "optimizer"))
     kernels = defaultdict(lambda: [0, 0.0, ""])
@@ -49,7 +55,8 @@ def main(path, steps=None):
         k[1] += ns
         k[2] = k[2] or phase
     total = sum(phases.values())
-    print(f"kernels per step: {per} ({len(rows)} profiled over {steps} steps); kernel time {total / 1e6:.3f} ms")
+    print(f"kernels per step: {per} ({len(rows)} profiled over {steps} steps); kernel time {total / 1e6:.3f} ms "
+          "(ncu runs each kernel alone, caches flushed: more than in a real step)")
     for p, ns in phases.items():
         print(f"  {p:10s} {ns / 1e6:8.3f} ms  {100 * ns / total:5.1f}%")
     print(f"{'kernel':90s} {'phase':9s} {'n':>4s} {'ms':>8s} {'%':>6s}")
@@ -59,4 +66,6 @@ def main(path, steps=None):
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # | head
     sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))
