@@ -46,7 +46,10 @@ inline constexpr std::size_t layernorm_part_warp_budget = 2048;     // parts x w
 inline constexpr std::size_t layernorm_part_shared_bytes = 64 * 1024;  // per-warp column sums of one part
 inline constexpr std::size_t layernorm_max_part_warps = 8;
 inline constexpr std::size_t layernorm_final_slots = 8;  // the final pass: part p into slot p % 8
-inline constexpr std::size_t layernorm_max_lane_columns = 32;  // lane columns: at most 64 fp32 sums per lane
+inline constexpr int layernorm_max_lane_columns = 32;  // forward lane columns: 32 columns of x per lane
+// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's,
+// plus 2 V L fp32 column sums) stays within 255 registers without spilling.
+inline constexpr int layernorm_max_backward_lane_vectors = 4;
 
 // Floats between one warp's dgamma sums and its dbeta sums in shared memory: cols rounded up to
 // whole 32-float rows of banks, so the swizzle below stays inside them.
@@ -85,15 +88,15 @@ bool layernorm_vectorizable(std::size_t cols, const T* a, const T* b, const T* c
          (e == nullptr || same_alignment(a, e));
 }
 
-// Vectors per lane when every row is exactly 32 V whole vectors from a 16-byte boundary and a
-// lane's V L columns fit in registers (V L <= 32); 0 otherwise. The same walk as for_each_run's
-// (no head, no tail, vector lane + 32 k at step k), so either path gives the same bits.
+// Vectors per lane V when every row is exactly 32 V whole vectors from a 16-byte boundary and
+// V <= max_vectors; 0 otherwise. The same walk as for_each_run's (no head, no tail, vector
+// lane + 32 k at step k), so either path gives the same bits.
 template <class T>
-int layernorm_lane_vectors(std::size_t cols, const T* row0, bool vectorized) {
+int layernorm_lane_vectors(std::size_t cols, const T* row0, bool vectorized, int max_vectors) {
   constexpr std::size_t L = row_vector_lanes<T>;
   if (!vectorized || reinterpret_cast<std::uintptr_t>(row0) % 16 != 0 || cols % (warp_size * L) != 0) return 0;
   const std::size_t v = cols / (warp_size * L);
-  return v * L <= layernorm_max_lane_columns ? static_cast<int>(v) : 0;
+  return v <= std::size_t(max_vectors) ? static_cast<int>(v) : 0;
 }
 
 template <class T>
@@ -275,7 +278,7 @@ ALLOY_HOST_DEVICE FloatPair layernorm_lane_gradient_sums(const RowSplit& s, cons
 template <class T, class AddToSums>
 ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, const T* x, const T* gamma,
                                                const T* dx_add, T* dx, float mean, float rstd, float mean_g,
-                                               float mean_gx, AddToSums&& add_to_sums, std::size_t lane,
+                                               float mean_gx, const AddToSums& add_to_sums, std::size_t lane,
                                                std::size_t lanes) {
   for_each_run<row_vector_lanes<T>>(s, lane, lanes, [&](auto run, std::size_t first) {
     constexpr int W = decltype(run)::value;
@@ -292,6 +295,19 @@ ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, c
     for (int l = 0; l < W; ++l) add_to_sums(first + l, dgamma_terms[l], dbeta_terms[l]);
   });
 }
+
+// One warp's column sums: add(c, dgamma term, dbeta term) adds to column c's, at c or, in shared
+// memory, at layernorm_swizzle(c).
+struct LayerNormColumnSums {
+  float* dgamma;
+  float* dbeta;
+  bool swizzled;
+  ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void operator()(std::size_t c, float dgamma_term, float dbeta_term) const {
+    const std::size_t at = swizzled ? layernorm_swizzle(c) : c;
+    dgamma[at] = fp::add(dgamma[at], dgamma_term);
+    dbeta[at] = fp::add(dbeta[at], dbeta_term);
+  }
+};
 
 // The final write of a parameter gradient: the fp32 sum over parts, added to the old value
 // when accumulating.
@@ -369,15 +385,9 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
       }
       const FloatPair sums = butterfly_replay(lanes, FloatPairSum{});
       float* sum_dgamma = warp_sums.data() + ((r - first) % warps) * span;
-      float* sum_dbeta = sum_dgamma + cols;
-      layernorm_lane_backward(
-          s, dyr, xr, gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, mean[r], rstd[r],
-          layernorm_mean(sums.first, cols), layernorm_mean(sums.second, cols),
-          [&](std::size_t c, float dgamma_term, float dbeta_term) {
-            sum_dgamma[c] = fp::add(sum_dgamma[c], dgamma_term);
-            sum_dbeta[c] = fp::add(sum_dbeta[c], dbeta_term);
-          },
-          0, 1);
+      layernorm_lane_backward(s, dyr, xr, gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, mean[r],
+                              rstd[r], layernorm_mean(sums.first, cols), layernorm_mean(sums.second, cols),
+                              LayerNormColumnSums{sum_dgamma, sum_dgamma + cols, false}, 0, 1);
     }
     float* slot = slots.data() + (p % layernorm_final_slots) * span;
     for (std::size_t i = 0; i < span; ++i) {
@@ -496,12 +506,7 @@ __global__ void __launch_bounds__(layernorm_part_block)
   __syncthreads();
 
   float* sum_dgamma = sums + warp * 2 * stride;
-  float* sum_dbeta = sum_dgamma + stride;
-  const auto add_to_sums = [&](std::size_t c, float dgamma_term, float dbeta_term) {
-    const std::size_t at = sums_in_shared ? layernorm_swizzle(c) : c;
-    sum_dgamma[at] = fp::add(sum_dgamma[at], dgamma_term);
-    sum_dbeta[at] = fp::add(sum_dbeta[at], dbeta_term);
-  };
+  const LayerNormColumnSums add_to_sums{sum_dgamma, sum_dgamma + stride, sums_in_shared};
   const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
   const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
   for (std::size_t r = first + warp; r < end; r += warps) {
@@ -525,8 +530,8 @@ __global__ void __launch_bounds__(layernorm_part_block)
 // column sums in registers across its rows. At the end each warp stores its sums to shared
 // memory (swizzled: no bank conflicts) and the part folds them as above. DRAM: as above, with
 // one pass over dy and x instead of two.
-template <class T, class G, int V>
-__global__ void __launch_bounds__(layernorm_part_block, 2)
+template <class T, class G, int V, bool Add>
+__global__ void __launch_bounds__(layernorm_part_block)
     layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
   constexpr int L = row_vector_lanes<T>;
   extern __shared__ float shared_sums[];
@@ -542,20 +547,32 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
     for (int l = 0; l < L; ++l) sum_dgamma[k][l] = sum_dbeta[k][l] = 0.0f;
   }
 
-  const bool add = a.dx_add != nullptr;
   const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
   const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
+  // dy and x of the warp's next row are loaded while it works on this one: 2 rows in flight.
+  T next_dy[V][L], next_x[V][L];
+  const auto load_row = [&](std::size_t r) {
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.dy + r * cols + (lane + warp_size * k) * L, next_dy[k]);
+      load_run<L>(a.x + r * cols + (lane + warp_size * k) * L, next_x[k]);
+    }
+  };
+  if (first + warp < end) load_row(first + warp);
   for (std::size_t r = first + warp; r < end; r += warps) {
     const std::size_t row = r * cols;
     const float m = a.mean[r], rs = a.rstd[r];
     T dyv[V][L], xv[V][L], gv[V][L], addv[V][L];
     ALLOY_UNROLL
     for (int k = 0; k < V; ++k) {
-      const std::size_t at = row + (lane + warp_size * k) * L;
-      load_run<L>(a.dy + at, dyv[k]);
-      load_run<L>(a.x + at, xv[k]);
+      ALLOY_UNROLL
+      for (int l = 0; l < L; ++l) dyv[k][l] = next_dy[k][l], xv[k][l] = next_x[k][l];
+    }
+    if (r + warps < end) load_row(r + warps);
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
       load_run<L>(a.gamma + (lane + warp_size * k) * L, gv[k]);
-      if (add) load_run<L>(a.dx_add + at, addv[k]);
+      if constexpr (Add) load_run<L>(a.dx_add + row + (lane + warp_size * k) * L, addv[k]);
     }
     FloatPair lane_sums{0.0f, 0.0f};
     ALLOY_UNROLL
@@ -566,7 +583,7 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
     for (int k = 0; k < V; ++k) {
       T dxv[L];
       float dgamma_terms[L], dbeta_terms[L];
-      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
+      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
                              dbeta_terms);
       store_run<L>(a.dx + row + (lane + warp_size * k) * L, dxv);
       ALLOY_UNROLL
@@ -630,9 +647,9 @@ template <class T>
 void layernorm_forward_on(Cuda be, const LayerNormForward<T>& a) {
   if (a.rows == 0) return;
   const int grid = grid_for(a.rows, layernorm_block / warp_size);
-  const int vectors = layernorm_lane_vectors(a.cols, a.x, a.vectorized);
+  constexpr int max_vectors = layernorm_max_lane_columns / row_vector_lanes<T>;
+  const int vectors = layernorm_lane_vectors(a.cols, a.x, a.vectorized, max_vectors);
   if (vectors > 0) {
-    constexpr int max_vectors = int(layernorm_max_lane_columns) / row_vector_lanes<T>;
     layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
       layernorm_forward_lane_columns_kernel<T, decltype(v)::value><<<grid, layernorm_block, 0, be.stream>>>(a);
     });
@@ -657,13 +674,15 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
   if (parts > 0) {
     const std::size_t warps = layernorm_part_warps(cols);
     const std::size_t rows_per_part = layernorm_rows_in_part(rows, parts);
-    const int vectors = layernorm_lane_vectors(cols, a.x, a.vectorized);
+    constexpr int max_vectors = layernorm_max_backward_lane_vectors;
+    const int vectors = layernorm_lane_vectors(cols, a.x, a.vectorized, max_vectors);
     if (vectors > 0) {
       // cols <= 32 lanes x 32 columns: 8 warps' sums fit in 64 KiB.
       const std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
-      constexpr int max_vectors = int(layernorm_max_lane_columns) / row_vector_lanes<T>;
       layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
-        auto* kernel = &layernorm_backward_lane_columns_kernel<T, G, decltype(v)::value>;
+        constexpr int V = decltype(v)::value;
+        auto* kernel = a.dx_add ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
+                                : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
         layernorm_allow_shared_bytes(kernel, shared_bytes);
         kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
             a, rows_per_part, scratch);
