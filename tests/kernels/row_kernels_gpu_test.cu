@@ -137,10 +137,9 @@ std::string describe(const char* dtype, const LayerNormCase& s) {
 // with fewer rows than warps (8 x 1024). Offsets of 8 keep bf16 and fp16 rows on a 16-byte
 // boundary; offsets of 4 keep float's.
 const LayerNormCase layernorm_cases[] = {
-    {37, 29},         {37, 1000},        {37, 1},        {4096, 1024},   {64, 768, 1, 1}, {64, 768, 1, 0},
-    {3, 8193},        {16, 10000},       {20, 40000},    {17001, 3},     {33, 1024, 3, 3}, {8192, 1024},
-    {300, 768, 8, 8}, {100, 256, 4, 4},  {8, 1024},      {50, 512, 4, 4}, {1000, 5000},    {21, 3, 1, 1},
-    {130, 2048}};
+    {37, 29},    {37, 1000},      {37, 1},      {4096, 1024},     {64, 768, 1, 1}, {64, 768, 1, 0},  {3, 8193},
+    {16, 10000}, {20, 40000},     {17001, 3},   {33, 1024, 3, 3}, {8192, 1024},    {300, 768, 8, 8}, {100, 256, 4, 4},
+    {8, 1024},   {50, 512, 4, 4}, {1000, 5000}, {21, 3, 1, 1},    {130, 2048}};
 
 template <class T>
 struct LayerNormData {
@@ -193,14 +192,18 @@ struct LayerNormTwins {
                              cols, eps);
     alloy::layernorm_backward(Host{}, dy.host(), x.host(), gamma.host(), mean.host(), rstd.host(), dx.host(),
                               dgamma.host(), dbeta.host(), rows, cols, accumulate, static_cast<float*>(nullptr),
-                              add == DxAdd::none ? nullptr : add == DxAdd::apart ? dx_add.host() : dx.host());
+                              add == DxAdd::none    ? nullptr
+                              : add == DxAdd::apart ? dx_add.host()
+                                                    : dx.host());
   }
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
                              rows, cols, eps);
     alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
                               dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(),
-                              add == DxAdd::none ? nullptr : add == DxAdd::apart ? dx_add.device() : dx.device());
+                              add == DxAdd::none    ? nullptr
+                              : add == DxAdd::apart ? dx_add.device()
+                                                    : dx.device());
     alloy::synchronize(be);
   }
 };
@@ -214,7 +217,9 @@ template <class T>
 void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
                                         DxAdd add = DxAdd::none) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
-               (add == DxAdd::apart ? ", adding dx_add" : add == DxAdd::in_place ? ", adding dx in place" : ""));
+               (add == DxAdd::apart      ? ", adding dx_add"
+                : add == DxAdd::in_place ? ", adding dx in place"
+                                         : ""));
   std::mt19937_64 rng(seed);
   const LayerNormData<T> d(s, rng);
   LayerNormTwins<T> t(s, d, accumulate, be, add);
@@ -304,8 +309,8 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardAddsDxAddLikeHost) {
   for (const LayerNormCase& s : layernorm_cases) {
     expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, false, Cuda{}, DxAdd::apart);
   }
-  for (const LayerNormCase& s : {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1},
-                                 LayerNormCase{1000, 5000}}) {
+  for (const LayerNormCase& s :
+       {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1}, LayerNormCase{1000, 5000}}) {
     expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true, Cuda{}, DxAdd::in_place);
   }
 }

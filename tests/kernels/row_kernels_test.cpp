@@ -162,8 +162,8 @@ struct Shape {
 };
 // Odd widths (scalar rows), a width of whole vectors, one column, a wide row, tiny and large
 // odd widths, and widths the Cuda kernels keep in registers (256 and 1024: 32 V vectors).
-constexpr Shape layernorm_shapes[] = {{37, 29}, {37, 1000}, {37, 1},   {4, 4096},
-                                      {3, 771}, {21, 3},    {3, 5000}, {70, 256}, {19, 1024}};
+constexpr Shape layernorm_shapes[] = {{37, 29}, {37, 1000}, {37, 1},   {4, 4096}, {3, 771},
+                                      {21, 3},  {3, 5000},  {70, 256}, {19, 1024}};
 
 TYPED_TEST(RowKernels, LayerNormForwardMatchesFloat64) {
   ALLOY_SEEDED(seed);
@@ -515,7 +515,7 @@ TEST(LayerNormScratch, BoundCoversOnePartPer8RowsUpTo2048Warps) {
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(37, 29), 5u * 2 * 29);
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(4096, 1024), 256u * 2 * 1024);
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1024), 256u * 2 * 1024);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1500), 409u * 2 * 1500);  // 5 warps
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1500), 409u * 2 * 1500);   // 5 warps
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 5000), 1024u * 2 * 5000);  // 1 warp
 }
 

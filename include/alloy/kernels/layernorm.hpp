@@ -40,13 +40,13 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr std::size_t layernorm_min_rows_per_part = 8;       // below it, a part's fold costs more than its rows
-inline constexpr std::size_t layernorm_max_parts = 1024;            // bounds scratch and the final pass's reads
-inline constexpr std::size_t layernorm_part_warp_budget = 2048;     // parts x warps per part: 256 parts of 8 warps
+inline constexpr std::size_t layernorm_min_rows_per_part = 8;    // below it, a part's fold costs more than its rows
+inline constexpr std::size_t layernorm_max_parts = 1024;         // bounds scratch and the final pass's reads
+inline constexpr std::size_t layernorm_part_warp_budget = 2048;  // parts x warps per part: 256 parts of 8 warps
 inline constexpr std::size_t layernorm_part_shared_bytes = 64 * 1024;  // per-warp column sums of one part
 inline constexpr std::size_t layernorm_max_part_warps = 8;
 inline constexpr std::size_t layernorm_final_slots = 8;  // the final pass: part p into slot p % 8
-inline constexpr int layernorm_max_lane_columns = 32;  // forward lane columns: 32 columns of x per lane
+inline constexpr int layernorm_max_lane_columns = 32;    // forward lane columns: 32 columns of x per lane
 // Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's,
 // plus 2 V L fp32 column sums) stays within 255 registers without spilling.
 inline constexpr int layernorm_max_backward_lane_vectors = 4;
