@@ -6,7 +6,8 @@
 // For fp32 outputs that is about 1e-5 relative; for bf16 and fp16 outputs, two units in the last
 // place. The two backends run the same fp32 operations in the same order; they differ only where
 // the device's expf and logf (within 2 ulp) differ from the host's, which only the softmax uses.
-// Every Cuda output must also be bit-for-bit the same over two runs.
+// Every Cuda output must also be bit-for-bit the same over two runs. LayerNorm has no expf or logf:
+// its Cuda outputs must be bit-for-bit the Host's.
 #include "../support/test_support.hpp"
 #include "../support/values.hpp"
 
@@ -102,7 +103,7 @@ void expect_same_bits(const std::vector<T>& a, const std::vector<T>& b, const ch
   ASSERT_EQ(a.size(), b.size());
   std::size_t differ = 0;
   for (std::size_t i = 0; i < a.size(); ++i) differ += bits_of(a[i]) != bits_of(b[i]);
-  EXPECT_EQ(differ, 0u) << what << ": elements whose bits differ between two Cuda runs";
+  EXPECT_EQ(differ, 0u) << what << ": elements whose bits differ";
 }
 
 template <class T>
@@ -128,47 +129,60 @@ std::string describe(const char* dtype, const LayerNormCase& s) {
 }
 
 // Odd widths, one column, whole vectors (with and without a head), a width whose backward keeps
-// its column sums in 64 KiB of shared memory (1024: 8 warps), in 80 KB (10000: one warp, above
-// the default 48 KiB), and in scratch (40000: 320 KB, more than a block's shared memory), and
-// 17000 rows, whose 1024 parts of 17 rows leave the last ones empty.
-const LayerNormCase layernorm_cases[] = {{37, 29},        {37, 1000},      {37, 1},         {4096, 1024},
-                                         {64, 768, 1, 1}, {64, 768, 1, 0}, {3, 8193},       {16, 10000},
-                                         {20, 40000},     {17000, 3},      {33, 1024, 3, 3}};
+// its column sums in 64 KiB of shared memory (1000: 8 warps), in 80 KB (10000: one warp, above
+// the default 48 KiB), and in scratch (40000: 320 KB, more than a block's shared memory), 17001
+// rows, whose 256 parts of 67 rows leave the last two empty, and rows of 32 V vectors from a
+// 16-byte boundary, which the kernels keep in registers (256, 512, 768, 1024; for float the
+// forward up to 1024, the backward up to 512), among them the profiled 8192 x 1024 and parts
+// with fewer rows than warps (8 x 1024). Offsets of 8 keep bf16 and fp16 rows on a 16-byte
+// boundary; offsets of 4 keep float's.
+const LayerNormCase layernorm_cases[] = {
+    {37, 29},    {37, 1000},      {37, 1},      {4096, 1024},     {64, 768, 1, 1}, {64, 768, 1, 0},  {3, 8193},
+    {16, 10000}, {20, 40000},     {17001, 3},   {33, 1024, 3, 3}, {8192, 1024},    {300, 768, 8, 8}, {100, 256, 4, 4},
+    {8, 1024},   {50, 512, 4, 4}, {1000, 5000}, {21, 3, 1, 1},    {130, 2048}};
 
 template <class T>
 struct LayerNormData {
-  std::vector<T> x, gamma, beta, dy, dgamma0, dbeta0;
+  std::vector<T> x, gamma, beta, dy, dgamma0, dbeta0, dx_add;
   LayerNormData(const LayerNormCase& s, std::mt19937_64& rng)
       : x(normal<T>(s.rows * s.cols, 0.5, 2.0, rng)),
         gamma(normal<T>(s.cols, 1.0, 0.5, rng)),
         beta(normal<T>(s.cols, 0.0, 1.0, rng)),
         dy(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)),
         dgamma0(normal<T>(s.cols, 0.0, 3.0, rng)),
-        dbeta0(normal<T>(s.cols, 0.0, 3.0, rng)) {}
+        dbeta0(normal<T>(s.cols, 0.0, 3.0, rng)),
+        dx_add(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)) {}
 };
+
+// What the backward adds to dx: nothing, a separate array, or dx's own contents (in place).
+enum class DxAdd { none, apart, in_place };
 
 // Every array of one LayerNorm forward and backward, on both backends.
 template <class T>
 struct LayerNormTwins {
-  Twin<T> x, gamma, beta, y, dy, dx, dgamma, dbeta;
+  Twin<T> x, gamma, beta, y, dy, dx, dgamma, dbeta, dx_add;
   Twin<float> mean, rstd;
   Buffer<float, Cuda> scratch;
   std::size_t rows, cols;
+  DxAdd add;
 
-  LayerNormTwins(const LayerNormCase& s, const LayerNormData<T>& d, bool accumulate, Cuda be = {})
+  LayerNormTwins(const LayerNormCase& s, const LayerNormData<T>& d, bool accumulate, Cuda be = {},
+                 DxAdd add = DxAdd::none)
       : x(d.x, s.row_offset, be),
         gamma(d.gamma, s.param_offset, be),
         beta(d.beta, s.param_offset, be),
         y(std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
         dy(d.dy, s.row_offset, be),
-        dx(std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
+        dx(add == DxAdd::in_place ? d.dx_add : std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
         dgamma(accumulate ? d.dgamma0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         dbeta(accumulate ? d.dbeta0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
+        dx_add(d.dx_add, s.row_offset, be),
         mean(std::vector<float>(s.rows, poison<float>()), 0, be),
         rstd(std::vector<float>(s.rows, poison<float>()), 0, be),
         scratch(alloy::layernorm_backward_scratch_floats(s.rows, s.cols), be),
         rows(s.rows),
-        cols(s.cols) {
+        cols(s.cols),
+        add(add) {
     // NaN everywhere: the kernels must not rely on scratch starting at zero.
     ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
   }
@@ -177,13 +191,19 @@ struct LayerNormTwins {
     alloy::layernorm_forward(Host{}, x.host(), gamma.host(), beta.host(), y.host(), mean.host(), rstd.host(), rows,
                              cols, eps);
     alloy::layernorm_backward(Host{}, dy.host(), x.host(), gamma.host(), mean.host(), rstd.host(), dx.host(),
-                              dgamma.host(), dbeta.host(), rows, cols, accumulate, static_cast<float*>(nullptr));
+                              dgamma.host(), dbeta.host(), rows, cols, accumulate, static_cast<float*>(nullptr),
+                              add == DxAdd::none    ? nullptr
+                              : add == DxAdd::apart ? dx_add.host()
+                                                    : dx.host());
   }
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
                              rows, cols, eps);
     alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
-                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data());
+                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(),
+                              add == DxAdd::none    ? nullptr
+                              : add == DxAdd::apart ? dx_add.device()
+                                                    : dx.device());
     alloy::synchronize(be);
   }
 };
@@ -194,11 +214,15 @@ struct LayerNormTwins {
 //   dx: rstd (|g| + |A| + m |B|) + |xhat| rstd mean(|g| m)
 //   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
 template <class T>
-void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {}) {
-  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting"));
+void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
+                                        DxAdd add = DxAdd::none) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
+               (add == DxAdd::apart      ? ", adding dx_add"
+                : add == DxAdd::in_place ? ", adding dx in place"
+                                         : ""));
   std::mt19937_64 rng(seed);
   const LayerNormData<T> d(s, rng);
-  LayerNormTwins<T> t(s, d, accumulate, be);
+  LayerNormTwins<T> t(s, d, accumulate, be, add);
   const float eps = 1e-5f;
   t.run_host(eps, accumulate);
   try {
@@ -214,6 +238,13 @@ void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t se
   const auto cuda_mean = t.mean.device_values("mean"), cuda_rstd = t.rstd.device_values("rstd");
   const auto cuda_y = t.y.device_values("y"), cuda_dx = t.dx.device_values("dx");
   const auto cuda_dgamma = t.dgamma.device_values("dgamma"), cuda_dbeta = t.dbeta.device_values("dbeta");
+  expect_same_bits(cuda_mean, mean, "mean (Cuda against Host)");
+  expect_same_bits(cuda_rstd, rstd, "rstd (Cuda against Host)");
+  expect_same_bits(cuda_y, y, "y (Cuda against Host)");
+  expect_same_bits(cuda_dx, dx, "dx (Cuda against Host)");
+  expect_same_bits(cuda_dgamma, dgamma, "dgamma (Cuda against Host)");
+  expect_same_bits(cuda_dbeta, dbeta, "dbeta (Cuda against Host)");
+  if (add != DxAdd::none) return;  // the tolerances below are for LayerNorm's own dx
 
   Compare mean_check("mean"), rstd_check("rstd"), y_check("y"), dx_check("dx"), dgamma_check("dgamma"),
       dbeta_check("dbeta");
@@ -267,8 +298,20 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardAccumulatesLikeHost) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
   for (const LayerNormCase& s : {LayerNormCase{37, 29}, LayerNormCase{4096, 1024}, LayerNormCase{64, 768, 1, 1},
-                                 LayerNormCase{20, 40000}, LayerNormCase{17000, 3}}) {
+                                 LayerNormCase{20, 40000}, LayerNormCase{17001, 3}, LayerNormCase{300, 768, 8, 8}}) {
     expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true);
+  }
+}
+
+TYPED_TEST(CudaRowKernels, LayerNormBackwardAddsDxAddLikeHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : layernorm_cases) {
+    expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, false, Cuda{}, DxAdd::apart);
+  }
+  for (const LayerNormCase& s :
+       {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1}, LayerNormCase{1000, 5000}}) {
+    expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true, Cuda{}, DxAdd::in_place);
   }
 }
 
@@ -276,7 +319,8 @@ TYPED_TEST(CudaRowKernels, LayerNormRunsTwiceToTheSameBits) {
   using T = TypeParam;
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
-  for (const LayerNormCase& s : {LayerNormCase{4096, 1024}, LayerNormCase{64, 768, 1, 0}, LayerNormCase{20, 40000}}) {
+  for (const LayerNormCase& s : {LayerNormCase{4096, 1024}, LayerNormCase{64, 768, 1, 0}, LayerNormCase{20, 40000},
+                                 LayerNormCase{8192, 1024}, LayerNormCase{1000, 5000}}) {
     SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
     std::mt19937_64 rng(seed + s.cols);
     const LayerNormData<T> d(s, rng);

@@ -160,8 +160,10 @@ void expect_forward_matches_float64(LayerNormInputs s, double offset, double spr
 struct Shape {
   std::size_t rows, cols;
 };
-// Odd widths (scalar rows), a width of whole vectors, one column, and a wide row.
-constexpr Shape layernorm_shapes[] = {{37, 29}, {37, 1000}, {37, 1}, {4, 4096}, {3, 771}};
+// Odd widths (scalar rows), a width of whole vectors, one column, a wide row, tiny and large
+// odd widths, and widths the Cuda kernels keep in registers (256 and 1024: 32 V vectors).
+constexpr Shape layernorm_shapes[] = {{37, 29}, {37, 1000}, {37, 1},   {4, 4096}, {3, 771},
+                                      {21, 3},  {3, 5000},  {70, 256}, {19, 1024}};
 
 TYPED_TEST(RowKernels, LayerNormForwardMatchesFloat64) {
   ALLOY_SEEDED(seed);
@@ -272,32 +274,39 @@ struct BackwardOutputs {
 
 template <class T, class G>
 BackwardOutputs<T, G> run_backward(const LayerNormCase<T>& k, const ForwardOutputs<T>& f, bool accumulate,
-                                   const std::vector<G>& dgamma0, const std::vector<G>& dbeta0) {
+                                   const std::vector<G>& dgamma0, const std::vector<G>& dbeta0,
+                                   const std::vector<T>* dx_add = nullptr) {
   BackwardOutputs<T, G> o{std::vector<T>(k.rows * k.cols + 1, poison<T>()), dgamma0, dbeta0};
   o.dgamma.push_back(poison<G>());
   o.dbeta.push_back(poison<G>());
   alloy::layernorm_backward(Host{}, k.dy.data(), k.x.data(), k.gamma.data(), f.mean.data(), f.rstd.data(), o.dx.data(),
-                            o.dgamma.data(), o.dbeta.data(), k.rows, k.cols, accumulate, static_cast<float*>(nullptr));
+                            o.dgamma.data(), o.dbeta.data(), k.rows, k.cols, accumulate, static_cast<float*>(nullptr),
+                            dx_add ? dx_add->data() : nullptr);
   EXPECT_EQ(bits_of(o.dx.back()), bits_of(poison<T>())) << "dx written past rows * cols";
   EXPECT_EQ(bits_of(o.dgamma.back()), bits_of(poison<G>())) << "dgamma written past cols";
   EXPECT_EQ(bits_of(o.dbeta.back()), bits_of(poison<G>())) << "dbeta written past cols";
   return o;
 }
 
+// With dx_add, dx gains one fp32 addition of an exact value: u |dx + dx_add| more (x2 spare).
 template <class T, class G = T>
-void expect_backward_matches_float64(LayerNormInputs s, bool accumulate, std::uint64_t seed) {
+void expect_backward_matches_float64(LayerNormInputs s, bool accumulate, std::uint64_t seed, bool add = false) {
   std::mt19937_64 rng(seed);
   const LayerNormCase<T> k(s, 0.5, 2.0, rng);
   SCOPED_TRACE(describe(k) + " gradients in " + alloy::numeric_traits<G>::name +
-               (accumulate ? ", accumulating" : ", overwriting"));
+               (accumulate ? ", accumulating" : ", overwriting") + (add ? ", adding dx_add" : ""));
   const auto f = run_forward(k);
   const auto dgamma0 = accumulate ? normal<G>(k.cols, 0.0, 3.0, rng) : std::vector<G>(k.cols, poison<G>());
   const auto dbeta0 = accumulate ? normal<G>(k.cols, 0.0, 3.0, rng) : std::vector<G>(k.cols, poison<G>());
-  const auto o = run_backward<T, G>(k, f, accumulate, dgamma0, dbeta0);
+  const auto dx_add = normal<T>(k.rows * k.cols, 0.0, 1.0, rng);
+  const auto o = run_backward<T, G>(k, f, accumulate, dgamma0, dbeta0, add ? &dx_add : nullptr);
   const auto g = float64_gradients(k, f);
   BoundCheck dx_check("dx"), dgamma_check("dgamma"), dbeta_check("dbeta");
   for (std::size_t i = 0; i < k.rows * k.cols; ++i) {
-    dx_check.expect(value(o.dx[i]), g.dx[i], rounded_bound<T>(g.dx[i], g.dx_error[i]), i / k.cols, i % k.cols);
+    const double extra = add ? value(dx_add[i]) : 0.0;
+    const double want = g.dx[i] + extra;
+    const double error = g.dx_error[i] + (add ? 2 * fp32_unit * (std::fabs(g.dx[i]) + std::fabs(extra)) : 0.0);
+    dx_check.expect(value(o.dx[i]), want, rounded_bound<T>(want, error), i / k.cols, i % k.cols);
   }
   for (std::size_t c = 0; c < k.cols; ++c) {
     const double old_gamma = accumulate ? value(dgamma0[c]) : 0.0, old_beta = accumulate ? value(dbeta0[c]) : 0.0;
@@ -316,6 +325,37 @@ TYPED_TEST(RowKernels, LayerNormBackwardMatchesFloat64Gradient) {
   for (Shape s : layernorm_shapes) expect_backward_matches_float64<TypeParam>({s.rows, s.cols}, false, seed + s.cols);
 }
 
+TYPED_TEST(RowKernels, LayerNormBackwardAddsDxAddBeforeRounding) {
+  ALLOY_SEEDED(seed);
+  for (Shape s : layernorm_shapes) {
+    expect_backward_matches_float64<TypeParam>({s.rows, s.cols}, false, seed + s.cols, true);
+  }
+  expect_backward_matches_float64<TypeParam, float>({37, 1000}, true, seed, true);
+}
+
+// dx_add may be dx itself: the gradient arriving on a residual's skip path, added in place.
+TYPED_TEST(RowKernels, LayerNormBackwardAddsDxAddInPlace) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  for (Shape s : {Shape{37, 29}, Shape{9, 1024}}) {
+    std::mt19937_64 rng(seed + s.cols);
+    const LayerNormCase<T> k({s.rows, s.cols}, 0.5, 2.0, rng);
+    SCOPED_TRACE(describe(k));
+    const auto f = run_forward(k);
+    const auto dx_add = normal<T>(k.rows * k.cols, 0.0, 1.0, rng);
+    const auto apart = run_backward<T, T>(k, f, false, std::vector<T>(k.cols), std::vector<T>(k.cols), &dx_add);
+    std::vector<T> dx = dx_add, dgamma(k.cols), dbeta(k.cols);
+    alloy::layernorm_backward(Host{}, k.dy.data(), k.x.data(), k.gamma.data(), f.mean.data(), f.rstd.data(), dx.data(),
+                              dgamma.data(), dbeta.data(), k.rows, k.cols, false, static_cast<float*>(nullptr),
+                              dx.data());
+    for (std::size_t i = 0; i < dx.size(); ++i) ASSERT_EQ(bits_of(dx[i]), bits_of(apart.dx[i])) << "dx " << i;
+    for (std::size_t c = 0; c < k.cols; ++c) {
+      EXPECT_EQ(bits_of(dgamma[c]), bits_of(apart.dgamma[c])) << "dgamma " << c;
+      EXPECT_EQ(bits_of(dbeta[c]), bits_of(apart.dbeta[c])) << "dbeta " << c;
+    }
+  }
+}
+
 TYPED_TEST(RowKernels, LayerNormBackwardAccumulateAddsToTheParameterGradients) {
   ALLOY_SEEDED(seed);
   for (Shape s : layernorm_shapes) expect_backward_matches_float64<TypeParam>({s.rows, s.cols}, true, seed + s.cols);
@@ -328,12 +368,14 @@ TYPED_TEST(RowKernels, LayerNormBackwardWritesFp32ParameterGradients) {
   expect_backward_matches_float64<TypeParam, float>({37, 29}, true, seed + 1);
 }
 
-// Many parts of 16 rows, each folded by several warps; 17000 rows make 1024 parts of 17 rows,
-// the last ones empty, which must contribute nothing.
+// Many parts, each folded by several warps, summed through all 8 final slots: 1000 rows make
+// 125 parts of 8 rows; 17001 rows make 256 parts of 67 rows, the last two empty, which must
+// contribute nothing; 2001 rows of 5000 columns make 251 parts of one warp, the last one row.
 TYPED_TEST(RowKernels, LayerNormBackwardOverManyPartsMatchesFloat64) {
   ALLOY_SEEDED(seed);
   expect_backward_matches_float64<TypeParam>({1000, 29}, false, seed);
-  expect_backward_matches_float64<TypeParam>({17000, 3}, true, seed + 1);
+  expect_backward_matches_float64<TypeParam>({17001, 3}, true, seed + 1);
+  expect_backward_matches_float64<TypeParam>({2001, 5000}, false, seed + 2);
 }
 
 TYPED_TEST(RowKernels, LayerNormBackwardOverwritesOrAccumulatesOnlyTheParameterGradients) {
@@ -465,12 +507,16 @@ TEST(LayerNormArguments, BadArgumentsThrowWithTheirName) {
   }
 }
 
-TEST(LayerNormScratch, BoundCoversOnePartPer16RowsUpTo1024) {
+// One part per 8 rows, up to 2048 warps' worth of parts (8 warps per part up to 1024 columns,
+// fewer beyond: as many as have 64 KiB for their sums) and at most 1024 parts.
+TEST(LayerNormScratch, BoundCoversOnePartPer8RowsUpTo2048Warps) {
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(0, 768), 0u);
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1, 768), 2u * 768);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(37, 29), 3u * 2 * 29);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(37, 29), 5u * 2 * 29);
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(4096, 1024), 256u * 2 * 1024);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1024), 1024u * 2 * 1024);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1024), 256u * 2 * 1024);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1500), 409u * 2 * 1500);   // 5 warps
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 5000), 1024u * 2 * 5000);  // 1 warp
 }
 
 // ---- softmax cross-entropy ----

@@ -4,18 +4,22 @@
 //   forward   mean = sum(x) / cols,  var = sum((x - mean)^2) / cols,  rstd = 1 / sqrt(var + eps)
 //             y = (x - mean) * rstd * gamma + beta
 //   backward  xhat = (x - mean) * rstd,  g = dy * gamma
-//             dx = rstd * (g - sum(g) / cols - xhat * sum(g * xhat) / cols)
+//             dx = rstd * (g - sum(g) / cols - xhat * sum(g * xhat) / cols)  [+ dx_add]
 //             dgamma = sum over rows of dy * xhat,  dbeta = sum over rows of dy
 // The variance takes a second pass over the row (sum of squared deviations from the mean), which
 // stays accurate when |mean| >> std, where E[x^2] - mean^2 cancels.
 //
 // Both backends run the same per-lane code (a row is split among 32 lanes, 16-byte vectors to
 // consecutive lanes) and the same fixed reduction orders, written with alloy::fp so nothing is
-// contracted. dgamma and dbeta are deterministic without atomics: row r belongs to part
-// r / ceil(rows / parts) and, within it, to warp (r - first row) % warps; each warp sums its rows
-// in order per column, each part sums its warps in order into `scratch`, and a final pass sums
-// the parts in order. parts and warps depend only on rows and cols (never on the device), so the
-// bits depend only on the inputs and on the pointers' addresses modulo 16 (which split the rows).
+// contracted. Where a row is exactly V vectors per lane (V small), the Cuda kernels keep the row
+// and the lane's column sums in registers ("lane columns"); elsewhere they walk the row with
+// for_each_run and keep column sums in shared memory. Both visit elements in the same order, so
+// the path changes speed, never bits. dgamma and dbeta are deterministic without atomics: row r
+// belongs to part r / ceil(rows / parts) and, within it, to warp (r - first row) % warps; each
+// warp sums its rows in order per column, each part sums its warps in order into `scratch`, and
+// a final pass sums part p into slot p % 8 in part order, then the 8 slots in order. parts and
+// warps depend only on rows and cols (never on the device), so the bits depend only on the
+// inputs and on the pointers' addresses modulo 16 (which split the rows).
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -27,6 +31,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -35,33 +40,63 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr std::size_t layernorm_rows_per_part = 16;  // rows each part folds before writing its partial sums
-inline constexpr std::size_t layernorm_max_parts = 1024;    // bounds scratch and the final pass's reads
+inline constexpr std::size_t layernorm_min_rows_per_part = 8;    // below it, a part's fold costs more than its rows
+inline constexpr std::size_t layernorm_max_parts = 1024;         // bounds scratch and the final pass's reads
+inline constexpr std::size_t layernorm_part_warp_budget = 2048;  // parts x warps per part: 256 parts of 8 warps
 inline constexpr std::size_t layernorm_part_shared_bytes = 64 * 1024;  // per-warp column sums of one part
 inline constexpr std::size_t layernorm_max_part_warps = 8;
+inline constexpr std::size_t layernorm_final_slots = 8;  // the final pass: part p into slot p % 8
+inline constexpr int layernorm_max_lane_columns = 32;    // forward lane columns: 32 columns of x per lane
+// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's,
+// plus 2 V L fp32 column sums) stays within 255 registers without spilling.
+inline constexpr int layernorm_max_backward_lane_vectors = 4;
 
-// Parts the backward pass splits the rows into (0 when there are none).
-inline std::size_t layernorm_parts(std::size_t rows) {
-  const std::size_t parts = (rows + layernorm_rows_per_part - 1) / layernorm_rows_per_part;
-  return parts < layernorm_max_parts ? parts : layernorm_max_parts;
+// Floats between one warp's dgamma sums and its dbeta sums in shared memory: cols rounded up to
+// whole 32-float rows of banks, so the swizzle below stays inside them.
+ALLOY_HOST_DEVICE constexpr std::size_t layernorm_sums_stride(std::size_t cols) { return (cols + 31) / 32 * 32; }
+
+// Where column c's sum lives within a warp's shared-memory sums: c with its bank (low 5 bits)
+// xor-ed by its 32-float row. A lane owning L consecutive columns of every 32 L-th vector (L = 4
+// or 8) then stores without bank conflicts (lanes 0, 4, 8... would otherwise share a bank), and
+// consecutive threads still read consecutive columns' sums from distinct banks.
+ALLOY_HOST_DEVICE constexpr std::size_t layernorm_swizzle(std::size_t c) { return c ^ ((c >> 5) & 7); }
+
+// Warps per part: as many (up to 8) as have room for their two column sums (dgamma, dbeta) in
+// 64 KiB, at least 1.
+inline std::size_t layernorm_part_warps(std::size_t cols) {
+  const std::size_t fit = layernorm_part_shared_bytes / (2 * sizeof(float) * layernorm_sums_stride(cols));
+  return fit < 1 ? 1 : (fit > layernorm_max_part_warps ? layernorm_max_part_warps : fit);
+}
+
+// Parts the backward pass splits the rows into (0 when there are none): one per 8 rows, at most
+// 2048 warps' worth (256 parts of 8 warps) and at most 1024.
+inline std::size_t layernorm_parts(std::size_t rows, std::size_t cols) {
+  const std::size_t wanted = (rows + layernorm_min_rows_per_part - 1) / layernorm_min_rows_per_part;
+  const std::size_t cap = std::min(layernorm_max_parts, layernorm_part_warp_budget / layernorm_part_warps(cols));
+  return std::min(wanted, cap);
 }
 
 inline std::size_t layernorm_rows_in_part(std::size_t rows, std::size_t parts) {
   return parts == 0 ? 0 : (rows + parts - 1) / parts;
 }
 
-// Warps per part: as many (up to 8) as have room for their two column sums (dgamma, dbeta) in
-// 64 KiB, at least 1.
-inline std::size_t layernorm_part_warps(std::size_t cols) {
-  const std::size_t fit = layernorm_part_shared_bytes / (2 * sizeof(float) * cols);
-  return fit < 1 ? 1 : (fit > layernorm_max_part_warps ? layernorm_max_part_warps : fit);
-}
-
 template <class T>
-bool layernorm_vectorizable(std::size_t cols, const T* a, const T* b, const T* c, const T* d) {
+bool layernorm_vectorizable(std::size_t cols, const T* a, const T* b, const T* c, const T* d, const T* e = nullptr) {
   // Rows one after another keep their 16-byte phase only when a row is a whole number of vectors;
   // gamma and beta (indexed by column) must then share the rows' phase.
-  return row_vector_lanes<T> > 1 && cols % row_vector_lanes<T> == 0 && same_alignment(a, b, c, d);
+  return row_vector_lanes<T> > 1 && cols % row_vector_lanes<T> == 0 && same_alignment(a, b, c, d) &&
+         (e == nullptr || same_alignment(a, e));
+}
+
+// Vectors per lane V when every row is exactly 32 V whole vectors from a 16-byte boundary and
+// V <= max_vectors; 0 otherwise. The same walk as for_each_run's (no head, no tail, vector
+// lane + 32 k at step k), so either path gives the same bits.
+template <class T>
+int layernorm_lane_vectors(std::size_t cols, const T* row0, bool vectorized, int max_vectors) {
+  constexpr std::size_t L = row_vector_lanes<T>;
+  if (!vectorized || reinterpret_cast<std::uintptr_t>(row0) % 16 != 0 || cols % (warp_size * L) != 0) return 0;
+  const std::size_t v = cols / (warp_size * L);
+  return v <= std::size_t(max_vectors) ? static_cast<int>(v) : 0;
 }
 
 template <class T>
@@ -86,6 +121,7 @@ struct LayerNormBackward {
   const float* mean;
   const float* rstd;
   T* dx;
+  const T* dx_add;  // may be null; may be dx itself
   G* dgamma;
   G* dbeta;
   std::size_t rows;
@@ -109,6 +145,67 @@ struct FloatPairSum {
   }
 };
 
+// The arithmetic on one run of W consecutive elements, shared by every path on both backends.
+
+template <int W, class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_sum(const T (&xv)[W], float& sum) {
+  ALLOY_UNROLL
+  for (int l = 0; l < W; ++l) sum = fp::add(sum, to_float(xv[l]));
+}
+
+template <int W, class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_squares(const T (&xv)[W], float mean, float& sum) {
+  ALLOY_UNROLL
+  for (int l = 0; l < W; ++l) {
+    const float d = fp::sub(to_float(xv[l]), mean);
+    sum = fp::add(sum, fp::mul(d, d));
+  }
+}
+
+template <int W, class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_normalize(const T (&xv)[W], const T (&gv)[W], const T (&bv)[W],
+                                                                 float mean, float rstd, T (&yv)[W]) {
+  ALLOY_UNROLL
+  for (int l = 0; l < W; ++l) {
+    const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
+    yv[l] = round_nearest<T>(fp::add(fp::mul(xhat, to_float(gv[l])), to_float(bv[l])));
+  }
+}
+
+// sum(g) and sum(g * xhat), g = dy * gamma, over the run, added to `sums`.
+template <int W, class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_gradient_sums(const T (&dyv)[W], const T (&xv)[W],
+                                                                     const T (&gv)[W], float mean, float rstd,
+                                                                     FloatPair& sums) {
+  ALLOY_UNROLL
+  for (int l = 0; l < W; ++l) {
+    const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
+    const float g = fp::mul(to_float(dyv[l]), to_float(gv[l]));
+    sums.first = fp::add(sums.first, g);
+    sums.second = fp::add(sums.second, fp::mul(g, xhat));
+  }
+}
+
+// The run's dx (plus addv, when `add`, before the one rounding) and its terms of the column sums:
+// dy * xhat for dgamma, dy for dbeta. mean_g = sum(g) / cols, mean_gx = sum(g xhat) / cols.
+template <int W, class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_backward(const T (&dyv)[W], const T (&xv)[W], const T (&gv)[W],
+                                                                const T (&addv)[W], bool add, float mean, float rstd,
+                                                                float mean_g, float mean_gx, T (&dxv)[W],
+                                                                float (&dgamma_terms)[W], float (&dbeta_terms)[W]) {
+  ALLOY_UNROLL
+  for (int l = 0; l < W; ++l) {
+    const float d = to_float(dyv[l]);
+    const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
+    const float g = fp::mul(d, to_float(gv[l]));
+    float dx = fp::mul(rstd, fp::sub(fp::sub(g, mean_g), fp::mul(xhat, mean_gx)));
+    if (add) dx = fp::add(dx, to_float(addv[l]));
+    dxv[l] = round_nearest<T>(dx);
+    dgamma_terms[l] = fp::mul(d, xhat);
+    dbeta_terms[l] = d;
+  }
+}
+
 // Lane `lane` of `lanes`: its share of sum(x) over the row.
 template <class T>
 ALLOY_HOST_DEVICE float layernorm_lane_sum(const RowSplit& s, const T* x, std::size_t lane, std::size_t lanes) {
@@ -117,8 +214,7 @@ ALLOY_HOST_DEVICE float layernorm_lane_sum(const RowSplit& s, const T* x, std::s
     constexpr int W = decltype(run)::value;
     T v[W];
     load_run<W>(x + first, v);
-    ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) sum = fp::add(sum, to_float(v[l]));
+    layernorm_run_sum(v, sum);
   });
   return sum;
 }
@@ -132,11 +228,7 @@ ALLOY_HOST_DEVICE float layernorm_lane_squares(const RowSplit& s, const T* x, fl
     constexpr int W = decltype(run)::value;
     T v[W];
     load_run<W>(x + first, v);
-    ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) {
-      const float d = fp::sub(to_float(v[l]), mean);
-      sum = fp::add(sum, fp::mul(d, d));
-    }
+    layernorm_run_squares(v, mean, sum);
   });
   return sum;
 }
@@ -160,11 +252,7 @@ ALLOY_HOST_DEVICE void layernorm_lane_normalize(const RowSplit& s, const T* x, c
     load_run<W>(x + first, xv);
     load_run<W>(gamma + first, gv);
     load_run<W>(beta + first, bv);
-    ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) {
-      const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
-      yv[l] = round_nearest<T>(fp::add(fp::mul(xhat, to_float(gv[l])), to_float(bv[l])));
-    }
+    layernorm_run_normalize(xv, gv, bv, mean, rstd, yv);
     store_run<W>(y + first, yv);
   });
 }
@@ -180,41 +268,46 @@ ALLOY_HOST_DEVICE FloatPair layernorm_lane_gradient_sums(const RowSplit& s, cons
     load_run<W>(dy + first, dyv);
     load_run<W>(x + first, xv);
     load_run<W>(gamma + first, gv);
-    ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) {
-      const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
-      const float g = fp::mul(to_float(dyv[l]), to_float(gv[l]));
-      sums.first = fp::add(sums.first, g);
-      sums.second = fp::add(sums.second, fp::mul(g, xhat));
-    }
+    layernorm_run_gradient_sums(dyv, xv, gv, mean, rstd, sums);
   });
   return sums;
 }
 
-// Lane `lane` of `lanes` writes its share of dx and adds dy * xhat and dy into its columns of
-// the warp's column sums (sum_dgamma, sum_dbeta). mean_g = sum(g) / cols, mean_gx = sum(g xhat) / cols.
-template <class T>
-ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, const T* x, const T* gamma, T* dx,
-                                               float mean, float rstd, float mean_g, float mean_gx, float* sum_dgamma,
-                                               float* sum_dbeta, std::size_t lane, std::size_t lanes) {
+// Lane `lane` of `lanes` writes its share of dx (plus dx_add, when not null) and hands each
+// column's dy * xhat and dy to add_to_sums(column, dgamma term, dbeta term), in its walk's order.
+template <class T, class AddToSums>
+ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, const T* x, const T* gamma,
+                                               const T* dx_add, T* dx, float mean, float rstd, float mean_g,
+                                               float mean_gx, const AddToSums& add_to_sums, std::size_t lane,
+                                               std::size_t lanes) {
   for_each_run<row_vector_lanes<T>>(s, lane, lanes, [&](auto run, std::size_t first) {
     constexpr int W = decltype(run)::value;
-    T dyv[W], xv[W], gv[W], dxv[W];
+    T dyv[W], xv[W], gv[W], addv[W], dxv[W];
+    float dgamma_terms[W], dbeta_terms[W];
     load_run<W>(dy + first, dyv);
     load_run<W>(x + first, xv);
     load_run<W>(gamma + first, gv);
-    ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) {
-      const float d = to_float(dyv[l]);
-      const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
-      const float g = fp::mul(d, to_float(gv[l]));
-      dxv[l] = round_nearest<T>(fp::mul(rstd, fp::sub(fp::sub(g, mean_g), fp::mul(xhat, mean_gx))));
-      sum_dgamma[first + l] = fp::add(sum_dgamma[first + l], fp::mul(d, xhat));
-      sum_dbeta[first + l] = fp::add(sum_dbeta[first + l], d);
-    }
+    if (dx_add) load_run<W>(dx_add + first, addv);
+    layernorm_run_backward(dyv, xv, gv, addv, dx_add != nullptr, mean, rstd, mean_g, mean_gx, dxv, dgamma_terms,
+                           dbeta_terms);
     store_run<W>(dx + first, dxv);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) add_to_sums(first + l, dgamma_terms[l], dbeta_terms[l]);
   });
 }
+
+// One warp's column sums: add(c, dgamma term, dbeta term) adds to column c's, at c or, in shared
+// memory, at layernorm_swizzle(c).
+struct LayerNormColumnSums {
+  float* dgamma;
+  float* dbeta;
+  bool swizzled;
+  ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void operator()(std::size_t c, float dgamma_term, float dbeta_term) const {
+    const std::size_t at = swizzled ? layernorm_swizzle(c) : c;
+    dgamma[at] = fp::add(dgamma[at], dgamma_term);
+    dbeta[at] = fp::add(dbeta[at], dbeta_term);
+  }
+};
 
 // The final write of a parameter gradient: the fp32 sum over parts, added to the old value
 // when accumulating.
@@ -273,11 +366,11 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   const T *dy = a.dy, *x = a.x, *gamma = a.gamma;
   const float *mean = a.mean, *rstd = a.rstd;
   const std::size_t rows = a.rows, cols = a.cols;
-  const std::size_t parts = layernorm_parts(rows);
+  const std::size_t parts = layernorm_parts(rows, cols);
   const std::size_t rows_per_part = layernorm_rows_in_part(rows, parts);
   const std::size_t warps = layernorm_part_warps(cols);
   const std::size_t span = 2 * cols;  // a warp's column sums: dgamma's, then dbeta's
-  std::vector<float> warp_sums(warps * span), total(span, 0.0f);
+  std::vector<float> warp_sums(warps * span), slots(layernorm_final_slots * span, 0.0f);
   for (std::size_t p = 0; p < parts; ++p) {
     std::fill(warp_sums.begin(), warp_sums.end(), 0.0f);
     const std::size_t first = p * rows_per_part;
@@ -292,28 +385,32 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
       }
       const FloatPair sums = butterfly_replay(lanes, FloatPairSum{});
       float* sum_dgamma = warp_sums.data() + ((r - first) % warps) * span;
-      layernorm_lane_backward(s, dyr, xr, gamma, a.dx + r * cols, mean[r], rstd[r], layernorm_mean(sums.first, cols),
-                              layernorm_mean(sums.second, cols), sum_dgamma, sum_dgamma + cols, 0, 1);
+      layernorm_lane_backward(s, dyr, xr, gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, mean[r],
+                              rstd[r], layernorm_mean(sums.first, cols), layernorm_mean(sums.second, cols),
+                              LayerNormColumnSums{sum_dgamma, sum_dgamma + cols, false}, 0, 1);
     }
+    float* slot = slots.data() + (p % layernorm_final_slots) * span;
     for (std::size_t i = 0; i < span; ++i) {
       float part = 0.0f;
       for (std::size_t w = 0; w < warps; ++w) part = fp::add(part, warp_sums[w * span + i]);
-      total[i] = fp::add(total[i], part);
+      slot[i] = fp::add(slot[i], part);
     }
   }
-  for (std::size_t c = 0; c < cols; ++c) {
-    layernorm_write_param_grad(a.dgamma[c], total[c], a.accumulate);
-    layernorm_write_param_grad(a.dbeta[c], total[cols + c], a.accumulate);
+  for (std::size_t i = 0; i < span; ++i) {
+    float total = 0.0f;
+    for (std::size_t k = 0; k < layernorm_final_slots; ++k) total = fp::add(total, slots[k * span + i]);
+    layernorm_write_param_grad(i < cols ? a.dgamma[i] : a.dbeta[i - cols], total, a.accumulate);
   }
 }
 
 #if ALLOY_HAS_CUDA_KERNELS
 
 inline constexpr int layernorm_block = cuda_block;  // forward: 8 warps, a row each
+inline constexpr int layernorm_part_block = int(layernorm_max_part_warps) * warp_size;
 
-// A warp per row. Per element: reads x three times (the second and third from cache), gamma
-// and beta (cached, shared by all rows); writes y. DRAM: sizeof(T) read + sizeof(T) written,
-// plus 8 bytes per row for mean and rstd.
+// A warp per row, walking it three times (the second and third from cache). Per element: reads
+// x, gamma and beta (cached, shared by all rows); writes y. DRAM: sizeof(T) read + sizeof(T)
+// written, plus 8 bytes per row for mean and rstd.
 template <class T>
 __global__ void __launch_bounds__(layernorm_block) layernorm_forward_kernel(LayerNormForward<T> a) {
   constexpr std::size_t warps_per_block = layernorm_block / warp_size;
@@ -333,95 +430,283 @@ __global__ void __launch_bounds__(layernorm_block) layernorm_forward_kernel(Laye
   }
 }
 
-// One block per part, a warp per row. Per element: reads dy and x twice (the second time from
-// cache) and gamma (cached); writes dx. DRAM: 2 sizeof(T) read + sizeof(T) written, plus 8 bytes
-// per row for mean and rstd and 8 bytes per column per part for the partial sums. Each warp sums
-// its rows' dy * xhat and dy per column in `sums` (shared memory, or the part's slice of
-// `partials` when one warp's sums do not fit), then the part writes the sum over its warps, in
-// warp order, to partials[part * 2 cols ...].
-template <class T, class G>
-__global__ void __launch_bounds__(layernorm_max_part_warps* warp_size)
-    layernorm_backward_rows_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials,
-                                   bool sums_in_shared) {
-  extern __shared__ float shared_sums[];
-  const std::size_t span = 2 * a.cols;
-  const std::size_t warps = blockDim.x / warp_size;
-  const std::size_t warp = threadIdx.x / warp_size;
+// The forward pass on rows of exactly 32 V vectors from a 16-byte boundary: a warp per row, which
+// it loads once (all V vectors per lane in flight together) and keeps in registers; each lane
+// keeps its columns of gamma and beta in registers for all its rows. Same DRAM traffic as above,
+// one pass over it.
+template <class T, int V>
+__global__ void __launch_bounds__(layernorm_block, 4) layernorm_forward_lane_columns_kernel(LayerNormForward<T> a) {
+  constexpr int L = row_vector_lanes<T>;
+  constexpr std::size_t warps_per_block = layernorm_block / warp_size;
   const unsigned lane = threadIdx.x % warp_size;
-  float* part_partials = partials + std::size_t(blockIdx.x) * span;
-  float* sums = sums_in_shared ? shared_sums : part_partials;  // in partials only with one warp
-  for (std::size_t i = threadIdx.x; i < warps * span; i += blockDim.x) sums[i] = 0.0f;
-  __syncthreads();
-
-  float* sum_dgamma = sums + warp * span;
-  const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
-  const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
-  for (std::size_t r = first + warp; r < end; r += warps) {
-    const T* dyr = a.dy + r * a.cols;
+  const std::size_t stride = std::size_t(gridDim.x) * warps_per_block;
+  for (std::size_t r = std::size_t(blockIdx.x) * warps_per_block + threadIdx.x / warp_size; r < a.rows; r += stride) {
     const T* xr = a.x + r * a.cols;
-    const float m = a.mean[r], rs = a.rstd[r];
-    const RowSplit s = split_row(xr, a.cols, a.vectorized);
-    const FloatPair totals =
-        warp_allreduce(layernorm_lane_gradient_sums(s, dyr, xr, a.gamma, m, rs, lane, warp_size), FloatPairSum{});
-    layernorm_lane_backward(s, dyr, xr, a.gamma, a.dx + r * a.cols, m, rs, layernorm_mean(totals.first, a.cols),
-                            layernorm_mean(totals.second, a.cols), sum_dgamma, sum_dgamma + a.cols, lane, warp_size);
+    T xv[V][L];
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) load_run<L>(xr + (lane + warp_size * k) * L, xv[k]);
+    float sum = 0.0f;
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) layernorm_run_sum(xv[k], sum);
+    const float m = layernorm_mean(warp_allreduce(sum, FloatSum{}), a.cols);
+    float squares = 0.0f;
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) layernorm_run_squares(xv[k], m, squares);
+    const float rs = layernorm_rstd(warp_allreduce(squares, FloatSum{}), a.cols, a.eps);
+    if (lane == 0) {
+      if (a.mean) a.mean[r] = m;
+      if (a.rstd) a.rstd[r] = rs;
+    }
+    T* yr = a.y + r * a.cols;
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      T gv[L], bv[L], yv[L];
+      load_run<L>(a.gamma + (lane + warp_size * k) * L, gv);
+      load_run<L>(a.beta + (lane + warp_size * k) * L, bv);
+      layernorm_run_normalize(xv[k], gv, bv, m, rs, yv);
+      store_run<L>(yr + (lane + warp_size * k) * L, yv);
+    }
   }
-  __syncthreads();
-  for (std::size_t i = threadIdx.x; i < span; i += blockDim.x) {
+}
+
+// The end of a part: the sum over its warps, in warp order, of their column sums (`sums`, each
+// warp's dgamma sums then dbeta sums, `stride` floats apart, swizzled or not) into the part's
+// 2 cols floats of partials. When sums is that slice itself (one warp, unswizzled), each thread
+// reads the element it then writes.
+__device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, std::size_t warps, std::size_t stride,
+                                                      bool swizzled, std::size_t cols, float* part_partials) {
+  for (std::size_t i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
+    const std::size_t half = i < cols ? 0 : 1, c = i - half * cols;
+    const std::size_t at = half * stride + (swizzled ? layernorm_swizzle(c) : c);
     float part = 0.0f;
-    for (std::size_t w = 0; w < warps; ++w) part = fp::add(part, sums[w * span + i]);
+    for (std::size_t w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * stride + at]);
     part_partials[i] = part;
   }
 }
 
-// A thread per parameter-gradient element: sums the parts' partial sums in part order. Per
-// element: reads 4 bytes per part (and the old value when accumulating), writes sizeof(G).
+// One block per part, a warp per row, for any row. Per element: reads dy and x twice (the
+// second time from cache), gamma (cached) and dx_add when given; writes dx. DRAM: 2 sizeof(T)
+// read (3 with dx_add) + sizeof(T) written, plus 8 bytes per row for mean and rstd and 8 bytes
+// per column per part for the partial sums. Each warp sums its rows' dy * xhat and dy per column
+// in `sums` (shared memory, swizzled, or the part's slice of `partials` when one warp's sums do
+// not fit), then the part folds its warps into partials[part * 2 cols ...].
+template <class T, class G>
+__global__ void __launch_bounds__(layernorm_part_block)
+    layernorm_backward_rows_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials,
+                                   bool sums_in_shared) {
+  extern __shared__ float shared_sums[];
+  const std::size_t cols = a.cols;
+  const std::size_t stride = sums_in_shared ? layernorm_sums_stride(cols) : cols;
+  const std::size_t warps = blockDim.x / warp_size;
+  const std::size_t warp = threadIdx.x / warp_size;
+  const unsigned lane = threadIdx.x % warp_size;
+  float* part_partials = partials + std::size_t(blockIdx.x) * 2 * cols;
+  float* sums = sums_in_shared ? shared_sums : part_partials;  // in partials only with one warp
+  for (std::size_t i = threadIdx.x; i < warps * 2 * stride; i += blockDim.x) sums[i] = 0.0f;
+  __syncthreads();
+
+  float* sum_dgamma = sums + warp * 2 * stride;
+  const LayerNormColumnSums add_to_sums{sum_dgamma, sum_dgamma + stride, sums_in_shared};
+  const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
+  const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
+  for (std::size_t r = first + warp; r < end; r += warps) {
+    const T* dyr = a.dy + r * cols;
+    const T* xr = a.x + r * cols;
+    const float m = a.mean[r], rs = a.rstd[r];
+    const RowSplit s = split_row(xr, cols, a.vectorized);
+    const FloatPair totals =
+        warp_allreduce(layernorm_lane_gradient_sums(s, dyr, xr, a.gamma, m, rs, lane, warp_size), FloatPairSum{});
+    layernorm_lane_backward(s, dyr, xr, a.gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, m, rs,
+                            layernorm_mean(totals.first, cols), layernorm_mean(totals.second, cols), add_to_sums, lane,
+                            warp_size);
+  }
+  __syncthreads();
+  layernorm_fold_part(sums, warps, stride, sums_in_shared, cols, part_partials);
+}
+
+// One block of 8 warps per part, on rows of exactly 32 V vectors from a 16-byte boundary. A warp
+// per row: it loads dy and x (and dx_add) once, all V vectors per lane in flight together, keeps
+// them in registers for both passes, and each lane keeps its V L columns of gamma and of the
+// column sums in registers across its rows. At the end each warp stores its sums to shared
+// memory (swizzled: no bank conflicts) and the part folds them as above. DRAM: as above, with
+// one pass over dy and x instead of two.
+template <class T, class G, int V, bool Add>
+__global__ void __launch_bounds__(layernorm_part_block)
+    layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
+  constexpr int L = row_vector_lanes<T>;
+  extern __shared__ float shared_sums[];
+  const std::size_t cols = a.cols;  // a multiple of 32 L, so its own sums stride
+  const std::size_t warps = blockDim.x / warp_size;
+  const std::size_t warp = threadIdx.x / warp_size;
+  const unsigned lane = threadIdx.x % warp_size;
+
+  float sum_dgamma[V][L], sum_dbeta[V][L];
+  ALLOY_UNROLL
+  for (int k = 0; k < V; ++k) {
+    ALLOY_UNROLL
+    for (int l = 0; l < L; ++l) sum_dgamma[k][l] = sum_dbeta[k][l] = 0.0f;
+  }
+
+  const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
+  const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
+  // dy and x of the warp's next row are loaded while it works on this one: 2 rows in flight.
+  T next_dy[V][L], next_x[V][L];
+  const auto load_row = [&](std::size_t r) {
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.dy + r * cols + (lane + warp_size * k) * L, next_dy[k]);
+      load_run<L>(a.x + r * cols + (lane + warp_size * k) * L, next_x[k]);
+    }
+  };
+  if (first + warp < end) load_row(first + warp);
+  for (std::size_t r = first + warp; r < end; r += warps) {
+    const std::size_t row = r * cols;
+    const float m = a.mean[r], rs = a.rstd[r];
+    T dyv[V][L], xv[V][L], gv[V][L], addv[V][L];
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      ALLOY_UNROLL
+      for (int l = 0; l < L; ++l) dyv[k][l] = next_dy[k][l], xv[k][l] = next_x[k][l];
+    }
+    if (r + warps < end) load_row(r + warps);
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.gamma + (lane + warp_size * k) * L, gv[k]);
+      if constexpr (Add) load_run<L>(a.dx_add + row + (lane + warp_size * k) * L, addv[k]);
+    }
+    FloatPair lane_sums{0.0f, 0.0f};
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) layernorm_run_gradient_sums(dyv[k], xv[k], gv[k], m, rs, lane_sums);
+    const FloatPair totals = warp_allreduce(lane_sums, FloatPairSum{});
+    const float mean_g = layernorm_mean(totals.first, cols), mean_gx = layernorm_mean(totals.second, cols);
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      T dxv[L];
+      float dgamma_terms[L], dbeta_terms[L];
+      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
+                             dbeta_terms);
+      store_run<L>(a.dx + row + (lane + warp_size * k) * L, dxv);
+      ALLOY_UNROLL
+      for (int l = 0; l < L; ++l) {
+        sum_dgamma[k][l] = fp::add(sum_dgamma[k][l], dgamma_terms[l]);
+        sum_dbeta[k][l] = fp::add(sum_dbeta[k][l], dbeta_terms[l]);
+      }
+    }
+  }
+
+  float* mine = shared_sums + warp * 2 * cols;
+  ALLOY_UNROLL
+  for (int k = 0; k < V; ++k) {
+    ALLOY_UNROLL
+    for (int l = 0; l < L; ++l) {
+      const std::size_t c = layernorm_swizzle((lane + warp_size * k) * L + l);
+      mine[c] = sum_dgamma[k][l];
+      mine[cols + c] = sum_dbeta[k][l];
+    }
+  }
+  __syncthreads();
+  layernorm_fold_part(shared_sums, warps, cols, true, cols, partials + std::size_t(blockIdx.x) * 2 * cols);
+}
+
+// 32 parameter-gradient elements per block: warp w sums parts w, w + 8, w + 16... in order (its
+// slot), then warp 0 sums the 8 slots in order and writes. Per element: reads 4 bytes per part
+// (and the old value when accumulating), writes sizeof(G).
 template <class G>
-__global__ void __launch_bounds__(cuda_block)
+__global__ void __launch_bounds__(layernorm_final_slots* warp_size)
     layernorm_param_grad_kernel(const float* partials, std::size_t parts, std::size_t cols, G* dgamma, G* dbeta,
                                 bool accumulate) {
+  __shared__ float slots[layernorm_final_slots][warp_size];
   const std::size_t span = 2 * cols;
-  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < span; i += stride) {
-    float sum = 0.0f;
-    for (std::size_t p = 0; p < parts; ++p) sum = fp::add(sum, partials[p * span + i]);
-    layernorm_write_param_grad(i < cols ? dgamma[i] : dbeta[i - cols], sum, accumulate);
+  const unsigned lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
+  const std::size_t i = std::size_t(blockIdx.x) * warp_size + lane;
+  float sum = 0.0f;
+  if (i < span) {
+#pragma unroll 4
+    for (std::size_t p = warp; p < parts; p += layernorm_final_slots) sum = fp::add(sum, partials[p * span + i]);
+  }
+  slots[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && i < span) {
+    float total = 0.0f;
+    ALLOY_UNROLL
+    for (std::size_t k = 0; k < layernorm_final_slots; ++k) total = fp::add(total, slots[k][lane]);
+    layernorm_write_param_grad(i < cols ? dgamma[i] : dbeta[i - cols], total, accumulate);
+  }
+}
+
+// Calls launch(integral_constant<int, V>) for V = vectors, 1 <= vectors <= Max.
+template <int Max, int V = 1, class Launch>
+void layernorm_dispatch_lane_vectors(int vectors, Launch&& launch) {
+  if constexpr (V <= Max) {
+    if (vectors == V) return launch(std::integral_constant<int, V>{});
+    layernorm_dispatch_lane_vectors<Max, V + 1>(vectors, launch);
   }
 }
 
 template <class T>
 void layernorm_forward_on(Cuda be, const LayerNormForward<T>& a) {
   if (a.rows == 0) return;
-  layernorm_forward_kernel<<<grid_for(a.rows, layernorm_block / warp_size), layernorm_block, 0, be.stream>>>(a);
+  const int grid = grid_for(a.rows, layernorm_block / warp_size);
+  constexpr int max_vectors = layernorm_max_lane_columns / row_vector_lanes<T>;
+  const int vectors = layernorm_lane_vectors(a.cols, a.x, a.vectorized, max_vectors);
+  if (vectors > 0) {
+    layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
+      layernorm_forward_lane_columns_kernel<T, decltype(v)::value><<<grid, layernorm_block, 0, be.stream>>>(a);
+    });
+  } else {
+    layernorm_forward_kernel<<<grid, layernorm_block, 0, be.stream>>>(a);
+  }
   ALLOY_CUDA_CHECK_LAUNCH();
+}
+
+template <class Kernel>
+void layernorm_allow_shared_bytes(Kernel* kernel, std::size_t shared_bytes) {
+  if (shared_bytes > 48 * 1024) {
+    ALLOY_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  }
 }
 
 template <class T, class G>
 void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scratch) {
   const std::size_t rows = a.rows, cols = a.cols;
-  const std::size_t parts = layernorm_parts(rows);
+  const std::size_t parts = layernorm_parts(rows, cols);
   if (parts > 0) {
     const std::size_t warps = layernorm_part_warps(cols);
-    std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
-    // Devices before sm_70 cannot give 64 KiB; a single warp's sums that do not fit stay in
-    // scratch (L2). Either way the order of additions, hence the bits, is the same.
-    const bool sums_in_shared = shared_bytes <= current_device_max_shared_bytes_per_block();
-    if (!sums_in_shared && warps > 1) {
-      throw error("layernorm_backward: this device has too little shared memory per block for " +
-                  std::to_string(warps) + " warps' column sums (" + std::to_string(shared_bytes) + " bytes)");
+    const std::size_t rows_per_part = layernorm_rows_in_part(rows, parts);
+    constexpr int max_vectors = layernorm_max_backward_lane_vectors;
+    const int vectors = layernorm_lane_vectors(cols, a.x, a.vectorized, max_vectors);
+    if (vectors > 0) {
+      // cols <= 32 lanes x 32 columns: 8 warps' sums fit in 64 KiB.
+      const std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
+      layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
+        constexpr int V = decltype(v)::value;
+        auto* kernel = a.dx_add ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
+                                : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
+        layernorm_allow_shared_bytes(kernel, shared_bytes);
+        kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
+            a, rows_per_part, scratch);
+      });
+    } else {
+      std::size_t shared_bytes = warps * 2 * layernorm_sums_stride(cols) * sizeof(float);
+      // A single warp's sums too large for a block's shared memory stay in scratch (L2). Either
+      // way the order of additions, hence the bits, is the same.
+      const bool sums_in_shared = shared_bytes <= current_device_max_shared_bytes_per_block();
+      if (!sums_in_shared && warps > 1) {
+        throw error("layernorm_backward: this device has too little shared memory per block for " +
+                    std::to_string(warps) + " warps' column sums (" + std::to_string(shared_bytes) + " bytes)");
+      }
+      if (!sums_in_shared) shared_bytes = 0;
+      auto* kernel = &layernorm_backward_rows_kernel<T, G>;
+      layernorm_allow_shared_bytes(kernel, shared_bytes);
+      kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
+          a, rows_per_part, scratch, sums_in_shared);
     }
-    if (!sums_in_shared) shared_bytes = 0;
-    auto* kernel = &layernorm_backward_rows_kernel<T, G>;
-    if (shared_bytes > 48 * 1024) {
-      ALLOY_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
-    }
-    kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
-        a, layernorm_rows_in_part(rows, parts), scratch, sums_in_shared);
     ALLOY_CUDA_CHECK_LAUNCH();
   }
-  layernorm_param_grad_kernel<<<grid_for(2 * cols), cuda_block, 0, be.stream>>>(scratch, parts, cols, a.dgamma, a.dbeta,
-                                                                                a.accumulate);
+  const std::size_t blocks = (2 * cols + warp_size - 1) / warp_size;
+  layernorm_param_grad_kernel<<<static_cast<unsigned>(blocks), layernorm_final_slots * warp_size, 0, be.stream>>>(
+      scratch, parts, cols, a.dgamma, a.dbeta, a.accumulate);
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
@@ -432,7 +717,7 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
 // Floats of `scratch` layernorm_backward needs for these sizes, on either backend (the Host
 // backend does not use it and accepts null).
 inline std::size_t layernorm_backward_scratch_floats(std::size_t rows, std::size_t cols) {
-  return detail::layernorm_parts(rows) * 2 * cols;
+  return detail::layernorm_parts(rows, cols) * 2 * cols;
 }
 
 // y = LayerNorm(x) over each of `rows` rows of `cols` elements; mean and rstd (rows floats each,
@@ -452,19 +737,33 @@ void layernorm_forward(B be, const T* x, const T* gamma, const T* beta, T* y, fl
 
 // dx (overwritten), dgamma and dbeta (overwritten, or added to when `accumulate`) from dy and the
 // forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
-// fp16). On Cuda `scratch` is device memory of layernorm_backward_scratch_floats(rows, cols)
-// floats, and the call is ordered on be.stream; the Host backend ignores it.
+// fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
+// + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
+// LayerNorm passes the gradient arriving on the skip path. On Cuda `scratch` is device memory of
+// layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
+// Host backend ignores it.
 template <class T, class G, class B>
 void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
-                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch) {
+                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
+                        std::type_identity_t<const T*> dx_add = nullptr) {
   static_assert(backend<B>, "layernorm_backward: B must be alloy::Host or alloy::Cuda");
   static_assert(detail::row_dtype<T>, "layernorm_backward<T, G>: T must be float, bf16 or fp16");
   static_assert(detail::row_dtype<G>, "layernorm_backward<T, G>: G must be float, bf16 or fp16");
   static_assert(detail::has_row_kernels<B>,
                 "layernorm_backward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
-  const detail::LayerNormBackward<T, G> a{
-      dy,     x,     gamma, mean, rstd,       dx,
-      dgamma, dbeta, rows,  cols, accumulate, detail::layernorm_vectorizable(cols, dy, x, gamma, dx)};
+  const detail::LayerNormBackward<T, G> a{dy,
+                                          x,
+                                          gamma,
+                                          mean,
+                                          rstd,
+                                          dx,
+                                          dx_add,
+                                          dgamma,
+                                          dbeta,
+                                          rows,
+                                          cols,
+                                          accumulate,
+                                          detail::layernorm_vectorizable(cols, dy, x, gamma, dx, dx_add)};
   detail::check_layernorm_backward(a, scratch, std::is_same_v<B, Host> ? false : rows > 0);
   detail::layernorm_backward_on(be, a, scratch);
 }
