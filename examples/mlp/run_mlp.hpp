@@ -132,11 +132,16 @@ int run(const Options& o, Shape shape) {
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";
   alloy::StepReport first{}, last{};
   double seconds = 0;
+  std::size_t first_peak = 0;
   const auto start_step = trainer.steps();
   while (trainer.steps() < static_cast<std::uint64_t>(o.steps)) {
     last = trainer.step(next);
     if (last.step == start_step + 1) first = last;
     if (last.step > start_step + 2) seconds += last.seconds;  // after warm-up
+    if (last.step == start_step + 2) {
+      first_peak = trainer.memory().backend.peak_bytes;
+      trainer.reset_memory_peak();  // the steady-state peak, as PyTorch's after its warm-up
+    }
     csv << last.step << ',' << last.loss << ',' << last.grad_norm << ',' << last.lr << ',' << last.loss_scale << ','
         << last.skipped << '\n';
     if (last.step % 20 == 0 || last.step == start_step + 1 || last.step == static_cast<std::uint64_t>(o.steps)) {
@@ -161,6 +166,11 @@ int run(const Options& o, Shape shape) {
   std::printf("loss %.5f -> %.5f; %.3f ms per step, %.0f rows/s; activations peak %.1f MiB, all memory peak %.1f MiB\n",
               first.loss, last.loss, 1e3 * seconds / timed, double(shape.rows) * o.accumulate * timed / seconds,
               mem.activations_peak / 1048576.0, mem.backend.peak_bytes / 1048576.0);
+  std::printf("memory: arenas %.1f MiB (%.2f bytes/param), activation workspace %.1f MiB, input slots %.1f MiB; "
+              "peak in the first two steps %.1f MiB\n",
+              mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
+              mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
+              std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
   std::printf("loss curve: %s\n", o.csv.c_str());
   return last.loss < first.loss ? 0 : 1;
 }

@@ -54,10 +54,10 @@ class Workspace {
   // Forgets every allocation (call between micro-batches).
   void reset() {
     if (blocks_.size() > 1) {
-      std::size_t total = 0;
-      for (const auto& b : blocks_) total += b.size();
+      // The peak is exact (the blocks' sum is more: what growth skipped at their ends and the
+      // doubling), and a micro-batch that allocates the same sequence again fits it exactly.
       blocks_.clear();
-      blocks_.emplace_back(std::max(peak_, total), be_, tracker_);
+      blocks_.emplace_back(peak_, be_, tracker_);
     }
     top_ = {};
   }

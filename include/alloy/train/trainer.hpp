@@ -306,6 +306,11 @@ class Trainer {
     return m;
   }
 
+  // Starts a new window for memory().backend.peak_bytes at what the trainer holds now (after
+  // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
+  // growth, merged into one block at the next micro-batch).
+  void reset_memory_peak() noexcept { tracker_->reset_peak(); }
+
   M& model() noexcept { return model_; }
   store_type& store() noexcept { return store_; }
   step_type& optimizer() noexcept { return step_; }
