@@ -39,8 +39,8 @@ template <class T>
 struct BlockRun {
   std::vector<T> y, dx;
   std::map<std::string, std::vector<T>> grads;  // per parameter name
-  std::size_t bytes_after_forward = 0;           // workspace in use once forward returned
-  std::size_t peak_bytes = 0;                    // workspace peak over forward and backward
+  std::size_t bytes_after_forward = 0;          // workspace in use once forward returned
+  std::size_t peak_bytes = 0;                   // workspace peak over forward and backward
 };
 
 // Runs `block` forward on x (rows x width) and backward from dy, with the parameters the store
@@ -48,7 +48,8 @@ struct BlockRun {
 // (an arena of the same layout). With `accumulate`, gradients are added to `grads_before`.
 template <class P, class B, class Block, class T = storage_t<typename P::compute_type>>
 BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T>& dy, std::size_t rows,
-                      std::size_t width, std::uint64_t seed, const std::type_identity_t<std::vector<T>>* params = nullptr,
+                      std::size_t width, std::uint64_t seed,
+                      const std::type_identity_t<std::vector<T>>* params = nullptr,
                       const std::type_identity_t<std::vector<T>>* grads_before = nullptr) {
   ParamRegistry r;
   block.declare(r);
@@ -83,7 +84,8 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   const auto grads = to_host(store.grads_arena());
   for (std::size_t t = 0; t < r.size(); ++t) {
     const auto& entry = store.layout()[t];
-    run.grads[r.specs()[t].name] = std::vector<T>(grads.begin() + entry.offset, grads.begin() + entry.offset + entry.numel);
+    run.grads[r.specs()[t].name] =
+        std::vector<T>(grads.begin() + entry.offset, grads.begin() + entry.offset + entry.numel);
   }
   return run;
 }

@@ -23,8 +23,8 @@ using SeparateBlock =
     nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, PassThrough, nn::Gelu, nn::Linear, PassThrough>>;
 
 FusedBlock fused_block(std::size_t d = width, std::size_t h = hidden) {
-  return FusedBlock(nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), nn::Gelu{},
-                                   nn::Linear("down", h, d)));
+  return FusedBlock(
+      nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), nn::Gelu{}, nn::Linear("down", h, d)));
 }
 SeparateBlock separate_block(std::size_t d = width, std::size_t h = hidden) {
   return SeparateBlock(nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), PassThrough{}, nn::Gelu{},
@@ -105,8 +105,8 @@ TEST(FusedMlp, AHiddenWidthNotAMultipleOf8RunsTheLayersOneByOne) {
   ALLOY_SEEDED(seed);
   using Fused = nn::Sequential<nn::Linear, nn::Gelu, nn::Linear>;
   using Separate = nn::Sequential<nn::Linear, PassThrough, nn::Gelu, nn::Linear>;
-  const auto fused = run<Precision<bf16>>(Fused(nn::Linear("up", width, 13), nn::Gelu{}, nn::Linear("down", 13, 7)),
-                                          seed);
+  const auto fused =
+      run<Precision<bf16>>(Fused(nn::Linear("up", width, 13), nn::Gelu{}, nn::Linear("down", 13, 7)), seed);
   const auto separate = run<Precision<bf16>>(
       Separate(nn::Linear("up", width, 13), PassThrough{}, nn::Gelu{}, nn::Linear("down", 13, 7)), seed);
   test::expect_same_bits(fused, separate);
@@ -137,10 +137,9 @@ TEST(FusedMlp, GeluWithoutALinearBeforeItRunsOnItsOwn) {
   using TwiceApart = nn::Sequential<nn::Linear, PassThrough, nn::Gelu, nn::Linear, PassThrough, nn::Gelu>;
   const auto twice =
       run<Precision<fp32>>(Twice(nn::Linear("a", width, 16), nn::Gelu{}, nn::Linear("b", 16, 8), nn::Gelu{}), seed);
-  const auto twice_apart = run<Precision<fp32>>(
-      TwiceApart(nn::Linear("a", width, 16), PassThrough{}, nn::Gelu{}, nn::Linear("b", 16, 8), PassThrough{},
-                 nn::Gelu{}),
-      seed);
+  const auto twice_apart = run<Precision<fp32>>(TwiceApart(nn::Linear("a", width, 16), PassThrough{}, nn::Gelu{},
+                                                           nn::Linear("b", 16, 8), PassThrough{}, nn::Gelu{}),
+                                                seed);
   test::expect_runs_agree(twice, twice_apart, 1e-5);
 }
 
@@ -151,7 +150,8 @@ TEST(FusedMlp, ResidualOfALinearAddsInTheProduct) {
   const auto fused = run<Precision<fp32>>(nn::Residual<nn::Linear>(nn::Linear("l", width, width)), seed);
   const auto apart = run<Precision<fp32>>(Apart(nn::Sequential(nn::Linear("l", width, width), PassThrough{})), seed);
   test::expect_runs_agree(fused, apart, 1e-6);
-  EXPECT_NE(test::bits(fused.y), test::bits(apart.y)) << "one rounding instead of two: equal bits mean the add did not fuse";
+  EXPECT_NE(test::bits(fused.y), test::bits(apart.y))
+      << "one rounding instead of two: equal bits mean the add did not fuse";
 }
 
 TEST(FusedMlp, AResidualBlockThatChangesTheWidthIsNamed) {
@@ -165,7 +165,7 @@ TEST(FusedMlp, AResidualBlockThatChangesTheWidthIsNamed) {
 TEST(FusedMlp, TheFusedGelusOwnBackwardIsRefused) {
   using Store = ParamStore<Precision<fp32>, SGD<>, Host>;
   nn::Sequential<nn::Linear, nn::Gelu, nn::Linear> block(nn::Linear("up", width, hidden), nn::Gelu{},
-                                                        nn::Linear("down", hidden, width));
+                                                         nn::Linear("down", hidden, width));
   ParamRegistry r;
   block.declare(r);
   Store store(r, Host{}, 1);
@@ -174,8 +174,9 @@ TEST(FusedMlp, TheFusedGelusOwnBackwardIsRefused) {
   Context<Store> ctx(store, ws, 1.0f, false, 0, 1, 0, 0, &res);
   std::vector<float> x(rows * width, 0.5f);
   const auto y = block.forward(ctx, Activation<const float>(x.data(), rows, width));
-  EXPECT_MENTIONS(test::message_of([&] { block.layer<1>().backward(ctx, Activation<const float>(y.data, rows, hidden)); }),
-                  "Gelu: its forward was fused with the Linears around it");
+  EXPECT_MENTIONS(
+      test::message_of([&] { block.layer<1>().backward(ctx, Activation<const float>(y.data, rows, hidden)); }),
+      "Gelu: its forward was fused with the Linears around it");
 }
 
 }  // namespace

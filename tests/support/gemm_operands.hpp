@@ -22,7 +22,7 @@ struct GemmCase {
   float beta = 0.0f;
   Epilogue epilogue = Epilogue::none;
   bool keep_pre_activation = false;
-  bool packed = false;        // leading dimensions equal to the row lengths; otherwise padded
+  bool packed = false;         // leading dimensions equal to the row lengths; otherwise padded
   bool separate_c_in = false;  // beta scales a matrix c_in apart from C (C starts poisoned)
 
   // Elements of bias_grad the epilogue writes.
@@ -40,10 +40,9 @@ inline std::string describe(const GemmCase& c) {
          (c.packed ? " packed" : " padded") + (c.separate_c_in ? " with c_in" : "");
 }
 
-inline constexpr Epilogue every_epilogue[] = {Epilogue::none,      Epilogue::bias,
-                                              Epilogue::gelu_tanh, Epilogue::bias_gelu_tanh,
-                                              Epilogue::bias_grad, Epilogue::dgelu_tanh,
-                                              Epilogue::dgelu_tanh_bias_grad};
+inline constexpr Epilogue every_epilogue[] = {
+    Epilogue::none,      Epilogue::bias,       Epilogue::gelu_tanh,           Epilogue::bias_gelu_tanh,
+    Epilogue::bias_grad, Epilogue::dgelu_tanh, Epilogue::dgelu_tanh_bias_grad};
 
 template <class Compute>
 struct GemmOperands {

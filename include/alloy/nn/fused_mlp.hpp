@@ -21,9 +21,13 @@
 // forward kernel (42 us measured per block, at about 3 TB/s), in exchange for that memory at the
 // step's peak. The workspace is a stack, so h can be released only if nothing that must outlive
 // it sits above it: forward allocates the block's output y before h, runs both products, and
-// releases h; backward allocates dPre, then h, computes dWd, and releases h. For bf16 and fp16
-// the recomputed h is gelu(pre rounded to 16 bits), where forward's product used gelu of the fp32
-// pre-activation: dWd sees inputs within one rounding of forward's (for fp32 they are the same).
+// releases h; backward allocates dPre, then h, computes dWd, and releases h. Measured on Host
+// at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual
+// MLP's activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h
+// released, 512 MiB; GELU's backward output, 512 MiB; the down layer's output apart from the
+// residual sum, 128 MiB). For bf16 and fp16 the recomputed h is gelu(pre rounded to 16 bits),
+// where forward's product used gelu of the fp32 pre-activation: dWd sees inputs within one
+// rounding of forward's (for fp32 they are the same).
 // Recomputation is deterministic, so re-running forward (Checkpointing) gives the same bits.
 //
 // cuBLASLt needs the pre-activation's leading dimension to be a multiple of 8; it is stored

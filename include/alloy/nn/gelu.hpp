@@ -45,8 +45,9 @@ class Gelu {
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
     using T = detail::value_t<Ctx>;
     if (backward_in_next_product_) {
-      throw error("Gelu: its forward was fused with the Linears around it, so the next Linear's product computes "
-                  "its backward; run the backward through the same Sequential");
+      throw error(
+          "Gelu: its forward was fused with the Linears around it, so the next Linear's product computes "
+          "its backward; run the backward through the same Sequential");
     }
     auto dx = detail::allocate(ctx, dy.rows, dy.cols);
     for_each_n(ctx.backend(), dy.size(), detail::GeluBackward<T>{}, in(static_cast<const T*>(x_)), in(dy.data),

@@ -123,7 +123,7 @@ class Linear {
                        .ldb = in_,
                        .c = dx.data,
                        .ldc = in_,
-                       .epilogue = !gelu                  ? Epilogue::none
+                       .epilogue = !gelu                ? Epilogue::none
                                    : previous_bias_grad ? Epilogue::dgelu_tanh_bias_grad
                                                         : Epilogue::dgelu_tanh,
                        .bias_grad = previous_bias_grad,

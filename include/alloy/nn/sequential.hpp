@@ -50,10 +50,10 @@ class Sequential {
 
   // forward, with `residual` added to the output by the last layer's product (Residual's fusion).
   template <class Ctx>
-  requires(sizeof...(Layers) > 0 && std::is_same_v<std::tuple_element_t<sizeof...(Layers) - 1, std::tuple<Layers...>>,
-                                                    Linear>) Activation<detail::value_t<Ctx>>
-  forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
-                 Activation<const detail::value_t<Ctx>> residual) {
+  requires(sizeof...(Layers) > 0 &&
+           std::is_same_v<std::tuple_element_t<sizeof...(Layers) - 1, std::tuple<Layers...>>, Linear>)
+      Activation<detail::value_t<Ctx>> forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
+                                                      Activation<const detail::value_t<Ctx>> residual) {
     return forward_from<0>(ctx, x, residual);
   }
 

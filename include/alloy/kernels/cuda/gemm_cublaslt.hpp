@@ -314,9 +314,8 @@ void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
   detail::set_epilogue_pointers(plan.desc.get(), g);
   handle.enter_stream(be.stream);
   ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan.desc.get(), &g.alpha, g.b, plan.lt_a.get(), g.a,
-                                    plan.lt_b.get(), &g.beta, detail::c_in_of(g), plan.lt_c.get(), g.c,
-                                    plan.lt_c.get(), &plan.algo,
-                                    handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
+                                    plan.lt_b.get(), &g.beta, detail::c_in_of(g), plan.lt_c.get(), g.c, plan.lt_c.get(),
+                                    &plan.algo, handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
 }
 
 }  // namespace alloy
