@@ -90,12 +90,15 @@ void expect_host_matches_float64(const GemmCase& s, std::uint64_t seed) {
   SCOPED_TRACE(describe(s));
   std::mt19937_64 rng(seed);
   GemmOperands<Compute> x(s, rng);
-  const auto c_before = x.c;
+  const auto c_before = s.separate_c_in ? x.c_in : x.c;
+  const auto pre_before = x.pre_activation;
   alloy::gemm(Host{}, x.args());
 
   const double out_unit = output_rounding<T>();
   const double subnormal_floor = std::is_same_v<T, fp16> ? std::ldexp(1.0, -25) : 0.0;
   BoundCheck c_check("C"), pre_check("pre_activation"), bias_grad_check("bias_grad");
+  // The dGELU bias gradient: column sums of the float64 C values and of their error bounds.
+  std::vector<double> column_sum(s.n, 0.0), column_error(s.n, 0.0), column_magnitude(s.n, 0.0);
   for (std::size_t i = 0; i < s.m; ++i) {
     for (std::size_t j = 0; j < s.n; ++j) {
       double sum = 0, magnitude = 0;
@@ -123,8 +126,24 @@ void expect_host_matches_float64(const GemmCase& s, std::uint64_t seed) {
         expected = gelu_tanh_exact(v);
         error = 1.13 * v_error + std::ldexp(std::fabs(v), -20);  // |gelu'| <= 1.13; float tanh
       }
+      if (s.reads_pre_activation()) {
+        const double pre = alloy::to_float(x.pre_activation[i * x.ldp + j]);
+        expected = v * gelu_tanh_derivative_exact(pre);
+        // |gelu'| <= 1.13, and the float derivative's bound (GeluTanhBackward's test).
+        error = 1.13 * v_error + std::fabs(v) * std::ldexp(1.0 + std::fabs(pre) * (1.0 + 0.14 * pre * pre), -20);
+        column_sum[j] += expected;
+        column_error[j] += error;
+        column_magnitude[j] += std::fabs(expected);
+      }
       c_check.expect(alloy::to_float(x.c[i * x.ldc + j]), expected,
                      error + out_unit * (std::fabs(expected) + error) + subnormal_floor, i, j);
+    }
+  }
+  if (s.epilogue == Epilogue::dgelu_tanh_bias_grad) {
+    for (std::size_t j = 0; j < s.n; ++j) {
+      const double error = column_error[j] + double(s.m + 1) * fp32_unit * column_magnitude[j];
+      bias_grad_check.expect(alloy::to_float(x.bias_grad[j]), column_sum[j],
+                             error + out_unit * (std::fabs(column_sum[j]) + error) + subnormal_floor, 0, j);
     }
   }
   if (s.epilogue == Epilogue::bias_grad) {
@@ -137,18 +156,24 @@ void expect_host_matches_float64(const GemmCase& s, std::uint64_t seed) {
     }
   }
 
-  // Nothing outside the m x n block (or the m bias-gradient elements) was touched.
+  // Nothing outside the m x n block (or the bias-gradient elements) was touched, and inputs
+  // (c_in, a pre_activation the epilogue reads) were not written.
   for (std::size_t i = 0; i < s.m; ++i) {
     for (std::size_t j = s.n; j < x.ldc; ++j) ASSERT_EQ(bits_of(x.c[i * x.ldc + j]), bits_of(poison<T>()));
     for (std::size_t j = s.keep_pre_activation ? s.n : 0; j < x.ldp; ++j) {
-      ASSERT_EQ(bits_of(x.pre_activation[i * x.ldp + j]), bits_of(poison<T>()))
+      ASSERT_EQ(bits_of(x.pre_activation[i * x.ldp + j]), bits_of(pre_before[i * x.ldp + j]))
           << "pre_activation (" << i << ", " << j << ")";
     }
+    if (s.separate_c_in) {
+      for (std::size_t j = 0; j < x.ldc; ++j) {
+        ASSERT_EQ(bits_of(x.c_in[i * x.ldc + j]), bits_of(c_before[i * x.ldc + j])) << "c_in written";
+      }
+    }
   }
-  if (s.epilogue != Epilogue::bias_grad) {
+  if (!alloy::detail::writes_bias_grad(s.epilogue)) {
     ASSERT_EQ(bits_of(x.bias_grad[0]), bits_of(poison<T>())) << "bias_grad written by " << describe(s);
   }
-  ASSERT_EQ(bits_of(x.bias_grad[s.m]), bits_of(poison<T>())) << "bias_grad written past m";
+  ASSERT_EQ(bits_of(x.bias_grad[s.bias_grad_length()]), bits_of(poison<T>())) << "bias_grad written past its end";
 }
 
 struct Size {
@@ -188,6 +213,7 @@ TYPED_TEST(HostGemm, EveryEpilogueMatchesFloat64) {
         if (e == Epilogue::bias_grad && ta == no) continue;  // refused by the argument check
         for (Transpose tb : {no, yes}) {
           for (float beta : {0.0f, 1.0f}) {
+            if (beta != 0.0f && alloy::detail::applies_gelu_gradient(e)) continue;  // refused: needs beta = 0
             expect_host_matches_float64<TypeParam>({.transa = ta,
                                                     .transb = tb,
                                                     .m = 37,
@@ -201,6 +227,54 @@ TYPED_TEST(HostGemm, EveryEpilogueMatchesFloat64) {
         }
       }
     }
+  }
+}
+
+// beta scales c_in, a matrix apart from C: the residual add of y = x + (h W^T + b), in one product.
+TYPED_TEST(HostGemm, SeparateCInMatchesFloat64AndIsLeftAsItWas) {
+  ALLOY_SEEDED(seed);
+  for (Epilogue e : {Epilogue::none, Epilogue::bias, Epilogue::bias_gelu_tanh}) {
+    for (Transpose tb : {no, yes}) {
+      for (float alpha : {1.0f, -0.5f}) {
+        for (float beta : {1.0f, 0.75f}) {
+          expect_host_matches_float64<TypeParam>({.transb = tb,
+                                                  .m = 37,
+                                                  .n = 29,
+                                                  .k = 53,
+                                                  .alpha = alpha,
+                                                  .beta = beta,
+                                                  .epilogue = e,
+                                                  .separate_c_in = true},
+                                                 seed);
+        }
+      }
+    }
+  }
+}
+
+// c_in may be c itself: every element is read before it is written, as with c_in left null.
+TYPED_TEST(HostGemm, CInEqualToCIsTheInPlaceProduct) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  GemmOperands<TypeParam> x({.transb = yes, .m = 21, .n = 19, .k = 17, .beta = 1.0f, .epilogue = Epilogue::bias}, rng);
+  auto in_place = x;
+  alloy::gemm(Host{}, x.args());
+  auto g = in_place.args();
+  g.c_in = g.c;
+  alloy::gemm(Host{}, g);
+  for (std::size_t e = 0; e < x.c.size(); ++e) ASSERT_EQ(bits_of(in_place.c[e]), bits_of(x.c[e])) << "element " << e;
+}
+
+// With c_in, C is only written: NaN there (a fresh workspace buffer) changes nothing.
+TYPED_TEST(HostGemm, WithCInTheOutputIsNeverRead) {
+  using T = storage_t<TypeParam>;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  GemmOperands<TypeParam> x({.m = 5, .n = 7, .k = 3, .beta = 1.0f, .separate_c_in = true}, rng);
+  x.c.assign(x.c.size(), alloy::round_nearest<T>(std::numeric_limits<float>::quiet_NaN()));
+  alloy::gemm(Host{}, x.args());
+  for (std::size_t i = 0; i < 5; ++i) {
+    for (std::size_t j = 0; j < 7; ++j) EXPECT_TRUE(std::isfinite(alloy::to_float(x.c[i * x.ldc + j])));
   }
 }
 
@@ -507,6 +581,54 @@ TEST(GemmArguments, EpilogueVectorsMustMatchTheEpilogue) {
   g = v.args();
   g.bias_grad = v.bias_grad.data();
   EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "bias_grad is set but Epilogue::none does not write it");
+}
+
+TEST(GemmArguments, CInNeedsBetaAndNoPartialOverlapWithC) {
+  Valid v;
+  std::vector<bf16> other(6 * 5);
+  auto g = v.args();
+  g.c_in = other.data();
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "c_in is set but beta = 0, so it would not be read");
+  g.beta = 1.0f;
+  EXPECT_NO_THROW(alloy::gemm(Host{}, g));
+  g.c_in = g.c;
+  EXPECT_NO_THROW(alloy::gemm(Host{}, g)) << "c_in may be c itself";
+  std::vector<bf16> big(64);
+  g.c = big.data();
+  g.c_in = big.data() + 5;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "c_in overlaps c without being c");
+}
+
+TEST(GemmArguments, GeluGradientEpiloguesNeedTheirInputsBetaZeroAndAlphaOneForTheBiasGradient) {
+  Valid v;
+  auto g = v.args();
+  g.epilogue = Epilogue::dgelu_tanh;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }),
+                  "Epilogue::dgelu_tanh needs pre_activation, GELU's input (6 x 5");
+  g.pre_activation = v.pre.data();
+  g.ld_pre_activation = 8;
+  EXPECT_NO_THROW(alloy::gemm(Host{}, g));
+  g.beta = 1.0f;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "Epilogue::dgelu_tanh needs beta = 0");
+  g.beta = 0.0f;
+  g.ld_pre_activation = 6;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "ld_pre_activation = 6 must be at least n = 5");
+  g.ld_pre_activation = 8;
+  g.bias_grad = v.bias_grad.data();
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }),
+                  "bias_grad is set but Epilogue::dgelu_tanh does not write it");
+  g.epilogue = Epilogue::dgelu_tanh_bias_grad;
+  EXPECT_NO_THROW(alloy::gemm(Host{}, g));
+  g.bias_grad = nullptr;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }),
+                  "Epilogue::dgelu_tanh_bias_grad needs bias_grad, a vector of n = 5 elements (one per column of C)");
+  g.bias_grad = v.bias_grad.data();
+  g.alpha = 2.0f;
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }), "Epilogue::dgelu_tanh_bias_grad needs alpha = 1");
+  g.alpha = 1.0f;
+  g.bias = v.bias.data();
+  EXPECT_MENTIONS(message_of([&] { alloy::gemm(Host{}, g); }),
+                  "bias is set but Epilogue::dgelu_tanh_bias_grad does not add it");
 }
 
 TEST(GemmArguments, PreActivationNeedsGeluAndALeadingDimensionMultipleOf8) {

@@ -1,5 +1,6 @@
-// Matrix products for the Linear layer: C = epilogue(alpha * op(A) * op(B) + beta * C), every
-// matrix row-major, on Host (a blocked loop, the reference) and on Cuda (cuBLASLt).
+// Matrix products for the Linear layer: C = epilogue(alpha * op(A) * op(B) + beta * C_in), every
+// matrix row-major, on Host (a blocked loop, the reference) and on Cuda (cuBLASLt). C_in is C
+// itself unless c_in names another matrix of the same shape (a residual added in the product).
 //
 // Element types follow the Compute dtype: for bf16 and fp16, A, B, C (and bias, bias_grad,
 // pre_activation) are 16-bit values, products accumulate in fp32 and alpha/beta are fp32; for
@@ -16,6 +17,15 @@
 //                                   writes db = column sums of dy in the same pass
 // Gradient accumulation across uses of one weight: beta = 1 adds into C. The bias gradient is
 // always written, never accumulated (cuBLASLt's bias-gradient epilogue has no beta).
+//
+// Linear -> GELU -> Linear (up: in -> hidden, down: hidden -> out), fused:
+//   forward   h  = gelu(x Wu^T + bu)  Epilogue::bias_gelu_tanh, keeping pre_activation = x Wu^T + bu
+//             y  = h Wd^T + bd + r    Epilogue::bias, c_in = r, beta = 1 (a residual added in the product)
+//   backward  dPre = (dy Wd) * gelu'(pre_activation)   m = rows, n = hidden, k = out,
+//                                   Epilogue::dgelu_tanh_bias_grad writes dbu = column sums of dPre
+// cuBLASLt's bias vectors (bias and the dGELU bias gradient) run along the rows of its
+// column-major D, which are our columns: one per output feature, as both need. Its BGRADB
+// reduces its op(B), our op(A), over k: one per row of our C (Epilogue::bias_grad).
 //
 // This header holds the arguments and the checks both backends make; host/gemm.hpp is the Host
 // reference and cuda/gemm_cublaslt.hpp the Cuda path (kernels/gemm.hpp includes all three).
@@ -34,14 +44,22 @@ namespace alloy {
 
 enum class Transpose { no, yes };
 
-// What happens to each element v = alpha * (op(A) op(B))[i, j] + beta * C[i, j] before it is
-// rounded into C[i, j]. All of it is fp32 arithmetic.
+// What happens to each element v = alpha * (op(A) op(B))[i, j] + beta * C_in[i, j] before it is
+// rounded into C[i, j]. All of it is fp32 arithmetic. The bias is added after beta * C_in (cuBLASLt's
+// order: its bias is part of the epilogue, which follows the scaling).
 enum class Epilogue {
   none,            // C = v
   bias,            // C = v + bias[j]: one bias per output column, i.e. per output feature
   gelu_tanh,       // C = gelu_tanh(v)
   bias_gelu_tanh,  // C = gelu_tanh(v + bias[j])
   bias_grad,       // C = v, and bias_grad[i] = sum over k of op(A)[i, k] (needs alpha == 1 and transa == yes)
+  // GELU's backward: pre_activation (GELU's input, kept by the forward product) is read, and
+  // C = v * gelu_tanh'(pre_activation[i, j]). Needs beta == 0.
+  dgelu_tanh,
+  // As dgelu_tanh, and bias_grad[j] = sum over i of those C values in fp32, before they are
+  // rounded: one per column of C (n elements), the gradient of the bias the forward product
+  // added before GELU. Needs alpha == 1 and beta == 0.
+  dgelu_tanh_bias_grad,
 };
 
 // The dtypes a matrix product computes in.
@@ -65,16 +83,21 @@ struct GemmArgs {
   std::size_t lda = 0;
   const value_type* b = nullptr;
   std::size_t ldb = 0;
-  value_type* c = nullptr;  // read only when beta != 0, so it may hold anything (NaN) when beta == 0
+  value_type* c = nullptr;  // read only when beta != 0 and c_in is null, so it may hold anything (NaN) otherwise
   std::size_t ldc = 0;
+  // Optional: the matrix beta scales, m x n with leading dimension ldc, read instead of c, so the
+  // product writes c without first holding C_in there (y = x + (h W^T + b) in one product). It may
+  // be c itself (in place) but no other overlap with c; reading it needs beta != 0.
+  const value_type* c_in = nullptr;
   float alpha = 1.0f;
   float beta = 0.0f;
   Epilogue epilogue = Epilogue::none;
   const value_type* bias = nullptr;  // n elements: Epilogue::bias and bias_gelu_tanh
-  value_type* bias_grad = nullptr;   // m elements, written by Epilogue::bias_grad
-  // Optional with the GELU epilogues: GELU's input (bias included), m x n, for the backward pass.
-  // Its leading dimension must be a multiple of 8 (cuBLASLt's rule, kept on every backend so
-  // code tested on Host runs on Cuda).
+  // Written by Epilogue::bias_grad (m elements, per row) and dgelu_tanh_bias_grad (n, per column).
+  value_type* bias_grad = nullptr;
+  // GELU's input (bias included), m x n: optionally written by the GELU epilogues, for the
+  // backward pass; read by the dGELU ones, which need it. Its leading dimension must be a multiple
+  // of 8 (cuBLASLt's rule, kept on every backend so code tested on Host runs on Cuda).
   value_type* pre_activation = nullptr;
   std::size_t ld_pre_activation = 0;
 };
@@ -95,12 +118,25 @@ inline const char* name_of(Epilogue e) {
       return "Epilogue::bias_gelu_tanh";
     case Epilogue::bias_grad:
       return "Epilogue::bias_grad";
+    case Epilogue::dgelu_tanh:
+      return "Epilogue::dgelu_tanh";
+    case Epilogue::dgelu_tanh_bias_grad:
+      return "Epilogue::dgelu_tanh_bias_grad";
   }
   return "an unknown Epilogue";
 }
 
 inline bool adds_bias(Epilogue e) { return e == Epilogue::bias || e == Epilogue::bias_gelu_tanh; }
 inline bool applies_gelu(Epilogue e) { return e == Epilogue::gelu_tanh || e == Epilogue::bias_gelu_tanh; }
+inline bool applies_gelu_gradient(Epilogue e) {
+  return e == Epilogue::dgelu_tanh || e == Epilogue::dgelu_tanh_bias_grad;
+}
+inline bool writes_bias_grad(Epilogue e) { return e == Epilogue::bias_grad || e == Epilogue::dgelu_tanh_bias_grad; }
+// Elements of bias_grad the epilogue writes: one per row of C, or one per column.
+template <class Compute>
+std::size_t bias_grad_size(const GemmArgs<Compute>& g) {
+  return g.epilogue == Epilogue::bias_grad ? g.m : g.n;
+}
 
 // float -> the nearest tf32 value (10 fraction bits), ties to even, held in a float. Infinities
 // and NaN pass through; values past tf32's largest round to infinity.
@@ -167,6 +203,14 @@ void check_gemm_args(const GemmArgs<Compute>& g) {
   if (overlap(c, extent_of(g.b, b_rows, b_cols, g.ldb))) {
     throw error(where + "c overlaps b; the output may not alias an input");
   }
+  if (g.c_in != nullptr) {
+    if (g.beta == 0.0f) {
+      throw error(where + "c_in is set but beta = 0, so it would not be read (give beta, or leave c_in null)");
+    }
+    if (g.c_in != g.c && overlap(c, extent_of(g.c_in, g.m, g.n, g.ldc))) {
+      throw error(where + "c_in overlaps c without being c; it may be c itself (in place) or apart from it");
+    }
+  }
 
   const std::string epilogue = name_of(g.epilogue);
   if (adds_bias(g.epilogue) && g.bias == nullptr) {
@@ -176,7 +220,18 @@ void check_gemm_args(const GemmArgs<Compute>& g) {
   if (!adds_bias(g.epilogue) && g.bias != nullptr) {
     throw error(where + "bias is set but " + epilogue + " does not add it (use Epilogue::bias or bias_gelu_tanh)");
   }
-  if (g.epilogue == Epilogue::bias_grad) {
+  if (g.epilogue == Epilogue::dgelu_tanh_bias_grad) {
+    if (g.bias_grad == nullptr) {
+      throw error(where + epilogue + " needs bias_grad, a vector of n = " + std::to_string(g.n) +
+                  " elements (one per column of C)");
+    }
+    if (g.alpha != 1.0f) {
+      throw error(where + epilogue +
+                  " needs alpha = 1 (the bias gradient is the column sum of the unscaled GELU gradient); got "
+                  "alpha = " +
+                  std::to_string(g.alpha));
+    }
+  } else if (g.epilogue == Epilogue::bias_grad) {
     if (g.bias_grad == nullptr) {
       throw error(where + epilogue + " needs bias_grad, a vector of m = " + std::to_string(g.m) +
                   " elements (one per row of C)");
@@ -193,12 +248,24 @@ void check_gemm_args(const GemmArgs<Compute>& g) {
                   "cuBLASLt fuses it into");
     }
   } else if (g.bias_grad != nullptr) {
-    throw error(where + "bias_grad is set but " + epilogue + " does not write it (use Epilogue::bias_grad)");
+    throw error(where + "bias_grad is set but " + epilogue +
+                " does not write it (use Epilogue::bias_grad or dgelu_tanh_bias_grad)");
+  }
+  if (applies_gelu_gradient(g.epilogue)) {
+    if (g.pre_activation == nullptr) {
+      throw error(where + epilogue + " needs pre_activation, GELU's input (" + std::to_string(g.m) + " x " +
+                  std::to_string(g.n) + ", as the forward product kept it)");
+    }
+    if (g.beta != 0.0f) {
+      // Whether cuBLASLt adds beta * C before or after the GELU gradient is not documented; the
+      // layers never need it (the product's output is an activation gradient, not accumulated).
+      throw error(where + epilogue + " needs beta = 0; got beta = " + std::to_string(g.beta));
+    }
   }
   if (g.pre_activation != nullptr) {
-    if (!applies_gelu(g.epilogue)) {
+    if (!applies_gelu(g.epilogue) && !applies_gelu_gradient(g.epilogue)) {
       throw error(where + "pre_activation is set but " + epilogue +
-                  " has no activation (use Epilogue::gelu_tanh or bias_gelu_tanh)");
+                  " has no activation (use Epilogue::gelu_tanh, bias_gelu_tanh, dgelu_tanh or dgelu_tanh_bias_grad)");
     }
     if (g.ld_pre_activation < g.n || g.ld_pre_activation % 8 != 0) {
       throw error(where + "ld_pre_activation = " + std::to_string(g.ld_pre_activation) +

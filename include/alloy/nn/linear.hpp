@@ -1,6 +1,12 @@
 // Linear: y = x W^T + b, W [out, in], with PyTorch's default initialization (uniform in
 // +-1/sqrt(in)). cuBLASLt on Cuda (fp32 accumulation, bias in the epilogue, the bias gradient
 // fused into the weight-gradient product), the blocked Host loop otherwise.
+//
+// Besides forward/backward, Linear offers the pieces its fusions are built from (Sequential and
+// Residual use them, fused_mlp.hpp combines them): the product into a given output, with a
+// residual added through c_in and optionally GELU in the epilogue; the input gradient, optionally
+// through GELU's gradient with the previous layer's bias gradient; the weight gradient from a
+// given input; and where a product should write this layer's bias gradient.
 #pragma once
 
 #include <alloy/memory/registry.hpp>
@@ -24,12 +30,59 @@ class Linear {
   }
 
   std::size_t out_features(std::size_t) const noexcept { return out_; }
+  std::size_t in_features() const noexcept { return in_; }
+  bool has_bias() const noexcept { return has_bias_; }
+  const std::string& name() const noexcept { return name_; }
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
+    auto y = detail::allocate(ctx, x.rows, out_);
+    forward_into(ctx, x, y.data);
+    return y;
+  }
+
+  // y = x W^T + b + residual in one product (the residual is cuBLASLt's C, beta = 1): Residual's
+  // add without a pass of its own.
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
+                                                  Activation<const detail::value_t<Ctx>> residual) {
+    auto y = detail::allocate(ctx, x.rows, out_);
+    forward_into(ctx, x, y.data, residual);
+    return y;
+  }
+
+  // dx = dy W; dW = dy^T x and db = column sums of dy, written or added to the gradients.
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
+    return backward(ctx, dy, has_bias_);
+  }
+
+  // As backward, with the bias gradient left alone when bias_gradient is false: the product that
+  // computed dy wrote it already (the next layer's dGELU epilogue).
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy, bool bias_gradient) {
+    using T = detail::value_t<Ctx>;
+    auto dx = input_gradient(ctx, dy);
+    weight_gradient(ctx, dy, static_cast<const T*>(x_.data), bias_gradient && has_bias_);
+    return dx;
+  }
+
+  // ---- the pieces of the fused paths ----
+
+  // y (rows x out, packed) = act(x W^T + b + residual): act is GELU when pre_activation is given,
+  // which then receives GELU's input (rows x out, packed: out must be a multiple of 8). Keeps x
+  // for backward's weight gradient, as forward does.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  void forward_into(Ctx& ctx, Activation<const T> x, T* y, Activation<const T> residual = {},
+                    T* pre_activation = nullptr) {
     detail::check_width("Linear", name_, in_, x.cols);
     x_ = x;
-    auto y = detail::allocate(ctx, x.rows, out_);
+    if (residual.data != nullptr && (residual.rows != x.rows || residual.cols != out_)) {
+      throw error("Linear '" + name_ + "': the residual added to the output is " + std::to_string(residual.rows) +
+                  " x " + std::to_string(residual.cols) + ", the output " + std::to_string(x.rows) + " x " +
+                  std::to_string(out_));
+    }
+    const bool gelu = pre_activation != nullptr;
     detail::gemm(ctx, {.transa = Transpose::no,
                        .transb = Transpose::yes,
                        .m = x.rows,
@@ -39,18 +92,26 @@ class Linear {
                        .lda = in_,
                        .b = ctx.param(weight_).data,
                        .ldb = in_,
-                       .c = y.data,
+                       .c = y,
                        .ldc = out_,
-                       .epilogue = has_bias_ ? Epilogue::bias : Epilogue::none,
-                       .bias = has_bias_ ? ctx.param(bias_).data : nullptr});
-    return y;
+                       .c_in = residual.data,
+                       .beta = residual.data != nullptr ? 1.0f : 0.0f,
+                       .epilogue = has_bias_ ? (gelu ? Epilogue::bias_gelu_tanh : Epilogue::bias)
+                                             : (gelu ? Epilogue::gelu_tanh : Epilogue::none),
+                       .bias = has_bias_ ? ctx.param(bias_).data : nullptr,
+                       .pre_activation = pre_activation,
+                       .ld_pre_activation = gelu ? out_ : 0});
   }
 
-  // dx = dy W; dW = dy^T x and db = column sums of dy, written or added to the gradients.
-  template <class Ctx>
-  Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
-    using T = detail::value_t<Ctx>;
+  // dx = dy W (rows x in, new in the workspace). With pre_activation (GELU's input before this
+  // layer, rows x in, packed), dx = (dy W) * gelu'(pre_activation) instead, and with
+  // previous_bias_grad also the column sums of dx there: the gradient of the bias the previous
+  // layer added before GELU.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> input_gradient(Ctx& ctx, Activation<const T> dy, const T* pre_activation = nullptr,
+                               T* previous_bias_grad = nullptr) {
     auto dx = detail::allocate(ctx, dy.rows, in_);
+    const bool gelu = pre_activation != nullptr;
     detail::gemm(ctx, {.transa = Transpose::no,
                        .transb = Transpose::no,
                        .m = dy.rows,
@@ -61,10 +122,21 @@ class Linear {
                        .b = ctx.param(weight_).data,
                        .ldb = in_,
                        .c = dx.data,
-                       .ldc = in_});
-    const bool add = ctx.accumulate_grads();
-    T* db = nullptr;
-    if (has_bias_) db = add ? ctx.template allocate<T>(out_) : ctx.grad(bias_).data;
+                       .ldc = in_,
+                       .epilogue = !gelu                ? Epilogue::none
+                                   : previous_bias_grad ? Epilogue::dgelu_tanh_bias_grad
+                                                        : Epilogue::dgelu_tanh,
+                       .bias_grad = previous_bias_grad,
+                       .pre_activation = const_cast<T*>(pre_activation),  // read only by the dGELU epilogues
+                       .ld_pre_activation = gelu ? in_ : 0});
+    return dx;
+  }
+
+  // dW = dy^T x, written or added to the weight's gradient; with bias_gradient also db = column
+  // sums of dy, fused into the same product.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  void weight_gradient(Ctx& ctx, Activation<const T> dy, const T* x, bool bias_gradient) {
+    T* db = bias_gradient ? bias_grad_target(ctx) : nullptr;
     detail::gemm(ctx, {.transa = Transpose::yes,
                        .transb = Transpose::no,
                        .m = out_,
@@ -72,18 +144,29 @@ class Linear {
                        .k = dy.rows,
                        .a = dy.data,
                        .lda = out_,
-                       .b = static_cast<const T*>(x_.data),
+                       .b = x,
                        .ldb = in_,
                        .c = ctx.grad(weight_).data,
                        .ldc = in_,
-                       .beta = add ? 1.0f : 0.0f,
-                       .epilogue = has_bias_ ? Epilogue::bias_grad : Epilogue::none,
+                       .beta = ctx.accumulate_grads() ? 1.0f : 0.0f,
+                       .epilogue = bias_gradient ? Epilogue::bias_grad : Epilogue::none,
                        .bias_grad = db});
-    if (has_bias_ && add) {
-      for_each_n(ctx.backend(), out_, detail::StoreGradient<T>{true}, in(static_cast<const T*>(db)),
-                 inout(ctx.grad(bias_).data));
+    if (bias_gradient) finish_bias_grad(ctx, db);
+  }
+
+  // Where a product writes this layer's bias gradient (out elements): the gradient itself, or,
+  // when gradients accumulate, a workspace temporary that finish_bias_grad adds to it (the
+  // bias-gradient epilogues write, they cannot add).
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  T* bias_grad_target(Ctx& ctx) {
+    if (!has_bias_) throw error("Linear '" + name_ + "' has no bias, so no bias gradient");
+    return ctx.accumulate_grads() ? ctx.template allocate<T>(out_) : ctx.grad(bias_).data;
+  }
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  void finish_bias_grad(Ctx& ctx, const T* target) {
+    if (ctx.accumulate_grads()) {
+      for_each_n(ctx.backend(), out_, detail::StoreGradient<T>{true}, in(target), inout(ctx.grad(bias_).data));
     }
-    return dx;
   }
 
  private:

@@ -3,13 +3,28 @@
 // train/recompute.hpp: with ctx.checkpoint_every() = k it keeps only the input of every k-th
 // block during forward and re-runs each segment's forward inside backward, bit-identical to
 // keeping everything. A LayeredModel usually hands the trainer repeated.blocks() as its layers().
+//
+// Fusions, taken without being asked for (fused_mlp.hpp says what each computes):
+// - In a Sequential, Linear -> Gelu -> Linear runs as two products forward and two backward
+//   (GELU and its gradient in the epilogues, the first Linear's bias gradient in the dGELU
+//   product), and Linear -> Gelu otherwise as one product forward. Layers are matched left to
+//   right, so in Linear, Gelu, Linear, Gelu the second Gelu runs on its own.
+// - Residual<Block> whose block ends with a Linear (a Linear itself, or a Sequential whose last
+//   layer is one) adds the residual in that Linear's product (cuBLASLt's C), not in a pass of
+//   its own. Its backward still adds dy to the block's dx in one pass.
+// The Host backend runs the same fused semantics through its reference product, so Host and Cuda
+// still compute the same thing, and a recomputed forward gives the same bits.
 #pragma once
 
 #include <alloy/memory/registry.hpp>
 #include <alloy/nn/activation.hpp>
+#include <alloy/nn/fused_mlp.hpp>
+#include <alloy/nn/gelu.hpp>
+#include <alloy/nn/linear.hpp>
 #include <alloy/train/recompute.hpp>
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,16 +45,21 @@ class Sequential {
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
-    Activation<detail::value_t<Ctx>> y{const_cast<detail::value_t<Ctx>*>(x.data), x.rows, x.cols};
-    std::apply([&](auto&... l) { ((y = l.forward(ctx, y)), ...); }, layers_);
-    return y;
+    return forward_from<0>(ctx, x, {});
+  }
+
+  // forward, with `residual` added to the output by the last layer's product (Residual's fusion).
+  template <class Ctx>
+  requires(sizeof...(Layers) > 0 &&
+           std::is_same_v<std::tuple_element_t<sizeof...(Layers) - 1, std::tuple<Layers...>>, Linear>)
+      Activation<detail::value_t<Ctx>> forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
+                                                      Activation<const detail::value_t<Ctx>> residual) {
+    return forward_from<0>(ctx, x, residual);
   }
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
-    Activation<detail::value_t<Ctx>> d{const_cast<detail::value_t<Ctx>*>(dy.data), dy.rows, dy.cols};
-    backward_from<sizeof...(Layers)>(ctx, d);
-    return d;
+    return backward_to<sizeof...(Layers)>(ctx, dy);
   }
 
   template <std::size_t I>
@@ -48,11 +68,59 @@ class Sequential {
   }
 
  private:
-  template <std::size_t I, class Ctx, class A>
-  void backward_from(Ctx& ctx, A& d) {
-    if constexpr (I > 0) {
-      d = std::get<I - 1>(layers_).backward(ctx, d);
-      backward_from<I - 1>(ctx, d);
+  static constexpr std::size_t count = sizeof...(Layers);
+
+  // Whether layer I exists and is an L (false past the end, so patterns can look ahead).
+  template <std::size_t I, class L>
+  static constexpr bool layer_is() {
+    if constexpr (I < count) {
+      return std::is_same_v<std::tuple_element_t<I, std::tuple<Layers...>>, L>;
+    } else {
+      return false;
+    }
+  }
+
+  // Runs layers [I, count) from x; the last layer adds `residual` when it has data.
+  template <std::size_t I, class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> forward_from(Ctx& ctx, Activation<const std::type_identity_t<T>> x,
+                             Activation<const std::type_identity_t<T>> residual) {
+    if constexpr (I == count) {
+      return {const_cast<T*>(x.data), x.rows, x.cols};
+    } else {
+      auto& layer = std::get<I>(layers_);
+      if constexpr (layer_is<I, Linear>() && layer_is<I + 1, Gelu>()) {
+        if (detail::gelu_fuses_after(layer)) {
+          auto& gelu = std::get<I + 1>(layers_);
+          if constexpr (layer_is<I + 2, Linear>()) {
+            const Activation<const T> adds = I + 3 == count ? residual : Activation<const T>{};
+            return forward_from<I + 3>(ctx, detail::mlp_forward(ctx, layer, gelu, std::get<I + 2>(layers_), x, adds),
+                                       residual);
+          } else {
+            return forward_from<I + 2>(ctx, detail::linear_gelu_forward(ctx, layer, gelu, x), residual);
+          }
+        }
+      }
+      if constexpr (I + 1 == count && layer_is<I, Linear>()) {
+        if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
+      }
+      return forward_from<I + 1>(ctx, layer.forward(ctx, x), residual);
+    }
+  }
+
+  // Runs layers [0, I) backward from d, the gradient of layer I - 1's output.
+  template <std::size_t I, class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> backward_to(Ctx& ctx, Activation<const std::type_identity_t<T>> d) {
+    if constexpr (I == 0) {
+      return {const_cast<T*>(d.data), d.rows, d.cols};
+    } else {
+      if constexpr (I >= 3 && layer_is<I - 3, Linear>() && layer_is<I - 2, Gelu>() && layer_is<I - 1, Linear>()) {
+        auto& gelu = std::get<I - 2>(layers_);
+        if (gelu.backward_in_next_product()) {
+          return backward_to<I - 3>(
+              ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d));
+        }
+      }
+      return backward_to<I - 1>(ctx, std::get<I - 1>(layers_).backward(ctx, d));
     }
   }
 
@@ -70,12 +138,17 @@ class Residual {
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
     using T = detail::value_t<Ctx>;
-    const auto inner = block_.forward(ctx, x);
-    detail::check_width("Residual", "block", x.cols, inner.cols);
-    auto y = detail::allocate(ctx, x.rows, x.cols);
-    for_each_n(ctx.backend(), x.size(), detail::AddElements<T>{}, in(x.data), in(static_cast<const T*>(inner.data)),
-               out(y.data));
-    return y;
+    if constexpr (requires { block_.forward_adding(ctx, x, x); }) {
+      detail::check_width("Residual", "block", x.cols, block_.out_features(x.cols));
+      return block_.forward_adding(ctx, x, x);
+    } else {
+      const auto inner = block_.forward(ctx, x);
+      detail::check_width("Residual", "block", x.cols, inner.cols);
+      auto y = detail::allocate(ctx, x.rows, x.cols);
+      for_each_n(ctx.backend(), x.size(), detail::AddElements<T>{}, in(x.data), in(static_cast<const T*>(inner.data)),
+                 out(y.data));
+      return y;
+    }
   }
 
   template <class Ctx>

@@ -42,7 +42,12 @@ inline constexpr cublasComputeType_t cublas_compute_type =
 // C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our B and its "B" is our A, the transpose flags
 // carry over unchanged, and cuBLASLt's m and n are our n and m. Consequences for the epilogues:
 // cuBLASLt's bias runs along the rows of its D (our columns: one per output feature), and its
-// BGRADB (a reduction over k of its op(B), our op(A)) is our per-row bias gradient.
+// BGRADB (a reduction over k of its op(B), our op(A)) is our per-row bias gradient. The dGELU
+// bias gradient (DGELU_BGRAD) has, like every bias vector, one element per row of D ("bias vector
+// length must match matrix D rows count", cublasLt.h): a sum over D's columns, our rows, so one
+// per column of our C, the per-feature gradient of the bias added before GELU. The GELU input
+// (the AUX matrix) is m x n of D in its own leading dimension: our pre_activation as stored.
+// C and D are separate pointers with one layout, so c_in is cuBLASLt's C and c its D.
 inline cublasLtEpilogue_t cublaslt_epilogue(Epilogue e, bool keeps_pre_activation) {
   switch (e) {
     case Epilogue::none:
@@ -55,6 +60,10 @@ inline cublasLtEpilogue_t cublaslt_epilogue(Epilogue e, bool keeps_pre_activatio
       return keeps_pre_activation ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
     case Epilogue::bias_grad:
       return CUBLASLT_EPILOGUE_BGRADB;
+    case Epilogue::dgelu_tanh:
+      return CUBLASLT_EPILOGUE_DGELU;
+    case Epilogue::dgelu_tanh_bias_grad:
+      return CUBLASLT_EPILOGUE_DGELU_BGRAD;
   }
   throw error(std::string("gemm: ") + name_of(e) + " has no cuBLASLt epilogue");
 }
@@ -79,14 +88,20 @@ struct GemmPlanKey {
   std::size_t m, n, k, lda, ldb, ldc, ld_pre_activation;
   Epilogue epilogue;
   bool keeps_pre_activation;
-  std::uint32_t align_a, align_b, align_c, align_vector, align_pre_activation;
+  std::uint32_t align_a, align_b, align_c, align_c_in, align_vector, align_pre_activation;
 
   auto operator<=>(const GemmPlanKey&) const = default;
 };
 
+// The matrix beta scales: cuBLASLt's C.
+template <class Compute>
+const storage_t<Compute>* c_in_of(const GemmArgs<Compute>& g) {
+  return g.c_in != nullptr ? g.c_in : g.c;
+}
+
 template <class Compute>
 GemmPlanKey plan_key(const GemmArgs<Compute>& g) {
-  const void* vector = g.epilogue == Epilogue::bias_grad ? static_cast<const void*>(g.bias_grad) : g.bias;
+  const void* vector = writes_bias_grad(g.epilogue) ? static_cast<const void*>(g.bias_grad) : g.bias;
   const bool keeps = g.pre_activation != nullptr;
   return {cuda_data_type<Compute>,
           cublas_compute_type<Compute>,
@@ -104,6 +119,7 @@ GemmPlanKey plan_key(const GemmArgs<Compute>& g) {
           alignment_of(g.a),
           alignment_of(g.b),
           alignment_of(g.c),
+          alignment_of(c_in_of(g)),
           alignment_of(vector),
           alignment_of(g.pre_activation)};
 }
@@ -155,7 +171,7 @@ inline MatrixLayout make_layout(cudaDataType_t type, std::size_t rows, std::size
 template <class Compute>
 void set_epilogue_pointers(cublasLtMatmulDesc_t desc, const GemmArgs<Compute>& g) {
   if (adds_bias(g.epilogue)) set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(g.bias));
-  if (g.epilogue == Epilogue::bias_grad) {
+  if (writes_bias_grad(g.epilogue)) {
     set_attribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<void*>(g.bias_grad));
   }
   if (g.pre_activation) {
@@ -194,7 +210,7 @@ GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::siz
   set_preference(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<std::uint64_t>(workspace_bytes));
   set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.b));
   set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.a));
-  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.c));
+  set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(c_in_of(g)));
   set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.c));
 
   cublasLtMatmulHeuristicResult_t result{};
@@ -298,8 +314,8 @@ void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
   detail::set_epilogue_pointers(plan.desc.get(), g);
   handle.enter_stream(be.stream);
   ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan.desc.get(), &g.alpha, g.b, plan.lt_a.get(), g.a,
-                                    plan.lt_b.get(), &g.beta, g.c, plan.lt_c.get(), g.c, plan.lt_c.get(), &plan.algo,
-                                    handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
+                                    plan.lt_b.get(), &g.beta, detail::c_in_of(g), plan.lt_c.get(), g.c, plan.lt_c.get(),
+                                    &plan.algo, handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
 }
 
 }  // namespace alloy

@@ -70,19 +70,27 @@ void gemm(Host, const GemmArgs<Compute>& g) {
     }
   }
 
+  // C_in is read element by element just before C's element is written, so c_in == c (in place)
+  // reads every element before it changes.
+  const T* c_in = g.c_in != nullptr ? g.c_in : g.c;
+  const bool gelu_gradient = detail::applies_gelu_gradient(g.epilogue);
+  // The dGELU bias gradient: column sums of the fp32 values, rows in order.
+  std::vector<float> column_sums(g.epilogue == Epilogue::dgelu_tanh_bias_grad ? n : 0, 0.0f);
   for (std::size_t i = 0; i < m; ++i) {
     for (std::size_t j = 0; j < n; ++j) {
-      T& c = g.c[i * g.ldc + j];
       float v = g.alpha * sum[i * n + j];
-      if (g.beta != 0.0f) v += g.beta * to_float(c);
+      if (g.beta != 0.0f) v += g.beta * to_float(c_in[i * g.ldc + j]);
       if (detail::adds_bias(g.epilogue)) v += to_float(g.bias[j]);
       if (detail::applies_gelu(g.epilogue)) {
         if (g.pre_activation) g.pre_activation[i * g.ld_pre_activation + j] = round_nearest<T>(v);
         v = gelu_tanh(v);
       }
-      c = round_nearest<T>(v);
+      if (gelu_gradient) v = gelu_tanh_backward(to_float(g.pre_activation[i * g.ld_pre_activation + j]), v);
+      if (!column_sums.empty()) column_sums[j] += v;
+      g.c[i * g.ldc + j] = round_nearest<T>(v);
     }
   }
+  for (std::size_t j = 0; j < column_sums.size(); ++j) g.bias_grad[j] = round_nearest<T>(column_sums[j]);
 
   if (g.epilogue == Epilogue::bias_grad) {
     for (std::size_t i = 0; i < m; ++i) {

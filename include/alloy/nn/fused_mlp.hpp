@@ -1,0 +1,90 @@
+// The fused paths Sequential takes for Linear -> Gelu (-> Linear), built from Linear's pieces.
+//
+// Linear -> Gelu: one product with Epilogue::(bias_)gelu_tanh writes GELU's output and keeps its
+// input, the pre-activation, for GELU's backward; Gelu's own forward pass does not run.
+//
+// Linear (up, in -> hidden) -> Gelu -> Linear (down, hidden -> out), the transformer and
+// residual-MLP block:
+//   forward   up's product: h = gelu(x Wu^T + bu), pre kept; down's product: y = h Wd^T + bd
+//             (+ the residual, when the Sequential is a Residual's block and down is its last layer)
+//   backward  down's input-gradient product, Epilogue::dgelu_tanh_bias_grad:
+//               dPre = (dy Wd) * gelu'(pre), and dbu = column sums of dPre in the same pass
+//             down's weight gradient dWd = dy^T h, dbd = column sums of dy (Epilogue::bias_grad)
+//             up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x (its bias gradient is done)
+// GELU's forward and backward passes, and the up layer's separate bias-gradient reduction, are
+// gone (profile_69707e9.md: 42 + 55 + 28 us per block at 8192 x 1024 -> 4096 bf16 on the H200).
+//
+// Memory: only the pre-activation lives from forward to backward; h, which down's weight
+// gradient needs, is recomputed from it in backward, as llm.c does. h is 8192 x 4096 bf16 = 64 MB
+// per block at the residual MLP's size, 512 MB over its 8 blocks, kept until backward otherwise;
+// recomputing is one element-wise pass reading 64 MB and writing 64 MB, the cost of GELU's own
+// forward kernel (42 us measured per block, at about 3 TB/s), in exchange for that memory at the
+// step's peak. The workspace is a stack, so h can be released only if nothing that must outlive
+// it sits above it: forward allocates the block's output y before h, runs both products, and
+// releases h; backward allocates dPre, then h, computes dWd, and releases h. Measured on Host
+// at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual
+// MLP's activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h
+// released, 512 MiB; GELU's backward output, 512 MiB; the down layer's output apart from the
+// residual sum, 128 MiB). For bf16 and fp16 the recomputed h is gelu(pre rounded to 16 bits),
+// where forward's product used gelu of the fp32 pre-activation: dWd sees inputs within one
+// rounding of forward's (for fp32 they are the same).
+// Recomputation is deterministic, so re-running forward (Checkpointing) gives the same bits.
+//
+// cuBLASLt needs the pre-activation's leading dimension to be a multiple of 8; it is stored
+// packed, so the fusion needs hidden % 8 == 0, and otherwise the layers run one by one.
+#pragma once
+
+#include <alloy/nn/activation.hpp>
+#include <alloy/nn/gelu.hpp>
+#include <alloy/nn/linear.hpp>
+
+namespace alloy::nn::detail {
+
+// Whether GELU can follow `linear` in its product (the pre-activation's leading dimension rule).
+inline bool gelu_fuses_after(const Linear& linear) { return linear.out_features(0) % 8 == 0; }
+
+// Linear -> Gelu in one product. gelu keeps the pre-activation; its own backward runs from it.
+template <class Ctx, class T = value_t<Ctx>>
+Activation<T> linear_gelu_forward(Ctx& ctx, Linear& linear, Gelu& gelu, Activation<const T> x) {
+  const std::size_t hidden = linear.out_features(x.cols);
+  T* pre = ctx.template allocate<T>(x.rows * hidden);
+  Activation<T> h{ctx.template allocate<T>(x.rows * hidden), x.rows, hidden};
+  linear.forward_into(ctx, x, h.data, {}, pre);
+  gelu.keep_pre_activation(static_cast<const T*>(pre), false);
+  return h;
+}
+
+// up -> gelu -> down forward; residual (or none, data == nullptr) is added in down's product.
+template <class Ctx, class T = value_t<Ctx>>
+Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> x,
+                          Activation<const T> residual) {
+  const std::size_t hidden = up.out_features(x.cols);
+  T* pre = ctx.template allocate<T>(x.rows * hidden);
+  // The output sits below h on the stack, so releasing h leaves it.
+  Activation<T> y{ctx.template allocate<T>(x.rows * down.out_features(hidden)), x.rows, down.out_features(hidden)};
+  const auto mark = ctx.workspace().mark();
+  const Activation<const T> h{ctx.template allocate<T>(x.rows * hidden), x.rows, hidden};
+  up.forward_into(ctx, x, const_cast<T*>(h.data), {}, pre);
+  down.forward_into(ctx, h, y.data, residual);  // down keeps h's address, unused: backward recomputes h
+  ctx.workspace().release(mark);
+  gelu.keep_pre_activation(static_cast<const T*>(pre), true);
+  return y;
+}
+
+// The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
+// which Residual adds itself). Returns dx.
+template <class Ctx, class T = value_t<Ctx>>
+Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
+  const T* pre = gelu.pre_activation<T>();
+  T* up_bias_grad = up.has_bias() ? up.bias_grad_target(ctx) : nullptr;
+  const Activation<const T> d_pre = down.input_gradient(ctx, dy, pre, up_bias_grad);
+  if (up_bias_grad != nullptr) up.finish_bias_grad(ctx, up_bias_grad);
+  const auto mark = ctx.workspace().mark();
+  T* h = ctx.template allocate<T>(d_pre.size());
+  for_each_n(ctx.backend(), d_pre.size(), GeluForward<T>{}, in(pre), out(h));
+  down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
+  ctx.workspace().release(mark);
+  return up.backward(ctx, d_pre, false);
+}
+
+}  // namespace alloy::nn::detail

@@ -1,0 +1,182 @@
+// The layers' fusions on Host: Linear -> Gelu -> Linear in two products each way, Linear -> Gelu
+// in one, and Residual's add in its block's last product, against the same layers run one by one
+// (a PassThrough layer between them keeps them apart); accumulated bias gradients; the memory
+// kept between forward and backward; and the paths that must not fuse.
+#include "block_runner.hpp"
+
+#include "../support/test_support.hpp"
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using namespace alloy;
+using alloy::test::BlockRun;
+using alloy::test::PassThrough;
+
+namespace nn = alloy::nn;
+
+constexpr std::size_t rows = 13, width = 12, hidden = 4 * width;  // hidden: a multiple of 8, so it fuses
+
+using FusedBlock = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, nn::Gelu, nn::Linear>>;
+using SeparateBlock =
+    nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, PassThrough, nn::Gelu, nn::Linear, PassThrough>>;
+
+FusedBlock fused_block(std::size_t d = width, std::size_t h = hidden) {
+  return FusedBlock(
+      nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), nn::Gelu{}, nn::Linear("down", h, d)));
+}
+SeparateBlock separate_block(std::size_t d = width, std::size_t h = hidden) {
+  return SeparateBlock(nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), PassThrough{}, nn::Gelu{},
+                                      nn::Linear("down", h, d), PassThrough{}));
+}
+
+template <class P>
+using value_t = storage_t<typename P::compute_type>;
+
+template <class P, class Block>
+BlockRun<value_t<P>> run(Block block, std::uint64_t seed, std::size_t in = width,
+                         const std::vector<value_t<P>>* grads_before = nullptr) {
+  using T = value_t<P>;
+  std::mt19937_64 rng(seed);
+  const auto x = test::random_values<T>(rows * in, rng);
+  const auto dy = test::random_values<T>(rows * block.out_features(in), rng);
+  return test::run_block<P, Host>(block, x, dy, rows, in, seed, nullptr, grads_before);
+}
+
+// fp32: the fused products round once where the separate layers round after each; nothing else
+// differs, so they agree to a few fp32 roundings.
+TEST(FusedMlp, ResidualBlockMatchesTheLayersRunOneByOneInFp32) {
+  ALLOY_SEEDED(seed);
+  const auto fused = run<Precision<fp32>>(fused_block(), seed);
+  const auto separate = run<Precision<fp32>>(separate_block(), seed);
+  test::expect_runs_agree(fused, separate, 1e-5);
+  EXPECT_NE(test::bits(fused.y), test::bits(separate.y))
+      << "the fused path rounds differently; equal bits mean it did not run";
+}
+
+// bf16: each side rounds its products' results to 8 bits at different points (the fused path
+// also recomputes GELU's output from the rounded pre-activation for the down weight gradient).
+TEST(FusedMlp, ResidualBlockMatchesTheLayersRunOneByOneInBf16) {
+  ALLOY_SEEDED(seed);
+  const auto fused = run<Precision<bf16>>(fused_block(), seed);
+  const auto separate = run<Precision<bf16>>(separate_block(), seed);
+  test::expect_runs_agree(fused, separate, 2e-2);
+}
+
+// Between forward and backward the fused block keeps the pre-activation and its output, not the
+// GELU output, the down layer's separate output, nor the residual sum's separate buffer.
+TEST(FusedMlp, KeepsOnlyThePreActivationBetweenForwardAndBackward) {
+  ALLOY_SEEDED(seed);
+  const auto fused = run<Precision<bf16>>(fused_block(), seed);
+  const auto separate = run<Precision<bf16>>(separate_block(), seed);
+  const auto bytes = [](std::size_t elements) {
+    return (elements * sizeof(bf16) + Workspace<Host>::alignment - 1) / Workspace<Host>::alignment *
+           Workspace<Host>::alignment;
+  };
+  EXPECT_EQ(fused.bytes_after_forward, separate.bytes_after_forward - bytes(rows * hidden) - bytes(rows * width));
+  EXPECT_LT(fused.peak_bytes, separate.peak_bytes);
+}
+
+// With accumulate_grads, every gradient, the two bias gradients the epilogues write included, is
+// added to what the store held.
+TEST(FusedMlp, AccumulatingAddsEveryGradientToWhatIsThere) {
+  ALLOY_SEEDED(seed);
+  const auto written = run<Precision<fp32>>(fused_block(), seed);
+  std::mt19937_64 rng(seed + 7);
+  ParamRegistry r;
+  auto block = fused_block();
+  block.declare(r);
+  const ParamStore<Precision<fp32>, SGD<>, Host> store(r, Host{}, seed);
+  const auto& layout = store.layout();
+  const auto before = test::random_values<float>(layout.padded_numel(), rng);
+  const auto added = run<Precision<fp32>>(fused_block(), seed, width, &before);
+  for (const auto& [name, g] : written.grads) {
+    const auto& entry = layout[r.handle(name).index];
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      EXPECT_EQ(added.grads.at(name)[i], before[entry.offset + i] + g[i]) << name << "[" << i << "]";
+    }
+  }
+}
+
+// The pre-activation's leading dimension must be a multiple of 8 for the GELU epilogues; a hidden
+// width that is not one runs the layers one by one, bit for bit as with the fusion kept apart.
+TEST(FusedMlp, AHiddenWidthNotAMultipleOf8RunsTheLayersOneByOne) {
+  ALLOY_SEEDED(seed);
+  using Fused = nn::Sequential<nn::Linear, nn::Gelu, nn::Linear>;
+  using Separate = nn::Sequential<nn::Linear, PassThrough, nn::Gelu, nn::Linear>;
+  const auto fused =
+      run<Precision<bf16>>(Fused(nn::Linear("up", width, 13), nn::Gelu{}, nn::Linear("down", 13, 7)), seed);
+  const auto separate = run<Precision<bf16>>(
+      Separate(nn::Linear("up", width, 13), PassThrough{}, nn::Gelu{}, nn::Linear("down", 13, 7)), seed);
+  test::expect_same_bits(fused, separate);
+}
+
+// Linear -> Gelu with no Linear after it: GELU in the product forward, Gelu's own backward from
+// the kept pre-activation.
+TEST(FusedMlp, LinearThenGeluAloneMatchesTheLayersRunOneByOne) {
+  ALLOY_SEEDED(seed);
+  using Fused = nn::Sequential<nn::Linear, nn::Gelu>;
+  using Separate = nn::Sequential<nn::Linear, PassThrough, nn::Gelu>;
+  const auto fused = run<Precision<fp32>>(Fused(nn::Linear("up", width, 24), nn::Gelu{}), seed);
+  const auto separate = run<Precision<fp32>>(Separate(nn::Linear("up", width, 24), PassThrough{}, nn::Gelu{}), seed);
+  test::expect_runs_agree(fused, separate, 1e-5);
+}
+
+// A Gelu that no Linear precedes runs its own passes, bit for bit as before the fusions; so does
+// a second Gelu in Linear, Gelu, Linear, Gelu, whose first three layers fuse.
+TEST(FusedMlp, GeluWithoutALinearBeforeItRunsOnItsOwn) {
+  ALLOY_SEEDED(seed);
+  using Alone = nn::Sequential<nn::Gelu, nn::Linear>;
+  using Apart = nn::Sequential<PassThrough, nn::Gelu, nn::Linear>;
+  const auto alone = run<Precision<bf16>>(Alone(nn::Gelu{}, nn::Linear("down", width, 8)), seed);
+  const auto apart = run<Precision<bf16>>(Apart(PassThrough{}, nn::Gelu{}, nn::Linear("down", width, 8)), seed);
+  test::expect_same_bits(alone, apart);
+
+  using Twice = nn::Sequential<nn::Linear, nn::Gelu, nn::Linear, nn::Gelu>;
+  using TwiceApart = nn::Sequential<nn::Linear, PassThrough, nn::Gelu, nn::Linear, PassThrough, nn::Gelu>;
+  const auto twice =
+      run<Precision<fp32>>(Twice(nn::Linear("a", width, 16), nn::Gelu{}, nn::Linear("b", 16, 8), nn::Gelu{}), seed);
+  const auto twice_apart = run<Precision<fp32>>(TwiceApart(nn::Linear("a", width, 16), PassThrough{}, nn::Gelu{},
+                                                           nn::Linear("b", 16, 8), PassThrough{}, nn::Gelu{}),
+                                                seed);
+  test::expect_runs_agree(twice, twice_apart, 1e-5);
+}
+
+// Residual<Linear>: the residual added in the Linear's own product.
+TEST(FusedMlp, ResidualOfALinearAddsInTheProduct) {
+  ALLOY_SEEDED(seed);
+  using Apart = nn::Residual<nn::Sequential<nn::Linear, PassThrough>>;
+  const auto fused = run<Precision<fp32>>(nn::Residual<nn::Linear>(nn::Linear("l", width, width)), seed);
+  const auto apart = run<Precision<fp32>>(Apart(nn::Sequential(nn::Linear("l", width, width), PassThrough{})), seed);
+  test::expect_runs_agree(fused, apart, 1e-6);
+  EXPECT_NE(test::bits(fused.y), test::bits(apart.y))
+      << "one rounding instead of two: equal bits mean the add did not fuse";
+}
+
+TEST(FusedMlp, AResidualBlockThatChangesTheWidthIsNamed) {
+  std::vector<float> x(rows * width), dy(rows * width);
+  nn::Residual<nn::Linear> block(nn::Linear("wide", width, width + 1));
+  EXPECT_MENTIONS(test::message_of([&] { test::run_block<Precision<fp32>, Host>(block, x, dy, rows, width, 1); }),
+                  "Residual 'block': input has 13 features, expected 12");
+}
+
+// The Gelu whose gradient the next Linear's product applied refuses to run its own backward.
+TEST(FusedMlp, TheFusedGelusOwnBackwardIsRefused) {
+  using Store = ParamStore<Precision<fp32>, SGD<>, Host>;
+  nn::Sequential<nn::Linear, nn::Gelu, nn::Linear> block(nn::Linear("up", width, hidden), nn::Gelu{},
+                                                         nn::Linear("down", hidden, width));
+  ParamRegistry r;
+  block.declare(r);
+  Store store(r, Host{}, 1);
+  Workspace<Host> ws;
+  BackendResources<Host> res;
+  Context<Store> ctx(store, ws, 1.0f, false, 0, 1, 0, 0, &res);
+  std::vector<float> x(rows * width, 0.5f);
+  const auto y = block.forward(ctx, Activation<const float>(x.data(), rows, width));
+  EXPECT_MENTIONS(
+      test::message_of([&] { block.layer<1>().backward(ctx, Activation<const float>(y.data, rows, hidden)); }),
+      "Gelu: its forward was fused with the Linears around it");
+}
+
+}  // namespace
