@@ -180,3 +180,31 @@ TEST(FusedMlp, TheFusedGelusOwnBackwardIsRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// Residual<Sequential<LayerNorm, ...>>: the residual's gradient is added to dx inside LayerNorm's
+// backward pass (one rounding, from fp32) instead of in a pass of its own (a PassThrough ahead of
+// the LayerNorm keeps the separate add). Same results to fp32 rounding; a bf16 difference of at
+// most one rounding of dx.
+TEST(FusedMlp, ResidualGradientAddedInLayerNormsPassMatchesASeparateAdd) {
+  ALLOY_SEEDED(seed);
+  using Apart = nn::Residual<nn::Sequential<PassThrough, nn::LayerNorm, nn::Linear, nn::Gelu, nn::Linear>>;
+  const auto apart_block = [] {
+    return Apart(nn::Sequential(PassThrough{}, nn::LayerNorm("norm", width), nn::Linear("up", width, hidden),
+                                nn::Gelu{}, nn::Linear("down", hidden, width)));
+  };
+  {
+    const auto fused = run<Precision<fp32>>(fused_block(), seed);
+    const auto apart = run<Precision<fp32>>(apart_block(), seed);
+    test::expect_runs_agree(fused, apart, 1e-6);
+  }
+  {
+    const auto fused = run<Precision<bf16>>(fused_block(), seed);
+    const auto apart = run<Precision<bf16>>(apart_block(), seed);
+    test::expect_runs_agree(fused, apart, 1e-2);
+    EXPECT_NE(test::bits(fused.dx), test::bits(apart.dx)) << "the same bits: the add was not folded into LayerNorm";
+  }
+}
+
+}  // namespace

@@ -2,9 +2,12 @@
 // neither weight-decayed; statistics in fp32.
 #pragma once
 
+#include <alloy/error.hpp>
 #include <alloy/kernels/layernorm.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/nn/activation.hpp>
+
+#include <string>
 
 namespace alloy::nn {
 
@@ -34,12 +37,26 @@ class LayerNorm {
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
+    return backward_adding(ctx, dy, {});
+  }
+
+  // backward, returning dx + add (added in fp32 and rounded once, in the same pass): a Residual
+  // whose block starts with this LayerNorm passes its dy here instead of adding it in a pass of
+  // its own. add.data == nullptr adds nothing.
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy,
+                                                   Activation<const detail::value_t<Ctx>> add) {
     using T = detail::value_t<Ctx>;
+    if (add.data != nullptr && (add.rows != dy.rows || add.cols != dy.cols)) {
+      throw error("LayerNorm " + name_ + ": the gradient to add is " + std::to_string(add.rows) + " x " +
+                  std::to_string(add.cols) + ", dy is " + std::to_string(dy.rows) + " x " + std::to_string(dy.cols));
+    }
     auto dx = detail::allocate(ctx, dy.rows, dy.cols);
     float* scratch = ctx.template allocate<float>(layernorm_backward_scratch_floats(dy.rows, dy.cols) + 1);
     layernorm_backward(ctx.backend(), dy.data, static_cast<const T*>(x_), ctx.param(gamma_).data,
                        static_cast<const float*>(mean_), static_cast<const float*>(rstd_), dx.data,
-                       ctx.grad(gamma_).data, ctx.grad(beta_).data, dy.rows, dy.cols, ctx.accumulate_grads(), scratch);
+                       ctx.grad(gamma_).data, ctx.grad(beta_).data, dy.rows, dy.cols, ctx.accumulate_grads(), scratch,
+                       add.data);
     return dx;
   }
 

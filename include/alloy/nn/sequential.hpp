@@ -11,7 +11,8 @@
 //   right, so in Linear, Gelu, Linear, Gelu the second Gelu runs on its own.
 // - Residual<Block> whose block ends with a Linear (a Linear itself, or a Sequential whose last
 //   layer is one) adds the residual in that Linear's product (cuBLASLt's C), not in a pass of
-//   its own. Its backward still adds dy to the block's dx in one pass.
+//   its own. In backward, a block that starts with a LayerNorm adds dy to its dx in LayerNorm's
+//   backward pass; any other block's dx gets dy added in a pass of its own.
 // The Host backend runs the same fused semantics through its reference product, so Host and Cuda
 // still compute the same thing, and a recomputed forward gives the same bits.
 #pragma once
@@ -20,6 +21,7 @@
 #include <alloy/nn/activation.hpp>
 #include <alloy/nn/fused_mlp.hpp>
 #include <alloy/nn/gelu.hpp>
+#include <alloy/nn/layernorm.hpp>
 #include <alloy/nn/linear.hpp>
 #include <alloy/train/recompute.hpp>
 
@@ -59,7 +61,15 @@ class Sequential {
 
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
-    return backward_to<sizeof...(Layers)>(ctx, dy);
+    return backward_to<sizeof...(Layers)>(ctx, dy, {});
+  }
+
+  // backward, with `add` added to dx by the first layer's backward pass (Residual's fusion).
+  template <class Ctx>
+  requires(sizeof...(Layers) > 0 && std::is_same_v<std::tuple_element_t<0, std::tuple<Layers...>>, LayerNorm>)
+      Activation<detail::value_t<Ctx>> backward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy,
+                                                       Activation<const detail::value_t<Ctx>> add) {
+    return backward_to<sizeof...(Layers)>(ctx, dy, add);
   }
 
   template <std::size_t I>
@@ -107,9 +117,11 @@ class Sequential {
     }
   }
 
-  // Runs layers [0, I) backward from d, the gradient of layer I - 1's output.
+  // Runs layers [0, I) backward from d, the gradient of layer I - 1's output; the first layer (a
+  // LayerNorm, when add has data) adds `add` to its dx.
   template <std::size_t I, class Ctx, class T = detail::value_t<Ctx>>
-  Activation<T> backward_to(Ctx& ctx, Activation<const std::type_identity_t<T>> d) {
+  Activation<T> backward_to(Ctx& ctx, Activation<const std::type_identity_t<T>> d,
+                            Activation<const std::type_identity_t<T>> add) {
     if constexpr (I == 0) {
       return {const_cast<T*>(d.data), d.rows, d.cols};
     } else {
@@ -117,10 +129,14 @@ class Sequential {
         auto& gelu = std::get<I - 2>(layers_);
         if (gelu.backward_in_next_product()) {
           return backward_to<I - 3>(
-              ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d));
+              ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d), add);
         }
       }
-      return backward_to<I - 1>(ctx, std::get<I - 1>(layers_).backward(ctx, d));
+      if constexpr (I == 1 && layer_is<0, LayerNorm>()) {
+        return std::get<0>(layers_).backward_adding(ctx, d, add);
+      } else {
+        return backward_to<I - 1>(ctx, std::get<I - 1>(layers_).backward(ctx, d), add);
+      }
     }
   }
 
@@ -154,6 +170,9 @@ class Residual {
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
     using T = detail::value_t<Ctx>;
+    if constexpr (requires { block_.backward_adding(ctx, dy, dy); }) {
+      return block_.backward_adding(ctx, dy, dy);
+    }
     const auto inner = block_.backward(ctx, dy);
     auto dx = detail::allocate(ctx, dy.rows, dy.cols);
     for_each_n(ctx.backend(), dy.size(), detail::AddElements<T>{}, in(dy.data), in(static_cast<const T*>(inner.data)),
