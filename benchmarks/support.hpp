@@ -7,15 +7,24 @@
 
 namespace alloy::bench {
 
+struct NoSetup {
+  void operator()() const {}
+};
+
 // Times `work` (enqueued on the default stream) with CUDA events, per benchmark iteration.
-template <class Work>
-void time_with_events(benchmark::State& state, Work&& work) {
+// `setup` is enqueued before each iteration's start event: its kernels run untimed.
+template <class Work, class Setup = NoSetup>
+void time_with_events(benchmark::State& state, Work&& work, Setup&& setup = {}) {
   cudaEvent_t start, stop;
   ALLOY_CUDA_CHECK(cudaEventCreate(&start));
   ALLOY_CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) work();  // warm-up
+  for (int i = 0; i < 3; ++i) {  // warm-up
+    setup();
+    work();
+  }
   ALLOY_CUDA_CHECK(cudaDeviceSynchronize());
   for (auto _ : state) {
+    setup();
     ALLOY_CUDA_CHECK(cudaEventRecord(start));
     work();
     ALLOY_CUDA_CHECK(cudaEventRecord(stop));

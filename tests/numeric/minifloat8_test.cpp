@@ -92,6 +92,81 @@ TYPED_TEST(Minifloat8Test, SaturatesAndRejectsNaN) {
   EXPECT_EQ(C::encode(std::numeric_limits<float>::denorm_min()), 0);
 }
 
+// The codec as first written (field by field, with a variable shift), kept as a reference: the
+// integer-rounding codec must give the same code for every float and the same value for every
+// code.
+template <class C>
+std::uint8_t field_by_field_encode(float x) {
+  constexpr int M = C::is_signed ? 3 : 3, E = C::is_signed ? 4 : 5, bias = C::bias;
+  const std::uint32_t u = alloy::detail::float_bits(x);
+  const std::uint32_t sign = C::is_signed ? (u >> 31) : 0u;
+  const std::uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u || (!C::is_signed && (u >> 31))) return 0;
+  const int e = static_cast<int>(a >> 23);
+  const std::uint32_t mantissa = (a & 0x7fffffu) | (e ? 0x800000u : 0u);
+  const int unbiased = (e ? e : 1) - 127;
+  std::uint32_t r;
+  int shift;
+  if (unbiased >= 1 - bias) {
+    shift = 23 - M;
+    r = (static_cast<std::uint32_t>(unbiased + bias) << M) | ((mantissa & 0x7fffffu) >> shift);
+  } else {
+    shift = 23 - M + (1 - bias - unbiased);
+    r = shift > 31 ? 0u : mantissa >> shift;
+  }
+  if (shift <= 31) {
+    const std::uint32_t remainder = mantissa & ((1u << shift) - 1u);
+    const std::uint32_t half = 1u << (shift - 1);
+    if (remainder > half || (remainder == half && (r & 1u))) ++r;
+  }
+  if (r > C::magnitude_mask) r = C::magnitude_mask;
+  return static_cast<std::uint8_t>((sign << (E + M)) | r);
+}
+
+template <class C>
+float field_by_field_decode(std::uint8_t code) {
+  constexpr int M = 3, bias = C::bias;
+  const std::uint32_t magnitude = code & C::magnitude_mask;
+  const std::uint32_t e = magnitude >> M;
+  const std::uint32_t m = magnitude & ((1u << M) - 1u);
+  float value;
+  if (e == 0) {
+    value =
+        static_cast<float>(m) * alloy::detail::float_from_bits(static_cast<std::uint32_t>(127 + 1 - bias - M) << 23);
+  } else {
+    value = alloy::detail::float_from_bits(((e - bias + 127u) << 23) | (m << (23 - M)));
+  }
+  return (C::is_signed && (code >> 7)) ? -value : value;
+}
+
+// Every 251st bit pattern (a prime stride, so every mantissa and exponent field is visited),
+// plus every pattern within 64 of each code's value and each midpoint.
+TYPED_TEST(Minifloat8Test, MatchesTheFieldByFieldCodecBitForBit) {
+  using C = TypeParam;
+  for (int c = 0; c < 256; ++c) {
+    const auto code = static_cast<std::uint8_t>(c);
+    ASSERT_EQ(alloy::detail::float_bits(C::decode(code)), alloy::detail::float_bits(field_by_field_decode<C>(code)))
+        << c;
+  }
+  auto check = [](std::uint32_t u) {
+    const float x = alloy::detail::float_from_bits(u);
+    ASSERT_EQ(C::encode(x), field_by_field_encode<C>(x)) << std::hexfloat << x;
+  };
+  for (std::uint64_t u = 0; u < (1ull << 32); u += 251) check(static_cast<std::uint32_t>(u));
+  for (int c = 0; c < 255; ++c) {
+    const float lo = C::decode(static_cast<std::uint8_t>(c)), hi = C::decode(static_cast<std::uint8_t>(c + 1));
+    for (float v : {lo, static_cast<float>((double(lo) + hi) / 2)}) {
+      for (float s : {v, -v}) {
+        const std::uint32_t b = alloy::detail::float_bits(s);
+        for (std::uint32_t d = 0; d < 64; ++d) {
+          check(b + d);
+          check(b - d);
+        }
+      }
+    }
+  }
+}
+
 TEST(Minifloat8, SignedIsSymmetricUnsignedDropsNegatives) {
   for (int c = 0; c < 128; ++c) {
     EXPECT_EQ(alloy::SignedE4M3::decode(static_cast<std::uint8_t>(c | 0x80)),

@@ -140,7 +140,9 @@ std::vector<double> unscaled_grads(Store& store, float scale) {
   return g;
 }
 
-// Every byte of the arenas a skipped step must leave alone.
+// Every byte of the training state: the arenas a skipped step must leave alone and a checkpoint
+// restores. The gradient accumulator is left out: it is scratch between micro-batches (the
+// trainer's next first micro-batch overwrites it; checkpoints do not hold it).
 template <class Store>
 std::vector<std::uint8_t> snapshot(Store& store) {
   std::vector<std::uint8_t> bytes;
@@ -151,7 +153,6 @@ std::vector<std::uint8_t> snapshot(Store& store) {
   };
   add(store.params_arena());
   add(store.master_arena());
-  if constexpr (Store::has_accumulator) add(store.accumulator_arena());
   for (int k = 0; k < Store::slots; ++k) {
     add(store.state_arena(k));
     add(store.state_scale_arena(k));

@@ -1,10 +1,12 @@
 // Pass 2 of the optimizer step: one pass over every arena. Per element: unscale and clip the
 // gradient (one multiply by grad_mult), apply the optimizer rule to the fp32 parameter (the
 // master copy, or the widened compute parameter when there is none) and its state, write the
-// parameter, the state and the compute copy (round to nearest even, or stochastic), and clear
-// the gradient accumulator when there is one. q8 state has its own kernel (fused_update_q8.hpp).
+// parameter, the state and the compute copy (round to nearest even, or stochastic), and, with
+// ClearGrad, clear the gradient accumulator (only for a caller-owned accumulator: on the
+// trainer's path the next step's first micro-batch overwrites it, train/optimizer_step.hpp).
+// q8 state has its own kernel (fused_update_q8.hpp).
 // Bytes per element (Precision<bf16, fp32_master> + AdamW<State<fp32>>): read grad 2, master 4,
-// m 4, v 4; write master 4, m 4, v 4, param 2: 28.
+// m 4, v 4; write master 4, m 4, v 4, param 2: 28 (30 reading an fp32 accumulator, 34 clearing it).
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>

@@ -20,44 +20,41 @@ struct Minifloat8 {
   static constexpr bool is_signed = Signed;
 
   // Nearest code to x, ties to the even code; |x| past the largest value saturates; NaN and,
-  // when unsigned, negative x give 0.
+  // when unsigned, negative x give 0. Written for the q8 optimizer kernel's instruction budget
+  // (a handful of integer operations per value): a normal code is the float's exponent and top
+  // mantissa bits rounded as an integer (carries move into the exponent, as rounding should), a
+  // subnormal code is |x| / (smallest code) rounded by one float addition.
   ALLOY_HOST_DEVICE static constexpr std::uint8_t encode(float x) noexcept {
+    constexpr int drop = 23 - MantissaBits;                                      // float mantissa bits dropped
+    constexpr std::uint32_t min_normal = std::uint32_t(128 - bias) << 23;        // 2^(1 - bias), as float bits
+    constexpr std::uint32_t rebias = std::uint32_t(127 - bias) << MantissaBits;  // float exponent -> code's
     const std::uint32_t u = detail::float_bits(x);
-    const std::uint32_t sign = Signed ? (u >> 31) : 0u;
     const std::uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u || (!Signed && (u >> 31))) return 0;
-    const int e = static_cast<int>(a >> 23);  // biased float exponent, 0 for float subnormals
-    const std::uint32_t mantissa = (a & 0x7fffffu) | (e ? 0x800000u : 0u);
-    const int unbiased = (e ? e : 1) - 127;
     std::uint32_t r;
-    int shift;  // bits of `mantissa` dropped
-    if (unbiased >= 1 - bias) {
-      shift = 23 - MantissaBits;
-      r = (static_cast<std::uint32_t>(unbiased + bias) << MantissaBits) | ((mantissa & 0x7fffffu) >> shift);
+    if (a >= min_normal) {
+      r = ((a + ((1u << (drop - 1)) - 1u) + ((a >> drop) & 1u)) >> drop) - rebias;
     } else {
-      shift = 23 - MantissaBits + (1 - bias - unbiased);
-      r = shift > 31 ? 0u : mantissa >> shift;
-    }
-    if (shift <= 31) {
-      const std::uint32_t remainder = mantissa & ((1u << shift) - 1u);
-      const std::uint32_t half = 1u << (shift - 1);
-      if (remainder > half || (remainder == half && (r & 1u))) ++r;
+      // |x| * 2^(bias + M - 1) is below 9 and exact; adding 2^23 rounds it to an integer, to even.
+      constexpr float to_units = float(1ull << (bias + MantissaBits - 1));
+      r = detail::float_bits(detail::float_from_bits(a) * to_units + 8388608.0f) - 0x4b000000u;
     }
     if (r > magnitude_mask) r = magnitude_mask;
+    const std::uint32_t sign = Signed ? (u >> 31) : 0u;
     return static_cast<std::uint8_t>((sign << (ExponentBits + MantissaBits)) | r);
   }
 
+  // A normal code is the float with the code's exponent and mantissa fields, rebiased; a
+  // subnormal one is its mantissa times the smallest code (no float subnormal is involved, so
+  // flush-to-zero modes do not change it).
   ALLOY_HOST_DEVICE static constexpr float decode(std::uint8_t code) noexcept {
     const std::uint32_t magnitude = code & magnitude_mask;
-    const std::uint32_t e = magnitude >> MantissaBits;
     const std::uint32_t m = magnitude & ((1u << MantissaBits) - 1u);
-    float value;
-    if (e == 0) {
-      value = static_cast<float>(m) *
-              detail::float_from_bits(static_cast<std::uint32_t>(127 + 1 - bias - MantissaBits) << 23);
-    } else {
-      value = detail::float_from_bits(((e - bias + 127u) << 23) | (m << (23 - MantissaBits)));
-    }
+    const float value =
+        (magnitude >> MantissaBits) != 0
+            ? detail::float_from_bits((magnitude << (23 - MantissaBits)) + (std::uint32_t(127 - bias) << 23))
+            : static_cast<float>(m) *
+                  detail::float_from_bits(static_cast<std::uint32_t>(127 + 1 - bias - MantissaBits) << 23);
     return (Signed && (code >> 7)) ? -value : value;
   }
 

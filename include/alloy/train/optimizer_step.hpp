@@ -1,12 +1,24 @@
 // OptimizerStep: what happens between "gradients exist" and "the next forward can start".
 //   1. pass 1 (one read of the gradients): sum of squares of the unscaled gradients
-//      (kernels/grad_stats.hpp);
+//      (kernels/grad_stats.hpp), unless the last micro-batch's accumulation already summed
+//      them (accumulate(), kernels/accumulate_grads.hpp);
 //   2. on the host: non-finite means the step is skipped (master, state and parameters left
 //      bit-identical) and counted, and the scaler backs off; otherwise the global norm gives
 //      the clip coefficient and the scaler counts toward growth;
 //   3. pass 2 (one fused pass over all arenas): the update (kernels/fused_update.hpp).
+//
+// Who owns the gradient accumulator (stores with one: a 16-bit compute dtype and
+// Accumulate<N>, N > 1):
+//  - the caller of accumulate() (the Trainer): accumulate(store, mb, count) after each
+//    micro-batch's backward writes acc = g (mb 0, acc not read) or acc += g, and the last one
+//    also sums the squares, so step() reads the gradients once (pass 2 only) and does not clear
+//    the accumulator: the next step's first micro-batch overwrites it. With count == 1 nothing
+//    is copied: step() runs pass 1 and pass 2 on the compute-dtype gradients themselves.
+//  - otherwise (code that fills accumulator_arena() itself and calls step()): step() runs
+//    pass 1 on the accumulator and clears it (in pass 2, or on a skipped step), as it always has.
 #pragma once
 
+#include <alloy/kernels/accumulate_grads.hpp>
 #include <alloy/kernels/adafactor_update.hpp>
 #include <alloy/kernels/fused_update.hpp>
 #include <alloy/kernels/fused_update_q8.hpp>
@@ -79,11 +91,14 @@ class OptimizerStep {
         step_(other.step_),
         skipped_(other.skipped_),
         adafactor_u_(std::move(other.adafactor_u_)),
-        adafactor_scalars_(std::move(other.adafactor_scalars_))
+        adafactor_scalars_(std::move(other.adafactor_scalars_)),
+        grads_(other.grads_),
+        host_result_(other.host_result_)
 #if ALLOY_HAS_CUDA_RUNTIME
         ,
         workspace_(std::move(other.workspace_)),
         sum_(std::move(other.sum_)),
+        partials_(std::move(other.partials_)),
         host_sum_(std::exchange(other.host_sum_, nullptr))
 #endif
   {
@@ -97,9 +112,12 @@ class OptimizerStep {
     skipped_ = other.skipped_;
     adafactor_u_ = std::move(other.adafactor_u_);
     adafactor_scalars_ = std::move(other.adafactor_scalars_);
+    grads_ = other.grads_;
+    host_result_ = other.host_result_;
 #if ALLOY_HAS_CUDA_RUNTIME
     workspace_ = std::move(other.workspace_);
     sum_ = std::move(other.sum_);
+    partials_ = std::move(other.partials_);
     if (host_sum_) (void)cudaFreeHost(host_sum_);
     host_sum_ = std::exchange(other.host_sum_, nullptr);
 #endif
@@ -121,25 +139,46 @@ class OptimizerStep {
     skipped_ = skipped;
   }
 
-  // Global sum of squares of the unscaled gradients (pass 1 alone).
+  // Global sum of squares of the unscaled gradients the optimizer reads (pass 1 alone).
   double grad_sum_of_squares(store_type& store) {
-    const auto* g = store.optimizer_grads();
-    const std::size_t n = store.layout().padded_numel();
-    const float inv_scale = 1.0f / scale_.scale;
-    if constexpr (std::is_same_v<B, Host>) {
-      float sum = 0.0f;
-      grad_sum_of_squares_async(be_, g, n, inv_scale, nullptr, 0, &sum);
-      return sum;
-    } else {
+    return sum_of_squares(store.optimizer_grads(), store.layout().padded_numel());
+  }
+
+  // Call after micro-batch `micro_batch` (0-based) of `micro_batches` has written its
+  // gradients, before the next one starts: makes this step engine the owner of the accumulator
+  // until the next step() (see the top of this file). The first micro-batch writes acc = g, the
+  // middle ones add, the last adds and sums the squares of the result for the step's norm and
+  // skip decision; with one micro-batch the step reads the compute-dtype gradients directly. A
+  // no-op for stores without an accumulator. Ordered on the backend's stream; nothing waits.
+  void accumulate(store_type& store, int micro_batch, int micro_batches) {
+    if (micro_batches < 1 || micro_batch < 0 || micro_batch >= micro_batches) {
+      throw error("OptimizerStep::accumulate: micro-batch " + std::to_string(micro_batch) + " of " +
+                  std::to_string(micro_batches));
+    }
+    if constexpr (store_type::has_accumulator) {
+      if (micro_batches == 1) {
+        grads_ = Gradients::compute;
+        return;
+      }
+      const auto* g = store.grads_arena().data();
+      auto* acc = store.accumulator_arena().data();
+      const std::size_t n = store.layout().padded_numel();
+      const bool first = micro_batch == 0;
+      if (micro_batch + 1 < micro_batches) {
+        accumulate_grads(be_, g, acc, n, first);
+        grads_ = Gradients::accumulating;
+        return;
+      }
+      const float inv_scale = 1.0f / scale_.scale;
+      if constexpr (std::is_same_v<B, Host>) {
+        accumulate_grads_with_stats_async(be_, g, acc, n, first, inv_scale, nullptr, &host_result_);
+      } else {
 #if ALLOY_HAS_CUDA_KERNELS
-      grad_sum_of_squares_async(be_, g, n, inv_scale, workspace_.data(), workspace_.size(), sum_.data());
-      ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
-      ALLOY_CUDA_CHECK(cudaStreamSynchronize(be_.stream));
-      return *host_sum_;
-#else
-      static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
-      return 0.0;
+        if (partials_.size() < grad_stats_partials(n)) partials_ = Buffer<float, Cuda>(grad_stats_partials(n), be_);
+        accumulate_grads_with_stats_async(be_, g, acc, n, first, inv_scale, partials_.data(), sum_.data());
 #endif
+      }
+      grads_ = Gradients::summed;
     }
   }
 
@@ -154,7 +193,11 @@ class OptimizerStep {
     }
     StepStats stats;
     stats.loss_scale = scale_.scale;
-    const double sum_sq = grad_sum_of_squares(store);
+    const Gradients source = grads_;
+    const double sum_sq = source == Gradients::summed ? summed_squares()
+                          : source == Gradients::compute
+                              ? sum_of_squares(store.grads_arena().data(), store.layout().padded_numel())
+                              : grad_sum_of_squares(store);
     const bool non_finite = !std::isfinite(sum_sq);
     stats.grad_norm = non_finite ? std::numeric_limits<double>::infinity() : std::sqrt(sum_sq);
 
@@ -172,15 +215,18 @@ class OptimizerStep {
       ++next.overflows;
     }
 
+    grads_ = Gradients::caller_owned;
     if (non_finite) {
       stats.skipped = true;
       ++skipped_;
-      if constexpr (store_type::has_accumulator) fill_zero(store.accumulator_arena());
+      if constexpr (store_type::has_accumulator) {
+        if (source == Gradients::caller_owned) fill_zero(store.accumulator_arena());
+      }
     } else {
       stats.clip_coefficient =
           options.max_grad_norm > 0.0f ? std::min(1.0, options.max_grad_norm / (stats.grad_norm + 1e-6)) : 1.0;
       ++step_;
-      apply(store, options.lr, static_cast<float>(stats.clip_coefficient / scale_.scale));
+      apply(store, source, options.lr, static_cast<float>(stats.clip_coefficient / scale_.scale));
     }
     scale_ = next;
     stats.next_loss_scale = scale_.scale;
@@ -191,15 +237,80 @@ class OptimizerStep {
   }
 
  private:
-  void apply(store_type& store, float lr, float grad_mult) {
-    if constexpr (is_adafactor_v<O>) {
-      apply_adafactor(store, lr, grad_mult);
+  // Where this step's gradients are, as accumulate() left them.
+  enum class Gradients {
+    caller_owned,  // no accumulate() since the last step: the optimizer's gradients, as the caller left them
+    accumulating,  // accumulate() ran, but not for the last micro-batch: the accumulator, not summed
+    summed,        // the last micro-batch summed into the accumulator, with the squares
+    compute,       // one micro-batch: the compute-dtype gradients, the accumulator unused
+  };
+
+  template <class G>
+  double sum_of_squares(const G* g, std::size_t n) {
+    const float inv_scale = 1.0f / scale_.scale;
+    if constexpr (std::is_same_v<B, Host>) {
+      float sum = 0.0f;
+      grad_sum_of_squares_async(be_, g, n, inv_scale, nullptr, 0, &sum);
+      return sum;
     } else {
-      apply_fused(store, lr, grad_mult);
+#if ALLOY_HAS_CUDA_KERNELS
+      grad_sum_of_squares_async(be_, g, n, inv_scale, workspace_.data(), workspace_.size(), sum_.data());
+      return read_sum();
+#else
+      static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
+      return 0.0;
+#endif
     }
   }
 
-  void apply_adafactor(store_type& store, float lr, float grad_mult) {
+  // The sum the last accumulate() left.
+  double summed_squares() {
+    if constexpr (std::is_same_v<B, Host>) {
+      return host_result_;
+    } else {
+      return read_sum();
+    }
+  }
+
+  double read_sum() {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
+      ALLOY_CUDA_CHECK(cudaStreamSynchronize(be_.stream));
+      return *host_sum_;
+    }
+#endif
+    return 0.0;
+  }
+
+  void apply(store_type& store, Gradients source, float lr, float grad_mult) {
+    if constexpr (store_type::has_accumulator) {
+      auto* acc = store.accumulator_arena().data();
+      if (source == Gradients::compute) {
+        apply_from<false>(store, store.grads_arena().data(), lr, grad_mult);
+      } else if (source == Gradients::caller_owned) {
+        apply_from<true>(store, acc, lr, grad_mult);
+      } else {
+        apply_from<false>(store, acc, lr, grad_mult);
+      }
+    } else {
+      apply_from<false>(store, store.grads_arena().data(), lr, grad_mult);
+    }
+  }
+
+  // Clear: zero the accumulator `grads` as it is read (the caller-owned accumulator).
+  template <bool Clear, class Grad>
+  void apply_from(store_type& store, Grad* grads, float lr, float grad_mult) {
+    if constexpr (is_adafactor_v<O>) {
+      apply_adafactor(store, grads, lr, grad_mult);
+      if constexpr (Clear) fill_zero(store.accumulator_arena());
+    } else {
+      apply_fused<Clear>(store, grads, lr, grad_mult);
+    }
+  }
+
+  template <class Grad>
+  void apply_adafactor(store_type& store, const Grad* grads, float lr, float grad_mult) {
     const auto& layout = store.layout();
     std::size_t largest = 0;
     for (std::size_t k = 0; k < layout.tensors(); ++k) largest = std::max(largest, layout[k].numel);
@@ -214,24 +325,23 @@ class OptimizerStep {
     ws_bytes = workspace_.size();
 #endif
     detail::adafactor_update(be_, store.registry(), layout, store.adafactor_placements(), store.params_arena().data(),
-                             store_type::has_master ? store.master_arena().data() : nullptr, store.optimizer_grads(),
+                             store_type::has_master ? store.master_arena().data() : nullptr, grads,
                              store.state_arena(0).data(), adafactor_u_.data(), adafactor_scalars_.data(), ws, ws_bytes,
                              config_.optimizer, lr, grad_mult, step_, config_.seed,
                              config_.param_rounding == Rounding::stochastic);
-    if constexpr (store_type::has_accumulator) fill_zero(store.accumulator_arena());
   }
 
-  void apply_fused(store_type& store, float lr, float grad_mult) {
+  template <bool Clear, class Grad>
+  void apply_fused(store_type& store, Grad* grads, float lr, float grad_mult) {
     using Rule = typename O::rule_type;
     using Param = typename store_type::param_type;
-    using Grad = typename store_type::optimizer_grad_type;
     using S = typename store_type::state_storage;
     constexpr int slots = store_type::slots;
     const std::size_t n = store.layout().padded_numel();
     detail::UpdateArenas<Param, Grad, S, slots> a;
     a.n = n;
     a.params = store.params_arena().data();
-    a.grads = store.optimizer_grads();
+    a.grads = grads;
     a.master = store_type::has_master ? store.master_arena().data() : nullptr;
     for (int k = 0; k < slots; ++k) {
       a.state[k] = store.state_arena(k).data();
@@ -240,11 +350,10 @@ class OptimizerStep {
     a.blocks = store.block_scales().data();
     const detail::UpdateScalars<Rule> s{O::rule(config_.optimizer, lr, step_), grad_mult, config_.seed, step_ * n,
                                         config_.param_rounding == Rounding::stochastic};
-    constexpr bool clear = store_type::has_accumulator;
     if constexpr (store_type::state_policy::quantized) {
-      detail::fused_update_q8<static_cast<int>(store_type::quant_block), clear>(be_, a, s);
+      detail::fused_update_q8<static_cast<int>(store_type::quant_block), Clear>(be_, a, s);
     } else {
-      detail::fused_update<clear>(be_, a, s);
+      detail::fused_update<Clear>(be_, a, s);
     }
   }
 
@@ -255,9 +364,12 @@ class OptimizerStep {
   std::uint64_t skipped_ = 0;
   Buffer<float, B> adafactor_u_;
   Buffer<float, B> adafactor_scalars_;
+  Gradients grads_ = Gradients::caller_owned;
+  float host_result_ = 0.0f;  // Host: the sum the last accumulate() left
 #if ALLOY_HAS_CUDA_RUNTIME
   Buffer<std::byte, Cuda> workspace_;
   Buffer<float, Cuda> sum_;
+  Buffer<float, Cuda> partials_;  // accumulate(): one partial sum per 16,384 elements
   float* host_sum_ = nullptr;
 #endif
 };

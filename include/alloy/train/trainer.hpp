@@ -7,8 +7,9 @@
 //   alloy::StepReport r = trainer.step(next_batch);  // pulls 16 micro-batches
 //
 // One step: for each micro-batch, forward/backward with backward seeded by scale / N, the
-// gradients summed into the accumulator when there is one; then the optimizer step (pass 1,
-// skip/clip decision, pass 2).
+// gradients summed into the accumulator when there is one (OptimizerStep::accumulate, which
+// sums the squares for the norm on the last micro-batch); then the optimizer step (pass 1 where
+// the accumulation did not already sum the squares, skip/clip decision, pass 2).
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
@@ -54,20 +55,6 @@ struct TrainerMemory {
   std::size_t input_staging = 0;  // its pinned host staging memory (pageable input only)
   MemoryStats backend;  // everything this trainer allocated: current and peak
 };
-
-namespace detail {
-
-// acc = g (first micro-batch) or acc + g. Per element: read g and (after the first) acc, write acc.
-template <class G, class Acc>
-struct AccumulateGrads {
-  bool first;
-  ALLOY_HOST_DEVICE void operator()(const G& g, Acc& acc) const {
-    const float x = to_float(g);
-    acc = round_nearest<Acc>(first ? x : fp::add(to_float(acc), x));
-  }
-};
-
-}  // namespace detail
 
 template <class M, class... Policies>
 class Trainer {
@@ -212,12 +199,7 @@ class Trainer {
         throw;
       }
       uploads_.end_micro_batch();
-      if constexpr (store_type::has_accumulator) {
-        using G = typename store_type::grad_type;
-        using Acc = typename store_type::optimizer_grad_type;
-        for_each_n(be_, store_.layout().padded_numel(), detail::AccumulateGrads<G, Acc>{mb == 0},
-                   in(static_cast<const G*>(store_.grads_arena().data())), inout(store_.accumulator_arena().data()));
-      }
+      step_.accumulate(store_, mb, micro_batches_);
     }
     const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
     ++attempted_;
