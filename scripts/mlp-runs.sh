@@ -28,6 +28,6 @@ run() {  # run NAME ARGS...
   run bf16_4x2048 --precision bf16 --accumulate 4 --rows 2048
 } 2>&1 | tee "$OUT/mlp.txt"
 if python3 -c "import torch" 2>/dev/null; then
-  PYTHONUNBUFFERED=1 python3 benchmarks/peers/residual_mlp.py --out "$OUT/mlp_peers.json" ${MLP_PEER_CONFIGS:+--configs "$MLP_PEER_CONFIGS"} 2>&1 | tail -12
+  PYTHONUNBUFFERED=1 timeout "${MLP_PEER_TIMEOUT:-900}" python3 benchmarks/peers/residual_mlp.py --out "$OUT/mlp_peers.json" ${MLP_PEER_CONFIGS:+--configs "$MLP_PEER_CONFIGS"} 2>&1 | tail -12
 fi
 python3 scripts/mlp_table.py "$OUT/mlp.txt" "$OUT/mlp_peers.json" | tee "$OUT/mlp_table.md"

@@ -105,10 +105,11 @@ def main():
         print(f"{c:24s} {r['median_ms']:8.2f} ms  {r['rows_per_s'] / 1e3:7.0f} K rows/s  "
               f"peak {r['peak_allocated_gib']:.2f} GiB", flush=True)
         torch.cuda.empty_cache()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": a.rows, "results": results}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+        # Written after every configuration, so a run cut short keeps what it measured.
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": a.rows, "results": results}
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
