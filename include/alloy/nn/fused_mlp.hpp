@@ -7,12 +7,13 @@
 // residual-MLP block:
 //   forward   up's product: h = gelu(x Wu^T + bu), pre kept; down's product: y = h Wd^T + bd
 //             (+ the residual, when the Sequential is a Residual's block and down is its last layer)
-//   backward  down's input-gradient product, Epilogue::dgelu_tanh_bias_grad:
-//               dPre = (dy Wd) * gelu'(pre), and dbu = column sums of dPre in the same pass
-//             down's weight gradient dWd = dy^T h, dbd = column sums of dy (Epilogue::bias_grad)
-//             up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x (its bias gradient is done)
-// GELU's forward and backward passes, and the up layer's separate bias-gradient reduction, are
-// gone (profile_69707e9.md: 42 + 55 + 28 us per block at 8192 x 1024 -> 4096 bf16 on the H200).
+//   backward  down's input gradient dh = dy Wd (a plain product); down's weight gradient
+//             dWd = dy^T h, dbd = column sums of dy (Epilogue::bias_grad); dPre = dh * gelu'(pre)
+//             (an element-wise pass); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x,
+//             dbu in the same product. (cuBLASLt's dGELU + bias-gradient epilogue was measured
+//             slower than these two passes: see mlp_backward.)
+// GELU's forward pass is gone from forward (42 us per block at 8192 x 1024 -> 4096 bf16 on the
+// H200, profile of 69707e9).
 //
 // Memory: only the pre-activation lives from forward to backward; h, which down's weight
 // gradient needs, is recomputed from it in backward, as llm.c does. h is 8192 x 4096 bf16 = 64 MB
@@ -75,16 +76,25 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 // which Residual adds itself). Returns dx.
 template <class Ctx, class T = value_t<Ctx>>
 Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
+  // Measured on the H200 at 5dc06d4 (8192 x 1024 -> 4096, bf16): cuBLASLt 13.0 runs the
+  // DGELU_BGRAD epilogue as a kernel of its own after the product (cublasLt::globalKernel, 283 us
+  // per block), where GELU's gradient as an element-wise pass (55 us) and the bias gradient in
+  // up's weight product (28 us) cost 83 us. So backward keeps those two: down's input gradient
+  // is a plain product, GELU's gradient runs from the kept pre-activation, and up's bias
+  // gradient comes out of its weight product. The dGELU epilogues stay in kernels/ (tested)
+  // for a cuBLASLt that fuses them.
   const T* pre = gelu.pre_activation<T>();
-  T* up_bias_grad = up.has_bias() ? up.bias_grad_target(ctx) : nullptr;
-  const Activation<const T> d_pre = down.input_gradient(ctx, dy, pre, up_bias_grad);
-  if (up_bias_grad != nullptr) up.finish_bias_grad(ctx, up_bias_grad);
-  const auto mark = ctx.workspace().mark();
-  T* h = ctx.template allocate<T>(d_pre.size());
-  for_each_n(ctx.backend(), d_pre.size(), GeluForward<T>{}, in(pre), out(h));
-  down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
-  ctx.workspace().release(mark);
-  return up.backward(ctx, d_pre, false);
+  const Activation<const T> dh = down.input_gradient(ctx, dy);
+  {
+    const auto mark = ctx.workspace().mark();
+    T* h = ctx.template allocate<T>(dh.size());
+    for_each_n(ctx.backend(), dh.size(), GeluForward<T>{}, in(pre), out(h));
+    down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
+    ctx.workspace().release(mark);
+  }
+  auto d_pre = allocate(ctx, dh.rows, dh.cols);
+  for_each_n(ctx.backend(), dh.size(), GeluBackward<T>{}, in(pre), in(dh.data), out(d_pre.data));
+  return up.backward(ctx, Activation<const T>(d_pre), true);
 }
 
 }  // namespace alloy::nn::detail

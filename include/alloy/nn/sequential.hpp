@@ -5,9 +5,9 @@
 // keeping everything. A LayeredModel usually hands the trainer repeated.blocks() as its layers().
 //
 // Fusions, taken without being asked for (fused_mlp.hpp says what each computes):
-// - In a Sequential, Linear -> Gelu -> Linear runs as two products forward and two backward
-//   (GELU and its gradient in the epilogues, the first Linear's bias gradient in the dGELU
-//   product), and Linear -> Gelu otherwise as one product forward. Layers are matched left to
+// - In a Sequential, Linear -> Gelu -> Linear runs as two products forward (GELU in the first
+//   one's epilogue, keeping only its input for backward), and Linear -> Gelu otherwise as one
+//   product forward. Layers are matched left to
 //   right, so in Linear, Gelu, Linear, Gelu the second Gelu runs on its own.
 // - Residual<Block> whose block ends with a Linear (a Linear itself, or a Sequential whose last
 //   layer is one) adds the residual in that Linear's product (cuBLASLt's C), not in a pass of
