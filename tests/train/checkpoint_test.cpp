@@ -383,3 +383,108 @@ TEST(Checkpoint, SavingReplacesTheOldFileWhole) {
 }
 
 }  // namespace
+
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <future>
+
+namespace {
+
+// A copy of `from` at `to` with metadata[key] = value (every tensor as it was).
+void rewrite_metadata(const std::filesystem::path& from, const std::filesystem::path& to, const std::string& key,
+                      const std::string& value) {
+  const auto file = SafetensorsFile::open(from);
+  std::vector<std::vector<std::byte>> data;
+  std::vector<TensorToWrite> tensors;
+  data.reserve(file.tensors().size());
+  for (const auto& t : file.tensors()) {
+    data.emplace_back(t.size);
+    file.read(t.name, std::span<std::byte>(data.back()));
+    tensors.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(data.back())});
+  }
+  auto metadata = file.metadata();
+  metadata[key] = value;
+  write_safetensors(to, tensors, metadata);
+}
+
+// A named pipe is refused at once; opening it for reading must not wait for a writer.
+TEST(Checkpoint, RefusesANamedPipeWithoutWaitingForAWriter) {
+  TempDir dir;
+  const auto fifo = dir / "ckpt.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  Bf16Trainer trainer(StudentMlp(16, 32, 4));
+  auto refused = std::async(std::launch::async, [&] { expect_refused(trainer, fifo, "named pipe"); });
+  if (refused.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    // Free the blocked reader so the test can end, then fail.
+    const int fd = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+    refused.wait();
+    if (fd >= 0) ::close(fd);
+    FAIL() << "load() waited on the FIFO for 10 s";
+  }
+  refused.get();
+  expect_refused(trainer, dir.path(), "directory");
+}
+
+// Counters are digits only and in range, and agree with each other; the scaler's state is valid.
+TEST(Checkpoint, RefusesCountersThatParseLooselyOrContradictEachOther) {
+  TempDir dir;
+  const auto data = batches(5, 4);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.seed = 5});
+  source.step(data.begin());
+  source.step(data.begin() + 1);
+  const auto good = dir / "good.safetensors";
+  source.save(good);
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.seed = 6});
+  const struct {
+    const char* key;
+    const char* value;
+    const char* says;
+  } cases[] = {
+      {"alloy.attempted_steps", " -1", "is not an unsigned integer"},
+      {"alloy.attempted_steps", "+2", "is not an unsigned integer"},
+      {"alloy.attempted_steps", "0x2", "is not an unsigned integer"},
+      {"alloy.attempted_steps", "", "is not an unsigned integer"},
+      {"alloy.attempted_steps", "99999999999999999999999", "is not an unsigned integer"},
+      {"alloy.loss_scale_growth_tracker", "2147483648", "is above 2147483647"},
+      {"alloy.loss_scale_growth_tracker", "4294967296", "is above 2147483647"},
+      {"alloy.loss_scale_hysteresis_left", "0", "hysteresis_left is 0"},
+      {"alloy.applied_steps", "3", "step counters disagree"},
+      {"alloy.skipped_steps", "1", "step counters disagree"},
+      {"alloy.loss_scale", "0x1p-140", "is not a positive normal float"},
+      {"alloy.loss_scale", "-1", "is not a positive normal float"},
+      {"alloy.loss_scale_overflows", "3", "more than the 2 attempted steps"},
+  };
+  for (const auto& c : cases) {
+    const auto bad = dir / "bad.safetensors";
+    rewrite_metadata(good, bad, c.key, c.value);
+    SCOPED_TRACE(std::string(c.key) + " = '" + c.value + "'");
+    expect_refused(target, bad, c.says);
+  }
+  rewrite_metadata(good, dir / "same.safetensors", "alloy.attempted_steps", "2");  // the helper itself is sound
+  target.load(dir / "same.safetensors");
+  EXPECT_EQ(target.steps(), 2u);
+}
+
+// A fixed scale is configuration: a trainer keeps its own; a different scaler kind is refused.
+TEST(Checkpoint, AFixedScaleIsTheTrainersOwnAndOtherScalerKindsAreRefused) {
+  TempDir dir;
+  const auto data = batches(7, 4);
+  using Fixed1k = Trainer<StudentMlp, Precision<fp16, fp32_master, StaticLossScale<1024.0f>>, AdamW<>, Host>;
+  using Fixed64k = Trainer<StudentMlp, Precision<fp16, fp32_master, StaticLossScale<65536.0f>>, AdamW<>, Host>;
+  using Dynamic = Trainer<StudentMlp, Precision<fp16, fp32_master>, AdamW<>, Host>;
+  Fixed64k source(StudentMlp(16, 32, 4), {.seed = 7});
+  source.step(data.begin());
+  source.save(dir / "fixed64k.safetensors");
+  Fixed1k target(StudentMlp(16, 32, 4), {.seed = 8});
+  target.load(dir / "fixed64k.safetensors");
+  EXPECT_EQ(target.loss_scale(), 1024.0f);
+  EXPECT_EQ(target.steps(), 1u);
+  EXPECT_FALSE(target.step(data.begin() + 1).skipped);
+  Dynamic dynamic(StudentMlp(16, 32, 4), {.seed = 9});
+  expect_refused(dynamic, dir / "fixed64k.safetensors", "scaler=StaticLossScale");
+}
+
+}  // namespace

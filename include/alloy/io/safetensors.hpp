@@ -420,13 +420,19 @@ class SafetensorsFile {
   }
 
   void load() {
+    // O_NONBLOCK: opening a FIFO (or a device) for reading would otherwise wait for a writer,
+    // forever, before fstat could say it is no regular file. Regular files ignore the flag.
     do {
-      fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+      fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     } while (fd_ < 0 && errno == EINTR);
     if (fd_ < 0) invalid("cannot open: " + detail::errno_text(errno));
     struct stat info {};
     if (::fstat(fd_, &info) != 0) invalid("fstat failed: " + detail::errno_text(errno));
-    if (!S_ISREG(info.st_mode)) invalid("not a regular file");
+    if (!S_ISREG(info.st_mode)) {
+      invalid(S_ISFIFO(info.st_mode)  ? "a named pipe (FIFO), not a regular file"
+              : S_ISDIR(info.st_mode) ? "a directory, not a regular file"
+                                      : "not a regular file");
+    }
     const auto file_size = static_cast<std::uint64_t>(info.st_size);
 
     if (file_size < 8) {

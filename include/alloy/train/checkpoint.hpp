@@ -25,10 +25,12 @@
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/train/param_store.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -80,14 +82,23 @@ inline const std::string& required_metadata(const SafetensorsFile& f, const std:
   return it->second;
 }
 
-inline std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& key) {
+// Digits only (no sign, no space, no base prefix), at most `limit`. strtoull alone would read
+// " -1" as 2^64 - 1.
+inline std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& key,
+                                  std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
   const std::string& v = required_metadata(f, key);
-  char* end = nullptr;
+  const bool digits = !v.empty() && v.size() <= 20 && std::all_of(v.begin(), v.end(), [](char ch) {
+    return ch >= '0' && ch <= '9';
+  });
   errno = 0;
-  const unsigned long long x = std::strtoull(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || errno == ERANGE || v[0] == '-') {
+  const unsigned long long x = digits ? std::strtoull(v.c_str(), nullptr, 10) : 0;
+  if (!digits || errno == ERANGE) {
     throw error("load checkpoint '" + f.path().string() + "': metadata '" + key + "' = '" + v +
-                "' is not an unsigned integer");
+                "' is not an unsigned integer (digits only)");
+  }
+  if (x > limit) {
+    throw error("load checkpoint '" + f.path().string() + "': metadata '" + key + "' = " + v + " is above " +
+                std::to_string(limit));
   }
   return x;
 }
@@ -319,11 +330,31 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
   c.applied_steps = detail::metadata_u64(file, "alloy.applied_steps");
   c.skipped_steps = detail::metadata_u64(file, "alloy.skipped_steps");
   c.scale.scale = detail::metadata_float(file, "alloy.loss_scale");
-  c.scale.growth_tracker = static_cast<std::int32_t>(detail::metadata_u64(file, "alloy.loss_scale_growth_tracker"));
-  c.scale.hysteresis_left = static_cast<std::int32_t>(detail::metadata_u64(file, "alloy.loss_scale_hysteresis_left"));
+  constexpr auto int32_max = static_cast<std::uint64_t>(std::numeric_limits<std::int32_t>::max());
+  c.scale.growth_tracker =
+      static_cast<std::int32_t>(detail::metadata_u64(file, "alloy.loss_scale_growth_tracker", int32_max));
+  c.scale.hysteresis_left =
+      static_cast<std::int32_t>(detail::metadata_u64(file, "alloy.loss_scale_hysteresis_left", int32_max));
   c.scale.overflows = detail::metadata_u64(file, "alloy.loss_scale_overflows");
   c.seed = detail::metadata_u64(file, "alloy.seed");
-  if (!(c.scale.scale > 0.0f)) throw error(where + "metadata alloy.loss_scale is not positive");
+  // The invariants of the counters and of the scaler's state.
+  if (!(c.scale.scale >= std::numeric_limits<float>::min())) {
+    throw error(where + "metadata alloy.loss_scale = " + detail::exact_float(c.scale.scale) +
+                " is not a positive normal float");
+  }
+  if (c.scale.hysteresis_left < 1) {
+    throw error(where + "metadata alloy.loss_scale_hysteresis_left is 0; a scaler always tolerates at least one "
+                "more overflow before backing off (1 or more)");
+  }
+  if (c.applied_steps > c.attempted_steps || c.skipped_steps > c.attempted_steps - c.applied_steps) {
+    throw error(where + "step counters disagree: " + std::to_string(c.applied_steps) + " applied and " +
+                std::to_string(c.skipped_steps) + " skipped steps, " + std::to_string(c.attempted_steps) +
+                " attempted");
+  }
+  if (c.scale.overflows > c.attempted_steps) {
+    throw error(where + "metadata alloy.loss_scale_overflows = " + std::to_string(c.scale.overflows) +
+                " is more than the " + std::to_string(c.attempted_steps) + " attempted steps");
+  }
 
   // Stage everything on the host (padding zero, as in every arena); check the weights are finite.
   const std::size_t n = layout.padded_numel();

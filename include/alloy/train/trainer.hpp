@@ -239,7 +239,16 @@ class Trainer {
   // bit-exact: N steps, save, load into a fresh trainer, M steps gives the bytes of N + M steps.
   // Throws alloy::error and changes nothing when the file is damaged or does not match.
   void load(const std::filesystem::path& path) {
-    const CheckpointCounters c = load_checkpoint(path, store_, signature());
+    CheckpointCounters c = load_checkpoint(path, store_, signature());
+    if constexpr (!scaler_type::dynamic) {
+      // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
+      // scaler is the same kind, or the signature would have refused it); the count of
+      // overflows is history and comes from the file.
+      const LossScaleState own = step_.scale_state();
+      c.scale.scale = own.scale;
+      c.scale.growth_tracker = own.growth_tracker;
+      c.scale.hysteresis_left = own.hysteresis_left;
+    }
     step_.restore(c.scale, c.applied_steps, c.skipped_steps);
     step_.config().seed = c.seed;
     config_.seed = c.seed;
