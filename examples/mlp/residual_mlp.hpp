@@ -149,8 +149,8 @@ class ResidualMlp {
   void check(const Batch& b) const {
     if (b.x.empty() || b.x.size() % shape_.inputs != 0 || b.label.size() != b.x.size() / shape_.inputs) {
       throw alloy::error("ResidualMlp: a batch of " + std::to_string(b.x.size()) + " features and " +
-                         std::to_string(b.label.size()) + " labels; it needs rows x " +
-                         std::to_string(shape_.inputs) + " features and one label per row");
+                         std::to_string(b.label.size()) + " labels; it needs rows x " + std::to_string(shape_.inputs) +
+                         " features and one label per row");
     }
   }
 

@@ -166,11 +166,12 @@ int run(const Options& o, Shape shape) {
   std::printf("loss %.5f -> %.5f; %.3f ms per step, %.0f rows/s; activations peak %.1f MiB, all memory peak %.1f MiB\n",
               first.loss, last.loss, 1e3 * seconds / timed, double(shape.rows) * o.accumulate * timed / seconds,
               mem.activations_peak / 1048576.0, mem.backend.peak_bytes / 1048576.0);
-  std::printf("memory: arenas %.1f MiB (%.2f bytes/param), activation workspace %.1f MiB, input slots %.1f MiB; "
-              "peak in the first two steps %.1f MiB\n",
-              mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
-              mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
-              std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
+  std::printf(
+      "memory: arenas %.1f MiB (%.2f bytes/param), activation workspace %.1f MiB, input slots %.1f MiB; "
+      "peak in the first two steps %.1f MiB\n",
+      mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
+      mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
+      std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
   std::printf("loss curve: %s\n", o.csv.c_str());
   return last.loss < first.loss ? 0 : 1;
 }

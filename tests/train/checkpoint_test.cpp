@@ -384,8 +384,8 @@ TEST(Checkpoint, SavingReplacesTheOldFileWhole) {
 
 }  // namespace
 
-#include <sys/stat.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -485,6 +485,63 @@ TEST(Checkpoint, AFixedScaleIsTheTrainersOwnAndOtherScalerKindsAreRefused) {
   EXPECT_FALSE(target.step(data.begin() + 1).skipped);
   Dynamic dynamic(StudentMlp(16, 32, 4), {.seed = 9});
   expect_refused(dynamic, dir / "fixed64k.safetensors", "scaler=StaticLossScale");
+}
+
+}  // namespace
+
+namespace {
+
+// The compute copy must be a rounding of its master (nearest, or stochastic: down or up).
+TEST(Checkpoint, RefusesACompute16BitCopyThatIsNotARoundingOfItsMaster) {
+  TempDir dir;
+  const auto data = batches(11, 6);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.seed = 11});
+  source.step(data.begin());
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.seed = 12});
+  auto w1 = source.store().param("w1");
+  const bf16 kept = w1.data[3];
+  w1.data[3] = bf16(std::numeric_limits<float>::infinity());
+  source.save(dir / "inf.safetensors");
+  expect_refused(target, dir / "inf.safetensors", "parameter 'w1': its bf16 copy at element 3 is inf");
+  w1.data[3] = bf16(0.0f);
+  source.save(dir / "zero.safetensors");
+  expect_refused(target, dir / "zero.safetensors", "not a rounding of its fp32 master");
+  w1.data[3] = bf16::from_bits(static_cast<std::uint16_t>(kept.bits() ^ 0x0400));  // one flipped exponent bit
+  source.save(dir / "flipped.safetensors");
+  expect_refused(target, dir / "flipped.safetensors", "parameter 'w1'");
+  w1.data[3] = kept;
+
+  // Stochastic rounding leaves copies rounded down or up: they load.
+  Trainer<StudentMlp, Precision<bf16, fp32_master>, AdamW<>, Host> stochastic(
+      StudentMlp(16, 32, 4), {.param_rounding = Rounding::stochastic, .seed = 13});
+  for (int s = 0; s < 4; ++s) stochastic.step(data.begin() + s);
+  stochastic.save(dir / "stochastic.safetensors");
+  target.load(dir / "stochastic.safetensors");
+  EXPECT_EQ(target.steps(), 4u);
+}
+
+// save() onto a symbolic link replaces the file it names and keeps the link; a link to no file
+// yet creates it.
+TEST(Checkpoint, SavingThroughASymbolicLinkReplacesItsTargetAndKeepsTheLink) {
+  TempDir dir;
+  const auto data = batches(13, 4);
+  Bf16Trainer trainer(StudentMlp(16, 32, 4), {.seed = 13});
+  trainer.step(data.begin());
+  trainer.save(dir / "run1.safetensors");
+  std::filesystem::create_symlink(dir / "run1.safetensors", dir / "latest.safetensors");
+  trainer.step(data.begin() + 1);
+  trainer.save(dir / "latest.safetensors");
+  EXPECT_TRUE(std::filesystem::is_symlink(dir / "latest.safetensors"));
+  Bf16Trainer reader(StudentMlp(16, 32, 4));
+  reader.load(dir / "run1.safetensors");
+  EXPECT_EQ(reader.steps(), 2u);
+  std::filesystem::create_symlink(dir / "run2.safetensors", dir / "next.safetensors");  // dangling
+  trainer.save(dir / "next.safetensors");
+  EXPECT_TRUE(std::filesystem::is_symlink(dir / "next.safetensors"));
+  EXPECT_TRUE(std::filesystem::is_regular_file(dir / "run2.safetensors"));
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
+    EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << "left behind: " << e.path();
+  }
 }
 
 }  // namespace

@@ -95,17 +95,20 @@ auto train(std::uint64_t seed, int steps) {
 
 TEST(LayeredModel, TrainerRecomputesWithTheSameBitsAndLessActivationMemory) {
   ALLOY_SEEDED(seed);
-  auto [kept, r0] = train(seed, 4);
-  auto [every1, r1] = train<Checkpointing>(seed, 4);
-  auto [every2, r2] = train<CheckpointEvery<2>>(seed, 4);
+  constexpr int steps = 8;
+  auto [kept, r0] = train(seed, steps);
+  auto [every1, r1] = train<Checkpointing>(seed, steps);
+  auto [every2, r2] = train<CheckpointEvery<2>>(seed, steps);
   static_assert(!std::remove_cvref_t<decltype(*kept)>::recomputes &&
                 std::remove_cvref_t<decltype(*every1)>::recomputes);
-  for (int s = 0; s < 4; ++s) {
+  for (int s = 0; s < steps; ++s) {
     EXPECT_EQ(r0[s].loss, r1[s].loss) << s;
     EXPECT_EQ(r0[s].grad_norm, r1[s].grad_norm) << s;
     EXPECT_EQ(r0[s].grad_norm, r2[s].grad_norm) << s;
   }
-  EXPECT_LT(r0[3].loss, r0[0].loss);  // it trains
+  // It trains: each step sees a fresh random batch, so compare the mean of the last three losses
+  // with the first three (4 steps, first against last, failed for one seed in 2026-12-02's CI).
+  EXPECT_LT(r0[5].loss + r0[6].loss + r0[7].loss, r0[0].loss + r0[1].loss + r0[2].loss);
   EXPECT_EQ(test::snapshot(kept->store()), test::snapshot(every1->store()));
   EXPECT_EQ(test::snapshot(kept->store()), test::snapshot(every2->store()));
   const auto a = kept->memory().activations_peak, b = every1->memory().activations_peak,

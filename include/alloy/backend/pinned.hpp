@@ -55,12 +55,12 @@ struct PinnedAllocator {
     if (e == cudaSuccess) return static_cast<T*>(p);
     (void)cudaGetLastError();
     if (e != cudaErrorNoDevice && e != cudaErrorInsufficientDriver) {
-      throw cuda_error("cudaMallocHost", __FILE__, __LINE__, e,
-                       std::string(cudaGetErrorString(e)) + " (pinning " + std::to_string(n * sizeof(T)) +
-                           " bytes of host memory)");
+      throw cuda_error(
+          "cudaMallocHost", __FILE__, __LINE__, e,
+          std::string(cudaGetErrorString(e)) + " (pinning " + std::to_string(n * sizeof(T)) + " bytes of host memory)");
     }
 #endif
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{256}));
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{256}));
   }
 
   void deallocate(T* p, std::size_t) noexcept {
@@ -71,7 +71,7 @@ struct PinnedAllocator {
       return;
     }
 #endif
-    ::operator delete(p, std::align_val_t{256});
+    ::operator delete (p, std::align_val_t{256});
   }
 
   template <class U>

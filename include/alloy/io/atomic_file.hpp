@@ -146,13 +146,32 @@ inline void FileWriter::write(std::span<const std::byte> bytes) {
   written_ += bytes.size();
 }
 
+// Where a write to `target` lands: a symbolic link (or a chain of them) is followed to the file
+// it names, so the link stays a link and its target is replaced; a link that names no file yet
+// gets that file created. Anything else is `target` itself.
+inline std::filesystem::path write_destination(const std::filesystem::path& target) {
+  std::filesystem::path p = target;
+  for (int hops = 0;; ++hops) {
+    std::error_code ec;
+    if (!std::filesystem::is_symlink(std::filesystem::symlink_status(p, ec))) return p;
+    if (hops == 40) throw error("write '" + target.string() + "': too many levels of symbolic links");
+    const std::filesystem::path next = std::filesystem::read_symlink(p, ec);
+    if (ec)
+      throw error("write '" + target.string() + "': cannot read the symbolic link '" + p.string() +
+                  "': " + ec.message());
+    p = next.is_absolute() ? next : p.parent_path() / next;
+  }
+}
+
 // Replaces `target` with what `write_contents` writes. On failure the temporary file is
 // removed and `target` is left as it was; write_contents' own exceptions pass through
 // unchanged, I/O failures throw alloy::error naming the path, the operation and the reason.
 // A crash (not an exception) can leave a "<name>.tmp.<pid>.<n>" file beside the target.
+// When `target` is a symbolic link, the file it names is replaced and the link is kept
+// (write_destination): the temporary file is made beside that file, so the rename stays atomic.
 inline void write_file_atomically(const std::filesystem::path& target,
                                   const std::function<void(FileWriter&)>& write_contents) {
-  detail::TemporaryFile file(target);
+  detail::TemporaryFile file(write_destination(target));
   write_contents(file.writer());
   file.commit();
 }

@@ -27,7 +27,7 @@ struct FromFloat {
 
 template <class R, class T>
 concept contiguous_of = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
-                        std::is_same_v<std::remove_cv_t<std::ranges::range_value_t<R>>, T>;
+    std::is_same_v<std::remove_cv_t<std::ranges::range_value_t<R>>, T>;
 
 // The host values as device (or, on Host, addressable) memory valid for this micro-batch.
 template <class Ctx, class T>
@@ -47,8 +47,8 @@ const T* upload_raw(Ctx& ctx, std::span<const T> v) {
 
 // rows x cols floats (row-major) as a compute-dtype activation.
 template <class Ctx, class R>
-requires detail::contiguous_of<R, float>
-Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const R& x, std::size_t cols) {
+requires detail::contiguous_of<R, float> Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const R& x,
+                                                                                          std::size_t cols) {
   using T = detail::value_t<Ctx>;
   const std::span<const float> values(std::ranges::data(x), std::ranges::size(x));
   if (cols == 0 || values.size() % cols != 0) {

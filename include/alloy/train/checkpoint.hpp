@@ -14,11 +14,14 @@
 // random seed (stochastic rounding draws from (seed, step, element), so that is the whole RNG
 // state).
 //
-// Writing goes through write_file_atomically: a crash leaves the old checkpoint or the new one.
-// Loading validates the whole file (format, signature, every tensor's presence, dtype and shape,
-// nothing else, finite weights and state, non-negative second moments and q8 scales) and reads
-// it into host staging before touching the store, so a refused or failed load leaves the
-// trainer as it was.
+// Writing goes through write_file_atomically: a crash leaves the old checkpoint or the new one;
+// saving onto a symbolic link replaces the file it names and keeps the link.
+// Loading validates the whole file (a regular file, refused at once if it is a FIFO or a
+// directory; format, signature, every tensor's presence, dtype and shape, nothing else; finite
+// weights and state, non-negative second moments and q8 scales; a compute copy that is a
+// rounding of its master; counters that are plain digits, in range and consistent, and a valid
+// scaler state) and reads it into host staging before touching the store, so a refused or
+// failed load leaves the trainer as it was. A fixed loss scale is the loading trainer's own.
 #pragma once
 
 #include <alloy/io/safetensors.hpp>
@@ -87,9 +90,8 @@ inline const std::string& required_metadata(const SafetensorsFile& f, const std:
 inline std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& key,
                                   std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
   const std::string& v = required_metadata(f, key);
-  const bool digits = !v.empty() && v.size() <= 20 && std::all_of(v.begin(), v.end(), [](char ch) {
-    return ch >= '0' && ch <= '9';
-  });
+  const bool digits =
+      !v.empty() && v.size() <= 20 && std::all_of(v.begin(), v.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
   errno = 0;
   const unsigned long long x = digits ? std::strtoull(v.c_str(), nullptr, 10) : 0;
   if (!digits || errno == ERANGE) {
@@ -343,7 +345,8 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
                 " is not a positive normal float");
   }
   if (c.scale.hysteresis_left < 1) {
-    throw error(where + "metadata alloy.loss_scale_hysteresis_left is 0; a scaler always tolerates at least one "
+    throw error(where +
+                "metadata alloy.loss_scale_hysteresis_left is 0; a scaler always tolerates at least one "
                 "more overflow before backing off (1 or more)");
   }
   if (c.applied_steps > c.attempted_steps || c.skipped_steps > c.attempted_steps - c.applied_steps) {
@@ -374,6 +377,18 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
       const float v = Store::has_master ? master[place.offset + i] : to_float(params[place.offset + i]);
       if (!std::isfinite(v)) {
         throw error(where + "parameter '" + spec.name + "' holds a non-finite value at element " + std::to_string(i));
+      }
+      if constexpr (Store::has_master) {
+        // The compute copy is the master rounded (to nearest, or stochastically: down or up);
+        // anything else (an Inf, zeros, a flipped bit) would be trained on, not the master.
+        const float p = to_float(params[place.offset + i]);
+        const bool rounding = p == to_float(round_nearest<Param>(v)) || p == to_float(round_stochastic<Param>(v, 0u)) ||
+                              p == to_float(round_stochastic<Param>(v, 0xffffffffu));
+        if (!rounding) {
+          throw error(where + "parameter '" + spec.name + "': its " + numeric_traits<Param>::name +
+                      " copy at element " + std::to_string(i) + " is " + detail::exact_float(p) +
+                      ", not a rounding of its fp32 master " + detail::exact_float(v));
+        }
       }
     }
   }

@@ -53,7 +53,7 @@ struct TrainerMemory {
   std::size_t workspace_reserved = 0;
   std::size_t input_slots = 0;    // device memory of the input pipeline's two slots
   std::size_t input_staging = 0;  // its pinned host staging memory (pageable input only)
-  MemoryStats backend;  // everything this trainer allocated: current and peak
+  MemoryStats backend;            // everything this trainer allocated: current and peak
 };
 
 template <class M, class... Policies>
