@@ -9,7 +9,8 @@
 // One step: for each micro-batch, forward/backward with backward seeded by scale / N, the
 // gradients summed into the accumulator when there is one (OptimizerStep::accumulate, which
 // sums the squares for the norm on the last micro-batch); then the optimizer step (pass 1 where
-// the accumulation did not already sum the squares, skip/clip decision, pass 2).
+// the accumulation did not already sum the squares, skip/clip decision, pass 2). step() returns
+// with pass 2 queued, not finished.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
@@ -35,16 +36,17 @@
 namespace alloy {
 
 struct StepReport {
-  float loss = 0.0f;        // mean of the micro-batch losses
-  double grad_norm = 0.0;   // global norm of the unscaled gradients, before clipping
-  float lr = 0.0f;          // the learning rate this step used
-  float loss_scale = 1.0f;  // the scale this step's gradients carried
-  bool skipped = false;     // a non-finite gradient: nothing was updated
-  std::uint64_t step = 0;   // steps attempted so far, this one included
+  float loss = 0.0f;             // mean of the micro-batch losses
+  double grad_norm = 0.0;        // global norm of the unscaled gradients, before clipping
+  float lr = 0.0f;               // the learning rate this step used
+  float loss_scale = 1.0f;       // the scale this step's gradients carried
+  bool skipped = false;          // a non-finite gradient: nothing was updated
+  std::string first_non_finite;  // when skipped: the first parameter (declared order) with a non-finite gradient
+  std::uint64_t step = 0;        // steps attempted so far, this one included
   std::uint64_t applied_steps = 0;
   std::uint64_t skipped_steps = 0;
   std::uint64_t overflows = 0;
-  double seconds = 0.0;  // wall time of the whole step
+  double seconds = 0.0;  // wall time until step() returned (the update may still be running)
 };
 
 struct TrainerMemory {
@@ -201,16 +203,19 @@ class Trainer {
       uploads_.end_micro_batch();
       step_.accumulate(store_, mb, micro_batches_);
     }
+    // The losses come back while the optimizer step runs; the step waits for the gradient norm
+    // (its skip and clip decision) and returns with the update queued: the next step's uploads
+    // overlap it, and anything that reads the arenas is ordered after it on the stream.
+    losses_.fetch();
     const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
     ++attempted_;
-    losses_.fetch();
-    synchronize(be_);
     StepReport r;
     r.loss = losses_.mean();
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
     r.skipped = s.skipped;
+    r.first_non_finite = s.first_non_finite;
     r.step = attempted_;
     r.applied_steps = s.step;
     r.skipped_steps = s.skipped_steps;
@@ -301,6 +306,10 @@ class Trainer {
   // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
   // growth, merged into one block at the next micro-batch).
   void reset_memory_peak() noexcept { tracker_->reset_peak(); }
+
+  // Waits until everything the trainer queued has finished on the device (step() returns with its
+  // update queued; whatever reads the arenas through the backend is ordered after it anyway).
+  void synchronize() const { alloy::synchronize(be_); }
 
   M& model() noexcept { return model_; }
   store_type& store() noexcept { return store_; }
