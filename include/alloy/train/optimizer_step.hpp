@@ -176,6 +176,7 @@ class OptimizerStep {
         grads_ = Gradients::compute;
         return;
       }
+      require_accumulator(store);
       const auto* g = store.grads_arena().data();
       auto* acc = store.accumulator_arena().data();
       const std::size_t n = store.layout().padded_numel();
@@ -210,6 +211,9 @@ class OptimizerStep {
     StepStats stats;
     stats.loss_scale = scale_.scale;
     const Gradients source = grads_;
+    if constexpr (store_type::has_accumulator) {
+      if (source != Gradients::compute) require_accumulator(store);
+    }
     const double sum_sq = source == Gradients::summed ? summed_squares()
                           : source == Gradients::compute
                               ? sum_of_squares(store.grads_arena().data(), store.layout().padded_numel())
@@ -277,6 +281,14 @@ class OptimizerStep {
       static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
       return 0.0;
 #endif
+    }
+  }
+
+  static void require_accumulator(const store_type& store) {
+    if (!store.accumulator_allocated()) {
+      throw error(
+          "OptimizerStep: the gradients are in the accumulator, but this store was built without one "
+          "(with_accumulator = false: one micro-batch per step, accumulate(store, 0, 1))");
     }
   }
 

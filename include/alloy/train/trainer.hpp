@@ -130,7 +130,9 @@ class Trainer {
       : model_(std::move(model)),
         config_(config),
         be_(be),
-        store_(declared(model_), be, config.seed, tracker_.get()),
+        // The accumulator only where more than one micro-batch makes a step.
+        store_(declared(model_), be, config.seed, tracker_.get(),
+               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be),
