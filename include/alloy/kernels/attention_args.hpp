@@ -71,9 +71,9 @@ struct AttentionArgs {
   const T* q = nullptr;
   const T* k = nullptr;
   const T* v = nullptr;
-  AttentionStrides qkv_strides;  // q's, k's and v's
+  AttentionStrides qkv_strides = {};  // q's, k's and v's
   T* out = nullptr;
-  AttentionStrides out_strides;
+  AttentionStrides out_strides = {};
   float* lse = nullptr;  // [batch, heads, seq]: log(sum_j exp(s_tj)), for the backward; may be null
 };
 
@@ -89,15 +89,15 @@ struct AttentionBackwardArgs {
   const T* q = nullptr;
   const T* k = nullptr;
   const T* v = nullptr;
-  AttentionStrides qkv_strides;
+  AttentionStrides qkv_strides = {};
   const T* out = nullptr;
   const T* dout = nullptr;
-  AttentionStrides out_strides;  // out's and dout's
+  AttentionStrides out_strides = {};  // out's and dout's
   const float* lse = nullptr;
   T* dq = nullptr;
   T* dk = nullptr;
   T* dv = nullptr;
-  AttentionStrides grad_strides;  // dq's, dk's and dv's
+  AttentionStrides grad_strides = {};  // dq's, dk's and dv's
   // Cuda: device memory of attention_backward_scratch_floats(batch, heads, seq) floats (delta_t).
   // The Host backend does not use it and accepts null.
   float* scratch = nullptr;

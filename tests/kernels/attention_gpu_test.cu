@@ -1,0 +1,375 @@
+// Causal self-attention on Cuda against the Host backend, on fresh random inputs in GPT-2's
+// fused layout (q, k, v the column blocks of a [batch * seq, 3 channels + padding] matrix; out,
+// dout [batch * seq, channels + padding]), every output array poisoned first, its padding checked
+// afterwards, and the backward fed the Host forward's out and lse so that each pass is compared
+// on identical inputs. Every case asserts which kernels it meant to reach
+// (attention_uses_tensor_cores) before comparing.
+//
+// The row kernels (head_dim other than 64 and 128, fp32, misaligned strides) perform the Host's
+// fp32 operations in its order: out, dq, dk and dv must be the Host's bits; lse within the bound
+// below (the device's logf and the host's log differ by up to 2 ulp).
+//
+// The tensor-core kernels sum in another order (the mma's) and use exp2f (ex2.approx, 2 ulp)
+// where the Host uses its own exp2, so their fp32 values differ from the Host's by fp32 rounding
+// errors; rounded to T, P, dS and the outputs then differ where a value falls near a rounding
+// boundary. Per element, with A, M, F, E as in tests/support/attention_reference.hpp:
+//   |cuda - host| <= 2 ulp_T(|host|) + 8 u_T M + 2 E(host depth) + 2 E(any order) + 4 f_T F + 2 f_T
+//     2 ulp_T: the two results' own rounding to T, each within half an ulp of values that differ
+//              by far less than an ulp;
+//     8 u_T M: a P or dS rounded to the neighbouring T value on one side only moves its term by at
+//              most 2 u_T |term| <= 2 u_T M; this allows four such terms at the largest size.
+//              (Flips of many small terms are rarer in proportion to the fp32 difference, and
+//              their expected sum is what E covers: e.g. dS near dP = delta, where the fp32
+//              difference is large relative to dS but dS's terms are small.)
+//     2 E + 2 E: each path's first-order fp32 error against the exact value, the Host's with its
+//              32-lane dot products, the tensor cores' with any order of head_dim + 8 additions;
+//              twice, for margin;
+//     4 f_T F + 2 f_T: fp16's subnormals, where rounding errs by up to 2^-25 absolutely.
+//   lse: |cuda - host| <= 2 E_lse(host depth) + 2 E_lse(any order).
+// Each run also checks that the same inputs give the same bits twice.
+#include "../support/attention_reference.hpp"
+#include "../support/test_support.hpp"
+#include "../support/values.hpp"
+
+#include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/handles.hpp>
+#include <alloy/kernels/attention.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace {
+
+using alloy::bf16;
+using alloy::Buffer;
+using alloy::Cuda;
+using alloy::fp16;
+using alloy::Host;
+using namespace alloy::test;
+
+template <class T>
+Buffer<T, Cuda> device_copy(const std::vector<T>& values, Cuda be) {
+  Buffer<T, Cuda> b(values.size(), be);
+  alloy::copy_from_host(b, std::span<const T>(values));
+  return b;
+}
+
+// Device copies of a problem's arrays, in the same layout; outputs poisoned, scratch NaN (the
+// kernels must not read it before writing it). lse has one poisoned element past its end.
+template <class T>
+struct DeviceProblem {
+  Cuda be;
+  Buffer<T, Cuda> qkv, dout, out, dqkv;
+  Buffer<float, Cuda> lse, scratch;
+
+  DeviceProblem(const AttentionProblem<T>& p, Cuda be_ = {})
+      : be(be_),
+        qkv(device_copy(p.qkv, be)),
+        dout(device_copy(p.dout, be)),
+        out(device_copy(std::vector<T>(p.out.size(), poison<T>()), be)),
+        dqkv(device_copy(std::vector<T>(p.dqkv.size(), poison<T>()), be)),
+        lse(device_copy(std::vector<float>(p.lse.size() + 1, poison<float>()), be)),
+        scratch(alloy::attention_backward_scratch_floats(p.s.batch, p.s.heads, p.s.seq), be) {
+    ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
+  }
+  alloy::AttentionArgs<T> forward_args(const AttentionProblem<T>& p) {
+    return p.forward_args(qkv.data(), out.data(), lse.data());
+  }
+  // The backward over this problem's inputs and the given out and lse (device arrays).
+  alloy::AttentionBackwardArgs<T> backward_args(const AttentionProblem<T>& p, const T* out_, const float* lse_) {
+    return p.backward_args(qkv.data(), out_, dout.data(), lse_, dqkv.data(), scratch.data());
+  }
+};
+
+// The device array's values; its elements outside `written` (the row padding; lse's extra
+// element) must still hold the poison.
+template <class T>
+std::vector<T> read_back(const Buffer<T, Cuda>& b, std::size_t rows, std::size_t row_length, std::size_t written,
+                         const char* what) {
+  const auto all = alloy::to_host(b);
+  std::size_t touched = 0;
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    const bool inside = i < rows * row_length && i % row_length < written;
+    if (!inside) touched += bits_of(all[i]) != bits_of(poison<T>());
+  }
+  EXPECT_EQ(touched, 0u) << what << ": elements written outside their places";
+  return all;
+}
+
+template <class T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size());
+  std::size_t differ = 0, first = got.size();
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (bits_of(got[i]) != bits_of(want[i])) {
+      if (differ++ == 0) first = i;
+    }
+  }
+  EXPECT_EQ(differ, 0u) << what << ": elements whose bits differ; the first at " << first << " (Cuda "
+                        << (first < got.size() ? value(got[first]) : 0.0) << ", expected "
+                        << (first < got.size() ? value(want[first]) : 0.0) << ")";
+}
+
+// Counts elements outside tolerance; reports the first few with their position, and, at the end,
+// how the failures spread over positions and dimensions (a pattern there points at a tile or a
+// fragment layout).
+class Compare {
+ public:
+  explicit Compare(std::string what) : what_(std::move(what)) {}
+  void expect(double got, double want, double bound, std::size_t b, std::size_t h, std::size_t t, std::size_t d) {
+    if (std::fabs(got - want) <= bound) return;  // NaN fails here too
+    ++failures_;
+    positions_mod_16_ |= 1u << (t % 16);
+    dims_mod_16_ |= 1u << (d % 16);
+    first_t_ = std::min(first_t_, t);
+    if (failures_ <= 5) {
+      ADD_FAILURE() << what_ << " at batch " << b << ", head " << h << ", position " << t << ", dimension " << d
+                    << ": Cuda " << got << ", Host " << want << ", allowed difference " << bound;
+    }
+  }
+  ~Compare() {
+    if (failures_ > 0) {
+      ADD_FAILURE() << what_ << ": " << failures_ << " elements out of tolerance in all; earliest position " << first_t_
+                    << "; positions mod 16 seen: 0x" << std::hex << positions_mod_16_ << ", dimensions mod 16 seen: 0x"
+                    << dims_mod_16_;
+    }
+  }
+
+ private:
+  std::string what_;
+  std::size_t failures_ = 0, first_t_ = SIZE_MAX;
+  unsigned positions_mod_16_ = 0, dims_mod_16_ = 0;
+};
+
+enum class Path { tensor_cores, rows };
+
+const char* name_of(Path p) { return p == Path::tensor_cores ? "the tensor-core kernels" : "the row kernels"; }
+
+template <class T>
+void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path path, Cuda be = {}) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + ", on " + name_of(path));
+  std::mt19937_64 rng(seed);
+  AttentionProblem<T> p(s, rng);
+  DeviceProblem<T> dev(p, be);
+  ASSERT_EQ(alloy::attention_uses_tensor_cores(dev.forward_args(p)), path == Path::tensor_cores);
+  ASSERT_EQ(alloy::attention_uses_tensor_cores(dev.backward_args(p, dev.out.data(), dev.lse.data())),
+            path == Path::tensor_cores);
+
+  alloy::attention_forward(Host{}, p.forward_args());
+  alloy::attention_backward(Host{}, p.backward_args());
+  // The backward on Cuda takes the Host forward's out and lse.
+  const auto host_out = device_copy(p.out, be);
+  const auto host_lse = device_copy(p.lse, be);
+  try {
+    alloy::attention_forward(be, dev.forward_args(p));
+    alloy::attention_backward(be, dev.backward_args(p, host_out.data(), host_lse.data()));
+    alloy::synchronize(be);
+  } catch (const alloy::error& e) {
+    FAIL() << e.what();
+  }
+  const std::size_t rows = s.batch * s.seq;
+  const auto out = read_back(dev.out, rows, p.out_row, p.channels, "out");
+  const auto dqkv = read_back(dev.dqkv, rows, p.qkv_row, 3 * p.channels, "dq, dk, dv");
+  auto lse = read_back(dev.lse, 1, p.lse.size() + 1, p.lse.size(), "lse");
+  lse.pop_back();
+
+  // Again: the same bits.
+  DeviceProblem<T> again(p, be);
+  alloy::attention_forward(be, again.forward_args(p));
+  alloy::attention_backward(be, again.backward_args(p, host_out.data(), host_lse.data()));
+  expect_same_bits(alloy::to_host(again.out), out, "out, second run");
+  expect_same_bits(alloy::to_host(again.dqkv), dqkv, "dq, dk, dv, second run");
+  auto lse_again = alloy::to_host(again.lse);
+  lse_again.pop_back();
+  expect_same_bits(lse_again, lse, "lse, second run");
+
+  const AttentionReference<T> ref(p, true, &p.out, &p.lse);
+  const double host_depth = host_dot_depth(s.head_dim), any_depth = any_dot_depth(s.head_dim);
+  Compare lse_check("lse");
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t h = 0; h < s.heads; ++h) {
+      for (std::size_t t = 0; t < s.seq; ++t) {
+        const std::size_t i = p.lse_at(b, h, t);
+        lse_check.expect(lse[i], p.lse[i], 2 * ref.lse[i].fp32(host_depth) + 2 * ref.lse[i].fp32(any_depth), b, h, t,
+                         0);
+      }
+    }
+  }
+  if (path == Path::rows) {
+    expect_same_bits(out, p.out, "out (Cuda row kernels against Host)");
+    expect_same_bits(dqkv, p.dqkv, "dq, dk, dv (Cuda row kernels against Host)");
+    return;
+  }
+  const double u_t = rounding_unit<T>(), f_t = rounding_floor<T>();
+  const auto bound = [&](const Bounded& r, double host) {
+    return 2 * ulp<T>(std::fabs(host)) + 8 * u_t * r.max_term + 2 * r.fp32(host_depth) + 2 * r.fp32(any_depth) +
+           4 * f_t * r.factor_sum + 2 * f_t;
+  };
+  Compare out_check("out"), dq_check("dq"), dk_check("dk"), dv_check("dv");
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t h = 0; h < s.heads; ++h) {
+      for (std::size_t t = 0; t < s.seq; ++t) {
+        for (std::size_t d = 0; d < s.head_dim; ++d) {
+          const std::size_t i = p.lse_at(b, h, t) * s.head_dim + d;
+          const std::size_t o = p.out_at(b, t, h, d), at = p.in_at(b, t, h, d);
+          const double host_o = value(p.out[o]);
+          out_check.expect(value(out[o]), host_o, bound(ref.out[i], host_o), b, h, t, d);
+          const double host_dq = value(p.dqkv[at]), host_dk = value(p.dqkv[at + p.channels]),
+                       host_dv = value(p.dqkv[at + 2 * p.channels]);
+          dq_check.expect(value(dqkv[at]), host_dq, bound(ref.dq[i], host_dq), b, h, t, d);
+          dk_check.expect(value(dqkv[at + p.channels]), host_dk, bound(ref.dk[i], host_dk), b, h, t, d);
+          dv_check.expect(value(dqkv[at + 2 * p.channels]), host_dv, bound(ref.dv[i], host_dv), b, h, t, d);
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+class CudaAttention : public ::testing::Test {};
+
+using TensorCoreDtypes = ::testing::Types<bf16, fp16>;
+TYPED_TEST_SUITE(CudaAttention, TensorCoreDtypes, DtypeName);
+
+// Positions 1 (one key), 7, 63 and 65 (around the 64-row tiles), 127, 200 (a tail of 8 past
+// three tiles of 64; 72 past one of 128) and 1024 (GPT-2's context); batch x heads odd, so no
+// tiling by pairs of heads can hide; one sharper softmax (q, k ~ N(0, 3)).
+std::vector<AttentionShape> tensor_core_shapes(std::size_t head_dim) {
+  return {{3, 5, 1, head_dim},           {1, 3, 7, head_dim},
+          {3, 1, 63, head_dim},          {1, 5, 65, head_dim},
+          {3, 3, 127, head_dim},         {1, 3, 200, head_dim},
+          {1, 3, 200, head_dim, 8, 3.0}, {1, head_dim == 64 ? 3u : 1u, 1024, head_dim}};
+}
+
+TYPED_TEST(CudaAttention, HeadDim64MatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s : tensor_core_shapes(64)) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::tensor_cores);
+  }
+}
+
+TYPED_TEST(CudaAttention, HeadDim128MatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s : tensor_core_shapes(128)) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::tensor_cores);
+  }
+}
+
+// Other head sizes, and rows that are not 16-byte aligned (a row of 3 C + 1 elements), take the
+// row kernels: the Host's bits.
+TYPED_TEST(CudaAttention, RowKernelsGiveTheHostsBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s :
+       {AttentionShape{3, 1, 65, 40}, AttentionShape{1, 3, 200, 40}, AttentionShape{1, 1, 1, 40},
+        AttentionShape{1, 3, 130, 64, 1}, AttentionShape{1, 1, 70, 256}, AttentionShape{3, 1, 33, 1},
+        AttentionShape{1, 3, 129, 128, 4}, AttentionShape{1, 1, 100, 96}}) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::rows);
+  }
+}
+
+// fp32 (the fp32 and tf32 precisions) always takes the row kernels.
+TEST(CudaAttentionFp32, RowKernelsGiveTheHostsBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s :
+       {AttentionShape{3, 1, 65, 40}, AttentionShape{1, 3, 127, 64}, AttentionShape{1, 1, 200, 128},
+        AttentionShape{3, 3, 7, 64}, AttentionShape{1, 1, 1, 64}}) {
+    expect_cuda_matches_host<float>(s, seed + s.seq, Path::rows);
+  }
+}
+
+TYPED_TEST(CudaAttention, RunsOnTheGivenStream) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  const alloy::CudaStream stream = alloy::make_cuda_stream();
+  expect_cuda_matches_host<TypeParam>({1, 3, 130, 64}, seed, Path::tensor_cores, Cuda::on(stream.get()));
+  expect_cuda_matches_host<TypeParam>({1, 3, 130, 40}, seed, Path::rows, Cuda::on(stream.get()));
+}
+
+// The whole chain, forward then backward on the forward's own out and lse, twice: the same bits.
+template <class T>
+void expect_chain_runs_twice_alike(const AttentionShape& s, std::uint64_t seed) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+  std::mt19937_64 rng(seed);
+  const AttentionProblem<T> p(s, rng);
+  std::vector<T> outs[2], grads[2];
+  std::vector<float> lses[2];
+  for (int run = 0; run < 2; ++run) {
+    DeviceProblem<T> dev(p);
+    alloy::attention_forward(Cuda{}, dev.forward_args(p));
+    alloy::attention_backward(Cuda{}, dev.backward_args(p, dev.out.data(), dev.lse.data()));
+    outs[run] = alloy::to_host(dev.out);
+    grads[run] = alloy::to_host(dev.dqkv);
+    lses[run] = alloy::to_host(dev.lse);
+  }
+  expect_same_bits(outs[1], outs[0], "out");
+  expect_same_bits(lses[1], lses[0], "lse");
+  expect_same_bits(grads[1], grads[0], "dq, dk, dv");
+}
+
+TYPED_TEST(CudaAttention, RunsTwiceToTheSameBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_chain_runs_twice_alike<TypeParam>({4, 12, 1024, 64}, seed);
+  expect_chain_runs_twice_alike<TypeParam>({3, 5, 333, 128}, seed);
+  expect_chain_runs_twice_alike<TypeParam>({3, 5, 333, 40}, seed);
+}
+
+// One position: P = 1, so out = v and dv = dout exactly on every path, and nothing is NaN (the
+// row's maximum starts at -infinity; the tile's other 63 keys are masked).
+TYPED_TEST(CudaAttention, OnePositionGivesValuesAndNoNaN) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (std::size_t head_dim : {64, 128, 40}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    std::mt19937_64 rng(seed);
+    const AttentionShape s{3, 5, 1, head_dim};
+    const AttentionProblem<T> p(s, rng);
+    DeviceProblem<T> dev(p);
+    alloy::attention_forward(Cuda{}, dev.forward_args(p));
+    alloy::attention_backward(Cuda{}, dev.backward_args(p, dev.out.data(), dev.lse.data()));
+    const auto out = alloy::to_host(dev.out), dqkv = alloy::to_host(dev.dqkv);
+    const auto lse = alloy::to_host(dev.lse);
+    std::size_t wrong = 0, not_finite = 0;
+    for (std::size_t b = 0; b < s.batch; ++b) {
+      for (std::size_t h = 0; h < s.heads; ++h) {
+        not_finite += !std::isfinite(lse[p.lse_at(b, h, 0)]);
+        for (std::size_t d = 0; d < head_dim; ++d) {
+          const std::size_t at = p.in_at(b, 0, h, d);
+          wrong += bits_of(out[p.out_at(b, 0, h, d)]) != bits_of(p.qkv[at + 2 * p.channels]);
+          wrong += bits_of(dqkv[at + 2 * p.channels]) != bits_of(p.dout[p.out_at(b, 0, h, d)]);
+          // dq = dk = scale dS k, dS = dP - delta with both dot(dout, v): 0 up to their rounding.
+          not_finite += !std::isfinite(value(dqkv[at])) || !std::isfinite(value(dqkv[at + p.channels]));
+          wrong += std::fabs(value(dqkv[at])) > 1e-3 || std::fabs(value(dqkv[at + p.channels])) > 1e-3;
+        }
+      }
+    }
+    EXPECT_EQ(not_finite, 0u) << "NaN or infinite elements";
+    EXPECT_EQ(wrong, 0u) << "elements other than out = v, dv = dout, dq = dk = 0";
+  }
+}
+
+TEST(CudaAttentionArguments, BackwardWithoutScratchNamesIt) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  std::mt19937_64 rng(1);
+  const AttentionProblem<bf16> p({2, 3, 10, 64}, rng);
+  DeviceProblem<bf16> dev(p);
+  auto a = dev.backward_args(p, dev.out.data(), dev.lse.data());
+  a.scratch = nullptr;
+  EXPECT_MENTIONS(message_of([&] { alloy::attention_backward(Cuda{}, a); }),
+                  "attention_backward<bf16>: scratch is null; it needs attention_backward_scratch_floats(2, 3, 10) "
+                  "= 60 floats");
+}
+
+}  // namespace

@@ -1,0 +1,442 @@
+// Causal self-attention on the Host backend: against a float64 formulation that holds the whole
+// seq x seq matrix, on fresh random inputs of small odd sizes; the causal mask; gradients against
+// central finite differences; strides; and the errors bad arguments raise.
+//
+// Bounds against float64 (tests/support/attention_reference.hpp defines A, F, E per element): an
+// output of dtype T must lie within
+//   2 (u_T A + E(depth) + f_T F) + u_T |exact| + f_T
+// of the exact value: u_T A covers rounding P or dS to T in every term, E the fp32 errors (of
+// the Host's dot products, depth = head_dim / 32 + 6), f_T the absolute error of rounding to T
+// near zero (fp16 subnormals), u_T |exact| + f_T the output's own rounding; the factor 2 is the
+// margin over these first-order bounds. lse must lie within 2 E(depth).
+#include "../support/attention_reference.hpp"
+#include "../support/test_support.hpp"
+#include "../support/values.hpp"
+
+#include <alloy/backend/cuda/warp_reduce.hpp>
+#include <alloy/kernels/attention.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using alloy::AttentionArgs;
+using alloy::AttentionBackwardArgs;
+using alloy::AttentionStrides;
+using alloy::bf16;
+using alloy::fp16;
+using alloy::Host;
+using namespace alloy::test;
+
+// ---- The row arithmetic shared with the Cuda row kernels ----
+
+TEST(AttentionExp2, IsWithinTwoUlpAcrossItsRange) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> anywhere(-125.0f, 127.99f);
+  std::vector<float> xs;
+  for (float x = -125.0f; x < 128.0f; x += 0.013f) xs.push_back(x);
+  for (int i = 0; i < 200000; ++i) xs.push_back(anywhere(rng));
+  for (float x : {-0.5f, 0.5f, -1e-30f, 1e-30f, 127.5f, 127.99998f, -124.99f}) xs.push_back(x);
+  int failures = 0;
+  for (float x : xs) {
+    const double exact = std::exp2(double(x));
+    const double got = alloy::detail::attention_exp2(x);
+    const double allowed = 2 * std::ldexp(1.0, std::ilogb(exact) - 23);
+    if (!(std::fabs(got - exact) <= allowed) && ++failures <= 5) {
+      ADD_FAILURE() << "attention_exp2(" << x << ") = " << got << ", exact " << exact << ", allowed error " << allowed;
+    }
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+TEST(AttentionExp2, IsExactAtIntegersAndFlushesSaturatesAndPropagatesNaN) {
+  for (int n = -125; n <= 127; ++n) EXPECT_EQ(alloy::detail::attention_exp2(float(n)), std::ldexp(1.0f, n)) << n;
+  EXPECT_EQ(alloy::detail::attention_exp2(-125.5f), 0.0f);
+  EXPECT_EQ(alloy::detail::attention_exp2(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(alloy::detail::attention_exp2(128.0f), std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(alloy::detail::attention_exp2(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// attention_dot_replay's tree is warp_allreduce's butterfly in lane 0 (butterfly_replay).
+TEST(AttentionDotReplay, IsTheButterflyOverLaneShares) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  for (int head_dim : {1, 7, 32, 40, 64, 128, 200, 256}) {
+    const auto a = normal<float>(head_dim, 0.0, 3.0, rng), b = normal<float>(head_dim, 0.0, 3.0, rng);
+    float lanes[alloy::detail::warp_size];
+    for (int l = 0; l < alloy::detail::warp_size; ++l) {
+      float share = 0.0f;
+      for (int d = l; d < head_dim; d += alloy::detail::warp_size) {
+        share = alloy::fp::add(share, alloy::fp::mul(a[d], b[d]));
+      }
+      lanes[l] = share;
+    }
+    const float butterfly = alloy::detail::butterfly_replay(lanes, alloy::detail::AttentionSum{});
+    EXPECT_EQ(bits_of(alloy::detail::attention_dot_replay(a.data(), b.data(), head_dim)), bits_of(butterfly))
+        << "head_dim " << head_dim;
+  }
+}
+
+// ---- Host forward and backward against float64 ----
+
+template <class T>
+class AttentionHost : public ::testing::Test {};
+
+using Dtypes = ::testing::Types<bf16, fp16, float>;
+TYPED_TEST_SUITE(AttentionHost, Dtypes, DtypeName);
+
+// Positions 1 and 7 (inside the first key block), 65 and 130 (past one and two blocks), head
+// sizes from 1 to 256 (one to eight per lane, and lanes with none), batch x heads odd and even,
+// and sharper softmaxes (q, k ~ N(0, 3)) whose running maximum moves from block to block.
+const AttentionShape host_shapes[] = {
+    {1, 1, 1, 8},    {2, 3, 7, 8}, {1, 2, 65, 40},  {3, 1, 130, 64},         {1, 3, 67, 128},
+    {1, 1, 33, 256}, {2, 1, 5, 1}, {1, 2, 100, 33}, {1, 1, 150, 64, 8, 3.0}, {3, 1, 70, 16, 1, 3.0}};
+
+template <class T>
+void run_host(AttentionProblem<T>& p) {
+  alloy::attention_forward(Host{}, p.forward_args());
+  alloy::attention_backward(Host{}, p.backward_args());
+}
+
+// Elements of the row padding (outside every head's elements) still hold the poison.
+template <class T>
+void expect_padding_untouched(const AttentionProblem<T>& p) {
+  std::size_t touched = 0;
+  for (std::size_t r = 0; r < p.s.batch * p.s.seq; ++r) {
+    for (std::size_t c = p.channels; c < p.out_row; ++c)
+      touched += bits_of(p.out[r * p.out_row + c]) != bits_of(poison<T>());
+    for (std::size_t c = 3 * p.channels; c < p.qkv_row; ++c)
+      touched += bits_of(p.dqkv[r * p.qkv_row + c]) != bits_of(poison<T>());
+  }
+  EXPECT_EQ(touched, 0u) << "elements of the row padding written";
+}
+
+template <class T>
+void expect_within_float64(const AttentionShape& s, std::uint64_t seed) {
+  SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+  std::mt19937_64 rng(seed);
+  AttentionProblem<T> p(s, rng);
+  run_host(p);
+  expect_padding_untouched(p);
+  const AttentionReference<T> ref(p, true, &p.out, &p.lse);
+  const double u_t = rounding_unit<T>(), f_t = rounding_floor<T>(), depth = host_dot_depth(s.head_dim);
+  const auto bound = [&](const Bounded& r) {
+    return 2 * (u_t * r.abs_sum + r.fp32(depth) + f_t * r.factor_sum) + u_t * std::fabs(r.value) + f_t;
+  };
+  BoundCheck out("out"), lse("lse"), dq("dq"), dk("dk"), dv("dv");
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t h = 0; h < s.heads; ++h) {
+      for (std::size_t t = 0; t < s.seq; ++t) {
+        const std::size_t row = p.lse_at(b, h, t);
+        lse.expect(p.lse[row], ref.lse[row].value, 2 * ref.lse[row].fp32(depth), row, 0);
+        for (std::size_t d = 0; d < s.head_dim; ++d) {
+          const std::size_t i = row * s.head_dim + d, at = p.in_at(b, t, h, d);
+          out.expect(value(p.out[p.out_at(b, t, h, d)]), ref.out[i].value, bound(ref.out[i]), row, d);
+          dq.expect(value(p.dqkv[at]), ref.dq[i].value, bound(ref.dq[i]), row, d);
+          dk.expect(value(p.dqkv[at + p.channels]), ref.dk[i].value, bound(ref.dk[i]), row, d);
+          dv.expect(value(p.dqkv[at + 2 * p.channels]), ref.dv[i].value, bound(ref.dv[i]), row, d);
+        }
+      }
+    }
+  }
+}
+
+TYPED_TEST(AttentionHost, IsWithinItsBoundsOfFloat64) {
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s : host_shapes) expect_within_float64<TypeParam>(s, seed + s.seq * 31 + s.head_dim);
+}
+
+// Keys and values after position t0 do not change out or lse at positions up to t0 (their bits).
+TYPED_TEST(AttentionHost, FutureKeysDoNotReachEarlierRows) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{2, 3, 130, 40};
+  AttentionProblem<T> p(s, rng);
+  alloy::attention_forward(Host{}, p.forward_args());
+  const auto out = p.out;
+  const auto lse = p.lse;
+  const std::size_t t0 = 66;
+  const auto fresh = normal<T>(p.qkv.size(), 0.0, 1.0, rng);
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t t = t0 + 1; t < s.seq; ++t) {
+      for (std::size_t c = p.channels; c < 3 * p.channels; ++c) {
+        const std::size_t i = (b * s.seq + t) * p.qkv_row + c;
+        p.qkv[i] = fresh[i];
+      }
+    }
+  }
+  alloy::attention_forward(Host{}, p.forward_args());
+  std::size_t early_changed = 0, late_changed = 0;
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t t = 0; t < s.seq; ++t) {
+      std::size_t changed = 0;
+      for (std::size_t h = 0; h < s.heads; ++h) {
+        changed += bits_of(p.lse[p.lse_at(b, h, t)]) != bits_of(lse[p.lse_at(b, h, t)]);
+        for (std::size_t d = 0; d < s.head_dim; ++d)
+          changed += bits_of(p.out[p.out_at(b, t, h, d)]) != bits_of(out[p.out_at(b, t, h, d)]);
+      }
+      (t <= t0 ? early_changed : late_changed) += changed;
+    }
+  }
+  EXPECT_EQ(early_changed, 0u) << "elements of out and lse at positions <= " << t0 << " changed";
+  EXPECT_GT(late_changed, 0u) << "the later positions should have seen the new keys";
+}
+
+// Queries (and their dout, out, lse) before position j0 do not change dk, dv or dq at positions
+// from j0 on.
+TYPED_TEST(AttentionHost, EarlierQueriesDoNotReachLaterKeysGradients) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{1, 3, 129, 64};
+  AttentionProblem<T> p(s, rng);
+  run_host(p);
+  const auto dqkv = p.dqkv;
+  const std::size_t j0 = 64;
+  const auto fresh = normal<T>(p.qkv.size(), 0.0, 1.0, rng);
+  const auto fresh_out = normal<T>(p.out.size(), 0.0, 1.0, rng);
+  for (std::size_t t = 0; t < j0; ++t) {
+    for (std::size_t c = 0; c < p.channels; ++c) {
+      p.qkv[t * p.qkv_row + c] = fresh[t * p.qkv_row + c];
+      p.dout[t * p.out_row + c] = fresh_out[t * p.out_row + c];
+      p.out[t * p.out_row + c] = fresh_out[t * p.out_row + c + 1];
+    }
+    for (std::size_t h = 0; h < s.heads; ++h) p.lse[p.lse_at(0, h, t)] += 0.5f;
+  }
+  alloy::attention_backward(Host{}, p.backward_args());
+  std::size_t later_changed = 0, earlier_changed = 0;
+  for (std::size_t t = 0; t < s.seq; ++t) {
+    for (std::size_t c = 0; c < 3 * p.channels; ++c) {
+      const bool same = bits_of(p.dqkv[t * p.qkv_row + c]) == bits_of(dqkv[t * p.qkv_row + c]);
+      (t >= j0 ? later_changed : earlier_changed) += !same;
+    }
+  }
+  EXPECT_EQ(later_changed, 0u) << "elements of dq, dk, dv at positions >= " << j0 << " changed";
+  EXPECT_GT(earlier_changed, 0u);
+}
+
+// The same problem through GPT-2's fused layout and through contiguous [batch, heads, seq, D]
+// tensors gives the same bits.
+TYPED_TEST(AttentionHost, StridesDoNotChangeTheBits) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{2, 3, 70, 24};
+  AttentionProblem<T> p(s, rng);
+  run_host(p);
+  const std::size_t n = s.batch * s.heads * s.seq * s.head_dim;
+  std::vector<T> q(n), k(n), v(n), dout(n), out(n, poison<T>()), dq(n, poison<T>()), dk(n, poison<T>()),
+      dv(n, poison<T>());
+  std::vector<float> lse(s.batch * s.heads * s.seq, poison<float>());
+  const AttentionStrides packed = AttentionStrides::heads_major(s.heads, s.seq, s.head_dim);
+  const auto at = [&](std::size_t b, std::size_t t, std::size_t h, std::size_t d) {
+    return b * packed.batch + t * packed.row + h * packed.head + d;
+  };
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t t = 0; t < s.seq; ++t) {
+      for (std::size_t h = 0; h < s.heads; ++h) {
+        for (std::size_t d = 0; d < s.head_dim; ++d) {
+          q[at(b, t, h, d)] = p.qkv[p.in_at(b, t, h, d)];
+          k[at(b, t, h, d)] = p.qkv[p.in_at(b, t, h, d) + p.channels];
+          v[at(b, t, h, d)] = p.qkv[p.in_at(b, t, h, d) + 2 * p.channels];
+          dout[at(b, t, h, d)] = p.dout[p.out_at(b, t, h, d)];
+        }
+      }
+    }
+  }
+  alloy::attention_forward(Host{}, AttentionArgs<T>{.batch = s.batch,
+                                                    .heads = s.heads,
+                                                    .seq = s.seq,
+                                                    .head_dim = s.head_dim,
+                                                    .q = q.data(),
+                                                    .k = k.data(),
+                                                    .v = v.data(),
+                                                    .qkv_strides = packed,
+                                                    .out = out.data(),
+                                                    .out_strides = packed,
+                                                    .lse = lse.data()});
+  alloy::attention_backward(Host{}, AttentionBackwardArgs<T>{.batch = s.batch,
+                                                             .heads = s.heads,
+                                                             .seq = s.seq,
+                                                             .head_dim = s.head_dim,
+                                                             .q = q.data(),
+                                                             .k = k.data(),
+                                                             .v = v.data(),
+                                                             .qkv_strides = packed,
+                                                             .out = out.data(),
+                                                             .dout = dout.data(),
+                                                             .out_strides = packed,
+                                                             .lse = lse.data(),
+                                                             .dq = dq.data(),
+                                                             .dk = dk.data(),
+                                                             .dv = dv.data(),
+                                                             .grad_strides = packed});
+  std::size_t differ = 0;
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t t = 0; t < s.seq; ++t) {
+      for (std::size_t h = 0; h < s.heads; ++h) {
+        differ += bits_of(lse[p.lse_at(b, h, t)]) != bits_of(p.lse[p.lse_at(b, h, t)]);
+        for (std::size_t d = 0; d < s.head_dim; ++d) {
+          const std::size_t i = at(b, t, h, d), fused = p.in_at(b, t, h, d);
+          differ += bits_of(out[i]) != bits_of(p.out[p.out_at(b, t, h, d)]);
+          differ += bits_of(dq[i]) != bits_of(p.dqkv[fused]);
+          differ += bits_of(dk[i]) != bits_of(p.dqkv[fused + p.channels]);
+          differ += bits_of(dv[i]) != bits_of(p.dqkv[fused + 2 * p.channels]);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(differ, 0u) << "elements that differ between the fused and the contiguous layout";
+}
+
+// With one position, P = 1: out = v, dq = dk = 0, dv = dout, exactly; lse = the one score.
+TYPED_TEST(AttentionHost, OnePositionPassesValuesThrough) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{3, 5, 1, 64};
+  AttentionProblem<T> p(s, rng);
+  run_host(p);
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t h = 0; h < s.heads; ++h) {
+      double score = 0;
+      for (std::size_t d = 0; d < s.head_dim; ++d) {
+        const std::size_t i = p.in_at(b, 0, h, d);
+        score += value(p.qkv[i]) * value(p.qkv[i + p.channels]);
+        EXPECT_EQ(bits_of(p.out[p.out_at(b, 0, h, d)]), bits_of(p.qkv[i + 2 * p.channels]));
+        EXPECT_EQ(value(p.dqkv[i]), 0.0);
+        EXPECT_EQ(value(p.dqkv[i + p.channels]), 0.0);
+        EXPECT_EQ(bits_of(p.dqkv[i + 2 * p.channels]), bits_of(p.dout[p.out_at(b, 0, h, d)]));
+      }
+      EXPECT_NEAR(p.lse[p.lse_at(b, h, 0)], score / 8.0, 1e-5 * (1 + std::fabs(score)));
+    }
+  }
+}
+
+// ---- Gradients against finite differences ----
+
+// sum over t, d of w_td out_td, in float64, for q, k and v given in p's layout.
+double weighted_output(const AttentionProblem<float>& p, const std::vector<double>& qkv) {
+  const auto& s = p.s;
+  const double scale = 1.0 / std::sqrt(double(s.head_dim));
+  double loss = 0;
+  std::vector<double> w(s.seq);
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t h = 0; h < s.heads; ++h) {
+      for (std::size_t t = 0; t < s.seq; ++t) {
+        double m = -INFINITY;
+        for (std::size_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (std::size_t d = 0; d < s.head_dim; ++d)
+            dot += qkv[p.in_at(b, t, h, d)] * qkv[p.in_at(b, j, h, d) + p.channels];
+          w[j] = dot * scale;
+          m = std::max(m, w[j]);
+        }
+        double sum = 0;
+        for (std::size_t j = 0; j <= t; ++j) sum += (w[j] = std::exp(w[j] - m));
+        for (std::size_t d = 0; d < s.head_dim; ++d) {
+          double o = 0;
+          for (std::size_t j = 0; j <= t; ++j) o += w[j] / sum * qkv[p.in_at(b, j, h, d) + 2 * p.channels];
+          loss += double(p.dout[p.out_at(b, t, h, d)]) * o;
+        }
+      }
+    }
+  }
+  return loss;
+}
+
+// The Host's fp32 backward against central differences (step 1e-4) of the float64 forward, for
+// every element of q, k and v: the differences' own error is about 1e-8, the fp32 backward's
+// about 1e-6 relative; allowed 1e-4 relative plus 1e-5.
+TEST(AttentionGradients, MatchFiniteDifferences) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{2, 2, 6, 5};
+  AttentionProblem<float> p(s, rng);
+  run_host(p);
+  std::vector<double> qkv(p.qkv.begin(), p.qkv.end());
+  for (std::size_t b = 0; b < s.batch; ++b) {
+    for (std::size_t t = 0; t < s.seq; ++t) {
+      for (std::size_t c = 0; c < 3 * p.channels; ++c) {
+        const std::size_t i = (b * s.seq + t) * p.qkv_row + c;
+        const double keep = qkv[i], step = 1e-4;
+        qkv[i] = keep + step;
+        const double up = weighted_output(p, qkv);
+        qkv[i] = keep - step;
+        const double down = weighted_output(p, qkv);
+        qkv[i] = keep;
+        const double numeric = (up - down) / (2 * step);
+        const char* which = c < p.channels ? "dq" : c < 2 * p.channels ? "dk" : "dv";
+        EXPECT_NEAR(p.dqkv[i], numeric, 1e-4 * std::fabs(numeric) + 1e-5)
+            << which << " at batch " << b << ", position " << t << ", column " << c % p.channels;
+      }
+    }
+  }
+}
+
+// ---- Arguments ----
+
+TEST(AttentionArguments, BadOnesNameWhatIsWrong) {
+  std::mt19937_64 rng(1);
+  AttentionProblem<bf16> p({1, 2, 5, 8}, rng);
+  const auto forward = [&](auto change) {
+    auto a = p.forward_args();
+    change(a);
+    return message_of([&] { alloy::attention_forward(Host{}, a); });
+  };
+  const auto backward = [&](auto change) {
+    auto a = p.backward_args();
+    change(a);
+    return message_of([&] { alloy::attention_backward(Host{}, a); });
+  };
+  using F = AttentionArgs<bf16>;
+  using G = AttentionBackwardArgs<bf16>;
+  EXPECT_MENTIONS(forward([](F& a) { a.head_dim = 0; }), "attention_forward<bf16>: head_dim = 0 is outside 1..256");
+  EXPECT_MENTIONS(forward([](F& a) { a.head_dim = 300; }), "head_dim = 300 is outside 1..256");
+  EXPECT_MENTIONS(forward([](F& a) { a.q = nullptr; }), "q is null");
+  EXPECT_MENTIONS(forward([](F& a) { a.v = nullptr; }), "v is null");
+  EXPECT_MENTIONS(forward([](F& a) { a.out = nullptr; }), "out is null");
+  EXPECT_MENTIONS(forward([](F& a) { a.scale = -1.0f; }), "scale = -1.000000 must be positive and finite");
+  EXPECT_MENTIONS(forward([](F& a) { a.out_strides.row = 15; }),
+                  "out_strides {batch 120, row 15, head 8} make rows of distinct (batch, position, head) overlap");
+  EXPECT_MENTIONS(forward([](F& a) { a.out_strides.head = 4; }), "out_strides");
+  EXPECT_MENTIONS(backward([](G& a) { a.lse = nullptr; }), "attention_backward<bf16>: lse is null");
+  EXPECT_MENTIONS(backward([](G& a) { a.dk = nullptr; }), "dk is null");
+  EXPECT_MENTIONS(backward([](G& a) { a.dout = nullptr; }), "dout is null");
+  EXPECT_MENTIONS(backward([](G& a) { a.grad_strides.row = 8; }), "grad_strides");
+}
+
+TEST(AttentionArguments, EmptyProblemsDoNothing) {
+  for (const AttentionArgs<float>& a : {AttentionArgs<float>{.batch = 0, .heads = 2, .seq = 5, .head_dim = 8},
+                                        AttentionArgs<float>{.batch = 2, .heads = 0, .seq = 5, .head_dim = 8},
+                                        AttentionArgs<float>{.batch = 2, .heads = 2, .seq = 0, .head_dim = 8}}) {
+    EXPECT_NO_THROW(alloy::attention_forward(Host{}, a));
+  }
+  EXPECT_NO_THROW(alloy::attention_backward(
+      Host{}, AttentionBackwardArgs<float>{.batch = 1, .heads = 1, .seq = 0, .head_dim = 64}));
+}
+
+// lse is optional in the forward pass (inference); out does not depend on it.
+TEST(AttentionArguments, ForwardWithoutLseGivesTheSameOut) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  AttentionProblem<bf16> p({2, 3, 40, 16}, rng);
+  alloy::attention_forward(Host{}, p.forward_args());
+  const auto out = p.out;
+  auto a = p.forward_args();
+  a.lse = nullptr;
+  std::fill(p.out.begin(), p.out.end(), poison<bf16>());
+  alloy::attention_forward(Host{}, a);
+  for (std::size_t i = 0; i < out.size(); ++i) ASSERT_EQ(bits_of(p.out[i]), bits_of(out[i])) << i;
+}
+
+}  // namespace
