@@ -74,8 +74,10 @@ void attention_forward(B be, const AttentionArgs<T>& a) {
   static_assert(detail::attention_dtype<T>, "attention_forward<T>: T must be float, bf16 or fp16");
   static_assert(detail::has_attention_kernels<B>,
                 "attention_forward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
-  if (!detail::check_attention_forward(a)) return;
-  detail::attention_forward_on(be, a, detail::attention_scale(a.scale, a.head_dim));
+  if constexpr (detail::attention_dtype<T> && detail::has_attention_kernels<B>) {
+    if (!detail::check_attention_forward(a)) return;
+    detail::attention_forward_on(be, a, detail::attention_scale(a.scale, a.head_dim));
+  }
 }
 
 // dq, dk and dv (overwritten) for the forward pass that gave out and lse, and the gradient dout.
@@ -85,8 +87,10 @@ void attention_backward(B be, const AttentionBackwardArgs<T>& a) {
   static_assert(detail::attention_dtype<T>, "attention_backward<T>: T must be float, bf16 or fp16");
   static_assert(detail::has_attention_kernels<B>,
                 "attention_backward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
-  if (!detail::check_attention_backward(a, !std::is_same_v<B, Host>)) return;
-  detail::attention_backward_on(be, a, detail::attention_scale(a.scale, a.head_dim));
+  if constexpr (detail::attention_dtype<T> && detail::has_attention_kernels<B>) {  // only the assertion above
+    if (!detail::check_attention_backward(a, !std::is_same_v<B, Host>)) return;
+    detail::attention_backward_on(be, a, detail::attention_scale(a.scale, a.head_dim));
+  }
 }
 
 }  // namespace alloy
