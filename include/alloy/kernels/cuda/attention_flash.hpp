@@ -22,7 +22,8 @@
 // fixed order: no atomics, the same bits every run. The price is computing S and dP twice (7
 // products where FlashAttention-2's atomic dq needs 5). Outputs are staged through shared memory
 // and written as whole 16-byte rows. scripts/attention_fragments.py emulates the fragment helpers
-// lane by lane (from the PTX ISA's ldmatrix and mma layouts) and checks every product above.
+// lane by lane (from the PTX ISA's ldmatrix and mma layouts) and checks every product above;
+// scripts/attention_tiles.py mirrors the tile loops, skips, masks and tails against float64.
 #pragma once
 
 #include <alloy/config.hpp>
