@@ -1,4 +1,4 @@
-// Trainer checkpoints: one safetensors file (format "alloy-checkpoint-2"). Tensors, each with
+// Trainer checkpoints: one safetensors file (format "alloy-checkpoint-3"). Tensors, each with
 // its real (unpadded) shape:
 //   <name>                          the parameter in the compute dtype, as declared (readable by
 //                                   PyTorch and Hugging Face tools as it is)
@@ -12,21 +12,30 @@
 //                                   (value = decode(code) * absmax[i / quant_block])
 // Metadata: the format version, the policy signature, step counters, loss-scaler state and the
 // random seed (stochastic rounding draws from (seed, step, element), so that is the whole RNG
-// state).
+// state); the run's configuration, "alloy.config.<setting>" (train/run_config.hpp); and
+// checksums: "crc32c:<tensor>" for every tensor and "crc32c:__metadata__" for the rest of the
+// metadata (io/safetensors.hpp), computed as the bytes are written.
 //
 // Writing goes through write_file_atomically: a crash leaves the old checkpoint or the new one;
 // saving onto a symbolic link replaces the file it names and keeps the link.
 // Loading validates the whole file (a regular file, refused at once if it is a FIFO or a
-// directory; format, signature, every tensor's presence, dtype and shape, nothing else; finite
-// weights and state, non-negative second moments and q8 scales; a compute copy that is a
-// rounding of its master; counters that are plain digits, in range and consistent, and a valid
-// scaler state) and reads it into host staging before touching the store, so a refused or
-// failed load leaves the trainer as it was. A fixed loss scale is the loading trainer's own.
+// directory; format, the metadata's checksum, signature, every tensor's presence, dtype, shape
+// and checksum, nothing else; finite weights and state, non-negative second moments and q8
+// scales; a compute copy that is a rounding of its master; counters that are plain digits, in
+// range and consistent, and a valid scaler state) and reads it into host staging before touching
+// the store, so a refused or failed load leaves the trainer as it was. A fixed loss scale is the
+// loading trainer's own. The saved configuration is compared with the loading trainer's: each
+// difference is reported, or, with ConfigChange::refuse, the load is refused.
+//
+// Format 2 (before checksums and configurations; otherwise the same tensors and metadata) still
+// loads: without the integrity check, and with a report that the configuration could not be
+// compared. Format 1 is refused with a message saying so.
 #pragma once
 
 #include <alloy/io/safetensors.hpp>
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/train/param_store.hpp>
+#include <alloy/train/run_config.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -66,10 +75,32 @@ struct CheckpointCounters {
 };
 
 // Version 1 stored the optimizer state as padded flat arenas ("alloy/state/<k>"); version 2 stores
-// it per parameter. Older versions are refused with a message saying so.
-inline constexpr const char* checkpoint_format = "alloy-checkpoint-2";
+// it per parameter; version 3 adds checksums and the run's configuration. Version 2 loads
+// unchecked; version 1 is refused with a message saying so.
+inline constexpr const char* checkpoint_format = "alloy-checkpoint-3";
+inline constexpr const char* checkpoint_format_unchecked = "alloy-checkpoint-2";
+
+// What load_checkpoint does when the checkpoint was saved under another configuration.
+enum class ConfigChange : std::uint8_t {
+  report,  // load it, and list each difference
+  refuse,  // throw alloy::error listing them, changing nothing
+};
+
+// What a load found besides the state it restored.
+struct LoadReport {
+  std::string format;                                // the file's: checkpoint_format, or checkpoint_format_unchecked
+  bool config_compared = false;                      // false: the file records no configuration (format 2)
+  std::vector<ConfigDifference> config_differences;  // by name; empty when nothing changed
+};
+
+struct LoadedCheckpoint {
+  CheckpointCounters counters;
+  LoadReport report;
+};
 
 namespace detail {
+
+inline constexpr std::string_view config_key_prefix = "alloy.config.";
 
 inline std::string exact_float(float x) {
   char buf[64];
@@ -216,9 +247,11 @@ StateTensor state_scale_tensor(const StateTensor& s) {
 
 }  // namespace detail
 
+// Writes `store`, the counters, the policy signature and the run's configuration (`config`,
+// recorded as "alloy.config.<name>") to `path`, atomically.
 template <class Store>
 void save_checkpoint(const std::filesystem::path& path, Store& store, const CheckpointCounters& c,
-                     const std::string& signature) {
+                     const std::string& signature, const ConfigSettings& config = {}) {
   synchronize(store.backend());
   const auto& registry = store.registry();
   const auto& layout = store.layout();
@@ -254,7 +287,7 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
   for (auto* list : {&f32, &narrow, &bytes}) {
     for (auto& t : *list) all.push_back(std::move(t));
   }
-  const std::map<std::string, std::string> metadata = {
+  std::map<std::string, std::string> metadata = {
       {"alloy.format", checkpoint_format},
       {"alloy.signature", signature},
       {"alloy.attempted_steps", std::to_string(c.attempted_steps)},
@@ -266,28 +299,41 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
       {"alloy.loss_scale_overflows", std::to_string(c.scale.overflows)},
       {"alloy.seed", std::to_string(c.seed)},
   };
-  write_safetensors(path, all, metadata);
+  for (const auto& [name, value] : config) metadata[std::string(detail::config_key_prefix) + name] = value;
+  SafetensorsWriteOptions options;
+  options.checksums = true;
+  write_safetensors(path, all, metadata, options);
 }
 
-// Validates `path` against `store`, then replaces the store's parameters, master and state with
-// the file's and returns its counters. Throws alloy::error, with the store untouched, when the
-// file is damaged, foreign, of an older format, or from another model, precision or optimizer.
+// Validates `path` against `store`, compares the configuration it records with `config` (the
+// loading run's), then replaces the store's
+// parameters, master and state with the file's and returns its counters and what differs. Throws alloy::error, with the
+// store untouched, when the file is damaged, foreign, of an older format, or from another model, precision or
+// optimizer, and, with ConfigChange::refuse, when the configurations differ.
 template <class Store>
-CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature) {
-  const SafetensorsFile file = SafetensorsFile::open(path);
+LoadedCheckpoint load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature,
+                                 const ConfigSettings& config = {}, ConfigChange on_change = ConfigChange::report) {
+  const SafetensorsFile file = SafetensorsFile::open(path);  // checks the metadata's checksum
   const std::string where = "load checkpoint '" + path.string() + "': ";
   const auto format = file.metadata().find("alloy.format");
-  if (format != file.metadata().end() && format->second != checkpoint_format &&
-      format->second.rfind("alloy-checkpoint-", 0) == 0) {
+  const bool known_format = format != file.metadata().end() &&
+                            (format->second == checkpoint_format || format->second == checkpoint_format_unchecked);
+  if (format != file.metadata().end() && !known_format && format->second.rfind("alloy-checkpoint-", 0) == 0) {
     throw error(where + "written in format '" + format->second +
-                "', which this version of alloy does not read (it reads '" + checkpoint_format +
+                "', which this version of alloy does not read (it reads '" + checkpoint_format + "' and '" +
+                checkpoint_format_unchecked +
                 "'; format 1 stored optimizer state as flat arenas, format 2 per parameter): resume it with the alloy "
                 "version that wrote it, or carry its weights over with export_weights / import_weights");
   }
-  if (format == file.metadata().end() || format->second != checkpoint_format) {
+  if (!known_format) {
     throw error(where + "not an alloy checkpoint (metadata alloy.format is " +
                 (format == file.metadata().end() ? std::string("missing") : "'" + format->second + "'") +
                 ", expected '" + checkpoint_format + "')");
+  }
+  const bool checked = format->second == checkpoint_format;
+  if (checked && !file.metadata().count(std::string(safetensors_metadata_checksum_key))) {
+    throw error(where + "metadata '" + std::string(safetensors_metadata_checksum_key) + "' is missing (format '" +
+                checkpoint_format + "' records the metadata's checksum)");
   }
   const std::string& theirs = detail::required_metadata(file, "alloy.signature");
   if (theirs != signature) {
@@ -325,6 +371,10 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
   for (const auto& t : file.tensors()) {
     if (!expected.count(t.name)) {
       throw error(where + "tensor '" + t.name + "' is not a parameter of this model (a checkpoint of another model?)");
+    }
+    if (checked && !t.crc32c) {
+      throw error(where + "tensor '" + t.name + "' has no checksum (format '" + checkpoint_format +
+                  "' records one per tensor, metadata 'crc32c:" + t.name + "')");
     }
   }
   CheckpointCounters c;
@@ -426,6 +476,29 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     }
   }
 
+  // The configuration: what the file records against the loading run's.
+  LoadReport report;
+  report.format = format->second;
+  ConfigSettings saved;
+  for (const auto& [key, value] : file.metadata()) {
+    if (key.rfind(detail::config_key_prefix, 0) == 0) saved[key.substr(detail::config_key_prefix.size())] = value;
+  }
+  report.config_compared = checked;
+  if (checked) report.config_differences = config_differences(saved, config);
+  if (on_change == ConfigChange::refuse && !checked) {
+    throw error(where + "written in format '" + format->second +
+                "', which records no configuration, and this trainer refuses one it cannot compare "
+                "(Config::on_config_change = refuse; report loads it)");
+  }
+  if (on_change == ConfigChange::refuse && !report.config_differences.empty()) {
+    std::string list;
+    for (const auto& d : report.config_differences) list += (list.empty() ? "" : "; ") + to_string(d);
+    throw error(where +
+                "saved under another configuration, and this trainer refuses a changed one "
+                "(Config::on_config_change = refuse): " +
+                list);
+  }
+
   // Commit.
   copy_from_host(store.params_arena(), std::span<const Param>(params));
   if constexpr (Store::has_master) copy_from_host(store.master_arena(), std::span<const float>(master));
@@ -436,7 +509,7 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     }
   }
   store.zero_grads();
-  return c;
+  return {c, std::move(report)};
 }
 
 }  // namespace alloy
