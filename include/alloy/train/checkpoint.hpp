@@ -22,9 +22,10 @@
 // directory; format, the metadata's checksum, signature, every tensor's presence, dtype, shape
 // and checksum, nothing else; finite weights and state, non-negative second moments and q8
 // scales; a compute copy that is a rounding of its master; counters that are plain digits, in
-// range and consistent, and a valid scaler state) and reads it into host staging before touching
-// the store, so a refused or failed load leaves the trainer as it was. A fixed loss scale is the
-// loading trainer's own. The saved configuration is compared with the loading trainer's: each
+// range and consistent, and a valid scaler state: a dynamic one within reach of the scaler
+// configuration it was saved with) and reads it into host staging before touching the store,
+// so a refused or failed load leaves the trainer as it was. A fixed loss scale is the loading
+// trainer's own. The saved configuration is compared with the loading trainer's: each
 // difference is reported, or, with ConfigChange::refuse, the load is refused.
 //
 // Format 2 (before checksums and configurations; otherwise the same tensors and metadata) still
@@ -245,6 +246,42 @@ StateTensor state_scale_tensor(const StateTensor& s) {
   return {s.name + ".absmax", s.slot, s.offset / block, blocks, {static_cast<std::int64_t>(blocks)}, true};
 }
 
+// A dynamic scaler's state is one its machine can reach under the configuration it ran with:
+// hysteresis_left counts down from hysteresis, growth_tracker resets on reaching growth_interval,
+// the scale stays within [min_scale, max_scale] (or at init_scale). A state outside them (an
+// edited hysteresis_left of 2^31 - 1 would skip overflowing steps for ever without backing off)
+// is refused. The bounds are the recorded configuration's where the file has one, since a resume
+// may change the configuration.
+inline void check_dynamic_scale(const SafetensorsFile& file, const std::string& where, const LossScaleState& s,
+                                DynamicLossScaleConfig c) {
+  const std::string prefix = std::string(config_key_prefix) + "scaler.";
+  const bool recorded = file.metadata().count(prefix + "hysteresis") != 0;
+  if (recorded) {
+    constexpr auto int32_max = static_cast<std::uint64_t>(std::numeric_limits<std::int32_t>::max());
+    c.hysteresis = static_cast<int>(metadata_u64(file, prefix + "hysteresis", int32_max));
+    c.growth_interval = static_cast<int>(metadata_u64(file, prefix + "growth_interval", int32_max));
+    c.init_scale = metadata_float(file, prefix + "init_scale");
+    c.min_scale = metadata_float(file, prefix + "min_scale");
+    c.max_scale = metadata_float(file, prefix + "max_scale");
+  }
+  const std::string whose = recorded ? "the scaler configuration it was saved with" : "this trainer's scaler";
+  if (s.hysteresis_left > c.hysteresis) {
+    throw error(where + "metadata alloy.loss_scale_hysteresis_left = " + std::to_string(s.hysteresis_left) +
+                " is above the hysteresis of " + whose + " (" + std::to_string(c.hysteresis) +
+                "), from which it counts down");
+  }
+  if (s.growth_tracker >= c.growth_interval) {
+    throw error(where + "metadata alloy.loss_scale_growth_tracker = " + std::to_string(s.growth_tracker) +
+                " is not below the growth_interval of " + whose + " (" + std::to_string(c.growth_interval) +
+                "), at which it resets");
+  }
+  const float low = std::min(c.min_scale, c.init_scale), high = std::max(c.max_scale, c.init_scale);
+  if (!(s.scale >= low && s.scale <= high)) {
+    throw error(where + "metadata alloy.loss_scale = " + exact_float(s.scale) + " is outside [" + exact_float(low) +
+                ", " + exact_float(high) + "], the range of " + whose + " (min_scale, max_scale and init_scale)");
+  }
+}
+
 }  // namespace detail
 
 // Writes `store`, the counters, the policy signature and the run's configuration (`config`,
@@ -306,13 +343,16 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
 }
 
 // Validates `path` against `store`, compares the configuration it records with `config` (the
-// loading run's), then replaces the store's
-// parameters, master and state with the file's and returns its counters and what differs. Throws alloy::error, with the
-// store untouched, when the file is damaged, foreign, of an older format, or from another model, precision or
-// optimizer, and, with ConfigChange::refuse, when the configurations differ.
+// loading run's), checks a dynamic scaler's state against the scaler configuration it was saved
+// under (recorded, or else `scaler`, the loading run's; nullptr: the scaler is not dynamic), then
+// replaces the store's parameters, master and state with the file's and returns its counters and
+// what differs. Throws alloy::error, with the store untouched, when the file is damaged, foreign,
+// of an older format, or from another model, precision or optimizer, and, with
+// ConfigChange::refuse, when the configurations differ.
 template <class Store>
 LoadedCheckpoint load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature,
-                                 const ConfigSettings& config = {}, ConfigChange on_change = ConfigChange::report) {
+                                 const ConfigSettings& config = {}, ConfigChange on_change = ConfigChange::report,
+                                 const DynamicLossScaleConfig* scaler = nullptr) {
   const SafetensorsFile file = SafetensorsFile::open(path);  // checks the metadata's checksum
   const std::string where = "load checkpoint '" + path.string() + "': ";
   const auto format = file.metadata().find("alloy.format");
@@ -408,6 +448,7 @@ LoadedCheckpoint load_checkpoint(const std::filesystem::path& path, Store& store
     throw error(where + "metadata alloy.loss_scale_overflows = " + std::to_string(c.scale.overflows) +
                 " is more than the " + std::to_string(c.attempted_steps) + " attempted steps");
   }
+  if (scaler) detail::check_dynamic_scale(file, where, c.scale, *scaler);
 
   // Stage everything on the host (padding zero, as in every arena); check the weights are finite.
   const std::size_t n = layout.padded_numel();

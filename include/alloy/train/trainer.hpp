@@ -252,7 +252,9 @@ class Trainer {
   // difference is written to Config::load_log and listed in the report; with
   // Config::on_config_change = refuse it is refused instead. The seed is the file's (state).
   LoadReport load(const std::filesystem::path& path) {
-    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change);
+    const DynamicLossScaleConfig* dynamic = nullptr;
+    if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
+    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
     if constexpr (!scaler_type::dynamic) {
       // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
       // scaler is the same kind, or the signature would have refused it); the count of

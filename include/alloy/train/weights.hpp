@@ -7,8 +7,9 @@
 //     Metadata {"format": "pt"}, as safetensors.torch.save_file writes, and the CRC-32C of each
 //     tensor and of the metadata (io/safetensors.hpp), which import_weights checks and PyTorch
 //     ignores. When the names match a torch.nn.Module's,
-//     `module.load_state_dict(safetensors.torch.load_file(path), strict=True)` accepts it. A non-finite value, or one that overflows the chosen dtype, is refused (naming
-//     the parameter) and the file is not written. Written atomically (write_file_atomically).
+//     `module.load_state_dict(safetensors.torch.load_file(path), strict=True)` accepts it. A
+//     non-finite value, or one that overflows the chosen dtype, is refused (naming the
+//     parameter) and the file is not written. Written atomically (write_file_atomically).
 //
 //   import_weights(path, store)
 //     Sets every parameter from a file of that shape (one written by export_weights or by
