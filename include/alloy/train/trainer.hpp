@@ -27,8 +27,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <functional>
-#include <iostream>
 #include <iterator>
 #include <memory>
 #include <span>
@@ -130,7 +130,7 @@ class Trainer {
     // difference (report), or refuses the file and changes nothing (refuse).
     ConfigChange on_config_change = ConfigChange::report;
     // Where load() writes a line per changed setting, or a note that the file records no
-    // configuration to compare; unset, to std::clog.
+    // configuration to compare; unset, to standard error.
     std::function<void(const std::string&)> load_log = nullptr;
   };
 
@@ -280,7 +280,7 @@ class Trainer {
       if (config_.load_log) {
         config_.load_log(line);
       } else {
-        std::clog << line << '\n';
+        std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
       }
     };
     if (!report.config_compared) {
