@@ -84,7 +84,10 @@ ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, cons
     return ScaleEvent::backed_off;
   }
   s.hysteresis_left = c.hysteresis;  // hysteresis counts consecutive overflows
-  if (++s.growth_tracker >= c.growth_interval) {
+  // Counted in 64 bits: a count at int32's limit (a checkpoint may hold one) must not overflow.
+  const std::int64_t finite_steps = std::int64_t{s.growth_tracker} + 1;
+  s.growth_tracker = static_cast<std::int32_t>(finite_steps);
+  if (finite_steps >= c.growth_interval) {
     s.growth_tracker = 0;
     const float next = s.scale * c.growth_factor;
     // Never to infinity, whatever max_scale says (GradScaler's one bound).
