@@ -4,6 +4,7 @@
 
 #include "residual_mlp.hpp"
 
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -131,16 +132,19 @@ int run(const Options& o, Shape shape) {
   std::ofstream csv(o.csv);
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";
   alloy::StepReport first{}, last{};
-  double seconds = 0;
   std::size_t first_peak = 0;
   const auto start_step = trainer.steps();
+  // Wall time of the steps after two warm-up steps, until the last one has finished on the device
+  // (step() returns with its update still queued).
+  auto timed_from = std::chrono::steady_clock::now();
   while (trainer.steps() < static_cast<std::uint64_t>(o.steps)) {
     last = trainer.step(next);
     if (last.step == start_step + 1) first = last;
-    if (last.step > start_step + 2) seconds += last.seconds;  // after warm-up
     if (last.step == start_step + 2) {
       first_peak = trainer.memory().backend.peak_bytes;
       trainer.reset_memory_peak();  // the steady-state peak, as PyTorch's after its warm-up
+      trainer.synchronize();
+      timed_from = std::chrono::steady_clock::now();
     }
     csv << last.step << ',' << last.loss << ',' << last.grad_norm << ',' << last.lr << ',' << last.loss_scale << ','
         << last.skipped << '\n';
@@ -150,6 +154,8 @@ int run(const Options& o, Shape shape) {
                   static_cast<unsigned long long>(last.skipped_steps));
     }
   }
+  trainer.synchronize();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - timed_from).count();
   if (!o.save.empty()) {
     trainer.save(o.save);
     std::printf("saved %s\n", o.save.c_str());

@@ -98,11 +98,11 @@ TEST(CudaForEach, MatchesHostBitwiseAlignedAndMisaligned) {
       const auto b0 = random_floats(n + offset, seed + n + 1);
       auto d_a = on_device(a);
       auto d_b = on_device(b0);
-      Buffer<bf16, Cuda> d_c(n + offset);
+      auto d_c = on_device(std::vector<bf16>(n + offset, bf16(7.0f)));  // initialized: element 0 is read back
       alloy::for_each_n(Cuda{}, n, op, alloy::in(d_a.data() + offset), alloy::inout(d_b.data() + offset),
                         alloy::out(d_c.data() + offset));
       auto b = b0;
-      std::vector<bf16> c(n + offset);
+      std::vector<bf16> c(n + offset, bf16(7.0f));
       alloy::for_each_n(Host{}, n, op, alloy::in(a.data() + offset), alloy::inout(b.data() + offset),
                         alloy::out(c.data() + offset));
       const auto gb = alloy::to_host(d_b);
@@ -111,7 +111,10 @@ TEST(CudaForEach, MatchesHostBitwiseAlignedAndMisaligned) {
         ASSERT_EQ(alloy::detail::float_bits(gb[i]), alloy::detail::float_bits(b[i])) << "n=" << n << " i=" << i;
         ASSERT_EQ(gc[i].bits(), c[i].bits()) << "n=" << n << " i=" << i;
       }
-      if (offset) ASSERT_EQ(gb[0], b0[0]) << "element before the range was written";
+      if (offset) {
+        ASSERT_EQ(gb[0], b0[0]) << "element before the range was written";
+        ASSERT_EQ(gc[0].bits(), bf16(7.0f).bits()) << "element before the range was written";
+      }
     }
   }
 }

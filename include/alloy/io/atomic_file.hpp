@@ -41,6 +41,10 @@ class FileWriter {
   // Writes all of `bytes`, resuming after short writes and interrupted calls.
   void write(std::span<const std::byte> bytes);
 
+  // Overwrites bytes already written, from `offset` (a header whose checksums are known only
+  // once the data after it is written); the end of the file stays where it is.
+  void write_at(std::uint64_t offset, std::span<const std::byte> bytes);
+
   std::uint64_t bytes_written() const noexcept { return written_; }
 
  private:
@@ -169,6 +173,20 @@ class TemporaryFile {
     }
   }
 
+  void write_at(std::uint64_t offset, std::span<const std::byte> bytes) {
+    constexpr std::size_t max_call = std::size_t(1) << 30;
+    while (!bytes.empty()) {
+      const ::ssize_t n = ::pwrite(fd_, bytes.data(), std::min(bytes.size(), max_call), static_cast<::off_t>(offset));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        fail("write to temporary file '" + temporary_.string() + "'", errno);
+      }
+      if (n == 0) fail("write to temporary file '" + temporary_.string() + "' (no progress)", EIO);
+      bytes = bytes.subspan(static_cast<std::size_t>(n));
+      offset += static_cast<std::uint64_t>(n);
+    }
+  }
+
   // Makes the new contents durable, then visible under the target's name.
   void commit() {
     while (::fsync(fd_) != 0) {
@@ -252,6 +270,15 @@ class TemporaryFile {
 inline void FileWriter::write(std::span<const std::byte> bytes) {
   file_.write(bytes);
   written_ += bytes.size();
+}
+
+inline void FileWriter::write_at(std::uint64_t offset, std::span<const std::byte> bytes) {
+  if (offset > written_ || bytes.size() > written_ - offset) {
+    throw error("FileWriter::write_at: bytes [" + std::to_string(offset) + ", " +
+                std::to_string(offset + bytes.size()) + ") reach past the " + std::to_string(written_) +
+                " bytes written so far");
+  }
+  file_.write_at(offset, bytes);
 }
 
 // Where a write to `target` lands: a symbolic link (or a chain of them) is followed to the file

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/handles.hpp>
 #include <alloy/backend/pinned.hpp>
 #include <alloy/backend/tags.hpp>
 #include <alloy/error.hpp>
@@ -54,12 +55,6 @@ class InputUploads<Host> {
 
 namespace detail {
 
-struct StreamDeleter {
-  void operator()(cudaStream_t s) const noexcept { (void)cudaStreamDestroy(s); }
-};
-struct UploadEventDeleter {
-  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
-};
 struct PinnedBytesDeleter {
   void operator()(std::byte* p) const noexcept { PinnedAllocator<std::byte>{}.deallocate(p, 0); }
 };
@@ -68,15 +63,8 @@ struct PinnedBytesDeleter {
 
 template <>
 class InputUploads<Cuda> {
-  using Stream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, detail::StreamDeleter>;
-  using Event = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, detail::UploadEventDeleter>;
+  using Event = CudaEvent;
   using PinnedBytes = std::unique_ptr<std::byte, detail::PinnedBytesDeleter>;
-
-  static Event make_event() {
-    cudaEvent_t e = nullptr;
-    ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    return Event(e);
-  }
 
   struct Slot {
     std::vector<Buffer<std::byte, Cuda>> device;  // chunks; merged into one at the slot's next use
@@ -91,14 +79,12 @@ class InputUploads<Cuda> {
 
  public:
   explicit InputUploads(Cuda compute = {}, MemoryTracker* tracker = nullptr) : compute_(compute), tracker_(tracker) {
-    cudaStream_t s = nullptr;
-    ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    copy_.reset(s);
+    copy_ = make_cuda_stream();
     for (auto& slot : slots_) {
-      slot.copied = make_event();
-      slot.consumed = make_event();
+      slot.copied = make_cuda_event();
+      slot.consumed = make_cuda_event();
     }
-    ready_ = make_event();
+    ready_ = make_cuda_event();
   }
 
   InputUploads(InputUploads&&) noexcept = default;
@@ -227,7 +213,7 @@ class InputUploads<Cuda> {
 
   Cuda compute_;
   MemoryTracker* tracker_;
-  Stream copy_;
+  CudaStream copy_;
   Slot slots_[2];
   Event ready_;
   int current_ = -1;

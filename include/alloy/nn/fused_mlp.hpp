@@ -7,11 +7,11 @@
 // residual-MLP block:
 //   forward   up's product: h = gelu(x Wu^T + bu), pre kept; down's product: y = h Wd^T + bd
 //             (+ the residual, when the Sequential is a Residual's block and down is its last layer)
-//   backward  down's input gradient dh = dy Wd (a plain product); down's weight gradient
-//             dWd = dy^T h, dbd = column sums of dy (Epilogue::bias_grad); dPre = dh * gelu'(pre)
-//             (an element-wise pass); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x,
+//   backward  down's input gradient with GELU's in its epilogue: dPre = (dy Wd) * gelu'(pre)
+//             (Epilogue::dgelu_tanh); down's weight gradient dWd = dy^T h, dbd = column sums of
+//             dy (Epilogue::bias_grad); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x,
 //             dbu in the same product. (cuBLASLt's dGELU + bias-gradient epilogue was measured
-//             slower than these two passes: see mlp_backward.)
+//             slower than the bias gradient in up's weight product: see mlp_backward.)
 // GELU's forward pass is gone from forward (42 us per block at 8192 x 1024 -> 4096 bf16 on the
 // H200, profile of 69707e9).
 //
@@ -22,7 +22,7 @@
 // forward kernel (42 us measured per block, at about 3 TB/s), in exchange for that memory at the
 // step's peak. The workspace is a stack, so h can be released only if nothing that must outlive
 // it sits above it: forward allocates the block's output y before h, runs both products, and
-// releases h; backward allocates dPre, then h, computes dWd, and releases h. Measured on Host
+// releases h; backward writes dPre, then allocates h, computes dWd, and releases h. Measured on Host
 // at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual
 // MLP's activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h
 // released, 512 MiB; GELU's backward output, 512 MiB; the down layer's output apart from the
@@ -76,25 +76,22 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 // which Residual adds itself). Returns dx.
 template <class Ctx, class T = value_t<Ctx>>
 Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
-  // Measured on the H200 at 5dc06d4 (8192 x 1024 -> 4096, bf16): cuBLASLt 13.0 runs the
-  // DGELU_BGRAD epilogue as a kernel of its own after the product (cublasLt::globalKernel, 283 us
-  // per block), where GELU's gradient as an element-wise pass (55 us) and the bias gradient in
-  // up's weight product (28 us) cost 83 us. So backward keeps those two: down's input gradient
-  // is a plain product, GELU's gradient runs from the kept pre-activation, and up's bias
-  // gradient comes out of its weight product. The dGELU epilogues stay in kernels/ (tested)
-  // for a cuBLASLt that fuses them.
+  // Measured on the H200 (8192 x 1024 -> 4096, bf16, cuBLASLt 13.0, alloy_bench_mlp_gemm at
+  // 990ef1e): down's input-gradient product takes 113 us plain and 138 us with the dGELU epilogue,
+  // where GELU's gradient as an element-wise pass took 60 us more; so dPre comes out of the
+  // product. The dGELU + bias-gradient epilogue (DGELU_BGRAD) runs as a kernel of its own after
+  // the product (283 us per block at 5dc06d4), so up's bias gradient comes from its weight
+  // product instead.
   const T* pre = gelu.pre_activation<T>();
-  const Activation<const T> dh = down.input_gradient(ctx, dy);
+  const Activation<const T> d_pre = down.input_gradient(ctx, dy, pre);
   {
     const auto mark = ctx.workspace().mark();
-    T* h = ctx.template allocate<T>(dh.size());
-    for_each_n(ctx.backend(), dh.size(), GeluForward<T>{}, in(pre), out(h));
+    T* h = ctx.template allocate<T>(d_pre.size());
+    for_each_n(ctx.backend(), d_pre.size(), GeluForward<T>{}, in(pre), out(h));
     down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
     ctx.workspace().release(mark);
   }
-  auto d_pre = allocate(ctx, dh.rows, dh.cols);
-  for_each_n(ctx.backend(), dh.size(), GeluBackward<T>{}, in(pre), in(dh.data), out(d_pre.data));
-  return up.backward(ctx, Activation<const T>(d_pre), true);
+  return up.backward(ctx, d_pre, true);
 }
 
 }  // namespace alloy::nn::detail

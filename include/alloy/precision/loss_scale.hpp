@@ -35,6 +35,18 @@ struct DynamicLossScaleConfig {
   float min_scale = 1.0f;         // GradScaler: none (0). Backing off below it is an error
   float max_scale = 16777216.0f;  // GradScaler: none (float's largest). 2^24: growth stops here
 
+  // Each setting with its name (checkpoints record them): f("init_scale", init_scale), ...
+  template <class F>
+  constexpr void for_each_field(F&& f) const {
+    f("init_scale", init_scale);
+    f("growth_factor", growth_factor);
+    f("backoff_factor", backoff_factor);
+    f("growth_interval", growth_interval);
+    f("hysteresis", hysteresis);
+    f("min_scale", min_scale);
+    f("max_scale", max_scale);
+  }
+
   // torch.amp.GradScaler's defaults and update rule (torch._amp_update_scale_): no lower bound,
   // so the scale may fall into denormals and to 0; growth only while the result is finite.
   //   Trainer tr(model, {.scaler = alloy::DynamicLossScaleConfig::grad_scaler()});  // scaler: DynamicLossScale
@@ -110,7 +122,10 @@ inline constexpr LossScaleState initial_loss_scale_state(const DynamicLossScaleC
 struct NoLossScale {
   static constexpr bool dynamic = false;
   static constexpr const char* name = "NoLossScale";
-  struct Config {};
+  struct Config {
+    template <class F>
+    constexpr void for_each_field(F&&) const {}  // no settings
+  };
   static constexpr float initial_scale(const Config&) noexcept { return 1.0f; }
 };
 
@@ -121,7 +136,10 @@ struct StaticLossScale {
   static constexpr bool dynamic = false;
   static constexpr const char* name = "StaticLossScale";
   static constexpr float scale = S;
-  struct Config {};
+  struct Config {
+    template <class F>
+    constexpr void for_each_field(F&&) const {}  // no settings
+  };
   static constexpr float initial_scale(const Config&) noexcept { return S; }
 };
 

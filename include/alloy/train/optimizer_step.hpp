@@ -3,7 +3,8 @@
 //      (kernels/grad_stats.hpp), unless the last micro-batch's accumulation already summed
 //      them (accumulate(), kernels/accumulate_grads.hpp);
 //   2. on the host: non-finite means the step is skipped (master, state and parameters left
-//      bit-identical) and counted, and the scaler backs off; otherwise the global norm gives
+//      bit-identical), counted and reported with the first parameter whose gradient was
+//      non-finite, and the scaler backs off; otherwise the global norm gives
 //      the clip coefficient and the scaler counts toward growth;
 //   3. pass 2 (one fused pass over all arenas): the update (kernels/fused_update.hpp).
 //
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <string>
 #include <utility>
 
 namespace alloy {
@@ -47,7 +49,21 @@ struct StepStats {
   std::uint64_t step = 0;  // applied steps so far (the optimizer's t)
   std::uint64_t skipped_steps = 0;
   std::uint64_t overflows = 0;
+  // A skipped step: the first parameter, in declaration order, whose gradient holds a non-finite
+  // value (found after the decision, on skipped steps only); empty otherwise.
+  std::string first_non_finite;
 };
+
+namespace detail {
+// |x| as float; NaN stays NaN, so Max over it flags NaN and both infinities.
+struct AbsAsFloat {
+  template <class T>
+  ALLOY_HOST_DEVICE float operator()(const T& x) const {
+    const auto f = static_cast<float>(x);
+    return f < 0.0f ? -f : f;
+  }
+};
+}  // namespace detail
 
 // Runtime settings of a step engine. The scaler config is used by DynamicLossScale only.
 template <class O, class Scaler>
@@ -160,6 +176,7 @@ class OptimizerStep {
         grads_ = Gradients::compute;
         return;
       }
+      require_accumulator(store);
       const auto* g = store.grads_arena().data();
       auto* acc = store.accumulator_arena().data();
       const std::size_t n = store.layout().padded_numel();
@@ -194,6 +211,9 @@ class OptimizerStep {
     StepStats stats;
     stats.loss_scale = scale_.scale;
     const Gradients source = grads_;
+    if constexpr (store_type::has_accumulator) {
+      if (source != Gradients::compute) require_accumulator(store);
+    }
     const double sum_sq = source == Gradients::summed ? summed_squares()
                           : source == Gradients::compute
                               ? sum_of_squares(store.grads_arena().data(), store.layout().padded_numel())
@@ -218,6 +238,7 @@ class OptimizerStep {
     grads_ = Gradients::caller_owned;
     if (non_finite) {
       stats.skipped = true;
+      stats.first_non_finite = first_non_finite(store, source);
       ++skipped_;
       if constexpr (store_type::has_accumulator) {
         if (source == Gradients::caller_owned) fill_zero(store.accumulator_arena());
@@ -261,6 +282,34 @@ class OptimizerStep {
       return 0.0;
 #endif
     }
+  }
+
+  static void require_accumulator(const store_type& store) {
+    if (!store.accumulator_allocated()) {
+      throw error(
+          "OptimizerStep: the gradients are in the accumulator, but this store was built without one "
+          "(with_accumulator = false: one micro-batch per step, accumulate(store, 0, 1))");
+    }
+  }
+
+  // The name of the first parameter whose gradient (where this step read them) is non-finite:
+  // one reduction per tensor, in order, up to that one. Runs on skipped steps alone.
+  std::string first_non_finite(store_type& store, Gradients source) {
+    if constexpr (store_type::has_accumulator) {
+      if (source != Gradients::compute) return first_non_finite_in(store, store.accumulator_arena().data());
+    }
+    return first_non_finite_in(store, store.grads_arena().data());
+  }
+
+  template <class G>
+  std::string first_non_finite_in(store_type& store, const G* g) {
+    const auto& layout = store.layout();
+    for (std::size_t k = 0; k < layout.tensors(); ++k) {
+      const float m =
+          transform_reduce(be_, layout[k].numel, 0.0f, Max{}, detail::AbsAsFloat{}, in(g + layout[k].offset));
+      if (!std::isfinite(m)) return store.registry().specs()[k].name;
+    }
+    return {};
   }
 
   // The sum the last accumulate() left.

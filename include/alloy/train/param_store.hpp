@@ -67,8 +67,10 @@ class ParamStore {
                                                      is_adafactor_v<O> ? 0.0 : slots* state_policy::bytes_per_value};
   static constexpr double bytes_per_param = bytes_per_param_by_role.total();
 
+  // with_accumulator = false leaves the accumulator unallocated: a Trainer that runs one
+  // micro-batch per step never uses it (its step reads the compute-dtype gradients directly).
   explicit ParamStore(const ParamRegistry& registry, B be = {}, std::uint64_t seed = 0,
-                      MemoryTracker* tracker = nullptr)
+                      MemoryTracker* tracker = nullptr, bool with_accumulator = true)
       : registry_(registry),
         layout_(registry, layout_block),
         be_(be),
@@ -76,7 +78,9 @@ class ParamStore {
         grads_(layout_.padded_numel(), be, tracker),
         block_scales_(layout_.block_scales().size(), be, tracker) {
     const std::size_t n = layout_.padded_numel();
-    if constexpr (has_accumulator) accumulator_ = Buffer<optimizer_grad_type, B>(n, be, tracker);
+    if constexpr (has_accumulator) {
+      if (with_accumulator) accumulator_ = Buffer<optimizer_grad_type, B>(n, be, tracker);
+    }
     if constexpr (has_master) master_ = Buffer<float, B>(n, be, tracker);
     for (int k = 0; k < slots; ++k) {
       state_[k] = Buffer<state_storage, B>(state_elements(), be, tracker);
@@ -110,6 +114,8 @@ class ParamStore {
   Buffer<grad_type, B>& grads_arena() noexcept { return grads_; }
   Buffer<float, B>& master_arena() noexcept { return master_; }
   Buffer<optimizer_grad_type, B>& accumulator_arena() noexcept requires has_accumulator { return accumulator_; }
+  // False for a store built without its accumulator (or a type that has none).
+  bool accumulator_allocated() const noexcept { return has_accumulator && accumulator_.size() > 0; }
   Buffer<state_storage, B>& state_arena(int slot) { return state_.at(slot); }
   Buffer<float, B>& state_scale_arena(int slot) { return absmax_.at(slot); }
   const Buffer<BlockScales, B>& block_scales() const noexcept { return block_scales_; }

@@ -1,10 +1,12 @@
 // StepLosses<B>: the losses of one step's micro-batches, collected without waiting for any of
 // them. A float loss is stored as it comes; a device loss (alloy::Loss in the workspace) is copied
 // on the compute stream into the trainer's own device array before the workspace is reused, and
-// the array comes back in one copy before the step's single synchronization.
+// the array comes back in one copy, queued after the last micro-batch; mean() waits for that copy
+// alone (an event), not for the optimizer step queued after it.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/handles.hpp>
 #include <alloy/backend/loss.hpp>
 #include <alloy/backend/pinned.hpp>
 
@@ -27,6 +29,7 @@ class StepLosses {
         device_ = Buffer<float, Cuda>(host_.size(), be_, tracker_);
         pinned_.resize(host_.size());
       }
+      if (!fetched_) fetched_ = make_cuda_event();
     }
 #endif
   }
@@ -47,20 +50,26 @@ class StepLosses {
     host_[i] = loss.value();
   }
 
-  // Queues the copy back; call before the step synchronizes.
+  // Queues the copy back, after the last micro-batch's loss.
   void fetch() {
 #if ALLOY_HAS_CUDA_RUNTIME
     if constexpr (std::is_same_v<B, Cuda>) {
       if (any_on_device_) {
         ALLOY_CUDA_CHECK(cudaMemcpyAsync(pinned_.data(), device_.data(), host_.size() * sizeof(float),
                                          cudaMemcpyDeviceToHost, be_.stream));
+        ALLOY_CUDA_CHECK(cudaEventRecord(fetched_.get(), be_.stream));
       }
     }
 #endif
   }
 
-  // After the synchronization: the mean of the micro-batch losses, summed in order in double.
+  // The mean of the micro-batch losses, summed in order in double; waits for fetch()'s copy.
   float mean() const {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (any_on_device_) ALLOY_CUDA_CHECK(cudaEventSynchronize(fetched_.get()));
+    }
+#endif
     double sum = 0.0;
     for (std::size_t i = 0; i < host_.size(); ++i) {
 #if ALLOY_HAS_CUDA_RUNTIME
@@ -83,6 +92,7 @@ class StepLosses {
 #if ALLOY_HAS_CUDA_RUNTIME
   Buffer<float, Cuda> device_;
   pinned_vector<float> pinned_;
+  CudaEvent fetched_;
 #endif
 };
 

@@ -9,7 +9,8 @@
 // One step: for each micro-batch, forward/backward with backward seeded by scale / N, the
 // gradients summed into the accumulator when there is one (OptimizerStep::accumulate, which
 // sums the squares for the norm on the last micro-batch); then the optimizer step (pass 1 where
-// the accumulation did not already sum the squares, skip/clip decision, pass 2).
+// the accumulation did not already sum the squares, skip/clip decision, pass 2). step() returns
+// with pass 2 queued, not finished.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
@@ -26,6 +27,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <span>
@@ -35,16 +38,17 @@
 namespace alloy {
 
 struct StepReport {
-  float loss = 0.0f;        // mean of the micro-batch losses
-  double grad_norm = 0.0;   // global norm of the unscaled gradients, before clipping
-  float lr = 0.0f;          // the learning rate this step used
-  float loss_scale = 1.0f;  // the scale this step's gradients carried
-  bool skipped = false;     // a non-finite gradient: nothing was updated
-  std::uint64_t step = 0;   // steps attempted so far, this one included
+  float loss = 0.0f;             // mean of the micro-batch losses
+  double grad_norm = 0.0;        // global norm of the unscaled gradients, before clipping
+  float lr = 0.0f;               // the learning rate this step used
+  float loss_scale = 1.0f;       // the scale this step's gradients carried
+  bool skipped = false;          // a non-finite gradient: nothing was updated
+  std::string first_non_finite;  // when skipped: the first parameter (declared order) with a non-finite gradient
+  std::uint64_t step = 0;        // steps attempted so far, this one included
   std::uint64_t applied_steps = 0;
   std::uint64_t skipped_steps = 0;
   std::uint64_t overflows = 0;
-  double seconds = 0.0;  // wall time of the whole step
+  double seconds = 0.0;  // wall time until step() returned (the update may still be running)
 };
 
 struct TrainerMemory {
@@ -122,13 +126,21 @@ class Trainer {
     // Micro-batches per step at run time; 0 takes Accumulate<N>'s N. With a 16-bit compute
     // dtype and Accumulate<1> there is no fp32 accumulator, so more than one is refused.
     int micro_batches = 0;
+    // A checkpoint saved under another configuration (settings()): load() reports each
+    // difference (report), or refuses the file and changes nothing (refuse).
+    ConfigChange on_config_change = ConfigChange::report;
+    // Where load() writes a line per changed setting, or a note that the file records no
+    // configuration to compare; unset, to standard error.
+    std::function<void(const std::string&)> load_log = nullptr;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {})
       : model_(std::move(model)),
         config_(config),
         be_(be),
-        store_(declared(model_), be, config.seed, tracker_.get()),
+        // The accumulator only where more than one micro-batch makes a step.
+        store_(declared(model_), be, config.seed, tracker_.get(),
+               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be),
@@ -201,16 +213,19 @@ class Trainer {
       uploads_.end_micro_batch();
       step_.accumulate(store_, mb, micro_batches_);
     }
+    // The losses come back while the optimizer step runs; the step waits for the gradient norm
+    // (its skip and clip decision) and returns with the update queued: the next step's uploads
+    // overlap it, and anything that reads the arenas is ordered after it on the stream.
+    losses_.fetch();
     const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
     ++attempted_;
-    losses_.fetch();
-    synchronize(be_);
     StepReport r;
     r.loss = losses_.mean();
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
     r.skipped = s.skipped;
+    r.first_non_finite = s.first_non_finite;
     r.step = attempted_;
     r.applied_steps = s.step;
     r.skipped_steps = s.skipped_steps;
@@ -229,17 +244,24 @@ class Trainer {
     return step(it);
   }
 
-  // Writes a checkpoint atomically (see train/checkpoint.hpp).
+  // Writes a checkpoint atomically, with the run's configuration (settings()) and checksums
+  // (see train/checkpoint.hpp).
   void save(const std::filesystem::path& path) {
     const auto& s = step_.scale_state();
-    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature());
+    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
+                    settings());
   }
 
   // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
   // bit-exact: N steps, save, load into a fresh trainer, M steps gives the bytes of N + M steps.
   // Throws alloy::error and changes nothing when the file is damaged or does not match.
-  void load(const std::filesystem::path& path) {
-    CheckpointCounters c = load_checkpoint(path, store_, signature());
+  // A checkpoint saved under another configuration loads with this trainer's, and each
+  // difference is written to Config::load_log and listed in the report; with
+  // Config::on_config_change = refuse it is refused instead. The seed is the file's (state).
+  LoadReport load(const std::filesystem::path& path) {
+    const DynamicLossScaleConfig* dynamic = nullptr;
+    if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
+    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
     if constexpr (!scaler_type::dynamic) {
       // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
       // scaler is the same kind, or the signature would have refused it); the count of
@@ -253,6 +275,37 @@ class Trainer {
     step_.config().seed = c.seed;
     config_.seed = c.seed;
     attempted_ = c.attempted_steps;
+    const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
+    auto log = [&](const std::string& line) {
+      if (config_.load_log) {
+        config_.load_log(line);
+      } else {
+        std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
+      }
+    };
+    if (!report.config_compared) {
+      log(where + "written in format '" + report.format +
+          "', which records no configuration: it could not be compared with this trainer's (nor its bytes checked "
+          "against checksums)");
+    }
+    for (const ConfigDifference& d : report.config_differences) {
+      log(where + "resuming under a changed configuration: " + to_string(d));
+    }
+    return report;
+  }
+
+  // The run's configuration as checkpoints record it, setting by setting: optimizer.<name> and
+  // scaler.<name> (each Config's for_each_field), schedule.<name>, max_grad_norm, param_rounding
+  // and micro_batches (the number in use). The seed is not among them: a checkpoint restores it.
+  ConfigSettings settings() const {
+    ConfigSettings out;
+    add_settings(out, "optimizer", config_.optimizer);
+    add_settings(out, "scaler", config_.scaler);
+    add_settings(out, "schedule", config_.schedule);
+    out["max_grad_norm"] = setting_text(config_.max_grad_norm);
+    out["param_rounding"] = setting_text(config_.param_rounding);
+    out["micro_batches"] = setting_text(micro_batches_);
+    return out;
   }
 
   // Writes the model's parameters alone, under their declared names and shapes, in `dtype`: fp32
@@ -301,6 +354,10 @@ class Trainer {
   // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
   // growth, merged into one block at the next micro-batch).
   void reset_memory_peak() noexcept { tracker_->reset_peak(); }
+
+  // Waits until everything the trainer queued has finished on the device (step() returns with its
+  // update queued; whatever reads the arenas through the backend is ordered after it anyway).
+  void synchronize() const { alloy::synchronize(be_); }
 
   M& model() noexcept { return model_; }
   store_type& store() noexcept { return store_; }

@@ -8,6 +8,7 @@
 #if ALLOY_HAS_CUDA_RUNTIME
 
 #include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/handles.hpp>
 #include <alloy/backend/tags.hpp>
 #include <alloy/cublas_error.hpp>
 #include <alloy/error.hpp>
@@ -136,15 +137,12 @@ struct PreferenceDeleter {
 struct LtHandleDeleter {
   void operator()(cublasLtHandle_t h) const noexcept { (void)cublasLtDestroy(h); }
 };
-struct EventDeleter {
-  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
-};
 
 using MatmulDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulDesc_t>, MatmulDescDeleter>;
 using MatrixLayout = std::unique_ptr<std::remove_pointer_t<cublasLtMatrixLayout_t>, MatrixLayoutDeleter>;
 using MatmulPreference = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, PreferenceDeleter>;
 using LtHandle = std::unique_ptr<std::remove_pointer_t<cublasLtHandle_t>, LtHandleDeleter>;
-using Event = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
+using Event = CudaEvent;
 
 // A problem's descriptors and chosen algorithm, in cuBLASLt's (swapped) roles.
 struct GemmPlan {
@@ -247,9 +245,7 @@ class GemmHandle {
     cublasLtHandle_t handle = nullptr;
     ALLOY_CUBLAS_CHECK(cublasLtCreate(&handle));
     handle_.reset(handle);
-    cudaEvent_t event = nullptr;
-    ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    stream_switch_.reset(event);
+    stream_switch_ = make_cuda_event();
   }
 
   GemmHandle(GemmHandle&&) noexcept = default;

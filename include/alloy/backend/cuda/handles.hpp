@@ -1,0 +1,44 @@
+// Owning handles for CUDA streams and events (std::unique_ptr with a destroying deleter), shared
+// by everything that keeps one: the input pipeline, the GEMM handle, the step's loss read-back.
+#pragma once
+
+#include <alloy/config.hpp>
+
+#if ALLOY_HAS_CUDA_RUNTIME
+
+#include <alloy/error.hpp>
+
+#include <memory>
+#include <type_traits>
+
+namespace alloy {
+
+namespace detail {
+struct StreamDeleter {
+  void operator()(cudaStream_t s) const noexcept { (void)cudaStreamDestroy(s); }
+};
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
+};
+}  // namespace detail
+
+using CudaStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, detail::StreamDeleter>;
+using CudaEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, detail::EventDeleter>;
+
+// An event for ordering only (no timing: cheaper to record and to wait on).
+inline CudaEvent make_cuda_event() {
+  cudaEvent_t e = nullptr;
+  ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return CudaEvent(e);
+}
+
+// A stream that does not synchronize with the legacy default stream.
+inline CudaStream make_cuda_stream() {
+  cudaStream_t s = nullptr;
+  ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return CudaStream(s);
+}
+
+}  // namespace alloy
+
+#endif  // ALLOY_HAS_CUDA_RUNTIME
