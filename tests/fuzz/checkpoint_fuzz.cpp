@@ -15,8 +15,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <random>
 #include <span>
 #include <string>
@@ -132,8 +130,7 @@ std::vector<std::vector<std::uint8_t>> valid_checkpoints() {
     for (int s = 0; s < 2; ++s) {
       const auto path = scratch / "valid.safetensors";
       trainer.save(path);
-      std::ifstream in(path, std::ios::binary);
-      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      out.push_back(fuzz::file_bytes(path));
       trainer.step(std::span<const fuzz::TargetBatch>(batches));
     }
   });

@@ -3,7 +3,8 @@
 // with the values it lets through: one metadata value set to an edge case (a counter at its
 // limit, a sign, a space, an exponent) or removed, or one tensor element set to an edge value
 // (zero, a denormal, the largest finite, an infinity, a NaN), a master element together with
-// its compute copy's rounding so the pair stays consistent; one to three such edits at a time.
+// its compute copy's rounding so the pair stays consistent; one to three such edits at a time,
+// with the file's checksums, if it has them, computed again.
 // An input that is no safetensors file is replaced by a valid checkpoint first. libFuzzer's own
 // byte-level mutations take the other half of the turns (checkpoint_fuzz.cpp).
 #pragma once
@@ -18,7 +19,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <iterator>
 #include <map>
 #include <optional>
@@ -75,42 +75,63 @@ class CheckpointMutator {
   // `valid`: checkpoints to start from when the input is not a safetensors file.
   explicit CheckpointMutator(std::vector<std::vector<std::uint8_t>> valid) : valid_(std::move(valid)) {}
 
-  // `data` (or, when it is not a safetensors file, one of the valid checkpoints) with one to
-  // three values changed; nothing when there is nothing to change.
+  // `data` (or, when it is no safetensors file or fails a checksum, one of the valid checkpoints)
+  // with one to three values changed; nothing when there is nothing to change.
   std::optional<std::vector<std::uint8_t>> mutate(const std::uint8_t* data, std::size_t size, std::minstd_rand& rng) {
-    std::optional<SafetensorsFile> file;
-    try {
-      file.emplace(SafetensorsFile::open(input_.hold(data, size)));
-    } catch (const alloy::error&) {
+    std::optional<Parsed> parsed = parse(data, size);
+    if (!parsed) {
       if (valid_.empty()) return std::nullopt;
       const auto& base = valid_[rng() % valid_.size()];
-      file.emplace(SafetensorsFile::open(input_.hold(base.data(), base.size())));
+      parsed = parse(base.data(), base.size());
+      if (!parsed) finding("a valid checkpoint the mutator starts from does not read");
     }
-    std::map<std::string, std::string> metadata = file->metadata();
-    std::vector<std::vector<std::byte>> contents;
-    for (const StoredTensor& t : file->tensors()) {
-      contents.emplace_back(static_cast<std::size_t>(t.size));
-      file->read(t.name, contents.back());
-    }
-    const auto tensors = file->tensors();
+    // Checksums are set aside and, if the file had any, computed again after the edits, so the
+    // edit is what the loader meets.
+    std::map<std::string, std::string> metadata = parsed->file.metadata();
+    SafetensorsWriteOptions options;
+    options.checksums = std::erase_if(metadata, [](const auto& entry) {
+                          return entry.first.starts_with(safetensors_checksum_prefix);
+                        }) > 0;
+    std::vector<std::vector<std::byte>>& contents = parsed->contents;
+    const auto tensors = parsed->file.tensors();
     for (int edits = 1 + static_cast<int>(rng() % 3); edits > 0; --edits) {
       if (!edit(metadata, tensors, contents, rng)) return std::nullopt;
     }
+
     std::vector<TensorToWrite> rewrite;
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       rewrite.push_back({tensors[i].name, tensors[i].dtype, tensors[i].shape, std::span<const std::byte>(contents[i])});
     }
     const auto path = scratch_ / "mutated.safetensors";
     try {
-      write_safetensors(path, rewrite, metadata);
+      write_safetensors(path, rewrite, metadata, options);
     } catch (const alloy::error&) {
       return std::nullopt;
     }
-    std::ifstream in(path, std::ios::binary);
-    return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return file_bytes(path);
   }
 
  private:
+  struct Parsed {
+    SafetensorsFile file;
+    std::vector<std::vector<std::byte>> contents;  // each tensor's bytes, in file order
+  };
+
+  // The file and its tensors' bytes, or nothing when it is no safetensors file or a tensor fails
+  // its checksum.
+  std::optional<Parsed> parse(const std::uint8_t* data, std::size_t size) {
+    try {
+      Parsed p{SafetensorsFile::open(input_.hold(data, size)), {}};
+      for (const StoredTensor& t : p.file.tensors()) {
+        p.contents.emplace_back(static_cast<std::size_t>(t.size));
+        p.file.read(t.name, p.contents.back());
+      }
+      return p;
+    } catch (const alloy::error&) {
+      return std::nullopt;
+    }
+  }
+
   // One metadata value set to an edge case or removed, or one tensor element set to an edge value.
   static bool edit(std::map<std::string, std::string>& metadata, std::span<const StoredTensor> tensors,
                    std::vector<std::vector<std::byte>>& contents, std::minstd_rand& rng) {

@@ -16,8 +16,10 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <typeinfo>
+#include <vector>
 
 namespace alloy::fuzz {
 
@@ -89,6 +91,16 @@ class ScratchDirectory {
  private:
   std::filesystem::path path_;
 };
+
+// The whole file, read in one call.
+inline std::vector<std::uint8_t> file_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(in.tellg()));
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size()));
+  if (!in) finding("cannot read " + path.string());
+  return out;
+}
 
 // How many inputs ran and how many were accepted, printed when the process exits.
 struct Counts {

@@ -1,8 +1,9 @@
 // libFuzzer target: SafetensorsFile::open over arbitrary bytes. Opening either succeeds or throws
 // alloy::error; anything else (another exception, a sanitizer report, a leak, a hang) is a
 // finding. A file it accepts must then behave: every tensor reads whole and in chunks with the
-// same bytes, finds by name, and writes back through write_safetensors into a file that reads
-// the same (names, dtypes, shapes, offsets, bytes, metadata).
+// same bytes (or fails its checksum, with alloy::error: the file is refused as it is read), finds
+// by name, and writes back through write_safetensors, as it was and with checksums computed
+// afresh, into files that read the same (names, dtypes, shapes, offsets, bytes, metadata).
 
 #include "fuzz_support.hpp"
 
@@ -11,7 +12,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -21,21 +24,68 @@ using fuzz::finding;
 
 fuzz::Counts counts{"alloy_fuzz_safetensors", "inputs"};
 
-std::vector<std::byte> read_whole(const SafetensorsFile& file, const StoredTensor& t) {
-  std::vector<std::byte> bytes(static_cast<std::size_t>(t.size));
-  file.read(t.name, bytes);
-  return bytes;
+// Everything but the checksums.
+std::map<std::string, std::string> without_checksums(const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, std::string> out = metadata;
+  std::erase_if(out, [](const auto& entry) { return entry.first.starts_with(safetensors_checksum_prefix); });
+  return out;
 }
 
-void check_accepted(const SafetensorsFile& file, std::size_t file_size, const fuzz::ScratchDirectory& scratch) {
-  std::vector<std::vector<std::byte>> contents;
+// Written with `metadata` and `options`, then read back: the same tensors, bytes and metadata.
+void round_trip(const SafetensorsFile& file, const std::vector<std::vector<std::byte>>& contents,
+                const std::map<std::string, std::string>& metadata, const SafetensorsWriteOptions& options,
+                const std::filesystem::path& path) {
+  const std::string how = options.checksums ? " (with checksums)" : "";
   std::vector<TensorToWrite> rewrite;
+  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
+    const StoredTensor& t = file.tensors()[i];
+    rewrite.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(contents[i])});
+  }
+  try {
+    write_safetensors(path, rewrite, metadata, options);
+  } catch (const alloy::error& e) {
+    finding("write_safetensors" + how + " refused what the reader accepted: " + e.what());
+  }
+  std::optional<SafetensorsFile> again;
+  try {
+    again.emplace(SafetensorsFile::open(path));
+    if (without_checksums(again->metadata()) != without_checksums(file.metadata())) {
+      finding("metadata changed in a write" + how + " and read");
+    }
+    if (again->tensors().size() != file.tensors().size()) {
+      finding("the number of tensors changed in a write" + how + " and read");
+    }
+    for (std::size_t i = 0; i < file.tensors().size(); ++i) {
+      const StoredTensor& a = file.tensors()[i];
+      const StoredTensor& b = again->tensors()[i];
+      if (a.name != b.name || a.dtype != b.dtype || a.shape != b.shape || a.offset != b.offset || a.size != b.size) {
+        finding("tensor " + a.name + " changed its description in a write" + how + " and read");
+      }
+      if (options.checksums && !b.crc32c) finding("tensor " + a.name + " was written without its checksum");
+      std::vector<std::byte> bytes(static_cast<std::size_t>(b.size));
+      again->read(b.name, bytes);
+      if (bytes != contents[i]) finding("tensor " + a.name + " changed its bytes in a write" + how + " and read");
+    }
+  } catch (const alloy::error& e) {
+    finding("the reader refused what write_safetensors" + how + " wrote from an accepted file: " + e.what());
+  }
+}
+
+// Returns false when a tensor fails its checksum (the file is refused as it is read).
+bool check_accepted(const SafetensorsFile& file, std::size_t file_size, const fuzz::ScratchDirectory& scratch) {
+  std::vector<std::vector<std::byte>> contents;
   std::uint64_t previous_end = 0;
   for (const StoredTensor& t : file.tensors()) {
     if (t.offset != previous_end) finding("tensors() is not in offset order or leaves a gap");
     previous_end = t.offset + t.size;
     if (file.find(t.name) != &t) finding("find() does not return the tensor tensors() lists");
-    contents.push_back(read_whole(file, t));
+    contents.emplace_back(static_cast<std::size_t>(t.size));
+    try {
+      file.read(t.name, contents.back());
+    } catch (const alloy::error& e) {
+      if (!t.crc32c) finding(std::string("reading a tensor of an accepted file failed: ") + e.what());
+      return false;
+    }
     std::vector<std::byte> chunked;
     std::byte buffer[7];
     file.read_chunks(t.name, buffer, [&](std::size_t offset, std::span<const std::byte> chunk) {
@@ -45,33 +95,12 @@ void check_accepted(const SafetensorsFile& file, std::size_t file_size, const fu
     if (chunked != contents.back()) finding("read_chunks and read disagree on tensor " + t.name);
   }
   if (file.data_offset() + previous_end != file_size) finding("the tensors do not cover the data section exactly");
-  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
-    const StoredTensor& t = file.tensors()[i];
-    rewrite.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(contents[i])});
-  }
-
-  const auto path = scratch / "rewritten.safetensors";
-  try {
-    write_safetensors(path, rewrite, file.metadata());
-  } catch (const alloy::error& e) {
-    finding(std::string("write_safetensors refused what the reader accepted: ") + e.what());
-  }
-  std::optional<SafetensorsFile> again;
-  try {
-    again.emplace(SafetensorsFile::open(path));
-  } catch (const alloy::error& e) {
-    finding(std::string("the reader refused what write_safetensors wrote from an accepted file: ") + e.what());
-  }
-  if (again->metadata() != file.metadata()) finding("metadata changed in a write and read");
-  if (again->tensors().size() != file.tensors().size()) finding("the number of tensors changed in a write and read");
-  for (std::size_t i = 0; i < file.tensors().size(); ++i) {
-    const StoredTensor& a = file.tensors()[i];
-    const StoredTensor& b = again->tensors()[i];
-    if (a.name != b.name || a.dtype != b.dtype || a.shape != b.shape || a.offset != b.offset || a.size != b.size) {
-      finding("tensor " + a.name + " changed its description in a write and read");
-    }
-    if (read_whole(*again, b) != contents[i]) finding("tensor " + a.name + " changed its bytes in a write and read");
-  }
+  // As it was (its checksums, if any, still hold), and with checksums computed afresh.
+  round_trip(file, contents, file.metadata(), {}, scratch / "rewritten.safetensors");
+  SafetensorsWriteOptions checked;
+  checked.checksums = true;
+  round_trip(file, contents, without_checksums(file.metadata()), checked, scratch / "rewritten.safetensors");
+  return true;
 }
 
 }  // namespace
@@ -88,9 +117,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     ++counts.refused;
     return 0;
   }
-  ++counts.accepted;
   try {
-    fuzz::only_alloy_errors("reading an accepted file", [&] { check_accepted(*file, size, scratch); });
+    bool whole = false;
+    fuzz::only_alloy_errors("reading an accepted file", [&] { whole = check_accepted(*file, size, scratch); });
+    ++(whole ? counts.accepted : counts.refused);
   } catch (const alloy::error& e) {
     finding(std::string("reading a file the reader accepted failed: ") + e.what());
   }

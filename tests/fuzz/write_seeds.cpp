@@ -1,7 +1,7 @@
 // Writes the fuzz targets' seed corpora: valid checkpoints of every trainer in fuzz_model.hpp
 // (fresh, after steps, after a skipped step), and safetensors files at the format's edges (no
 // tensors, metadata alone, every dtype, scalars, empty tensors, escaped and non-ASCII names,
-// hand-spaced headers), with a few near-misses; and a libFuzzer dictionary for each target (JSON
+// hand-spaced headers, CRC-32C checksums), with a few near-misses; and a libFuzzer dictionary for each target (JSON
 // syntax, keys, dtype names, and every tensor name, metadata key and value of the checkpoints
 // written, so it follows the format). Usage: alloy_fuzz_seeds <directory>; it makes
 // <directory>/checkpoint, <directory>/safetensors and <directory>/{checkpoint,safetensors}.dict afresh.
@@ -92,6 +92,9 @@ void safetensors_edges(const fs::path& dir) {
                  {1, 1, 1, 1},
                  std::span<const std::byte>(storage.back())});
   write_safetensors(dir / "every_dtype.safetensors", all, {{"note", "every dtype, scalars, empty tensors"}});
+  SafetensorsWriteOptions checksums;
+  checksums.checksums = true;
+  write_safetensors(dir / "every_dtype_checksums.safetensors", all, {{"note", "and a CRC-32C of each"}}, checksums);
 
   // Headers as other writers space them, with escapes the writer never emits.
   write_raw(dir / "spaced.safetensors",
@@ -156,6 +159,8 @@ std::set<std::string> safetensors_tokens() {
                              "\"shape\"",
                              "\"data_offsets\"",
                              "\"__metadata__\"",
+                             "\"crc32c:",
+                             "\"crc32c:__metadata__\"",
                              "18446744073709551615",
                              "18446744073709551616",
                              "9223372036854775808"};
@@ -171,7 +176,7 @@ std::set<std::string> checkpoint_tokens(const fs::path& dir) {
     for (const auto& tensor : file.tensors()) t.insert("\"" + tensor.name + "\"");
     for (const auto& [key, value] : file.metadata()) {
       t.insert("\"" + key + "\"");
-      t.insert("\"" + value + "\"");
+      if (!key.starts_with(safetensors_checksum_prefix)) t.insert("\"" + value + "\"");  // not a CRC's digits
     }
   }
   for (const char* extra :
