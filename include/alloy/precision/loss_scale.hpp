@@ -118,6 +118,20 @@ inline constexpr LossScaleState initial_loss_scale_state(const DynamicLossScaleC
   return s;
 }
 
+// `s`, from a run under another configuration, brought within what a scaler configured by `c`
+// can hold: at most c.hysteresis overflows left, a growth count below c.growth_interval (a count
+// past it still grows at the next finite step), a scale within [min_scale, max_scale] (widened to
+// init_scale). A run resumed under `c` continues from there.
+inline constexpr LossScaleState fit_loss_scale_state(LossScaleState s, const DynamicLossScaleConfig& c) noexcept {
+  if (s.hysteresis_left > c.hysteresis) s.hysteresis_left = c.hysteresis;
+  if (s.growth_tracker >= c.growth_interval) s.growth_tracker = c.growth_interval > 0 ? c.growth_interval - 1 : 0;
+  const float low = c.min_scale < c.init_scale ? c.min_scale : c.init_scale;
+  const float high = c.max_scale > c.init_scale ? c.max_scale : c.init_scale;
+  if (s.scale < low) s.scale = low;
+  if (s.scale > high) s.scale = high;
+  return s;
+}
+
 // No scaling: gradients come unscaled. Non-finite steps are still skipped and counted.
 struct NoLossScale {
   static constexpr bool dynamic = false;
