@@ -625,6 +625,34 @@ TEST(Checkpoint, LoadsFormat2WithANoteThatTheConfigurationCouldNotBeCompared) {
                  "records no configuration, and this trainer refuses one it cannot compare");
 }
 
+// A run resumed under a scaler configuration that holds less (a lower hysteresis, a shorter growth
+// interval, a lower max_scale) brings the scaler's state within it, and what it saves then loads.
+// Found by the checkpoint fuzz target: the state was kept, and the trainer's next checkpoint was
+// refused by its own load (hysteresis_left above the hysteresis recorded beside it).
+TEST(Checkpoint, AResumeUnderANarrowerScalerConfigurationSavesACheckpointThatLoads) {
+  TempDir dir;
+  using Tr = Trainer<StudentMlp, Precision<fp16, fp32_master>, AdamW<>, Host>;
+  Tr before(StudentMlp(16, 32, 4),
+            {.scaler = {.init_scale = 4096.0f, .growth_interval = 50, .hysteresis = 4, .max_scale = 65536.0f}});
+  const auto data = batches(3, 8);
+  for (int s = 0; s < 8; ++s) before.step(data.begin() + s);  // growth count 8, hysteresis left 4
+  before.save(dir / "wide.safetensors");
+  std::vector<std::string> lines;
+  Tr after(StudentMlp(16, 32, 4),
+           {.scaler = {.init_scale = 1024.0f, .growth_interval = 5, .hysteresis = 1, .max_scale = 2048.0f},
+            .load_log = [&](const std::string& l) { lines.push_back(l); }});
+  after.load(dir / "wide.safetensors");
+  const LossScaleState s = after.optimizer().scale_state();
+  EXPECT_EQ(s.hysteresis_left, 1);
+  EXPECT_EQ(s.growth_tracker, 4);  // the next finite step grows, as it would have
+  EXPECT_EQ(s.scale, 2048.0f);
+  ASSERT_FALSE(lines.empty());
+  EXPECT_MENTIONS(lines.back(), "loss scaler's state brought within this trainer's scaler configuration");
+  after.save(dir / "narrow.safetensors");
+  Tr again(StudentMlp(16, 32, 4), after.config());
+  EXPECT_NO_THROW(again.load(dir / "narrow.safetensors"));
+}
+
 TEST(Checkpoint, RecordsTheRunsConfiguration) {
   TempDir dir;
   using Tr = Trainer<StudentMlp, Precision<fp16, fp32_master>, Accumulate<2>, SGD<>, Host>;

@@ -96,7 +96,10 @@ ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, cons
     return ScaleEvent::backed_off;
   }
   s.hysteresis_left = c.hysteresis;  // hysteresis counts consecutive overflows
-  if (++s.growth_tracker >= c.growth_interval) {
+  // Counted in 64 bits: a count at int32's limit (a checkpoint may hold one) must not overflow.
+  const std::int64_t finite_steps = std::int64_t{s.growth_tracker} + 1;
+  s.growth_tracker = static_cast<std::int32_t>(finite_steps);
+  if (finite_steps >= c.growth_interval) {
     s.growth_tracker = 0;
     const float next = s.scale * c.growth_factor;
     // Never to infinity, whatever max_scale says (GradScaler's one bound).
@@ -112,6 +115,20 @@ inline constexpr LossScaleState initial_loss_scale_state(const DynamicLossScaleC
   LossScaleState s;
   s.scale = c.init_scale;
   s.hysteresis_left = c.hysteresis;
+  return s;
+}
+
+// `s`, from a run under another configuration, brought within what a scaler configured by `c`
+// can hold: at most c.hysteresis overflows left, a growth count below c.growth_interval (a count
+// past it still grows at the next finite step), a scale within [min_scale, max_scale] (widened to
+// init_scale). A run resumed under `c` continues from there.
+inline constexpr LossScaleState fit_loss_scale_state(LossScaleState s, const DynamicLossScaleConfig& c) noexcept {
+  if (s.hysteresis_left > c.hysteresis) s.hysteresis_left = c.hysteresis;
+  if (s.growth_tracker >= c.growth_interval) s.growth_tracker = c.growth_interval > 0 ? c.growth_interval - 1 : 0;
+  const float low = c.min_scale < c.init_scale ? c.min_scale : c.init_scale;
+  const float high = c.max_scale > c.init_scale ? c.max_scale : c.init_scale;
+  if (s.scale < low) s.scale = low;
+  if (s.scale > high) s.scale = high;
   return s;
 }
 

@@ -262,19 +262,6 @@ class Trainer {
     const DynamicLossScaleConfig* dynamic = nullptr;
     if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
     auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
-    if constexpr (!scaler_type::dynamic) {
-      // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
-      // scaler is the same kind, or the signature would have refused it); the count of
-      // overflows is history and comes from the file.
-      const LossScaleState own = step_.scale_state();
-      c.scale.scale = own.scale;
-      c.scale.growth_tracker = own.growth_tracker;
-      c.scale.hysteresis_left = own.hysteresis_left;
-    }
-    step_.restore(c.scale, c.applied_steps, c.skipped_steps);
-    step_.config().seed = c.seed;
-    config_.seed = c.seed;
-    attempted_ = c.attempted_steps;
     const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
     auto log = [&](const std::string& line) {
       if (config_.load_log) {
@@ -283,6 +270,36 @@ class Trainer {
         std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
       }
     };
+    std::string fitted;
+    if constexpr (!scaler_type::dynamic) {
+      // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
+      // scaler is the same kind, or the signature would have refused it); the count of
+      // overflows is history and comes from the file.
+      const LossScaleState own = step_.scale_state();
+      c.scale.scale = own.scale;
+      c.scale.growth_tracker = own.growth_tracker;
+      c.scale.hysteresis_left = own.hysteresis_left;
+    } else {
+      // A state saved under a wider scaler configuration is brought within this trainer's, which
+      // the next save records beside it (kept as it was, that save would not load).
+      const LossScaleState s = fit_loss_scale_state(c.scale, config_.scaler);
+      if (s.hysteresis_left != c.scale.hysteresis_left) {
+        fitted +=
+            " hysteresis_left " + std::to_string(c.scale.hysteresis_left) + " -> " + std::to_string(s.hysteresis_left);
+      }
+      if (s.growth_tracker != c.scale.growth_tracker) {
+        fitted +=
+            " growth_tracker " + std::to_string(c.scale.growth_tracker) + " -> " + std::to_string(s.growth_tracker);
+      }
+      if (s.scale != c.scale.scale) {
+        fitted += " scale " + detail::exact_float(c.scale.scale) + " -> " + detail::exact_float(s.scale);
+      }
+      c.scale = s;
+    }
+    step_.restore(c.scale, c.applied_steps, c.skipped_steps);
+    step_.config().seed = c.seed;
+    config_.seed = c.seed;
+    attempted_ = c.attempted_steps;
     if (!report.config_compared) {
       log(where + "written in format '" + report.format +
           "', which records no configuration: it could not be compared with this trainer's (nor its bytes checked "
@@ -291,6 +308,8 @@ class Trainer {
     for (const ConfigDifference& d : report.config_differences) {
       log(where + "resuming under a changed configuration: " + to_string(d));
     }
+    if (!fitted.empty())
+      log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
     return report;
   }
 
