@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The residual-MLP table of scripts/mlp-runs.sh: alloy's configurations (alloy_mlp's summary
 lines) beside PyTorch's (benchmarks/peers/residual_mlp.py's JSON), with ms per step, rows/s and
-peak memory both ways, and the ratios. alloy's time is the mean wall time of a step (host work,
-input upload and the one synchronization included); PyTorch's is the median of CUDA-event timed
+peak memory both ways, and the ratios. alloy's time is the wall time of the steps after two
+warm-up steps, to a final synchronization, per step (host work and input uploads included); PyTorch's is the median of CUDA-event timed
 steps on inputs already on the device. alloy's memory is everything it allocated (its peak);
 PyTorch's is torch.cuda.max_memory_allocated()."""
 import json

@@ -191,8 +191,10 @@ class StudentMlp {
     if constexpr (std::is_same_v<typename Ctx::backend_type, alloy::Host>) {
       std::copy(v.begin(), v.end(), p);
     } else {
+#if ALLOY_HAS_CUDA_RUNTIME  // a host-only build (ALLOY_NO_CUDA) has no Cuda backend to copy to
       ALLOY_CUDA_CHECK(
           cudaMemcpyAsync(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, ctx.backend().stream));
+#endif
     }
     return p;
   }

@@ -1,10 +1,16 @@
 #include <alloy/backend/device.hpp>
-#include <alloy/cublas_error.hpp>
 #include <alloy/error.hpp>
+#if ALLOY_HAS_CUDA_RUNTIME
+#include <alloy/cublas_error.hpp>
+#endif
 
 #include <gtest/gtest.h>
 
 namespace {
+
+// The runtime's and cuBLASLt's error checks exist where the CUDA runtime does (not in a
+// host-only build, ALLOY_NO_CUDA).
+#if ALLOY_HAS_CUDA_RUNTIME
 
 TEST(CudaError, FailedRuntimeCallBecomesCudaErrorWithCallFileAndLine) {
   // Fails with or without a GPU: device -1 never exists.
@@ -35,6 +41,8 @@ TEST(CudaError, CublasStatusCarriesTheLibraryMessage) {
     EXPECT_NE(e.message().find("CUBLAS_STATUS_INVALID_VALUE"), std::string::npos);
   }
 }
+
+#endif
 
 TEST(CudaDevice, CountIsNeverNegativeAndNeverThrows) {
   const int n = alloy::cuda_device_count();

@@ -5,8 +5,11 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <csignal>
@@ -190,6 +193,47 @@ TEST_F(AtomicFile, ConcurrentWritersLeaveOneWholeVersion) {
   const auto result = read_all(target);
   EXPECT_NE(std::find(versions.begin(), versions.end(), result), versions.end());
   EXPECT_EQ(listing(), std::vector<std::string>{"shared.bin"});
+}
+
+// Temporary files a killed writer left beside the target are removed by the next write: those of
+// other processes, and those named for this process's next temporary files (a restarted process
+// that got its predecessor's pid, as in a container), more of them than the 100 names a write
+// tries. Files that only look alike stay.
+TEST_F(AtomicFile, StaleTemporariesOfTheTargetAreRemovedByTheNextWrite) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const fs::path target = dir_ / "ckpt.bin";
+  const std::string pid = std::to_string(::getpid());
+  write_plain(dir_ / "ckpt.bin.tmp.4000001.7", random_bytes(rng, 3000));
+  write_plain(dir_ / "ckpt.bin.tmp.4000002.0", {});
+  const std::uint64_t next = alloy::detail::temporary_file_counter.load();
+  for (std::uint64_t n = next; n < next + 150; ++n) {
+    write_plain(dir_ / ("ckpt.bin.tmp." + pid + "." + std::to_string(n)), random_bytes(rng, 10));
+  }
+  const std::vector<std::string> lookalikes = {"ckpt.bin.tmp.12", "ckpt.bin.tmp.x.1", "ckpt.bin.tmpl.1.2",
+                                               "other.bin.tmp.1.2", "ckpt.bin.tmp.1.2.bak"};
+  for (const auto& name : lookalikes) write_plain(dir_ / name, {std::byte{7}});
+  const auto bytes = random_bytes(rng, 500);
+  alloy::write_file_atomically(target, [&](alloy::FileWriter& out) { out.write(bytes); });
+  EXPECT_EQ(read_all(target), bytes);
+  std::vector<std::string> expected = lookalikes;
+  expected.push_back("ckpt.bin");
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(listing(), expected);
+}
+
+// A temporary file whose writer holds its lock is being written: it stays until the lock goes.
+TEST_F(AtomicFile, ALockedTemporaryIsAWriterAtWorkAndStays) {
+  const fs::path target = dir_ / "ckpt.bin";
+  const fs::path live = dir_ / "ckpt.bin.tmp.4000003.0";
+  const int fd = ::open(live.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  alloy::write_file_atomically(target, [](alloy::FileWriter& out) { out.write(std::vector<std::byte>(9)); });
+  EXPECT_EQ(listing(), (std::vector<std::string>{"ckpt.bin", "ckpt.bin.tmp.4000003.0"}));
+  ::close(fd);
+  alloy::write_file_atomically(target, [](alloy::FileWriter& out) { out.write(std::vector<std::byte>(9)); });
+  EXPECT_EQ(listing(), std::vector<std::string>{"ckpt.bin"});
 }
 
 }  // namespace

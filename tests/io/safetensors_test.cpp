@@ -573,3 +573,118 @@ TEST_F(Safetensors, CorruptedHeadersFailCleanly) {
 }
 
 }  // namespace
+
+namespace {
+
+// The file as bytes, one bit flipped at `at`, written to `to`.
+void flip_bit(const fs::path& from, const fs::path& to, std::size_t at, int bit = 0) {
+  auto bytes = read_all(from);
+  bytes[at] ^= std::byte(1 << bit);
+  std::ofstream(to, std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+alloy::SafetensorsWriteOptions with_checksums() {
+  alloy::SafetensorsWriteOptions o;
+  o.checksums = true;
+  o.chunk_bytes = 5;  // chunk sources in odd pieces
+  return o;
+}
+
+TEST_F(Safetensors, ChecksumsAreWrittenPerTensorAndForTheMetadata) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const auto tensors = samples(rng);
+  auto to = to_write(tensors);
+  const std::vector<std::byte>& chunked = tensors[1].bytes;  // one tensor from a chunk source
+  to[1].bytes = alloy::TensorChunkSource([&](std::size_t at, std::span<std::byte> chunk) {
+    std::memcpy(chunk.data(), chunked.data() + at, chunk.size());
+  });
+  const fs::path path = dir_ / "sums.safetensors";
+  alloy::write_safetensors(path, to, some_metadata, with_checksums());
+  const auto file = SafetensorsFile::open(path);
+  auto expected_metadata = some_metadata;
+  expected_metadata["crc32c:__metadata__"] = alloy::detail::checksum_text(alloy::checksum_of_metadata(some_metadata));
+  for (const auto& s : tensors) {
+    expected_metadata["crc32c:" + s.name] = alloy::detail::checksum_text(alloy::crc32c(s.bytes));
+    ASSERT_TRUE(file.tensor(s.name).crc32c.has_value());
+    EXPECT_EQ(*file.tensor(s.name).crc32c, alloy::crc32c(s.bytes)) << s.name;
+    std::vector<std::byte> back(s.bytes.size());
+    file.read(s.name, back);
+    EXPECT_EQ(back, s.bytes);
+  }
+  EXPECT_EQ(file.metadata(), expected_metadata);
+  EXPECT_EQ(alloy::detail::checksum_text(0xE3069283u), "e3069283");
+  // The same tensors without checksums: the data section is byte for byte the same.
+  alloy::write_safetensors(dir_ / "plain.safetensors", to_write(tensors), some_metadata);
+  const auto plain = SafetensorsFile::open(dir_ / "plain.safetensors");
+  const auto a = read_all(path), b = read_all(dir_ / "plain.safetensors");
+  EXPECT_TRUE(std::equal(a.begin() + static_cast<std::ptrdiff_t>(file.data_offset()), a.end(),
+                         b.begin() + static_cast<std::ptrdiff_t>(plain.data_offset()), b.end()));
+  EXPECT_FALSE(plain.tensor("head").crc32c.has_value());
+}
+
+TEST_F(Safetensors, AFlippedDataBitFailsItsTensorsChecksum) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const auto tensors = samples(rng);
+  const fs::path path = dir_ / "sums.safetensors";
+  alloy::write_safetensors(path, to_write(tensors), some_metadata, with_checksums());
+  const auto good = SafetensorsFile::open(path);
+  const auto& victim = good.tensor("encoder.weight");
+  const std::size_t at = good.data_offset() + victim.offset + rng() % victim.size;
+  flip_bit(path, dir_ / "flipped.safetensors", at, static_cast<int>(rng() % 8));
+  const auto file = SafetensorsFile::open(dir_ / "flipped.safetensors");  // the header is intact
+  std::vector<std::byte> out(victim.size);
+  const std::string message = message_of([&] { file.read("encoder.weight", out); });
+  EXPECT_MENTIONS(message, "tensor 'encoder.weight' fails its checksum");
+  EXPECT_MENTIONS(message, "the file records " + alloy::detail::checksum_text(*victim.crc32c));
+  EXPECT_MENTIONS(message_of([&] {
+                    file.read_chunks(
+                        "encoder.weight", [](std::size_t, auto) {}, 7);
+                  }),
+                  "tensor 'encoder.weight' fails its checksum");
+  std::vector<std::byte> other(good.tensor("head").size);
+  file.read("head", other);  // the other tensors read as before
+}
+
+TEST_F(Safetensors, DamagedMetadataFailsItsChecksum) {
+  const fs::path path = dir_ / "sums.safetensors";
+  const std::vector<std::byte> data(8, std::byte{1});
+  alloy::write_safetensors(path, std::vector<TensorToWrite>{{"x", SafetensorsDtype::f32, {2}, data}},
+                           {{"alloy.step", "1234"}}, with_checksums());
+  const auto bytes = read_all(path);
+  const std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  const std::size_t digit = text.find("1234") + 3;  // "1234" -> "1235": valid JSON, a wrong count
+  flip_bit(path, dir_ / "flipped.safetensors", digit, 0);
+  EXPECT_MENTIONS(open_error(dir_ / "flipped.safetensors"), "the metadata fails its checksum");
+}
+
+TEST_F(Safetensors, RejectsMalformedOrOrphanChecksums) {
+  EXPECT_MENTIONS(
+      open_error(raw_file(
+          R"({"__metadata__":{"crc32c:x":"E3069283"},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1)),
+      "metadata 'crc32c:x' = 'E3069283' is not a CRC-32C (8 lowercase hex digits)");
+  EXPECT_MENTIONS(
+      open_error(raw_file(
+          R"({"__metadata__":{"crc32c:y":"e3069283"},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1)),
+      "metadata 'crc32c:y' is the checksum of a tensor the file does not hold");
+  // A correct checksum written by hand is accepted: one byte 0x5a.
+  const std::byte z{0x5a};
+  const std::string crc = alloy::detail::checksum_text(alloy::crc32c(std::span(&z, 1)));
+  const auto path = raw_file(
+      R"({"__metadata__":{"crc32c:x":")" + crc + R"("},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1);
+  std::byte out{};
+  SafetensorsFile::open(path).read("x", std::span(&out, 1));
+  EXPECT_EQ(out, z);
+}
+
+TEST_F(Safetensors, AWriterWithChecksumsKeepsItsKeys) {
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::write_safetensors(dir_ / "x.safetensors", {}, {{"crc32c:x", "00000000"}}, with_checksums());
+                  }),
+                  "metadata key 'crc32c:x' is the writer's own");
+  EXPECT_FALSE(fs::exists(dir_ / "x.safetensors"));
+}
+
+}  // namespace

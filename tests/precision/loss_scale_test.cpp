@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -103,6 +105,22 @@ TEST(DynamicLossScale, IsUsableInConstantExpressions) {
   }();
   static_assert(after == 4.0f);
   EXPECT_EQ(after, 4.0f);
+}
+
+// A growth count at int32's limit, as a checkpoint may hold, grows the scale at the next finite
+// step and starts over; it does not overflow (a constant expression would not compile if it did).
+TEST(DynamicLossScale, AGrowthCountAtItsLimitGrowsWithoutOverflow) {
+  constexpr LossScaleState after = [] {
+    DynamicLossScaleConfig c;
+    c.init_scale = 2.0f;
+    LossScaleState s = alloy::initial_loss_scale_state(c);
+    s.growth_tracker = std::numeric_limits<std::int32_t>::max();
+    alloy::update_loss_scale(s, c, false);
+    return s;
+  }();
+  static_assert(after.scale == 4.0f && after.growth_tracker == 0);
+  EXPECT_EQ(after.scale, 4.0f);
+  EXPECT_EQ(after.growth_tracker, 0);
 }
 
 TEST(Precision, DefaultsFollowTheDesign) {

@@ -8,10 +8,14 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <iostream>
 #include <regex>
 #include <set>
+#include <sstream>
 
 namespace {
 
@@ -242,7 +246,7 @@ TEST(Checkpoint, IsSafetensorsThatAnIndependentParserReads) {
   EXPECT_EQ(std::get<0>(found["alloy/state/b2/exp_avg_sq"]), "F32");
   EXPECT_EQ(std::get<1>(found["alloy/state/b2/exp_avg_sq"]), "4");
   EXPECT_EQ(found.size(), 4u * 4u) << "each of 4 parameters: itself, its master, exp_avg, exp_avg_sq";
-  EXPECT_NE(header.find("\"alloy.format\":\"alloy-checkpoint-2\""), std::string::npos);
+  EXPECT_NE(header.find("\"alloy.format\":\"alloy-checkpoint-3\""), std::string::npos);
   // The master tensor's bytes are the trainer's fp32 master values.
   const auto [dtype, shape, begin, end] = found["alloy/master/w1"];
   ASSERT_EQ(end - begin, 32u * 16u * 4u);
@@ -338,7 +342,7 @@ TEST(Checkpoint, RefusesOlderFormatsSayingSo) {
   write_safetensors(dir / "v1.safetensors", std::vector<TensorToWrite>{},
                     {{"alloy.format", "alloy-checkpoint-1"}, {"alloy.signature", Bf16Trainer::signature()}});
   expect_refused(trainer, dir / "v1.safetensors", "written in format 'alloy-checkpoint-1'");
-  expect_refused(trainer, dir / "v1.safetensors", "it reads 'alloy-checkpoint-2'");
+  expect_refused(trainer, dir / "v1.safetensors", "it reads 'alloy-checkpoint-3' and 'alloy-checkpoint-2'");
 }
 
 // Optimizer state is validated as the weights are: finite, second moments not negative.
@@ -393,9 +397,10 @@ TEST(Checkpoint, SavingReplacesTheOldFileWhole) {
 
 namespace {
 
-// A copy of `from` at `to` with metadata[key] = value (every tensor as it was).
-void rewrite_metadata(const std::filesystem::path& from, const std::filesystem::path& to, const std::string& key,
-                      const std::string& value) {
+// A copy of `from` at `to` (every tensor as it was) with its metadata edited, written with fresh
+// checksums (or, `checksums` false, none).
+void rewrite(const std::filesystem::path& from, const std::filesystem::path& to,
+             const std::function<void(std::map<std::string, std::string>&)>& edit, bool checksums = true) {
   const auto file = SafetensorsFile::open(from);
   std::vector<std::vector<std::byte>> data;
   std::vector<TensorToWrite> tensors;
@@ -406,8 +411,17 @@ void rewrite_metadata(const std::filesystem::path& from, const std::filesystem::
     tensors.push_back({t.name, t.dtype, t.shape, std::span<const std::byte>(data.back())});
   }
   auto metadata = file.metadata();
-  metadata[key] = value;
-  write_safetensors(to, tensors, metadata);
+  std::erase_if(metadata, [](const auto& entry) { return entry.first.starts_with("crc32c:"); });
+  edit(metadata);
+  SafetensorsWriteOptions options;
+  options.checksums = checksums;
+  write_safetensors(to, tensors, metadata, options);
+}
+
+// A copy of `from` at `to` with metadata[key] = value.
+void rewrite_metadata(const std::filesystem::path& from, const std::filesystem::path& to, const std::string& key,
+                      const std::string& value) {
+  rewrite(from, to, [&](auto& metadata) { metadata[key] = value; });
 }
 
 // A named pipe is refused at once; opening it for reading must not wait for a writer.
@@ -542,6 +556,202 @@ TEST(Checkpoint, SavingThroughASymbolicLinkReplacesItsTargetAndKeepsTheLink) {
   for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
     EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << "left behind: " << e.path();
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Metadata as format 2 wrote it: no configuration (and, written without checksums, none).
+void as_format_2(std::map<std::string, std::string>& metadata) {
+  std::erase_if(metadata, [](const auto& entry) { return entry.first.starts_with("alloy.config."); });
+  metadata["alloy.format"] = "alloy-checkpoint-2";
+}
+
+// The file's bytes with one bit flipped: bit `bit` of byte `at` of tensor `name`'s data.
+void flip_tensor_bit(const std::filesystem::path& from, const std::filesystem::path& to, const std::string& name,
+                     std::size_t at, int bit) {
+  const auto file = SafetensorsFile::open(from);
+  auto bytes = test::read_all(from);
+  bytes[file.data_offset() + file.tensor(name).offset + at] ^= std::byte(1 << bit);
+  std::ofstream(to, std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// One flipped bit, in a master weight's lowest mantissa bit, leaves a finite master whose bf16
+// copy is still its rounding: only the checksum can tell, and it names the tensor.
+TEST(Checkpoint, RefusesAFlippedBitInAMasterWeightByItsChecksum) {
+  ALLOY_SEEDED(seed);
+  TempDir dir;
+  const auto data = batches(seed, 3);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.seed = seed});
+  source.step(data.begin());
+  source.save(dir / "good.safetensors");
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.seed = seed + 1});
+  target.step(data.begin() + 1);
+  std::mt19937_64 rng(seed);
+  const std::size_t element = rng() % (32 * 16);
+  flip_tensor_bit(dir / "good.safetensors", dir / "flipped.safetensors", "alloy/master/w1", 4 * element, 0);
+  expect_refused(target, dir / "flipped.safetensors", "tensor 'alloy/master/w1' fails its checksum");
+  // The same bit in a file without checksums passes every other check: the checksum is the guard.
+  rewrite(dir / "good.safetensors", dir / "unchecked.safetensors", as_format_2, false);
+  flip_tensor_bit(dir / "unchecked.safetensors", dir / "unchecked_flipped.safetensors", "alloy/master/w1", 4 * element,
+                  0);
+  Bf16Trainer quiet(StudentMlp(16, 32, 4), {.load_log = [](const std::string&) {}});
+  EXPECT_NO_THROW(quiet.load(dir / "unchecked_flipped.safetensors"));
+}
+
+// Format 2 (before checksums and configurations) loads, and says it could not compare.
+TEST(Checkpoint, LoadsFormat2WithANoteThatTheConfigurationCouldNotBeCompared) {
+  TempDir dir;
+  const auto data = batches(17, 4);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.seed = 17});
+  source.step(data.begin());
+  source.step(data.begin() + 1);
+  source.save(dir / "v3.safetensors");
+  rewrite(dir / "v3.safetensors", dir / "v2.safetensors", as_format_2, false);
+  std::vector<std::string> lines;
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.load_log = [&](const std::string& l) { lines.push_back(l); }});
+  const LoadReport report = target.load(dir / "v2.safetensors");
+  EXPECT_EQ(report.format, "alloy-checkpoint-2");
+  EXPECT_FALSE(report.config_compared);
+  EXPECT_TRUE(report.config_differences.empty());
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_MENTIONS(lines[0], "v2.safetensors': written in format 'alloy-checkpoint-2', which records no configuration");
+  EXPECT_EQ(target.steps(), 2u);
+  EXPECT_EQ(test::snapshot(target.store()), test::snapshot(source.store()));
+  Bf16Trainer strict(StudentMlp(16, 32, 4), {.on_config_change = ConfigChange::refuse});
+  expect_refused(strict, dir / "v2.safetensors",
+                 "records no configuration, and this trainer refuses one it cannot compare");
+}
+
+// A run resumed under a scaler configuration that holds less (a lower hysteresis, a shorter growth
+// interval, a lower max_scale) brings the scaler's state within it, and what it saves then loads.
+// Found by the checkpoint fuzz target: the state was kept, and the trainer's next checkpoint was
+// refused by its own load (hysteresis_left above the hysteresis recorded beside it).
+TEST(Checkpoint, AResumeUnderANarrowerScalerConfigurationSavesACheckpointThatLoads) {
+  TempDir dir;
+  using Tr = Trainer<StudentMlp, Precision<fp16, fp32_master>, AdamW<>, Host>;
+  Tr before(StudentMlp(16, 32, 4),
+            {.scaler = {.init_scale = 4096.0f, .growth_interval = 50, .hysteresis = 4, .max_scale = 65536.0f}});
+  const auto data = batches(3, 8);
+  for (int s = 0; s < 8; ++s) before.step(data.begin() + s);  // growth count 8, hysteresis left 4
+  before.save(dir / "wide.safetensors");
+  std::vector<std::string> lines;
+  Tr after(StudentMlp(16, 32, 4),
+           {.scaler = {.init_scale = 1024.0f, .growth_interval = 5, .hysteresis = 1, .max_scale = 2048.0f},
+            .load_log = [&](const std::string& l) { lines.push_back(l); }});
+  after.load(dir / "wide.safetensors");
+  const LossScaleState s = after.optimizer().scale_state();
+  EXPECT_EQ(s.hysteresis_left, 1);
+  EXPECT_EQ(s.growth_tracker, 4);  // the next finite step grows, as it would have
+  EXPECT_EQ(s.scale, 2048.0f);
+  ASSERT_FALSE(lines.empty());
+  EXPECT_MENTIONS(lines.back(), "loss scaler's state brought within this trainer's scaler configuration");
+  after.save(dir / "narrow.safetensors");
+  Tr again(StudentMlp(16, 32, 4), after.config());
+  EXPECT_NO_THROW(again.load(dir / "narrow.safetensors"));
+}
+
+TEST(Checkpoint, RecordsTheRunsConfiguration) {
+  TempDir dir;
+  using Tr = Trainer<StudentMlp, Precision<fp16, fp32_master>, Accumulate<2>, SGD<>, Host>;
+  Tr trainer(StudentMlp(16, 32, 4), {.optimizer = {.momentum = 0.9f, .nesterov = true},
+                                     .scaler = {.growth_interval = 100},
+                                     .schedule = LrSchedule::warmup_linear(0.1f, 10, 1000, 1e-3f),
+                                     .max_grad_norm = 2.5f,
+                                     .param_rounding = Rounding::stochastic,
+                                     .micro_batches = 3});
+  trainer.save(dir / "c.safetensors");
+  const auto m = SafetensorsFile::open(dir / "c.safetensors").metadata();
+  const std::map<std::string, std::string> expected = {
+      {"max_grad_norm", "2.5"},          {"micro_batches", "3"},
+      {"optimizer.dampening", "0"},      {"optimizer.lr", "0.001"},
+      {"optimizer.momentum", "0.9"},     {"optimizer.nesterov", "true"},
+      {"optimizer.weight_decay", "0"},   {"param_rounding", "stochastic"},
+      {"scaler.backoff_factor", "0.5"},  {"scaler.growth_factor", "2"},
+      {"scaler.growth_interval", "100"}, {"scaler.hysteresis", "1"},
+      {"scaler.init_scale", "65536"},    {"scaler.max_scale", "16777216"},
+      {"scaler.min_scale", "1"},         {"schedule.decay", "linear"},
+      {"schedule.min_lr", "0.001"},      {"schedule.peak_lr", "0.1"},
+      {"schedule.total_steps", "1000"},  {"schedule.warmup_steps", "10"},
+  };
+  std::map<std::string, std::string> recorded;
+  for (const auto& [key, value] : m) {
+    if (key.starts_with("alloy.config.")) recorded[key.substr(13)] = value;
+  }
+  EXPECT_EQ(recorded, expected);
+  EXPECT_EQ(trainer.settings(), expected);
+}
+
+// A resume under a changed configuration is allowed, never silent: each changed setting, with
+// both values, in the report and in the log (standard error unless Config::load_log is set).
+TEST(Checkpoint, SaysWhichSettingsChangedOnLoad) {
+  TempDir dir;
+  const auto data = batches(19, 4);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.optimizer = {.beta2 = 0.95f},
+                                             .schedule = LrSchedule::warmup_cosine(2e-3f, 3, 40),
+                                             .max_grad_norm = 1.0f,
+                                             .seed = 19});
+  source.step(data.begin());
+  source.save(dir / "c.safetensors");
+  std::vector<std::string> lines;
+  Bf16Trainer target(StudentMlp(16, 32, 4), {.schedule = LrSchedule::warmup_cosine(2e-3f, 3, 100),
+                                             .max_grad_norm = 0.5f,
+                                             .load_log = [&](const std::string& l) { lines.push_back(l); }});
+  const LoadReport report = target.load(dir / "c.safetensors");
+  EXPECT_TRUE(report.config_compared);
+  ASSERT_EQ(report.config_differences.size(), 3u);
+  const std::vector<std::array<std::string, 3>> expected = {
+      {"max_grad_norm", "1", "0.5"}, {"optimizer.beta2", "0.95", "0.999"}, {"schedule.total_steps", "40", "100"}};
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(report.config_differences[i].name, expected[i][0]);
+    EXPECT_EQ(report.config_differences[i].saved, expected[i][1]);
+    EXPECT_EQ(report.config_differences[i].loading, expected[i][2]);
+  }
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_MENTIONS(lines[1],
+                  "c.safetensors': resuming under a changed configuration: optimizer.beta2: saved 0.95, "
+                  "this trainer 0.999");
+  EXPECT_EQ(test::snapshot(target.store()), test::snapshot(source.store()));  // loaded all the same
+  EXPECT_EQ(target.config().max_grad_norm, 0.5f);                             // with its own configuration
+
+  // Without a load_log, the lines go to standard error.
+  Bf16Trainer plain(StudentMlp(16, 32, 4), {.max_grad_norm = 1.0f});
+  ::testing::internal::CaptureStderr();
+  plain.load(dir / "c.safetensors");
+  const std::string captured = ::testing::internal::GetCapturedStderr();
+  EXPECT_MENTIONS(captured, "optimizer.beta2: saved 0.95, this trainer 0.999\n");
+  EXPECT_MENTIONS(captured, "schedule.decay: saved cosine, this trainer constant\n");
+
+  // The same configuration: nothing to say.
+  lines.clear();
+  Bf16Trainer same(StudentMlp(16, 32, 4), {.optimizer = {.beta2 = 0.95f},
+                                           .schedule = LrSchedule::warmup_cosine(2e-3f, 3, 40),
+                                           .max_grad_norm = 1.0f,
+                                           .load_log = [&](const std::string& l) { lines.push_back(l); }});
+  EXPECT_TRUE(same.load(dir / "c.safetensors").config_differences.empty());
+  EXPECT_TRUE(lines.empty());
+}
+
+TEST(Checkpoint, RefusesAChangedConfigurationWhenAskedAndChangesNothing) {
+  TempDir dir;
+  const auto data = batches(23, 4);
+  Bf16Trainer source(StudentMlp(16, 32, 4), {.optimizer = {.weight_decay = 0.1f}, .seed = 23});
+  source.step(data.begin());
+  source.save(dir / "c.safetensors");
+  std::vector<std::string> lines;
+  Bf16Trainer strict(StudentMlp(16, 32, 4), {.seed = 24,
+                                             .on_config_change = ConfigChange::refuse,
+                                             .load_log = [&](const std::string& l) { lines.push_back(l); }});
+  strict.step(data.begin() + 1);
+  expect_refused(strict, dir / "c.safetensors", "optimizer.weight_decay: saved 0.1, this trainer 0.01");
+  expect_refused(strict, dir / "c.safetensors", "refuses a changed one (Config::on_config_change = refuse)");
+  EXPECT_TRUE(lines.empty());
+  Bf16Trainer agreeing(StudentMlp(16, 32, 4),
+                       {.optimizer = {.weight_decay = 0.1f}, .on_config_change = ConfigChange::refuse});
+  agreeing.load(dir / "c.safetensors");
+  EXPECT_EQ(agreeing.steps(), 1u);
 }
 
 }  // namespace

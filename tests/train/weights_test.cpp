@@ -497,3 +497,27 @@ TEST(Trainer, TrainersLiveInAVector) {
 }
 
 }  // namespace
+
+namespace {
+
+// Exported files carry each tensor's checksum; import checks it and names the tensor.
+TEST(Weights, ExportsChecksumsThatImportChecks) {
+  ALLOY_SEEDED(seed);
+  TempDir dir;
+  Bf16Master source(OddModel(seed), config<Bf16Master>(seed));
+  train(source, seed, 2);
+  source.export_weights(dir / "w.safetensors", WeightsDtype::bf16);
+  const SafetensorsFile file = SafetensorsFile::open(dir / "w.safetensors");
+  EXPECT_EQ(file.metadata().at("format"), "pt");
+  for (const auto& t : file.tensors()) EXPECT_TRUE(t.crc32c.has_value()) << t.name;
+  const StoredTensor& victim = file.tensors().back();
+  auto bytes = test::read_all(dir / "w.safetensors");
+  bytes[file.data_offset() + victim.offset + victim.size - 1] ^= std::byte{0x01};
+  std::ofstream(dir / "flipped.safetensors", std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  Bf16Master target(OddModel(seed), config<Bf16Master>(seed + 1));
+  expect_refused(target, dir / "flipped.safetensors", {"tensor '" + victim.name + "' fails its checksum"});
+  target.import_weights(dir / "w.safetensors");
+}
+
+}  // namespace

@@ -6,10 +6,18 @@
 // chunk at a time (a copy from the GPU in pieces), so no whole-file buffer ever exists. The
 // reader trusts no length it reads: it checks what safetensors checks before handing out a
 // single tensor, and reads tensors with pread at their offsets rather than mapping the file.
+//
+// Checksums (SafetensorsWriteOptions::checksums): the metadata gets "crc32c:<tensor>" for each
+// tensor, the CRC-32C of its bytes as 8 lowercase hex digits, computed as the bytes are written
+// (the header is written with placeholders first and rewritten in place once the data is out),
+// and "crc32c:__metadata__", the CRC-32C of every other metadata entry (checksum_of_metadata).
+// The reader checks the metadata's at open and each tensor's as it reads it, whenever the file
+// has them; readers that ignore metadata (safetensors.torch.load_file) load the file as before.
 #pragma once
 
 #include <alloy/error.hpp>
 #include <alloy/io/atomic_file.hpp>
+#include <alloy/io/crc32c.hpp>
 #include <alloy/io/detail/json.hpp>
 
 #include <fcntl.h>
@@ -105,6 +113,16 @@ inline constexpr std::uint64_t safetensors_max_header_bytes = 100'000'000;
 
 inline constexpr std::size_t safetensors_default_chunk_bytes = std::size_t(16) << 20;
 
+namespace detail {
+// Reads and writes of host memory go in pieces of this size, each summed while in cache.
+inline constexpr std::size_t checksum_piece_bytes = std::size_t(4) << 20;
+}  // namespace detail
+
+// Metadata keys "crc32c:<tensor name>" hold a tensor's CRC-32C; "crc32c:__metadata__" holds the
+// metadata's ("__metadata__" is no tensor name).
+inline constexpr std::string_view safetensors_checksum_prefix = "crc32c:";
+inline constexpr std::string_view safetensors_metadata_checksum_key = "crc32c:__metadata__";
+
 // Fills `chunk` with bytes [offset, offset + chunk.size()) of one tensor's data.
 using TensorChunkSource = std::function<void(std::size_t offset, std::span<std::byte> chunk)>;
 
@@ -126,6 +144,9 @@ struct SafetensorsWriteOptions {
   // When not empty, chunks are filled here instead of in a buffer the writer allocates, e.g.
   // pinned host memory the caller's GPU copies can target.
   std::span<std::byte> chunk_buffer;
+  // Store the CRC-32C of each tensor and of the metadata in the metadata (see the top of this
+  // file); metadata keys starting "crc32c:" are then the writer's own.
+  bool checksums = false;
 };
 
 // A tensor as a safetensors file stores it.
@@ -133,8 +154,9 @@ struct StoredTensor {
   std::string name;
   SafetensorsDtype dtype = SafetensorsDtype::f32;
   std::vector<std::int64_t> shape;
-  std::uint64_t offset = 0;  // from the start of the data section
-  std::uint64_t size = 0;    // bytes
+  std::uint64_t offset = 0;             // from the start of the data section
+  std::uint64_t size = 0;               // bytes
+  std::optional<std::uint32_t> crc32c;  // from the metadata, when the file has it
 
   std::uint64_t numel() const { return size / element_size(dtype); }
 };
@@ -183,6 +205,45 @@ inline std::uint64_t from_little_endian(std::span<const std::byte, 8> bytes) {
   for (std::size_t i = 0; i < 8; ++i) value |= std::to_integer<std::uint64_t>(bytes[i]) << (8 * i);
   return value;
 }
+
+inline bool is_checksum_key(std::string_view key) { return key.starts_with(safetensors_checksum_prefix); }
+
+// 8 lowercase hex digits, always: the writer's placeholders and final values have one length.
+inline std::string checksum_text(std::uint32_t crc) {
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out(8, '0');
+  for (int i = 7; i >= 0; --i, crc >>= 4) out[static_cast<std::size_t>(i)] = digits[crc & 0xF];
+  return out;
+}
+
+inline std::optional<std::uint32_t> parse_checksum(std::string_view text) {
+  if (text.size() != 8) return std::nullopt;
+  std::uint32_t crc = 0;
+  for (const char ch : text) {
+    const int digit = ch >= '0' && ch <= '9' ? ch - '0' : (ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1);
+    if (digit < 0) return std::nullopt;
+    crc = crc << 4 | static_cast<std::uint32_t>(digit);
+  }
+  return crc;
+}
+
+}  // namespace detail
+
+// The CRC-32C of the metadata entries other than checksums ("crc32c:..."), in key order, each
+// as its key's length (8 bytes, little-endian), the key, its value's length, the value.
+inline std::uint32_t checksum_of_metadata(const std::map<std::string, std::string>& metadata) {
+  std::uint32_t crc = 0;
+  for (const auto& [key, value] : metadata) {
+    if (detail::is_checksum_key(key)) continue;
+    for (const std::string* s : {&key, &value}) {
+      crc = crc32c(detail::little_endian(s->size()), crc);
+      crc = crc32c(std::as_bytes(std::span(*s)), crc);
+    }
+  }
+  return crc;
+}
+
+namespace detail {
 
 // The header JSON, padded with spaces to a multiple of 8 bytes so the data section starts
 // 8-byte aligned; tensors in the order given, back to back. Checks the writer's input.
@@ -265,8 +326,22 @@ inline std::string safetensors_header(std::span<const TensorToWrite> tensors,
 inline void write_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
                               const std::map<std::string, std::string>& metadata = {},
                               const SafetensorsWriteOptions& options = {}) {
+  std::map<std::string, std::string> with_checksums;
+  if (options.checksums) {
+    with_checksums = metadata;
+    for (const auto& [key, value] : metadata) {
+      if (detail::is_checksum_key(key)) {
+        throw error("write_safetensors: metadata key " + detail::quoted_name(key) +
+                    " is the writer's own when it writes checksums");
+      }
+    }
+    with_checksums.emplace(safetensors_metadata_checksum_key, detail::checksum_text(checksum_of_metadata(metadata)));
+    for (const TensorToWrite& t : tensors) {
+      with_checksums[std::string(safetensors_checksum_prefix) + t.name] = detail::checksum_text(0);  // placeholder
+    }
+  }
   std::vector<std::uint64_t> sizes;
-  const std::string header = detail::safetensors_header(tensors, metadata, sizes);
+  const std::string header = detail::safetensors_header(tensors, options.checksums ? with_checksums : metadata, sizes);
 
   std::uint64_t largest_chunked = 0;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
@@ -287,19 +362,39 @@ inline void write_safetensors(const std::filesystem::path& path, std::span<const
       owned.resize(static_cast<std::size_t>(std::min<std::uint64_t>(largest_chunked, options.chunk_bytes)));
       buffer = owned;
     }
+    // Each piece is summed just before it is written, while it is still in cache.
+    std::uint32_t crc = 0;
+    auto write = [&](std::span<const std::byte> piece) {
+      if (options.checksums) crc = crc32c(piece, crc);
+      out.write(piece);
+    };
     for (std::size_t i = 0; i < tensors.size(); ++i) {
+      crc = 0;
       if (const auto* span = std::get_if<std::span<const std::byte>>(&tensors[i].bytes)) {
-        out.write(*span);
-        continue;
+        for (std::size_t offset = 0; offset < span->size(); offset += detail::checksum_piece_bytes) {
+          write(span->subspan(offset, std::min(detail::checksum_piece_bytes, span->size() - offset)));
+        }
+      } else {
+        const auto& source = std::get<TensorChunkSource>(tensors[i].bytes);
+        const auto size = static_cast<std::size_t>(sizes[i]);
+        for (std::size_t offset = 0; offset < size;) {
+          const auto chunk = buffer.first(std::min(buffer.size(), size - offset));
+          source(offset, chunk);
+          write(chunk);
+          offset += chunk.size();
+        }
       }
-      const auto& source = std::get<TensorChunkSource>(tensors[i].bytes);
-      const auto size = static_cast<std::size_t>(sizes[i]);
-      for (std::size_t offset = 0; offset < size;) {
-        const auto chunk = buffer.first(std::min(buffer.size(), size - offset));
-        source(offset, chunk);
-        out.write(chunk);
-        offset += chunk.size();
+      if (options.checksums) {
+        with_checksums[std::string(safetensors_checksum_prefix) + tensors[i].name] = detail::checksum_text(crc);
       }
+    }
+    if (options.checksums) {
+      const std::string final_header = detail::safetensors_header(tensors, with_checksums, sizes);
+      if (final_header.size() != header.size()) {
+        throw error("write_safetensors: '" + path.string() + "': the header with checksums is " +
+                    std::to_string(final_header.size()) + " bytes, its placeholder " + std::to_string(header.size()));
+      }
+      out.write_at(8, std::as_bytes(std::span(final_header)));
     }
   });
 }
@@ -350,30 +445,42 @@ class SafetensorsFile {
   // Where the data section starts in the file.
   std::uint64_t data_offset() const noexcept { return data_offset_; }
 
-  // Reads a whole tensor; `out` must be exactly its size.
+  // Reads a whole tensor; `out` must be exactly its size. When the file holds the tensor's
+  // checksum, throws alloy::error naming the tensor if the bytes read do not match it (`out`
+  // then holds them, damaged).
   void read(std::string_view name, std::span<std::byte> out) const {
     const StoredTensor& t = tensor(name);
     if (out.size() != t.size) {
       throw error("SafetensorsFile::read: '" + path_.string() + "': tensor " + detail::quoted_name(name) + " has " +
                   std::to_string(t.size) + " bytes, the destination " + std::to_string(out.size()));
     }
-    read_at(data_offset_ + t.offset, out, "tensor " + detail::quoted_name(t.name));
+    std::uint32_t crc = 0;
+    for (std::size_t offset = 0; offset < out.size(); offset += detail::checksum_piece_bytes) {
+      const auto piece = out.subspan(offset, std::min(detail::checksum_piece_bytes, out.size() - offset));
+      read_at(data_offset_ + t.offset + offset, piece, "tensor " + detail::quoted_name(t.name));
+      if (t.crc32c) crc = crc32c(piece, crc);
+    }
+    check_checksum(t, crc);
   }
 
   // Reads a tensor chunk by chunk through `buffer` (pinned memory, say), handing each chunk to
-  // `consume` in order.
+  // `consume` in order. A checksum is checked after the last chunk: a caller that must not act
+  // on damaged bytes keeps what it consumed aside until the call returns.
   void read_chunks(std::string_view name, std::span<std::byte> buffer, const TensorChunkSink& consume) const {
     const StoredTensor& t = tensor(name);
     if (buffer.empty() && t.size > 0) {
       throw error("SafetensorsFile::read_chunks: '" + path_.string() + "': the chunk buffer is empty");
     }
+    std::uint32_t crc = 0;
     for (std::uint64_t offset = 0; offset < t.size;) {
       const auto chunk =
           buffer.first(static_cast<std::size_t>(std::min<std::uint64_t>(buffer.size(), t.size - offset)));
       read_at(data_offset_ + t.offset + offset, chunk, "tensor " + detail::quoted_name(t.name));
+      if (t.crc32c) crc = crc32c(chunk, crc);
       consume(static_cast<std::size_t>(offset), chunk);
       offset += chunk.size();
     }
+    check_checksum(t, crc);
   }
 
   // As above, through a buffer of up to `chunk_bytes` that this call allocates.
@@ -399,6 +506,39 @@ class SafetensorsFile {
 
   [[noreturn]] void invalid(const std::string& what) const {
     throw error("SafetensorsFile::open: '" + path_.string() + "': " + what);
+  }
+
+  void check_checksum(const StoredTensor& t, std::uint32_t crc) const {
+    if (t.crc32c && *t.crc32c != crc) {
+      throw error("SafetensorsFile: '" + path_.string() + "': tensor " + detail::quoted_name(t.name) +
+                  " fails its checksum: its bytes have CRC-32C " + detail::checksum_text(crc) + ", the file records " +
+                  detail::checksum_text(*t.crc32c) + " (the file is damaged)");
+    }
+  }
+
+  // The metadata's checksum is checked now; each tensor's is kept for its reads.
+  void take_checksums() {
+    for (const auto& [key, value] : metadata_) {
+      if (!detail::is_checksum_key(key)) continue;
+      const auto crc = detail::parse_checksum(value);
+      if (!crc) {
+        invalid("metadata " + detail::quoted_name(key) + " = " + detail::quoted_name(value) +
+                " is not a CRC-32C (8 lowercase hex digits)");
+      }
+      if (key == safetensors_metadata_checksum_key) {
+        if (const std::uint32_t actual = checksum_of_metadata(metadata_); actual != *crc) {
+          invalid("the metadata fails its checksum: its entries have CRC-32C " + detail::checksum_text(actual) +
+                  ", the file records " + value + " (the header is damaged)");
+        }
+        continue;
+      }
+      const std::string_view name = std::string_view(key).substr(safetensors_checksum_prefix.size());
+      const auto it = by_name_.find(name);
+      if (it == by_name_.end()) {
+        invalid("metadata " + detail::quoted_name(key) + " is the checksum of a tensor the file does not hold");
+      }
+      tensors_[it->second].crc32c = *crc;
+    }
   }
 
   // Fills `out` from `file_offset`; the file may have shrunk since it was validated.
@@ -461,6 +601,7 @@ class SafetensorsFile {
     }
     check_tiling();
     for (std::size_t i = 0; i < tensors_.size(); ++i) by_name_.emplace(tensors_[i].name, i);
+    take_checksums();
   }
 
   void add_entry(detail::json::Member&& m) {

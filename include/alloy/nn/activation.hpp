@@ -33,6 +33,7 @@ template <class Ctx>
 void gemm(Ctx& ctx, const GemmArgs<gemm_compute_t<Ctx>>& args) {
   using B = typename Ctx::backend_type;
   if constexpr (std::is_same_v<B, Host>) {
+    (void)ctx;
     alloy::gemm(Host{}, args);
   } else {
 #if ALLOY_HAS_CUDA_RUNTIME

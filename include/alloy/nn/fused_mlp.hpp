@@ -8,7 +8,8 @@
 //   forward   up's product: h = gelu(x Wu^T + bu), pre kept; down's product: y = h Wd^T + bd
 //             (+ the residual, when the Sequential is a Residual's block and down is its last layer)
 //   backward  down's input gradient with GELU's in its epilogue: dPre = (dy Wd) * gelu'(pre)
-//             (Epilogue::dgelu_tanh); down's weight gradient dWd = dy^T h, dbd = column sums of
+//             (Epilogue::dgelu_tanh; for fp32 and tf32 a plain product and an element-wise pass
+//             over its output, which measured faster there); down's weight gradient dWd = dy^T h, dbd = column sums of
 //             dy (Epilogue::bias_grad); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x,
 //             dbu in the same product. (cuBLASLt's dGELU + bias-gradient epilogue was measured
 //             slower than the bias gradient in up's weight product: see mlp_backward.)
@@ -74,6 +75,21 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 
 // The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
 // which Residual adds itself). Returns dx.
+template <class T>
+struct GeluBackwardInPlace {
+  ALLOY_HOST_DEVICE void operator()(const T& x, T& d) const {
+    d = round_nearest<T>(gelu_tanh_backward(to_float(x), to_float(d)));
+  }
+};
+
+// dPre = (dy Wd) * gelu'(pre) as a plain product then an element-wise pass, written over dh.
+template <class Ctx, class T = value_t<Ctx>>
+Activation<T> gelu_gradient_pass(Ctx& ctx, Linear& down, Activation<const T> dy, const T* pre) {
+  Activation<T> dh = down.input_gradient(ctx, dy);
+  for_each_n(ctx.backend(), dh.size(), GeluBackwardInPlace<T>{}, in(pre), inout(dh.data));
+  return dh;
+}
+
 template <class Ctx, class T = value_t<Ctx>>
 Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
   // Measured on the H200 (8192 x 1024 -> 4096, bf16, cuBLASLt 13.0, alloy_bench_mlp_gemm at
@@ -82,8 +98,13 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
   // product. The dGELU + bias-gradient epilogue (DGELU_BGRAD) runs as a kernel of its own after
   // the product (283 us per block at 5dc06d4), so up's bias gradient comes from its weight
   // product instead.
+  //
+  // For fp32 and tf32 the dGELU epilogue cost more than the pass it replaces (the step took 1.4 and
+  // 1.3 ms longer at f80e2c9 than at 990ef1e, 8 blocks), so there GELU's gradient stays a pass.
   const T* pre = gelu.pre_activation<T>();
-  const Activation<const T> d_pre = down.input_gradient(ctx, dy, pre);
+  constexpr bool epilogue_dgelu = sizeof(T) == 2;
+  const Activation<const T> d_pre =
+      epilogue_dgelu ? down.input_gradient(ctx, dy, pre) : gelu_gradient_pass(ctx, down, dy, pre);
   {
     const auto mark = ctx.workspace().mark();
     T* h = ctx.template allocate<T>(d_pre.size());

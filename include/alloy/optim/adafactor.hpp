@@ -33,6 +33,16 @@ struct Adafactor {
     float eps2 = 1e-3f;
     float d = 1.0f;  // clipping threshold of RMS(U)
     float weight_decay = 0.0f;
+    // Each setting with its name (checkpoints record them): f("lr", lr), ...
+    template <class F>
+    void for_each_field(F&& f) const {
+      f("lr", lr);
+      f("beta2_decay", beta2_decay);
+      f("eps1", eps1);
+      f("eps2", eps2);
+      f("d", d);
+      f("weight_decay", weight_decay);
+    }
   };
 };
 

@@ -29,6 +29,15 @@ struct AdamW {
     float beta2 = 0.999f;
     float eps = 1e-8f;
     float weight_decay = 1e-2f;
+    // Each setting with its name (checkpoints record them): f("lr", lr), ...
+    template <class F>
+    void for_each_field(F&& f) const {
+      f("lr", lr);
+      f("beta1", beta1);
+      f("beta2", beta2);
+      f("eps", eps);
+      f("weight_decay", weight_decay);
+    }
   };
   static rule_type rule(const Config& c, float lr, std::uint64_t t) {
     const double bias1 = 1.0 - std::pow(static_cast<double>(c.beta1), static_cast<double>(t));
@@ -57,6 +66,14 @@ struct SGD {
     float dampening = 0.0f;
     float weight_decay = 0.0f;
     bool nesterov = false;
+    template <class F>
+    void for_each_field(F&& f) const {
+      f("lr", lr);
+      f("momentum", momentum);
+      f("dampening", dampening);
+      f("weight_decay", weight_decay);
+      f("nesterov", nesterov);
+    }
   };
   static rule_type rule(const Config& c, float lr, std::uint64_t t) {
     return {lr, c.momentum, c.dampening, c.weight_decay, c.nesterov, t == 1};
@@ -76,6 +93,13 @@ struct Lion {
     float beta1 = 0.9f;
     float beta2 = 0.99f;
     float weight_decay = 0.0f;
+    template <class F>
+    void for_each_field(F&& f) const {
+      f("lr", lr);
+      f("beta1", beta1);
+      f("beta2", beta2);
+      f("weight_decay", weight_decay);
+    }
   };
   static rule_type rule(const Config& c, float lr, std::uint64_t) { return {lr, c.beta1, c.beta2, c.weight_decay}; }
 };

@@ -35,6 +35,18 @@ struct DynamicLossScaleConfig {
   float min_scale = 1.0f;         // GradScaler: none (0). Backing off below it is an error
   float max_scale = 16777216.0f;  // GradScaler: none (float's largest). 2^24: growth stops here
 
+  // Each setting with its name (checkpoints record them): f("init_scale", init_scale), ...
+  template <class F>
+  constexpr void for_each_field(F&& f) const {
+    f("init_scale", init_scale);
+    f("growth_factor", growth_factor);
+    f("backoff_factor", backoff_factor);
+    f("growth_interval", growth_interval);
+    f("hysteresis", hysteresis);
+    f("min_scale", min_scale);
+    f("max_scale", max_scale);
+  }
+
   // torch.amp.GradScaler's defaults and update rule (torch._amp_update_scale_): no lower bound,
   // so the scale may fall into denormals and to 0; growth only while the result is finite.
   //   Trainer tr(model, {.scaler = alloy::DynamicLossScaleConfig::grad_scaler()});  // scaler: DynamicLossScale
@@ -84,7 +96,10 @@ ALLOY_HOST_DEVICE constexpr ScaleEvent update_loss_scale(LossScaleState& s, cons
     return ScaleEvent::backed_off;
   }
   s.hysteresis_left = c.hysteresis;  // hysteresis counts consecutive overflows
-  if (++s.growth_tracker >= c.growth_interval) {
+  // Counted in 64 bits: a count at int32's limit (a checkpoint may hold one) must not overflow.
+  const std::int64_t finite_steps = std::int64_t{s.growth_tracker} + 1;
+  s.growth_tracker = static_cast<std::int32_t>(finite_steps);
+  if (finite_steps >= c.growth_interval) {
     s.growth_tracker = 0;
     const float next = s.scale * c.growth_factor;
     // Never to infinity, whatever max_scale says (GradScaler's one bound).
@@ -103,11 +118,28 @@ inline constexpr LossScaleState initial_loss_scale_state(const DynamicLossScaleC
   return s;
 }
 
+// `s`, from a run under another configuration, brought within what a scaler configured by `c`
+// can hold: at most c.hysteresis overflows left, a growth count below c.growth_interval (a count
+// past it still grows at the next finite step), a scale within [min_scale, max_scale] (widened to
+// init_scale). A run resumed under `c` continues from there.
+inline constexpr LossScaleState fit_loss_scale_state(LossScaleState s, const DynamicLossScaleConfig& c) noexcept {
+  if (s.hysteresis_left > c.hysteresis) s.hysteresis_left = c.hysteresis;
+  if (s.growth_tracker >= c.growth_interval) s.growth_tracker = c.growth_interval > 0 ? c.growth_interval - 1 : 0;
+  const float low = c.min_scale < c.init_scale ? c.min_scale : c.init_scale;
+  const float high = c.max_scale > c.init_scale ? c.max_scale : c.init_scale;
+  if (s.scale < low) s.scale = low;
+  if (s.scale > high) s.scale = high;
+  return s;
+}
+
 // No scaling: gradients come unscaled. Non-finite steps are still skipped and counted.
 struct NoLossScale {
   static constexpr bool dynamic = false;
   static constexpr const char* name = "NoLossScale";
-  struct Config {};
+  struct Config {
+    template <class F>
+    constexpr void for_each_field(F&&) const {}  // no settings
+  };
   static constexpr float initial_scale(const Config&) noexcept { return 1.0f; }
 };
 
@@ -118,7 +150,10 @@ struct StaticLossScale {
   static constexpr bool dynamic = false;
   static constexpr const char* name = "StaticLossScale";
   static constexpr float scale = S;
-  struct Config {};
+  struct Config {
+    template <class F>
+    constexpr void for_each_field(F&&) const {}  // no settings
+  };
   static constexpr float initial_scale(const Config&) noexcept { return S; }
 };
 

@@ -1,4 +1,4 @@
-// Trainer checkpoints: one safetensors file (format "alloy-checkpoint-2"). Tensors, each with
+// Trainer checkpoints: one safetensors file (format "alloy-checkpoint-3"). Tensors, each with
 // its real (unpadded) shape:
 //   <name>                          the parameter in the compute dtype, as declared (readable by
 //                                   PyTorch and Hugging Face tools as it is)
@@ -12,21 +12,31 @@
 //                                   (value = decode(code) * absmax[i / quant_block])
 // Metadata: the format version, the policy signature, step counters, loss-scaler state and the
 // random seed (stochastic rounding draws from (seed, step, element), so that is the whole RNG
-// state).
+// state); the run's configuration, "alloy.config.<setting>" (train/run_config.hpp); and
+// checksums: "crc32c:<tensor>" for every tensor and "crc32c:__metadata__" for the rest of the
+// metadata (io/safetensors.hpp), computed as the bytes are written.
 //
 // Writing goes through write_file_atomically: a crash leaves the old checkpoint or the new one;
 // saving onto a symbolic link replaces the file it names and keeps the link.
 // Loading validates the whole file (a regular file, refused at once if it is a FIFO or a
-// directory; format, signature, every tensor's presence, dtype and shape, nothing else; finite
-// weights and state, non-negative second moments and q8 scales; a compute copy that is a
-// rounding of its master; counters that are plain digits, in range and consistent, and a valid
-// scaler state) and reads it into host staging before touching the store, so a refused or
-// failed load leaves the trainer as it was. A fixed loss scale is the loading trainer's own.
+// directory; format, the metadata's checksum, signature, every tensor's presence, dtype, shape
+// and checksum, nothing else; finite weights and state, non-negative second moments and q8
+// scales; a compute copy that is a rounding of its master; counters that are plain digits, in
+// range and consistent, and a valid scaler state: a dynamic one within reach of the scaler
+// configuration it was saved with) and reads it into host staging before touching the store,
+// so a refused or failed load leaves the trainer as it was. A fixed loss scale is the loading
+// trainer's own. The saved configuration is compared with the loading trainer's: each
+// difference is reported, or, with ConfigChange::refuse, the load is refused.
+//
+// Format 2 (before checksums and configurations; otherwise the same tensors and metadata) still
+// loads: without the integrity check, and with a report that the configuration could not be
+// compared. Format 1 is refused with a message saying so.
 #pragma once
 
 #include <alloy/io/safetensors.hpp>
 #include <alloy/precision/loss_scale.hpp>
 #include <alloy/train/param_store.hpp>
+#include <alloy/train/run_config.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -66,10 +76,32 @@ struct CheckpointCounters {
 };
 
 // Version 1 stored the optimizer state as padded flat arenas ("alloy/state/<k>"); version 2 stores
-// it per parameter. Older versions are refused with a message saying so.
-inline constexpr const char* checkpoint_format = "alloy-checkpoint-2";
+// it per parameter; version 3 adds checksums and the run's configuration. Version 2 loads
+// unchecked; version 1 is refused with a message saying so.
+inline constexpr const char* checkpoint_format = "alloy-checkpoint-3";
+inline constexpr const char* checkpoint_format_unchecked = "alloy-checkpoint-2";
+
+// What load_checkpoint does when the checkpoint was saved under another configuration.
+enum class ConfigChange : std::uint8_t {
+  report,  // load it, and list each difference
+  refuse,  // throw alloy::error listing them, changing nothing
+};
+
+// What a load found besides the state it restored.
+struct LoadReport {
+  std::string format;                                // the file's: checkpoint_format, or checkpoint_format_unchecked
+  bool config_compared = false;                      // false: the file records no configuration (format 2)
+  std::vector<ConfigDifference> config_differences;  // by name; empty when nothing changed
+};
+
+struct LoadedCheckpoint {
+  CheckpointCounters counters;
+  LoadReport report;
+};
 
 namespace detail {
+
+inline constexpr std::string_view config_key_prefix = "alloy.config.";
 
 inline std::string exact_float(float x) {
   char buf[64];
@@ -214,11 +246,49 @@ StateTensor state_scale_tensor(const StateTensor& s) {
   return {s.name + ".absmax", s.slot, s.offset / block, blocks, {static_cast<std::int64_t>(blocks)}, true};
 }
 
+// A dynamic scaler's state is one its machine can reach under the configuration it ran with:
+// hysteresis_left counts down from hysteresis, growth_tracker resets on reaching growth_interval,
+// the scale stays within [min_scale, max_scale] (or at init_scale). A state outside them (an
+// edited hysteresis_left of 2^31 - 1 would skip overflowing steps for ever without backing off)
+// is refused. The bounds are the recorded configuration's where the file has one, since a resume
+// may change the configuration.
+inline void check_dynamic_scale(const SafetensorsFile& file, const std::string& where, const LossScaleState& s,
+                                DynamicLossScaleConfig c) {
+  const std::string prefix = std::string(config_key_prefix) + "scaler.";
+  const bool recorded = file.metadata().count(prefix + "hysteresis") != 0;
+  if (recorded) {
+    constexpr auto int32_max = static_cast<std::uint64_t>(std::numeric_limits<std::int32_t>::max());
+    c.hysteresis = static_cast<int>(metadata_u64(file, prefix + "hysteresis", int32_max));
+    c.growth_interval = static_cast<int>(metadata_u64(file, prefix + "growth_interval", int32_max));
+    c.init_scale = metadata_float(file, prefix + "init_scale");
+    c.min_scale = metadata_float(file, prefix + "min_scale");
+    c.max_scale = metadata_float(file, prefix + "max_scale");
+  }
+  const std::string whose = recorded ? "the scaler configuration it was saved with" : "this trainer's scaler";
+  if (s.hysteresis_left > c.hysteresis) {
+    throw error(where + "metadata alloy.loss_scale_hysteresis_left = " + std::to_string(s.hysteresis_left) +
+                " is above the hysteresis of " + whose + " (" + std::to_string(c.hysteresis) +
+                "), from which it counts down");
+  }
+  if (s.growth_tracker >= c.growth_interval) {
+    throw error(where + "metadata alloy.loss_scale_growth_tracker = " + std::to_string(s.growth_tracker) +
+                " is not below the growth_interval of " + whose + " (" + std::to_string(c.growth_interval) +
+                "), at which it resets");
+  }
+  const float low = std::min(c.min_scale, c.init_scale), high = std::max(c.max_scale, c.init_scale);
+  if (!(s.scale >= low && s.scale <= high)) {
+    throw error(where + "metadata alloy.loss_scale = " + exact_float(s.scale) + " is outside [" + exact_float(low) +
+                ", " + exact_float(high) + "], the range of " + whose + " (min_scale, max_scale and init_scale)");
+  }
+}
+
 }  // namespace detail
 
+// Writes `store`, the counters, the policy signature and the run's configuration (`config`,
+// recorded as "alloy.config.<name>") to `path`, atomically.
 template <class Store>
 void save_checkpoint(const std::filesystem::path& path, Store& store, const CheckpointCounters& c,
-                     const std::string& signature) {
+                     const std::string& signature, const ConfigSettings& config = {}) {
   synchronize(store.backend());
   const auto& registry = store.registry();
   const auto& layout = store.layout();
@@ -254,7 +324,7 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
   for (auto* list : {&f32, &narrow, &bytes}) {
     for (auto& t : *list) all.push_back(std::move(t));
   }
-  const std::map<std::string, std::string> metadata = {
+  std::map<std::string, std::string> metadata = {
       {"alloy.format", checkpoint_format},
       {"alloy.signature", signature},
       {"alloy.attempted_steps", std::to_string(c.attempted_steps)},
@@ -266,28 +336,44 @@ void save_checkpoint(const std::filesystem::path& path, Store& store, const Chec
       {"alloy.loss_scale_overflows", std::to_string(c.scale.overflows)},
       {"alloy.seed", std::to_string(c.seed)},
   };
-  write_safetensors(path, all, metadata);
+  for (const auto& [name, value] : config) metadata[std::string(detail::config_key_prefix) + name] = value;
+  SafetensorsWriteOptions options;
+  options.checksums = true;
+  write_safetensors(path, all, metadata, options);
 }
 
-// Validates `path` against `store`, then replaces the store's parameters, master and state with
-// the file's and returns its counters. Throws alloy::error, with the store untouched, when the
-// file is damaged, foreign, of an older format, or from another model, precision or optimizer.
+// Validates `path` against `store`, compares the configuration it records with `config` (the
+// loading run's), checks a dynamic scaler's state against the scaler configuration it was saved
+// under (recorded, or else `scaler`, the loading run's; nullptr: the scaler is not dynamic), then
+// replaces the store's parameters, master and state with the file's and returns its counters and
+// what differs. Throws alloy::error, with the store untouched, when the file is damaged, foreign,
+// of an older format, or from another model, precision or optimizer, and, with
+// ConfigChange::refuse, when the configurations differ.
 template <class Store>
-CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature) {
-  const SafetensorsFile file = SafetensorsFile::open(path);
+LoadedCheckpoint load_checkpoint(const std::filesystem::path& path, Store& store, const std::string& signature,
+                                 const ConfigSettings& config = {}, ConfigChange on_change = ConfigChange::report,
+                                 const DynamicLossScaleConfig* scaler = nullptr) {
+  const SafetensorsFile file = SafetensorsFile::open(path);  // checks the metadata's checksum
   const std::string where = "load checkpoint '" + path.string() + "': ";
   const auto format = file.metadata().find("alloy.format");
-  if (format != file.metadata().end() && format->second != checkpoint_format &&
-      format->second.rfind("alloy-checkpoint-", 0) == 0) {
+  const bool known_format = format != file.metadata().end() &&
+                            (format->second == checkpoint_format || format->second == checkpoint_format_unchecked);
+  if (format != file.metadata().end() && !known_format && format->second.rfind("alloy-checkpoint-", 0) == 0) {
     throw error(where + "written in format '" + format->second +
-                "', which this version of alloy does not read (it reads '" + checkpoint_format +
+                "', which this version of alloy does not read (it reads '" + checkpoint_format + "' and '" +
+                checkpoint_format_unchecked +
                 "'; format 1 stored optimizer state as flat arenas, format 2 per parameter): resume it with the alloy "
                 "version that wrote it, or carry its weights over with export_weights / import_weights");
   }
-  if (format == file.metadata().end() || format->second != checkpoint_format) {
+  if (!known_format) {
     throw error(where + "not an alloy checkpoint (metadata alloy.format is " +
                 (format == file.metadata().end() ? std::string("missing") : "'" + format->second + "'") +
                 ", expected '" + checkpoint_format + "')");
+  }
+  const bool checked = format->second == checkpoint_format;
+  if (checked && !file.metadata().count(std::string(safetensors_metadata_checksum_key))) {
+    throw error(where + "metadata '" + std::string(safetensors_metadata_checksum_key) + "' is missing (format '" +
+                checkpoint_format + "' records the metadata's checksum)");
   }
   const std::string& theirs = detail::required_metadata(file, "alloy.signature");
   if (theirs != signature) {
@@ -326,6 +412,10 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     if (!expected.count(t.name)) {
       throw error(where + "tensor '" + t.name + "' is not a parameter of this model (a checkpoint of another model?)");
     }
+    if (checked && !t.crc32c) {
+      throw error(where + "tensor '" + t.name + "' has no checksum (format '" + checkpoint_format +
+                  "' records one per tensor, metadata 'crc32c:" + t.name + "')");
+    }
   }
   CheckpointCounters c;
   c.attempted_steps = detail::metadata_u64(file, "alloy.attempted_steps");
@@ -358,6 +448,7 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     throw error(where + "metadata alloy.loss_scale_overflows = " + std::to_string(c.scale.overflows) +
                 " is more than the " + std::to_string(c.attempted_steps) + " attempted steps");
   }
+  if (scaler) detail::check_dynamic_scale(file, where, c.scale, *scaler);
 
   // Stage everything on the host (padding zero, as in every arena); check the weights are finite.
   const std::size_t n = layout.padded_numel();
@@ -426,6 +517,29 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     }
   }
 
+  // The configuration: what the file records against the loading run's.
+  LoadReport report;
+  report.format = format->second;
+  ConfigSettings saved;
+  for (const auto& [key, value] : file.metadata()) {
+    if (key.rfind(detail::config_key_prefix, 0) == 0) saved[key.substr(detail::config_key_prefix.size())] = value;
+  }
+  report.config_compared = checked;
+  if (checked) report.config_differences = config_differences(saved, config);
+  if (on_change == ConfigChange::refuse && !checked) {
+    throw error(where + "written in format '" + format->second +
+                "', which records no configuration, and this trainer refuses one it cannot compare "
+                "(Config::on_config_change = refuse; report loads it)");
+  }
+  if (on_change == ConfigChange::refuse && !report.config_differences.empty()) {
+    std::string list;
+    for (const auto& d : report.config_differences) list += (list.empty() ? "" : "; ") + to_string(d);
+    throw error(where +
+                "saved under another configuration, and this trainer refuses a changed one "
+                "(Config::on_config_change = refuse): " +
+                list);
+  }
+
   // Commit.
   copy_from_host(store.params_arena(), std::span<const Param>(params));
   if constexpr (Store::has_master) copy_from_host(store.master_arena(), std::span<const float>(master));
@@ -436,7 +550,7 @@ CheckpointCounters load_checkpoint(const std::filesystem::path& path, Store& sto
     }
   }
   store.zero_grads();
-  return c;
+  return {c, std::move(report)};
 }
 
 }  // namespace alloy

@@ -16,6 +16,16 @@ struct LrSchedule {
   float min_lr = 0.0f;
   Decay decay = Decay::constant;
 
+  // Each setting with its name (checkpoints record them): f("peak_lr", peak_lr), ...
+  template <class F>
+  void for_each_field(F&& f) const {
+    f("decay", decay);
+    f("peak_lr", peak_lr);
+    f("warmup_steps", warmup_steps);
+    f("total_steps", total_steps);
+    f("min_lr", min_lr);
+  }
+
   static LrSchedule constant(float lr) { return {lr, 0, 0, lr, Decay::constant}; }
   static LrSchedule warmup_linear(float peak, std::uint64_t warmup, std::uint64_t total, float floor = 0.0f) {
     return {peak, warmup, total, floor, Decay::linear};

@@ -27,6 +27,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <span>
@@ -124,6 +126,12 @@ class Trainer {
     // Micro-batches per step at run time; 0 takes Accumulate<N>'s N. With a 16-bit compute
     // dtype and Accumulate<1> there is no fp32 accumulator, so more than one is refused.
     int micro_batches = 0;
+    // A checkpoint saved under another configuration (settings()): load() reports each
+    // difference (report), or refuses the file and changes nothing (refuse).
+    ConfigChange on_config_change = ConfigChange::report;
+    // Where load() writes a line per changed setting, or a note that the file records no
+    // configuration to compare; unset, to standard error.
+    std::function<void(const std::string&)> load_log = nullptr;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {})
@@ -236,17 +244,33 @@ class Trainer {
     return step(it);
   }
 
-  // Writes a checkpoint atomically (see train/checkpoint.hpp).
+  // Writes a checkpoint atomically, with the run's configuration (settings()) and checksums
+  // (see train/checkpoint.hpp).
   void save(const std::filesystem::path& path) {
     const auto& s = step_.scale_state();
-    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature());
+    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
+                    settings());
   }
 
   // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
   // bit-exact: N steps, save, load into a fresh trainer, M steps gives the bytes of N + M steps.
   // Throws alloy::error and changes nothing when the file is damaged or does not match.
-  void load(const std::filesystem::path& path) {
-    CheckpointCounters c = load_checkpoint(path, store_, signature());
+  // A checkpoint saved under another configuration loads with this trainer's, and each
+  // difference is written to Config::load_log and listed in the report; with
+  // Config::on_config_change = refuse it is refused instead. The seed is the file's (state).
+  LoadReport load(const std::filesystem::path& path) {
+    const DynamicLossScaleConfig* dynamic = nullptr;
+    if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
+    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
+    const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
+    auto log = [&](const std::string& line) {
+      if (config_.load_log) {
+        config_.load_log(line);
+      } else {
+        std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
+      }
+    };
+    std::string fitted;
     if constexpr (!scaler_type::dynamic) {
       // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
       // scaler is the same kind, or the signature would have refused it); the count of
@@ -255,11 +279,52 @@ class Trainer {
       c.scale.scale = own.scale;
       c.scale.growth_tracker = own.growth_tracker;
       c.scale.hysteresis_left = own.hysteresis_left;
+    } else {
+      // A state saved under a wider scaler configuration is brought within this trainer's, which
+      // the next save records beside it (kept as it was, that save would not load).
+      const LossScaleState s = fit_loss_scale_state(c.scale, config_.scaler);
+      if (s.hysteresis_left != c.scale.hysteresis_left) {
+        fitted +=
+            " hysteresis_left " + std::to_string(c.scale.hysteresis_left) + " -> " + std::to_string(s.hysteresis_left);
+      }
+      if (s.growth_tracker != c.scale.growth_tracker) {
+        fitted +=
+            " growth_tracker " + std::to_string(c.scale.growth_tracker) + " -> " + std::to_string(s.growth_tracker);
+      }
+      if (s.scale != c.scale.scale) {
+        fitted += " scale " + detail::exact_float(c.scale.scale) + " -> " + detail::exact_float(s.scale);
+      }
+      c.scale = s;
     }
     step_.restore(c.scale, c.applied_steps, c.skipped_steps);
     step_.config().seed = c.seed;
     config_.seed = c.seed;
     attempted_ = c.attempted_steps;
+    if (!report.config_compared) {
+      log(where + "written in format '" + report.format +
+          "', which records no configuration: it could not be compared with this trainer's (nor its bytes checked "
+          "against checksums)");
+    }
+    for (const ConfigDifference& d : report.config_differences) {
+      log(where + "resuming under a changed configuration: " + to_string(d));
+    }
+    if (!fitted.empty())
+      log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
+    return report;
+  }
+
+  // The run's configuration as checkpoints record it, setting by setting: optimizer.<name> and
+  // scaler.<name> (each Config's for_each_field), schedule.<name>, max_grad_norm, param_rounding
+  // and micro_batches (the number in use). The seed is not among them: a checkpoint restores it.
+  ConfigSettings settings() const {
+    ConfigSettings out;
+    add_settings(out, "optimizer", config_.optimizer);
+    add_settings(out, "scaler", config_.scaler);
+    add_settings(out, "schedule", config_.schedule);
+    out["max_grad_norm"] = setting_text(config_.max_grad_norm);
+    out["param_rounding"] = setting_text(config_.param_rounding);
+    out["micro_batches"] = setting_text(micro_batches_);
+    return out;
   }
 
   // Writes the model's parameters alone, under their declared names and shapes, in `dtype`: fp32

@@ -4,10 +4,12 @@
 //     One tensor per declared parameter, under its declared name, with its declared shape, in
 //     declared order, all in one dtype: fp32 (from the master copy when there is one, else the
 //     compute copy widened), or bf16 / fp16 (the round-to-nearest-even of those fp32 values).
-//     Metadata {"format": "pt"}, as safetensors.torch.save_file writes. When the names match a
-//     torch.nn.Module's, `module.load_state_dict(safetensors.torch.load_file(path), strict=True)`
-//     accepts it. A non-finite value, or one that overflows the chosen dtype, is refused (naming
-//     the parameter) and the file is not written. Written atomically (write_file_atomically).
+//     Metadata {"format": "pt"}, as safetensors.torch.save_file writes, and the CRC-32C of each
+//     tensor and of the metadata (io/safetensors.hpp), which import_weights checks and PyTorch
+//     ignores. When the names match a torch.nn.Module's,
+//     `module.load_state_dict(safetensors.torch.load_file(path), strict=True)` accepts it. A
+//     non-finite value, or one that overflows the chosen dtype, is refused (naming the
+//     parameter) and the file is not written. Written atomically (write_file_atomically).
 //
 //   import_weights(path, store)
 //     Sets every parameter from a file of that shape (one written by export_weights or by
@@ -16,9 +18,10 @@
 //     master, as an optimizer step with Rounding::nearest_even writes it. The file must hold
 //     exactly the declared parameters with their declared shapes, finite, and representable in
 //     the compute dtype; otherwise alloy::error names the file and every missing, extra or
-//     mis-shaped tensor (or the first bad value), and the store is left as it was: everything
-//     is read and checked in host memory before the store changes. Optimizer state, gradients
-//     and step counters are not touched.
+//     mis-shaped tensor (or the first bad value, or a tensor that fails its checksum when the
+//     file has one), and the store is left as it was: everything is read and checked in host
+//     memory before the store changes. Optimizer state, gradients and step counters are not
+//     touched.
 #pragma once
 
 #include <alloy/io/safetensors.hpp>
@@ -128,7 +131,9 @@ void export_weights_as(const std::filesystem::path& path, Store& store, const Bu
       {"alloy.weights_source",
        Store::has_master ? "fp32 master" : std::string(numeric_traits<Src>::name) + " compute copy"},
   };
-  write_safetensors(path, tensors, metadata);
+  SafetensorsWriteOptions options;
+  options.checksums = true;
+  write_safetensors(path, tensors, metadata, options);
 }
 
 inline bool is_weights_dtype(SafetensorsDtype d) {
