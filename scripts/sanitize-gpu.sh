@@ -7,6 +7,10 @@
 # CUDA API errors are not reported: some tests provoke them on purpose (out of memory, a sticky
 # error), and alloy turns each into an exception the tests check.
 #   SANITIZE_TOOLS    the tools to run (default: "memcheck racecheck initcheck synccheck")
+#   SANITIZE_RACECHECK_EXCLUDE  kernels racecheck leaves alone, compute-sanitizer's
+#                     --kernel-name-exclude syntax (default: kns=nvjet, cuBLASLt's product kernels:
+#                     racecheck's reports there are in NVIDIA's code, not alloy's, and take most
+#                     of its time; docs/reliability.md); set it empty to check them too
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -22,6 +26,8 @@ status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
   extra=() f=$filter
   [ "$tool" = memcheck ] && extra=(--leak-check full)
+  exclude=${SANITIZE_RACECHECK_EXCLUDE-kns=nvjet}
+  [ "$tool" = racecheck ] && [ -n "$exclude" ] && extra=(--kernel-name-exclude "$exclude")
   case "$tool" in racecheck | initcheck) f=$slow_filter ;; esac
   t0=$SECONDS
   # Line-buffered, so a run stopped by the timeout still shows how far it got.
