@@ -371,7 +371,9 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
     }
   }
 
-  // out = O / sum, staged in the warp's own rows of the Q tile (only this warp read them).
+  // out = O / sum, staged in the warp's own rows of the Q tile (only this warp read them, into
+  // registers before the key loop's first __syncthreads; the __syncwarp keeps the order explicit).
+  __syncwarp();
   const std::size_t lse_row0 = bh * a.seq;
   ALLOY_UNROLL
   for (int mt = 0; mt < MTiles; ++mt) {
@@ -545,6 +547,7 @@ __global__ void __launch_bounds__(flash_threads)
     }
   }
 
+  __syncwarp();  // every lane's last read of the warp's Q rows before any lane writes them
   flash_stage_rows<T, D>(attention_shared, dq, warp_row0, scale, lane);  // the warp's own Q rows
   __syncwarp();
   T* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
@@ -674,7 +677,10 @@ __global__ void __launch_bounds__(flash_threads)
     }
   }
 
-  // Staged in the warp's own rows of the K and V tiles (only this warp read them).
+  // Staged in the warp's own rows of the K and V tiles (only this warp read them). Every lane's
+  // last ldmatrix of those rows comes before any lane's write: racecheck reported the write-after-
+  // read between lanes of one warp without this __syncwarp (H200, 2026-12-02).
+  __syncwarp();
   flash_stage_rows<T, D>(attention_shared, dk, warp * 16, scale, lane);
   flash_stage_rows<T, D>(attention_shared + v_offset, dv, warp * 16, 1.0f, lane);
   __syncwarp();
