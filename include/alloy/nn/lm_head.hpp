@@ -112,21 +112,19 @@ class LmHead {
   template <class Ctx, class R>
   requires detail::contiguous_of<R, std::int32_t> std::pair<Loss, Activation<detail::value_t<Ctx>>> forward_backward(
       Ctx& ctx, Activation<const detail::value_t<Ctx>> y, const R& targets) {
-    auto dy = detail::allocate(ctx, y.rows, config_.dim);
-    const Loss loss = run(ctx, y, targets, dy.data);
-    return {loss, dy};
+    return run(ctx, y, targets, true);
   }
 
   // The mean loss alone: no gradient, nothing written but the workspace (evaluation).
   template <class Ctx, class R>
   requires detail::contiguous_of<R, std::int32_t> Loss loss(Ctx& ctx, Activation<const detail::value_t<Ctx>> y,
                                                             const R& targets) {
-    return run(ctx, y, targets, static_cast<detail::value_t<Ctx>*>(nullptr));
+    return run(ctx, y, targets, false).first;
   }
 
  private:
   template <class Ctx, class R, class T = detail::value_t<Ctx>>
-  Loss run(Ctx& ctx, Activation<const T> y, const R& targets, T* dy) {
+  std::pair<Loss, Activation<T>> run(Ctx& ctx, Activation<const T> y, const R& targets, bool gradient) {
     const std::string who = "LmHead '" + name_ + "'";
     detail::check_width("LmHead", name_, config_.dim, y.cols);
     const std::span<const std::int32_t> t(std::ranges::data(targets), std::ranges::size(targets));
@@ -139,9 +137,10 @@ class LmHead {
                   std::to_string(config_.ignore_index) + "; the mean loss of no rows is undefined");
     }
     const std::int32_t* device_targets = detail::upload_raw(ctx, t);
+    const Activation<T> dy = gradient ? detail::allocate(ctx, y.rows, config_.dim) : Activation<T>{};
     float* row_loss = ctx.template allocate<float>(y.rows);
-    chunks(ctx, y, device_targets, row_loss, dy, ctx.loss_scale() / static_cast<float>(counted));
-    return detail::mean_loss(ctx, static_cast<const float*>(row_loss), y.rows, static_cast<float>(counted));
+    chunks(ctx, y, device_targets, row_loss, dy.data, ctx.loss_scale() / static_cast<float>(counted));
+    return {detail::mean_loss(ctx, static_cast<const float*>(row_loss), y.rows, static_cast<float>(counted)), dy};
   }
 
   // Runs every chunk; the logits buffer is released afterwards (the work is queued in stream order,
