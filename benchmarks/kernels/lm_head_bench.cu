@@ -5,7 +5,7 @@
 //                      counts the three products (3 x 2 x 16384 x 768 x 50304 = 3.8 TFLOP).
 //   LmHeadProducts     the same three products alone, in chunks of 8192: the cuBLASLt floor.
 //   LmHeadRowKernel    the row kernel alone on one chunk of 8192 rows (reads the logits twice,
-//                      writes them once).
+//                      writes them once); .../BlocksPerSm/n with n blocks per multiprocessor.
 //   EmbeddingForward   x = wte[token] + wpe[t], with what the host does per micro-batch (checking
 //                      the ids, grouping rows by token) and the ids' upload from pageable memory on
 //                      the compute stream (a trainer's input pipeline overlaps that copy).
@@ -166,6 +166,35 @@ void BM_LmHeadRowKernel(benchmark::State& state) {
   alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
+// The row kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
+// up to 8): fewer rows in flight at once (a row is 100 KB) let the second read of each row come
+// from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins decides the
+// library's grid for rows this long.
+void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
+  if (alloy::bench::skip_without_device(state)) return;
+  constexpr std::size_t chunk = 8192;
+  Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
+  Buffer<float, Cuda> loss(chunk);
+  Buffer<std::int32_t, Cuda> targets(chunk);
+  const auto t = zipf_tokens(chunk, 4);
+  alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
+  fill_random(saved, 5, 4.0f);
+  const alloy::detail::SoftmaxCrossEntropy<bf16> args{logits.data(), targets.data(), chunk, padded, vocab, loss.data(),
+                                                      logits.data(), 1.0f / rows,    -1,    true,   true};
+  const int grid = alloy::current_device_sm_count() * static_cast<int>(state.range(0));
+  alloy::bench::time_with_events(
+      state,
+      [&] {
+        alloy::detail::softmax_cross_entropy_kernel<<<grid, alloy::detail::softmax_block>>>(args);
+        ALLOY_CUDA_CHECK_LAUNCH();
+      },
+      [&] {
+        ALLOY_CUDA_CHECK(
+            cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
+      });
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
+}
+
 void BM_EmbeddingForward(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
   Gpt2Io io(8192);
@@ -207,6 +236,7 @@ void BM_TokenGroupsBuild(benchmark::State& state) {
 BENCHMARK(BM_LmHead)->Arg(4096)->Arg(8192)->Arg(16384)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadProducts)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadRowKernel)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_LmHeadRowKernelBlocksPerSm)->DenseRange(1, 8)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingForward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingBackward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_TokenGroupsBuild)->Unit(benchmark::kMicrosecond);
