@@ -119,7 +119,7 @@ TYPED_TEST(GpuEmbeddingKernels, MatchHostBitForBit) {
 }
 
 // GPT-2's micro-batch: 16 sequences of 1024 tokens, d 768, a token in 1 of 8 rows.
-TEST(GpuEmbeddingKernels, Gpt2SizedMatchHostBitForBit) {
+TEST(GpuEmbeddingGpt2, MatchesHostBitForBit) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
   expect_embedding_matches_host_bits<bf16>({16384, 1024, 50257, 50304, 1024, 768, 2048}, seed);
