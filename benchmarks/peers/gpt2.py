@@ -111,7 +111,8 @@ def hf_model(vocab, ctx, d, layers, heads, recompute):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
                         use_cache=False, attn_implementation="sdpa")
     model = GPT2LMHeadModel(config)
-    print(f"transformers GPT2LMHeadModel, attention implementation {config._attn_implementation}", flush=True)
+    print(f"transformers GPT2LMHeadModel, attention implementation "
+          f"{getattr(config, '_attn_implementation', 'unknown')}", flush=True)
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
