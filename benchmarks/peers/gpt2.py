@@ -9,6 +9,9 @@ fp16 (autocast + GradScaler), bf16_checkpoint (bf16 with torch.utils.checkpoint 
 block); each with "_compile" runs the model under torch.compile (default mode; the optimizer
 step stays eager, as in residual_mlp.py).
 
+--part block instead times one transformer block at the same shape, forward and forward +
+backward, without the optimizer (benchmarks/nn/gpt2_block_bench.cu is alloy's counterpart).
+
 Times a whole training step (CUDA events, median of --repeats steps after warm-up), tokens per
 second, and memory: peak allocated (torch.cuda.max_memory_allocated), peak reserved, and the
 device memory in use (cudaMemGetInfo, context included: what llm.c's figure is). Prints a
@@ -34,6 +37,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+def init_gpt2_(module, layers):
+    """GPT-2's initialization, in place: normal 0.02, c_proj weights 0.02 / sqrt(2 layers), zero
+    biases; LayerNorms as constructed (ones, zeros)."""
+    for name, p in module.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        elif p.dim() == 2:
+            nn.init.normal_(p, std=0.02)
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,13 +104,7 @@ class Gpt2(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.recompute = recompute
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
+        init_gpt2_(self, layers)
 
     def forward(self, idx):
         t = idx.shape[1]
@@ -182,26 +191,90 @@ def run(config, impl, batch, seq, repeats):
             "device_in_use_gib": (total - free) / 2**30}
 
 
+def run_block(config, batch, seq, repeats):
+    """One transformer block at the step's shape (alloy_bench_gpt2_block's counterpart): forward
+    (keeping what backward needs, as in training) and forward + backward from a random dy,
+    parameter gradients written (set to None before each step), no optimizer."""
+    torch.manual_seed(0)
+    compiled = config.endswith("_compile")
+    base = config.removesuffix("_compile")
+    torch.backends.cuda.matmul.allow_tf32 = base == "tf32"
+    torch.backends.cudnn.allow_tf32 = base == "tf32"
+    d, heads = 768, 12
+    block = Block(d, heads).cuda()
+    init_gpt2_(block, 12)
+    f = torch.compile(block) if compiled else block
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base)
+    x = torch.randn(batch, seq, d, device="cuda", requires_grad=True)
+    dy = torch.randn(batch, seq, d, device="cuda")
+
+    def forward():
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            return f(x)
+
+    def forward_backward():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        forward().backward(dy)
+
+    def timed(fn):
+        for _ in range(5 if compiled else 3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    forward_ms = timed(forward)
+    torch.cuda.reset_peak_memory_stats()
+    ms = timed(forward_backward)
+    tokens = batch * seq
+    return {"config": config, "part": "block", "forward_ms": forward_ms, "median_ms": ms,
+            "tokens_per_s": tokens / ms * 1e3, "rows_per_s": tokens / ms * 1e3,
+            "params": sum(p.numel() for p in block.parameters()),
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", choices=["nanogpt", "hf"], default="nanogpt")
+    ap.add_argument("--part", choices=["step", "block"], default="step",
+                    help="step: the whole training step; block: one transformer block forward and backward "
+                         "(configurations without _checkpoint)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--configs", default="fp32,tf32,bf16,fp16,bf16_checkpoint,fp32_compile,tf32_compile,"
-                                         "bf16_compile,fp16_compile,bf16_checkpoint_compile")
+    ap.add_argument("--configs", help="default: fp32,tf32,bf16,fp16,bf16_checkpoint and each _compile (step); "
+                                      "bf16,fp16,tf32 and each _compile (block)")
     ap.add_argument("--out")
     a = ap.parse_args()
+    if a.configs is None:
+        a.configs = ("bf16,fp16,tf32,bf16_compile,fp16_compile,tf32_compile" if a.part == "block" else
+                     "fp32,tf32,bf16,fp16,bf16_checkpoint,fp32_compile,tf32_compile,bf16_compile,fp16_compile,"
+                     "bf16_checkpoint_compile")
+    if a.part == "block" and "checkpoint" in a.configs:
+        ap.error("--part block times one block without recomputation; leave out the _checkpoint configurations")
     results = []
     for c in a.configs.split(","):
-        r = run(c, a.impl, a.batch, a.seq, a.repeats)
+        if a.part == "block":
+            r = run_block(c, a.batch, a.seq, a.repeats)
+            print(f"block {c:20s} forward {r['forward_ms']:7.3f} ms  forward + backward {r['median_ms']:7.3f} ms  "
+                  f"peak {r['peak_allocated_gib']:.2f} GiB allocated", flush=True)
+        else:
+            r = run(c, a.impl, a.batch, a.seq, a.repeats)
+            print(f"{a.impl} {c:24s} {r['median_ms']:8.2f} ms  {r['tokens_per_s'] / 1e3:7.1f} K tokens/s  "
+                  f"peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['device_in_use_gib']:.2f} GiB in use  "
+                  f"loss {r['loss']:.3f}", flush=True)
         results.append(r)
-        print(f"{a.impl} {c:24s} {r['median_ms']:8.2f} ms  {r['tokens_per_s'] / 1e3:7.1f} K tokens/s  "
-              f"peak {r['peak_allocated_gib']:.2f} GiB allocated, {r['device_in_use_gib']:.2f} GiB in use  "
-              f"loss {r['loss']:.3f}", flush=True)
         torch.cuda.empty_cache()
         # Written after every configuration, so a run cut short keeps what it measured.
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": a.impl,
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "impl": a.impl, "part": a.part,
                "batch": a.batch, "seq": a.seq, "tokens": a.batch * a.seq, "results": results}
         if a.out:
             with open(a.out, "w") as f:
