@@ -4,6 +4,7 @@
 
 #include <alloy/nn/activation.hpp>
 #include <alloy/nn/embedding.hpp>
+#include <alloy/nn/attention.hpp>
 #include <alloy/nn/gelu.hpp>
 #include <alloy/nn/input.hpp>
 #include <alloy/nn/layernorm.hpp>
@@ -11,3 +12,4 @@
 #include <alloy/nn/lm_head.hpp>
 #include <alloy/nn/loss.hpp>
 #include <alloy/nn/sequential.hpp>
+#include <alloy/nn/transformer.hpp>
