@@ -3,8 +3,8 @@
 #pragma once
 
 #include <alloy/nn/activation.hpp>
-#include <alloy/nn/embedding.hpp>
 #include <alloy/nn/attention.hpp>
+#include <alloy/nn/embedding.hpp>
 #include <alloy/nn/gelu.hpp>
 #include <alloy/nn/input.hpp>
 #include <alloy/nn/layernorm.hpp>
