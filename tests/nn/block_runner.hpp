@@ -45,13 +45,16 @@ struct BlockRun {
 
 // Runs `block` forward on x (rows x width) and backward from dy, with the parameters the store
 // draws from `seed` (the same for the same parameter names and shapes) or, when given, `params`
-// (an arena of the same layout). With `grads_before`, gradients are added to it. The context's
-// checkpoint_every() is `checkpoint_every` (nn::Repeated recomputes by it).
+// (an arena of the same layout). With `grads_before`, gradients are added to it. With
+// `for_backward`, forward is the block's forward_for_backward (what a recomputation runs): y stays
+// empty and dy is rows x out_features(width). The context's checkpoint_every() is
+// `checkpoint_every` (nn::Repeated recomputes by it).
 template <class P, class B, class Block, class T = storage_t<typename P::compute_type>>
 BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T>& dy, std::size_t rows,
                       std::size_t width, std::uint64_t seed,
                       const std::type_identity_t<std::vector<T>>* params = nullptr,
-                      const std::type_identity_t<std::vector<T>>* grads_before = nullptr, int checkpoint_every = 0) {
+                      const std::type_identity_t<std::vector<T>>* grads_before = nullptr, bool for_backward = false,
+                      int checkpoint_every = 0) {
   ParamRegistry r;
   block.declare(r);
   using Store = ParamStore<P, SGD<>, B>;
@@ -70,7 +73,17 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   copy_from_host(x_buffer, std::span<const T>(x));
   copy_from_host(dy_buffer, std::span<const T>(dy));
   BlockRun<T> run;
-  const auto y = block.forward(ctx, Activation<const T>(x_buffer.data(), rows, width));
+  const Activation<const T> x_in(x_buffer.data(), rows, width);
+  Activation<T> y{nullptr, rows, block.out_features(width)};
+  if (for_backward) {
+    if constexpr (requires { block.forward_for_backward(ctx, x_in); }) {
+      block.forward_for_backward(ctx, x_in);
+    } else {
+      ADD_FAILURE() << "for_backward: this block has no forward_for_backward";
+    }
+  } else {
+    y = block.forward(ctx, x_in);
+  }
   run.bytes_after_forward = ws.bytes_in_use();
   const auto dx = block.backward(ctx, Activation<const T>(dy_buffer.data(), y.rows, y.cols));
   synchronize(B{});
@@ -80,7 +93,7 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
     for_each_n(B{}, n, alloy::detail::CopyActivation<T>{}, in(p), alloy::out(out.data()));
     return to_host(out);
   };
-  run.y = copy_out(y.data, y.size());
+  if (!for_backward) run.y = copy_out(y.data, y.size());
   run.dx = copy_out(dx.data, dx.size());
   const auto grads = to_host(store.grads_arena());
   for (std::size_t t = 0; t < r.size(); ++t) {

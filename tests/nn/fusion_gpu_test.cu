@@ -64,6 +64,26 @@ TEST(GpuFusedMlp, ResidualMlpSizedBlockMatchesHost) {
   expect_cuda_block_matches_host<Precision<bf16>>(512, 1024, 4096, false, 2e-2, seed);
 }
 
+// The recomputation's forward_for_backward (no down product) gives the bits of forward then
+// backward on the device too: up's product runs with the same plan either way.
+TEST(GpuFusedMlp, ForwardForBackwardGivesTheBitsOfForward) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using T = bf16;
+  for (auto [rows, d] : {std::pair<std::size_t, std::size_t>{300, 128}, {77, 40}}) {
+    std::mt19937_64 rng(seed);
+    const auto x = test::random_values<T>(rows * d, rng);
+    const auto dy = test::random_values<T>(rows * d, rng);
+    auto first = fused_block(d, 4 * d), second = fused_block(d, 4 * d);
+    const auto full = test::run_block<Precision<bf16>, Cuda>(first, x, dy, rows, d, seed);
+    const auto recomputed =
+        test::run_block<Precision<bf16>, Cuda>(second, x, dy, rows, d, seed, nullptr, nullptr, true);
+    EXPECT_EQ(test::bits(recomputed.dx), test::bits(full.dx)) << rows << " x " << d;
+    for (const auto& [name, g] : full.grads) EXPECT_EQ(test::bits(recomputed.grads.at(name)), test::bits(g)) << name;
+    EXPECT_LT(recomputed.bytes_after_forward, full.bytes_after_forward);
+  }
+}
+
 // Re-running the fused forward and backward on the device gives the same bits (Checkpointing
 // relies on it); the dGELU bias-gradient reduction included.
 TEST(GpuFusedMlp, RerunningGivesTheSameBits) {

@@ -78,6 +78,42 @@ TEST(FusedMlp, KeepsOnlyThePreActivationBetweenForwardAndBackward) {
   EXPECT_LT(fused.peak_bytes, separate.peak_bytes);
 }
 
+// What a recomputation runs (forward_for_backward): the same gradients and dx, bit for bit, as
+// forward then backward, without the last product: its output is never allocated. For the fused
+// MLP block (the down product skipped), a block ending in a plain Linear, the layers one by one
+// in a Residual (its sum skipped), and a Sequential ending in a layer with no such path (the whole
+// forward runs).
+template <class P, class Block>
+void expect_forward_for_backward_keeps_the_bits(Block a, Block b, std::uint64_t seed, bool skips_the_output) {
+  using T = value_t<P>;
+  std::mt19937_64 rng(seed);
+  const auto x = test::random_values<T>(rows * width, rng);
+  const auto dy = test::random_values<T>(rows * width, rng);
+  const auto full = test::run_block<P, Host>(a, x, dy, rows, width, seed);
+  const auto recomputed = test::run_block<P, Host>(b, x, dy, rows, width, seed, nullptr, nullptr, true);
+  EXPECT_EQ(test::bits(recomputed.dx), test::bits(full.dx));
+  for (const auto& [name, g] : full.grads) EXPECT_EQ(test::bits(recomputed.grads.at(name)), test::bits(g)) << name;
+  const std::size_t output_bytes = (rows * width * sizeof(T) + Workspace<Host>::alignment - 1) /
+                                   Workspace<Host>::alignment * Workspace<Host>::alignment;
+  EXPECT_EQ(recomputed.bytes_after_forward, full.bytes_after_forward - (skips_the_output ? output_bytes : 0));
+}
+
+TEST(FusedMlp, ForwardForBackwardSkipsTheLastProductAndKeepsTheBits) {
+  ALLOY_SEEDED(seed);
+  expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(fused_block(), fused_block(), seed, true);
+  expect_forward_for_backward_keeps_the_bits<Precision<fp32>>(fused_block(), fused_block(), seed, true);
+  // The layers one by one run whole; only Residual's separate sum is skipped.
+  expect_forward_for_backward_keeps_the_bits<Precision<fp16>>(separate_block(), separate_block(), seed, true);
+  using NoPath = nn::Sequential<nn::LayerNorm, PassThrough>;
+  const auto no_path = [] { return NoPath(nn::LayerNorm("norm", width), PassThrough{}); };
+  expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(no_path(), no_path(), seed, false);
+  using LinearEnd = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear>>;
+  const auto linear_end = [] {
+    return LinearEnd(nn::Sequential(nn::LayerNorm("norm", width), nn::Linear("l", width, width)));
+  };
+  expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(linear_end(), linear_end(), seed, true);
+}
+
 // With accumulate_grads, every gradient, the two bias gradients the epilogues write included, is
 // added to what the store held.
 TEST(FusedMlp, AccumulatingAddsEveryGradientToWhatIsThere) {

@@ -23,7 +23,7 @@
 // forward kernel (42 us measured per block, at about 3 TB/s), in exchange for that memory at the
 // step's peak. The workspace is a stack, so h can be released only if nothing that must outlive
 // it sits above it: forward allocates the block's output y before h, runs both products, and
-// releases h; backward writes dPre, then allocates h, computes dWd, and releases h. Measured on Host
+// releases h; backward allocates h, computes dWd, releases h and writes dPre where h was. Measured on Host
 // at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual
 // MLP's activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h
 // released, 512 MiB; GELU's backward output, 512 MiB; the down layer's output apart from the
@@ -73,6 +73,23 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
   return y;
 }
 
+// What backward needs of mlp_forward, without its output: the recomputation of a checkpointed
+// segment's last block (train/recompute.hpp), where nothing reads y. Up's product runs as in
+// mlp_forward (same arguments, so the same cuBLASLt plan and the same bits of the pre-activation);
+// down's product, half of the block's forward, does not run at all: its backward reads only the
+// pre-activation (h is recomputed from it) and dy.
+template <class Ctx, class T = value_t<Ctx>>
+void mlp_forward_for_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> x) {
+  const std::size_t hidden = up.out_features(x.cols);
+  check_width("Linear", down.name(), down.in_features(), hidden);
+  T* pre = ctx.template allocate<T>(x.rows * hidden);
+  const auto mark = ctx.workspace().mark();
+  T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread
+  up.forward_into(ctx, x, h, {}, pre);
+  ctx.workspace().release(mark);
+  gelu.keep_pre_activation(static_cast<const T*>(pre), true);
+}
+
 // The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
 // which Residual adds itself). Returns dx.
 template <class T>
@@ -101,17 +118,22 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
   //
   // For fp32 and tf32 the dGELU epilogue cost more than the pass it replaces (the step took 1.4 and
   // 1.3 ms longer at f80e2c9 than at 990ef1e, 8 blocks), so there GELU's gradient stays a pass.
+  //
+  // h (for down's weight gradient) comes first and dPre is then written where h was: the two
+  // rows x hidden buffers are never live together, one fewer at the block's backward peak. The
+  // stream orders the weight product's read of h before the input-gradient product's write.
   const T* pre = gelu.pre_activation<T>();
-  constexpr bool epilogue_dgelu = sizeof(T) == 2;
-  const Activation<const T> d_pre =
-      epilogue_dgelu ? down.input_gradient(ctx, dy, pre) : gelu_gradient_pass(ctx, down, dy, pre);
+  const std::size_t hidden = up.out_features(0);
   {
     const auto mark = ctx.workspace().mark();
-    T* h = ctx.template allocate<T>(d_pre.size());
-    for_each_n(ctx.backend(), d_pre.size(), GeluForward<T>{}, in(pre), out(h));
+    T* h = ctx.template allocate<T>(dy.rows * hidden);
+    for_each_n(ctx.backend(), dy.rows * hidden, GeluForward<T>{}, in(pre), out(h));
     down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
     ctx.workspace().release(mark);
   }
+  constexpr bool epilogue_dgelu = sizeof(T) == 2;
+  const Activation<const T> d_pre =
+      epilogue_dgelu ? down.input_gradient(ctx, dy, pre) : gelu_gradient_pass(ctx, down, dy, pre);
   return up.backward(ctx, d_pre, true);
 }
 

@@ -69,6 +69,14 @@ class Linear {
     return dx;
   }
 
+  // Forward without the product: keeps x for backward's weight gradient, as forward does (the
+  // recomputation of a block whose output nothing reads, train/recompute.hpp).
+  template <class T>
+  void forward_for_backward(Activation<const T> x) {
+    detail::check_width("Linear", name_, in_, x.cols);
+    x_ = x;
+  }
+
   // ---- the pieces of the fused paths ----
 
   // y (rows x out, packed) = act(x W^T + b + residual): act is GELU when pre_activation is given,

@@ -71,6 +71,16 @@ class Sequential {
     return forward_from<0>(ctx, x, residual);
   }
 
+  // Forward's work that backward needs, without the output where the layers allow it (the
+  // recomputation of a checkpointed segment's last block, train/recompute.hpp): a Sequential
+  // ending in a Linear (alone or after Linear -> Gelu) skips that last product, whose output
+  // backward never reads; one ending in a layer with its own forward_for_backward (a Residual,
+  // CausalSelfAttention) calls it. Any other ending runs forward.
+  template <class Ctx>
+  void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
+    (void)forward_from<0, false>(ctx, x, {});
+  }
+
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
     return backward_to<sizeof...(Layers)>(ctx, dy, {});
@@ -102,8 +112,10 @@ class Sequential {
     }
   }
 
-  // Runs layers [I, count) from x; the last layer adds `residual` when it has data.
-  template <std::size_t I, class Ctx, class T = detail::value_t<Ctx>>
+  // Runs layers [I, count) from x; the last layer adds `residual` when it has data. Without
+  // Output, a final Linear (or a final layer with forward_for_backward) keeps what backward needs
+  // without its last product and no activation is returned.
+  template <std::size_t I, bool Output = true, class Ctx, class T = detail::value_t<Ctx>>
   Activation<T> forward_from(Ctx& ctx, Activation<const std::type_identity_t<T>> x,
                              Activation<const std::type_identity_t<T>> residual) {
     if constexpr (I == count) {
@@ -114,18 +126,35 @@ class Sequential {
         if (detail::gelu_fuses_after(layer)) {
           auto& gelu = std::get<I + 1>(layers_);
           if constexpr (layer_is<I + 2, Linear>()) {
-            const Activation<const T> adds = I + 3 == count ? residual : Activation<const T>{};
-            return forward_from<I + 3>(ctx, detail::mlp_forward(ctx, layer, gelu, std::get<I + 2>(layers_), x, adds),
-                                       residual);
+            if constexpr (!Output && I + 3 == count) {
+              detail::mlp_forward_for_backward(ctx, layer, gelu, std::get<I + 2>(layers_), x);
+              return {};
+            } else {
+              const Activation<const T> adds = I + 3 == count ? residual : Activation<const T>{};
+              return forward_from<I + 3, Output>(
+                  ctx, detail::mlp_forward(ctx, layer, gelu, std::get<I + 2>(layers_), x, adds), residual);
+            }
           } else {
-            return forward_from<I + 2>(ctx, detail::linear_gelu_forward(ctx, layer, gelu, x), residual);
+            return forward_from<I + 2, Output>(ctx, detail::linear_gelu_forward(ctx, layer, gelu, x), residual);
           }
+        }
+      }
+      if constexpr (I + 1 == count && !Output) {
+        // The last layer's work for backward without its output: a Linear keeps its input and
+        // skips its product; a layer with its own forward_for_backward (a nested container,
+        // CausalSelfAttention) skips what it can; any other runs forward.
+        if constexpr (layer_is<I, Linear>()) {
+          layer.forward_for_backward(x);
+          return {};
+        } else if constexpr (requires { layer.forward_for_backward(ctx, x); }) {
+          layer.forward_for_backward(ctx, x);
+          return {};
         }
       }
       if constexpr (I + 1 == count && detail::adds_residual<std::tuple_element_t<I, std::tuple<Layers...>>, Ctx>) {
         if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
       }
-      return forward_from<I + 1>(ctx, layer.forward(ctx, x), residual);
+      return forward_from<I + 1, Output>(ctx, layer.forward(ctx, x), residual);
     }
   }
 
@@ -176,6 +205,18 @@ class Residual {
       for_each_n(ctx.backend(), x.size(), detail::AddElements<T>{}, in(x.data), in(static_cast<const T*>(inner.data)),
                  out(y.data));
       return y;
+    }
+  }
+
+  // What backward needs, without the sum (train/recompute.hpp): the block's own
+  // forward_for_backward when it has one; forward otherwise.
+  template <class Ctx>
+  void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
+    if constexpr (requires { block_.forward_for_backward(ctx, x); }) {
+      detail::check_width("Residual", "block", x.cols, block_.out_features(x.cols));
+      block_.forward_for_backward(ctx, x);
+    } else {
+      (void)forward(ctx, x);
     }
   }
 

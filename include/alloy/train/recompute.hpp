@@ -13,6 +13,13 @@
 // and releases the segment again. Peak activation memory becomes the kept inputs plus one
 // segment's activations; the cost is one more forward of every block.
 //
+// A block may also offer
+//   void forward_for_backward(Ctx&, Activation<const T> x);  // what backward needs, no output
+// and then the recomputation of a segment's last block calls it instead of forward: nothing reads
+// that block's output in backward (nn::Residual<nn::Sequential<..., Linear, Gelu, Linear>> skips
+// its last product, half of the block's forward). It must keep for backward exactly what forward
+// keeps, computed the same way, so the gradients keep their bits.
+//
 // The trainer drives this for every LayeredModel (Checkpointing or not, so both paths share the
 // code); alloy::nn::Repeated uses it for its own blocks. Blocks inside a recomputed segment see a
 // context whose checkpoint_every() is 0: recomputation happens at the outermost level only.
@@ -75,6 +82,23 @@ struct KeptInputs {
   std::size_t every = 0;
   std::size_t blocks = 0;
 };
+
+namespace detail {
+
+// Recomputes blocks[first, last) from x for their backward: the last through forward_for_backward
+// when it has one.
+template <class Ctx, class Blocks, class T>
+void recompute_segment(Ctx& ctx, Blocks&& blocks, std::size_t first, std::size_t last, Activation<T> y) {
+  for (std::size_t i = first; i + 1 < last; ++i) y = blocks[i].forward(ctx, Activation<const T>(y));
+  auto& block = blocks[last - 1];
+  if constexpr (requires { block.forward_for_backward(ctx, Activation<const T>(y)); }) {
+    block.forward_for_backward(ctx, Activation<const T>(y));
+  } else {
+    (void)block.forward(ctx, Activation<const T>(y));
+  }
+}
+
+}  // namespace detail
 
 template <class Ctx>
 inline constexpr bool keeps_device_loss =
@@ -156,8 +180,7 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
     if (outermost && kept.block_marks.size() == kept.segments.size()) {
       // As without recomputation: once the segment is done, everything from where its forward
       // output was kept is dead but its dx, which moves down there.
-      Activation<T> y = input;
-      for (std::size_t i = first; i < last; ++i) y = blocks[i].forward(inner, Activation<const T>(y));  // recompute
+      detail::recompute_segment(inner, blocks, first, last, input);
       Activation<T> g = d;
       for (std::size_t i = last; i-- > first;) g = blocks[i].backward(inner, Activation<const T>(g));
       d = detail::move_down(ctx, g, &kept.block_marks[seg]);
@@ -165,8 +188,7 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
     }
     const Activation<T> slot{ctx.template allocate<T>(input.size()), input.rows, input.cols};
     const auto mark = ctx.workspace().mark();
-    Activation<T> y = input;
-    for (std::size_t i = first; i < last; ++i) y = blocks[i].forward(inner, Activation<const T>(y));  // recompute
+    detail::recompute_segment(inner, blocks, first, last, input);
     Activation<T> g = d;
     for (std::size_t i = last; i-- > first;) g = blocks[i].backward(inner, Activation<const T>(g));
     if (g.size() <= slot.size()) {
