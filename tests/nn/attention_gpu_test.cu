@@ -139,8 +139,8 @@ TEST(GpuGpt2Block, RecomputingGivesTheSameBits) {
   std::vector<test::BlockRun<bf16>> runs;
   for (int every : {0, 0, 1, 2}) {
     auto repeated = blocks();
-    runs.push_back(
-        test::run_block<Precision<bf16>, Cuda>(repeated, x, dy, s.rows(), s.channels, seed, nullptr, nullptr, every));
+    runs.push_back(test::run_block<Precision<bf16>, Cuda>(repeated, x, dy, s.rows(), s.channels, seed, nullptr, nullptr,
+                                                          false, every));
   }
   for (std::size_t i = 1; i < runs.size(); ++i) {
     SCOPED_TRACE("run " + std::to_string(i));

@@ -408,7 +408,7 @@ void expect_recomputation_gives_the_same_bits(std::uint64_t seed) {
   std::vector<BlockRun<T>> runs;
   for (int every : {0, 1, 2}) {
     auto blocks = gpt2_blocks(s, 3);
-    runs.push_back(test::run_block<P, Host>(blocks, x, dy, s.rows(), s.channels, seed, nullptr, nullptr, every));
+    runs.push_back(test::run_block<P, Host>(blocks, x, dy, s.rows(), s.channels, seed, nullptr, nullptr, false, every));
   }
   for (std::size_t i = 1; i < runs.size(); ++i) {
     SCOPED_TRACE("recomputing every " + std::to_string(i) + " blocks");
@@ -421,6 +421,35 @@ TEST(Gpt2Block, RecomputingGivesTheSameBits) {
   ALLOY_SEEDED(seed);
   expect_recomputation_gives_the_same_bits<Precision<bf16>>(seed);
   expect_recomputation_gives_the_same_bits<Precision<fp32>>(seed);
+}
+
+// forward_for_backward (what recomputing a segment's last block runs) keeps what forward keeps:
+// the layer skips c_proj's product, the block its MLP's c_proj (and the attention's residual sum
+// stays, the MLP's input); the same gradient bits, no output, less memory.
+template <class Block>
+void expect_forward_for_backward_keeps_what_backward_needs(Block block, const Shape& s, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const auto x = test::random_values<bf16>(s.rows() * s.channels, rng);
+  const auto dy = test::random_values<bf16>(s.rows() * s.channels, rng);
+  const auto full = test::run_block<Precision<bf16>, Host>(block, x, dy, s.rows(), s.channels, seed);
+  const auto lean =
+      test::run_block<Precision<bf16>, Host>(block, x, dy, s.rows(), s.channels, seed, nullptr, nullptr, true);
+  EXPECT_EQ(test::bits(lean.dx), test::bits(full.dx)) << "dx";
+  ASSERT_EQ(lean.grads.size(), full.grads.size());
+  for (const auto& [name, g] : full.grads) EXPECT_EQ(test::bits(lean.grads.at(name)), test::bits(g)) << name;
+  EXPECT_TRUE(lean.y.empty());
+  const std::size_t output = (s.rows() * s.channels * sizeof(bf16) + Workspace<Host>::alignment - 1) /
+                             Workspace<Host>::alignment * Workspace<Host>::alignment;
+  EXPECT_EQ(lean.bytes_after_forward + output, full.bytes_after_forward);
+}
+
+TEST(Gpt2Block, ForwardForBackwardGivesTheSameGradientsWithoutTheOutput) {
+  ALLOY_SEEDED(seed);
+  const Shape s{2, 37, 48, 3};
+  expect_forward_for_backward_keeps_what_backward_needs(nn::CausalSelfAttention("attn", s.channels, s.heads, s.seq), s,
+                                                        seed);
+  expect_forward_for_backward_keeps_what_backward_needs(nn::gpt2_block("h.0", s.channels, s.heads, s.seq, 2, 0.25f), s,
+                                                        seed);
 }
 
 // A small GPT-like LayeredModel for the trainer: features -> Linear -> GPT-2 blocks -> LayerNorm

@@ -77,7 +77,7 @@ TEST(GpuFusedMlp, ForwardForBackwardGivesTheBitsOfForward) {
     auto first = fused_block(d, 4 * d), second = fused_block(d, 4 * d);
     const auto full = test::run_block<Precision<bf16>, Cuda>(first, x, dy, rows, d, seed);
     const auto recomputed =
-        test::run_block<Precision<bf16>, Cuda>(second, x, dy, rows, d, seed, nullptr, nullptr, 0, true);
+        test::run_block<Precision<bf16>, Cuda>(second, x, dy, rows, d, seed, nullptr, nullptr, true);
     EXPECT_EQ(test::bits(recomputed.dx), test::bits(full.dx)) << rows << " x " << d;
     for (const auto& [name, g] : full.grads) EXPECT_EQ(test::bits(recomputed.grads.at(name)), test::bits(g)) << name;
     EXPECT_LT(recomputed.bytes_after_forward, full.bytes_after_forward);

@@ -90,7 +90,7 @@ void expect_forward_for_backward_keeps_the_bits(Block a, Block b, std::uint64_t 
   const auto x = test::random_values<T>(rows * width, rng);
   const auto dy = test::random_values<T>(rows * width, rng);
   const auto full = test::run_block<P, Host>(a, x, dy, rows, width, seed);
-  const auto recomputed = test::run_block<P, Host>(b, x, dy, rows, width, seed, nullptr, nullptr, 0, true);
+  const auto recomputed = test::run_block<P, Host>(b, x, dy, rows, width, seed, nullptr, nullptr, true);
   EXPECT_EQ(test::bits(recomputed.dx), test::bits(full.dx));
   for (const auto& [name, g] : full.grads) EXPECT_EQ(test::bits(recomputed.grads.at(name)), test::bits(g)) << name;
   const std::size_t output_bytes = (rows * width * sizeof(T) + Workspace<Host>::alignment - 1) /

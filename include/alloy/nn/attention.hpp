@@ -15,7 +15,9 @@
 // Kept between forward and backward, in the workspace: qkv (rows x 3 channels), att (rows x
 // channels) and the softmax's logsumexp (fp32, sequences x heads x seq); c_attn keeps its input's
 // address. Backward recomputes the probabilities from lse (no seq x seq matrix exists), and every
-// kernel is deterministic, so a recomputed forward (Checkpointing) gives the same bits.
+// kernel is deterministic, so a recomputed forward (Checkpointing) gives the same bits. A
+// recomputation whose output nothing reads calls forward_for_backward, which keeps the same and
+// skips c_proj's product.
 //
 // Residual's fusion: forward_adding adds a residual in c_proj's product, as Linear's does, so
 // Residual<Sequential<LayerNorm, CausalSelfAttention>> adds its input there, and its backward
@@ -94,17 +96,15 @@ class CausalSelfAttention {
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
                                                   Activation<const detail::value_t<Ctx>> residual) {
-    using T = detail::value_t<Ctx>;
-    detail::check_width("CausalSelfAttention", name_, channels_, x.cols);
-    batch_ = sequences(x.rows);
-    const Activation<T> qkv = c_attn_.forward(ctx, x);
-    const Activation<T> att = detail::allocate(ctx, x.rows, channels_);
-    float* lse = ctx.template allocate<float>(batch_ * heads_ * seq_);
-    attention_forward(ctx.backend(), attention_args<T>(qkv.data, att.data, lse, batch_));
-    qkv_ = qkv.data;
-    att_ = att.data;
-    lse_ = lse;
-    return c_proj_.forward_adding(ctx, Activation<const T>(att), residual);
+    return c_proj_.forward_adding(ctx, attend(ctx, x), residual);
+  }
+
+  // Forward's work that backward needs, without c_proj's product, whose output backward never
+  // reads (the recomputation of a checkpointed segment's last block, train/recompute.hpp): keeps
+  // qkv, att and lse exactly as forward does.
+  template <class Ctx>
+  void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
+    c_proj_.forward_for_backward(attend(ctx, x));
   }
 
   // dx from dy, the gradient of y; the four parameter gradients written (or added, when
@@ -173,6 +173,21 @@ class CausalSelfAttention {
   }
 
  private:
+  // qkv = c_attn(x), then att (returned) and lse from the kernel; all three kept for backward.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<const T> attend(Ctx& ctx, Activation<const T> x) {
+    detail::check_width("CausalSelfAttention", name_, channels_, x.cols);
+    batch_ = sequences(x.rows);
+    const Activation<T> qkv = c_attn_.forward(ctx, x);
+    const Activation<T> att = detail::allocate(ctx, x.rows, channels_);
+    float* lse = ctx.template allocate<float>(batch_ * heads_ * seq_);
+    attention_forward(ctx.backend(), attention_args<T>(qkv.data, att.data, lse, batch_));
+    qkv_ = qkv.data;
+    att_ = att.data;
+    lse_ = lse;
+    return att;
+  }
+
   // "<name>" for c_attn named "<name>.c_attn", else c_attn's name.
   static std::string layer_name(const std::string& c_attn) {
     const std::string suffix = ".c_attn";

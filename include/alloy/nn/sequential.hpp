@@ -74,7 +74,8 @@ class Sequential {
   // Forward's work that backward needs, without the output where the layers allow it (the
   // recomputation of a checkpointed segment's last block, train/recompute.hpp): a Sequential
   // ending in a Linear (alone or after Linear -> Gelu) skips that last product, whose output
-  // backward never reads. Any other ending runs forward.
+  // backward never reads; one ending in a layer with its own forward_for_backward (a Residual,
+  // CausalSelfAttention) calls it. Any other ending runs forward.
   template <class Ctx>
   void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
     (void)forward_from<0, false>(ctx, x, {});
@@ -112,8 +113,8 @@ class Sequential {
   }
 
   // Runs layers [I, count) from x; the last layer adds `residual` when it has data. Without
-  // Output, a final Linear keeps what backward needs without its product and no activation is
-  // returned.
+  // Output, a final Linear (or a final layer with forward_for_backward) keeps what backward needs
+  // without its last product and no activation is returned.
   template <std::size_t I, bool Output = true, class Ctx, class T = detail::value_t<Ctx>>
   Activation<T> forward_from(Ctx& ctx, Activation<const std::type_identity_t<T>> x,
                              Activation<const std::type_identity_t<T>> residual) {
@@ -138,9 +139,23 @@ class Sequential {
           }
         }
       }
+<<<<<<< HEAD
       if constexpr (!Output && I + 1 == count && requires { layer.forward_for_backward(ctx, x); }) {
         layer.forward_for_backward(ctx, x);
         return {};
+=======
+      if constexpr (I + 1 == count && !Output) {
+        // The last layer's work for backward without its output: a Linear keeps its input and
+        // skips its product; a layer with its own forward_for_backward (a nested container,
+        // CausalSelfAttention) skips what it can; any other runs forward.
+        if constexpr (layer_is<I, Linear>()) {
+          layer.forward_for_backward(x);
+          return {};
+        } else if constexpr (requires { layer.forward_for_backward(ctx, x); }) {
+          layer.forward_for_backward(ctx, x);
+          return {};
+        }
+>>>>>>> gpt2-attn
       }
       if constexpr (I + 1 == count && detail::adds_residual<std::tuple_element_t<I, std::tuple<Layers...>>, Ctx>) {
         if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
