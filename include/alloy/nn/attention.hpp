@@ -104,7 +104,7 @@ class CausalSelfAttention {
   // qkv, att and lse exactly as forward does.
   template <class Ctx>
   void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
-    c_proj_.forward_for_backward(attend(ctx, x));
+    c_proj_.forward_for_backward(ctx, attend(ctx, x));
   }
 
   // dx from dy, the gradient of y; the four parameter gradients written (or added, when

@@ -122,6 +122,27 @@ class LmHead {
     return run(ctx, y, targets, false).first;
   }
 
+  // The logits y W^T alone, rows x padded_vocab in the compute dtype, in ctx's workspace (for
+  // sampling: pass the rows whose next token is wanted). Columns past vocab are the padding's.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> logits(Ctx& ctx, Activation<const T> y) {
+    detail::check_width("LmHead", name_, config_.dim, y.cols);
+    const std::size_t vocab = config_.table_rows(), d = config_.dim;
+    const Activation<T> out = detail::allocate(ctx, y.rows, vocab);
+    detail::gemm(ctx, {.transa = Transpose::no,
+                       .transb = Transpose::yes,
+                       .m = y.rows,
+                       .n = vocab,
+                       .k = d,
+                       .a = y.data,
+                       .lda = d,
+                       .b = static_cast<const T*>(ctx.param(weight_).data),
+                       .ldb = d,
+                       .c = out.data,
+                       .ldc = vocab});
+    return out;
+  }
+
  private:
   template <class Ctx, class R, class T = detail::value_t<Ctx>>
   std::pair<Loss, Activation<T>> run(Ctx& ctx, Activation<const T> y, const R& targets, bool gradient) {

@@ -139,23 +139,12 @@ class Sequential {
           }
         }
       }
-<<<<<<< HEAD
+      // The last layer's work for backward without its output: a Linear keeps its input and skips
+      // its product; a nested container or CausalSelfAttention skips what it can; any other runs
+      // forward.
       if constexpr (!Output && I + 1 == count && requires { layer.forward_for_backward(ctx, x); }) {
         layer.forward_for_backward(ctx, x);
         return {};
-=======
-      if constexpr (I + 1 == count && !Output) {
-        // The last layer's work for backward without its output: a Linear keeps its input and
-        // skips its product; a layer with its own forward_for_backward (a nested container,
-        // CausalSelfAttention) skips what it can; any other runs forward.
-        if constexpr (layer_is<I, Linear>()) {
-          layer.forward_for_backward(x);
-          return {};
-        } else if constexpr (requires { layer.forward_for_backward(ctx, x); }) {
-          layer.forward_for_backward(ctx, x);
-          return {};
-        }
->>>>>>> gpt2-attn
       }
       if constexpr (I + 1 == count && detail::adds_residual<std::tuple_element_t<I, std::tuple<Layers...>>, Ctx>) {
         if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
