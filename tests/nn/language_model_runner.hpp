@@ -107,6 +107,16 @@ class LmHarness {
     return model_.head.loss(ctx, Activation<const T>(x), targets).value();
   }
 
+  // The logits of every row (LmHead::logits), rows x padded_vocab; x() then holds the head's input.
+  std::vector<T> logits(const std::vector<std::int32_t>& tokens) {
+    ws_.reset();
+    Context<Store> ctx(store_, ws_, 1.0f, false, 0, 1, 0, 0, &res_);
+    const auto x = model_.embed.forward(ctx, tokens, shape_.seq);
+    const auto logits = model_.head.logits(ctx, Activation<const T>(x));
+    x_ = copy_out(x.data, x.size());
+    return copy_out(logits.data, logits.size());
+  }
+
   const std::vector<T>& x() const { return x_; }
   const std::vector<T>& dx() const { return dx_; }
   std::size_t peak_bytes() const { return peak_bytes_; }

@@ -268,6 +268,29 @@ TEST(LmHead, LossAloneEqualsTheLossOfAStepAndWritesNoGradient) {
 }
 
 // Rows whose target is the ignore index: no loss, no gradient, out of the mean.
+TEST(LmHead, LogitsAreTheProductWithTheTableAndWriteNoGradient) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const LmShape s;
+  Fp32Harness h(s, seed);
+  h.randomize_params(0.5, rng);
+  const std::vector<float> grads_before = h.grads();
+  const auto tokens = test::random_tokens(s.rows(), s.vocab, rng);
+  const std::vector<float> logits = h.logits(tokens);
+  ASSERT_EQ(logits.size(), s.rows() * s.padded_vocab);
+  const auto w = h.param("wte.weight");
+  std::vector<double> want(s.rows() * s.padded_vocab);
+  for (std::size_t r = 0; r < s.rows(); ++r) {
+    for (std::size_t v = 0; v < s.padded_vocab; ++v) {
+      double acc = 0;
+      for (std::size_t c = 0; c < s.dim; ++c) acc += double(h.x()[r * s.dim + c]) * w[v * s.dim + c];
+      want[r * s.padded_vocab + v] = acc;
+    }
+  }
+  EXPECT_LT(test::relative_error(logits, want), 1e-6);
+  EXPECT_EQ(h.grads(), grads_before);
+}
+
 TEST(LmHead, IgnoredRowsHaveNoLossAndNoGradient) {
   ALLOY_SEEDED(seed);
   LmShape s;
