@@ -5,6 +5,7 @@
 
 #include "gpt2_model.hpp"
 #include "hf_weights.hpp"
+#include "sampling.hpp"
 #include "text_data.hpp"
 
 #include <algorithm>
@@ -38,83 +39,6 @@ struct Options {
   int top_k = 40;
   std::uint64_t seed = 1;
 };
-
-// n elements of a backend's memory, widened to float on the host.
-template <class B, class T>
-std::vector<float> download(B be, const T* p, std::size_t n) {
-  std::vector<T> staged(n);
-  if constexpr (std::is_same_v<B, alloy::Host>) {
-    (void)be;
-    std::copy(p, p + n, staged.begin());
-  } else {
-#if ALLOY_HAS_CUDA_RUNTIME
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(staged.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost, be.stream));
-    ALLOY_CUDA_CHECK(cudaStreamSynchronize(be.stream));
-#endif
-  }
-  std::vector<float> out(n);
-  for (std::size_t i = 0; i < n; ++i) out[i] = alloy::to_float(staged[i]);
-  return out;
-}
-
-// A context over the trainer's parameters for forward passes outside a training step.
-template <class Trainer>
-struct Evaluation {
-  using B = typename Trainer::backend_type;
-  explicit Evaluation(Trainer& t) : trainer(t), workspace(t.store().backend()), resources(t.store().backend()) {}
-
-  // The logits (floats, rows.size() x padded_vocab) of `rows` of whole sequences of tokens.
-  std::vector<float> logits(std::span<const std::int32_t> tokens, std::span<const std::size_t> rows) {
-    workspace.reset();
-    typename Trainer::context_type ctx(trainer.store(), workspace, 1.0f, false, 0, 1, trainer.steps(), 0, &resources);
-    const auto l = trainer.model().logits(ctx, tokens, rows);
-    return download(trainer.store().backend(), l.data, l.size());
-  }
-
-  Trainer& trainer;
-  alloy::Workspace<B> workspace;
-  alloy::BackendResources<B> resources;
-};
-
-// `n` tokens after `prompt`, each drawn from softmax(logits / temperature) over the top_k most
-// likely tokens of the last position. The model sees the last `seq` tokens (the rest of its
-// window, when there are fewer, is padding that causal attention keeps from the rows read).
-template <class Trainer>
-std::vector<std::int32_t> sample(Trainer& trainer, std::vector<std::int32_t> prompt, int n, float temperature,
-                                 int top_k, std::mt19937_64& rng) {
-  const Config& c = trainer.model().config();
-  Evaluation<Trainer> eval(trainer);
-  std::vector<std::int32_t> window(c.seq), out;
-  std::vector<std::pair<float, std::int32_t>> ranked(c.vocab);
-  for (int i = 0; i < n; ++i) {
-    const std::size_t used = std::min(prompt.size(), c.seq);
-    std::fill(window.begin(), window.end(), 0);
-    std::copy(prompt.end() - std::ptrdiff_t(used), prompt.end(), window.begin());
-    const std::size_t row = used - 1;
-    const std::vector<float> logits = eval.logits(window, std::span(&row, 1));
-    for (std::size_t v = 0; v < c.vocab; ++v) ranked[v] = {logits[v], std::int32_t(v)};
-    const std::size_t k = std::clamp<std::size_t>(std::size_t(top_k), 1, c.vocab);
-    std::partial_sort(ranked.begin(), ranked.begin() + std::ptrdiff_t(k), ranked.end(),
-                      [](const auto& a, const auto& b) { return a.first > b.first; });
-    std::vector<double> weights(k);
-    for (std::size_t j = 0; j < k; ++j) weights[j] = std::exp((ranked[j].first - ranked[0].first) / temperature);
-    std::discrete_distribution<std::size_t> pick(weights.begin(), weights.end());
-    const std::int32_t next = ranked[pick(rng)].second;
-    prompt.push_back(next);
-    out.push_back(next);
-  }
-  return out;
-}
-
-// Tokens as text: bytes, with control characters but newline and tab shown as '?'.
-inline std::string as_text(const std::vector<std::int32_t>& tokens) {
-  std::string s;
-  for (auto t : tokens) {
-    const bool printable = t == '\n' || t == '\t' || (t >= 32 && t < 256 && t != 127);
-    s += printable ? static_cast<char>(t) : '?';
-  }
-  return s;
-}
 
 // --logits-out: the logits of every position of a batch (the --tokens-in file, or one drawn from
 // the data) and the tokens themselves, F32 [rows, seq, vocab] and I32 [rows, seq], for
