@@ -123,10 +123,14 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
   // (step() returns with its update still queued).
   auto timed_from = std::chrono::steady_clock::now();
   auto previous = timed_from;
-  Batch fresh;
+  // One batch per micro-batch of a step, refilled in place: step() has finished with a step's
+  // batches (its uploads included) when it returns.
+  std::vector<Batch> ring(static_cast<std::size_t>(o.accumulate));
+  std::size_t drawn = 0;
   auto next = [&]() -> const Batch& {
-    fresh = data.batch(o.batch, rng);
-    return fresh;
+    Batch& b = ring[drawn++ % ring.size()];
+    data.fill(b, o.batch, rng);
+    return b;
   };
   while (trainer.steps() < static_cast<std::uint64_t>(o.steps)) {
     last = trainer.step(next);

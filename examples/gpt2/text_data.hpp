@@ -64,8 +64,17 @@ class TokenSource {
   std::size_t size() const noexcept { return tokens_.size(); }
 
   Batch batch(std::size_t rows, std::mt19937_64& rng) const {
+    Batch b;
+    fill(b, rows, rng);
+    return b;
+  }
+
+  // Refills b in place: its pinned memory is allocated once (cudaMallocHost is slow and may
+  // synchronize the device), and reused once the trainer is done with it.
+  void fill(Batch& b, std::size_t rows, std::mt19937_64& rng) const {
     const std::size_t T = config_.seq;
-    Batch b{alloy::pinned_vector<std::int32_t>(rows * T), alloy::pinned_vector<std::int32_t>(rows * T)};
+    b.tokens.resize(rows * T);
+    b.targets.resize(rows * T);
     if (is_random()) {
       std::uniform_int_distribution<std::int32_t> d(0, std::int32_t(config_.vocab) - 1);
       for (std::size_t r = 0; r < rows; ++r) {
@@ -76,7 +85,7 @@ class TokenSource {
           b.targets[r * T + t] = next;
         }
       }
-      return b;
+      return;
     }
     std::uniform_int_distribution<std::size_t> start(0, tokens_.size() - T - 1);
     for (std::size_t r = 0; r < rows; ++r) {
@@ -84,7 +93,6 @@ class TokenSource {
       std::copy_n(tokens_.begin() + std::ptrdiff_t(o), T, b.tokens.begin() + std::ptrdiff_t(r * T));
       std::copy_n(tokens_.begin() + std::ptrdiff_t(o + 1), T, b.targets.begin() + std::ptrdiff_t(r * T));
     }
-    return b;
   }
 
   // The first `n` tokens (a prompt for sampling).
