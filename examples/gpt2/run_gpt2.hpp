@@ -183,7 +183,8 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
       std::printf("--- sample %d: prompt \"%s\"\n%s\n", i + 1, as_text(prompt).c_str(), as_text(text).c_str());
     }
   }
-  return o.steps < 3 || last.loss < first.loss ? 0 : 1;
+  // Exit status 1 when a text did not train (random tokens have nothing to learn).
+  return o.steps < 3 || data.is_random() || last.loss < first.loss ? 0 : 1;
 }
 
 template <class Backend, class P>
