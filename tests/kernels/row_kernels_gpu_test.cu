@@ -24,6 +24,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -491,6 +492,58 @@ TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyWithoutGradientWritesTheSameLossAn
   without.run_cuda(Cuda{}, false);
   expect_same_bits(with.loss.device_values("row_loss"), without.loss.device_values("row_loss"), "row_loss");
   for (const T& d : without.dlogits.device_values("dlogits")) ASSERT_EQ(bits_of(d), bits_of(poison<T>()));
+}
+
+// A language-model head's rows: vocab 50257 padded to 50304 and 97 to 101, NaN in the padding
+// (never read), ignored rows, and the gradient written over the logits (in place) on the device
+// and into a separate buffer on the Host: the same values as the Host within the tolerances
+// above; padding and ignored rows exactly zero.
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyWithPaddingIgnoredRowsAndInPlaceMatchesHost) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (auto [rows, real, padded] :
+       {std::tuple<std::size_t, std::size_t, std::size_t>{37, 97, 101}, {64, 50257, 50304}}) {
+    SCOPED_TRACE(std::string(alloy::numeric_traits<T>::name) + " rows " + std::to_string(rows) + ", classes " +
+                 std::to_string(real) + " padded to " + std::to_string(padded));
+    std::mt19937_64 rng(seed + real);
+    auto x = normal<T>(rows * padded, 0.0, 3.0, rng);
+    for (std::size_t r = 0; r < rows; ++r) {
+      for (std::size_t c = real; c < padded; ++c)
+        x[r * padded + c] = alloy::round_nearest<T>(std::numeric_limits<float>::quiet_NaN());
+    }
+    auto targets = random_targets(rows, real, rng);
+    targets[3] = targets[rows - 1] = -1;
+    const alloy::SoftmaxCrossEntropyOptions options{.real_classes = real, .ignore_index = -1};
+    const float grad_scale = 1024.0f / static_cast<float>(rows);
+    Twin<T> logits(x, 0), dlogits(std::vector<T>(x.size(), poison<T>()), 0);
+    Twin<std::int32_t> t(targets, 0);
+    Twin<float> loss(std::vector<float>(rows, poison<float>()), 0);
+    alloy::softmax_cross_entropy(Host{}, logits.host(), t.host(), rows, padded, loss.host(), dlogits.host(), grad_scale,
+                                 options);
+    alloy::softmax_cross_entropy(Cuda{}, logits.device(), t.device(), rows, padded, loss.device(), logits.device(),
+                                 grad_scale, options);
+    const auto host_loss = loss.host_values();
+    const auto host_dlogits = dlogits.host_values();
+    const auto cuda_loss = loss.device_values("row_loss");
+    const auto cuda_dlogits = logits.device_values("dlogits, in place");
+    Compare loss_check("row_loss"), grad_check("dlogits");
+    for (std::size_t r = 0; r < rows; ++r) {
+      const bool ignored = targets[r] == -1;
+      loss_check.expect(cuda_loss[r], host_loss[r], 1.0 + std::fabs(host_loss[r]), r);
+      if (ignored) EXPECT_EQ(cuda_loss[r], 0.0f) << "row " << r;
+      for (std::size_t c = 0; c < padded; ++c) {
+        const std::size_t i = r * padded + c;
+        if (ignored || c >= real) {
+          ASSERT_EQ(value(cuda_dlogits[i]), 0.0) << "row " << r << ", column " << c;
+          continue;
+        }
+        const double onehot = c == std::size_t(targets[r]) ? 1.0 : 0.0;
+        const double p = std::fabs(value(host_dlogits[i]) / grad_scale + onehot);
+        grad_check.expect(cuda_dlogits[i], host_dlogits[i], std::fabs(grad_scale) * std::max(p + onehot, 1e-6), i);
+      }
+    }
+  }
 }
 
 // Everything ordered on a caller's non-blocking stream: buffers, kernels, scratch.

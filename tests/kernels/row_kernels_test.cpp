@@ -761,6 +761,104 @@ TYPED_TEST(RowKernels, SoftmaxCrossEntropyWithoutGradientWritesTheSameLossAndNoG
   for (const T& d : without.dlogits) ASSERT_EQ(bits_of(d), bits_of(poison<T>()));
 }
 
+// A language-model head's rows: the first real_classes columns are classes, the rest padding.
+// Padding holding NaN is never read: with rows of whole 16-byte vectors (96 classes padded to
+// 104), the loss and the real columns' gradient are the bits of the unpadded rows, and the
+// padding's gradient is zero.
+TYPED_TEST(RowKernels, SoftmaxCrossEntropyLeavesPaddingColumnsOut) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t rows = 11, real = 96, padded = 104;
+  const auto compact = normal<T>(rows * real, 0.0, 3.0, rng);
+  const auto targets = random_targets(rows, real, rng);
+  std::vector<T> logits(rows * padded, alloy::round_nearest<T>(std::numeric_limits<float>::quiet_NaN()));
+  for (std::size_t r = 0; r < rows; ++r) std::copy_n(compact.begin() + r * real, real, logits.begin() + r * padded);
+  const LossCase s{rows, real, 0.25f};
+  const auto want = run_loss(compact, targets, s);
+  std::vector<float> loss(rows);
+  std::vector<T> dlogits(rows * padded, poison<T>());
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, loss.data(), dlogits.data(), 0.25f,
+                               {.real_classes = real});
+  for (std::size_t r = 0; r < rows; ++r) {
+    EXPECT_EQ(bits_of(loss[r]), bits_of(want.loss[r])) << "row " << r;
+    for (std::size_t c = 0; c < padded; ++c) {
+      const T got = dlogits[r * padded + c];
+      if (c < real) {
+        ASSERT_EQ(bits_of(got), bits_of(want.dlogits[r * real + c])) << "row " << r << ", class " << c;
+      } else {
+        ASSERT_EQ(value(got), 0.0) << "row " << r << ", padding column " << c;
+      }
+    }
+  }
+}
+
+// A row whose target is the ignore index has loss 0 and a zero gradient, padding included; the
+// other rows are as without it.
+TYPED_TEST(RowKernels, SoftmaxCrossEntropyIgnoredRowsHaveNoLossAndNoGradient) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t rows = 9, real = 97, padded = 101;
+  const auto logits = normal<T>(rows * padded, 0.0, 3.0, rng);
+  auto targets = random_targets(rows, real, rng);
+  std::vector<float> loss(rows), ignored_loss(rows);
+  std::vector<T> dlogits(rows * padded), ignored_dlogits(rows * padded, poison<T>());
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, loss.data(), dlogits.data(), 1.0f,
+                               {.real_classes = real});
+  targets[2] = targets[7] = -100;
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, ignored_loss.data(),
+                               ignored_dlogits.data(), 1.0f, {.real_classes = real, .ignore_index = -100});
+  for (std::size_t r = 0; r < rows; ++r) {
+    const bool ignored = r == 2 || r == 7;
+    EXPECT_EQ(bits_of(ignored_loss[r]), bits_of(ignored ? 0.0f : loss[r])) << "row " << r;
+    for (std::size_t c = 0; c < padded; ++c) {
+      const std::size_t i = r * padded + c;
+      ASSERT_EQ(bits_of(ignored_dlogits[i]), bits_of(ignored ? alloy::round_nearest<T>(0.0f) : dlogits[i])) << i;
+    }
+  }
+  // Another target outside the classes is still NaN, not ignored.
+  targets[4] = -1;
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, ignored_loss.data(),
+                               ignored_dlogits.data(), 1.0f, {.real_classes = real, .ignore_index = -100});
+  EXPECT_TRUE(std::isnan(ignored_loss[4]));
+}
+
+// dlogits written over the logits: the bits of a separate buffer at the same 16-byte phase.
+TYPED_TEST(RowKernels, SoftmaxCrossEntropyInPlaceGivesTheSameBits) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t rows = 13, real = 97, padded = 101;
+  auto logits = normal<T>(rows * padded, 0.0, 3.0, rng);
+  const auto targets = random_targets(rows, real, rng);
+  std::vector<float> loss(rows), in_place_loss(rows);
+  std::vector<T> dlogits(rows * padded);
+  ASSERT_TRUE(alloy::detail::same_alignment(logits.data(), dlogits.data()));
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, loss.data(), dlogits.data(), 2.0f,
+                               {.real_classes = real});
+  alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), rows, padded, in_place_loss.data(), logits.data(),
+                               2.0f, {.real_classes = real});
+  for (std::size_t r = 0; r < rows; ++r) EXPECT_EQ(bits_of(in_place_loss[r]), bits_of(loss[r])) << "row " << r;
+  for (std::size_t i = 0; i < logits.size(); ++i) ASSERT_EQ(bits_of(logits[i]), bits_of(dlogits[i])) << i;
+}
+
+TEST(SoftmaxCrossEntropyArguments, PaddingAndIgnoreIndexMustMakeSense) {
+  std::vector<float> logits(40), loss(4);
+  std::vector<std::int32_t> targets(4);
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), 4, 10, loss.data(),
+                                                 static_cast<float*>(nullptr), 1.0f, {.real_classes = 11});
+                  }),
+                  "real_classes = 11 is more than the 10 columns of a row");
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::softmax_cross_entropy(Host{}, logits.data(), targets.data(), 4, 10, loss.data(),
+                                                 static_cast<float*>(nullptr), 1.0f,
+                                                 {.real_classes = 8, .ignore_index = 7});
+                  }),
+                  "the ignore index 7 is a class (in [0, 8))");
+}
+
 TEST(SoftmaxCrossEntropyArguments, NoClassesThrows) {
   std::vector<float> logits(4), loss(4);
   std::vector<std::int32_t> targets(4);

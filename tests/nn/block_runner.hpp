@@ -45,14 +45,16 @@ struct BlockRun {
 
 // Runs `block` forward on x (rows x width) and backward from dy, with the parameters the store
 // draws from `seed` (the same for the same parameter names and shapes) or, when given, `params`
-// (an arena of the same layout). With `accumulate`, gradients are added to `grads_before`. With
+// (an arena of the same layout). With `grads_before`, gradients are added to it. With
 // `for_backward`, forward is the block's forward_for_backward (what a recomputation runs): y stays
-// empty and dy is rows x out_features(width).
+// empty and dy is rows x out_features(width). The context's checkpoint_every() is
+// `checkpoint_every` (nn::Repeated recomputes by it).
 template <class P, class B, class Block, class T = storage_t<typename P::compute_type>>
 BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T>& dy, std::size_t rows,
                       std::size_t width, std::uint64_t seed,
                       const std::type_identity_t<std::vector<T>>* params = nullptr,
-                      const std::type_identity_t<std::vector<T>>* grads_before = nullptr, bool for_backward = false) {
+                      const std::type_identity_t<std::vector<T>>* grads_before = nullptr, bool for_backward = false,
+                      int checkpoint_every = 0) {
   ParamRegistry r;
   block.declare(r);
   using Store = ParamStore<P, SGD<>, B>;
@@ -66,7 +68,7 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   ws.reset();
   ws.reset_peak();
   BackendResources<B> res;
-  Context<Store> ctx(store, ws, 1.0f, grads_before != nullptr, 0, 1, 0, 0, &res);
+  Context<Store> ctx(store, ws, 1.0f, grads_before != nullptr, 0, 1, 0, checkpoint_every, &res);
   Buffer<T, B> x_buffer(x.size()), dy_buffer(dy.size());
   copy_from_host(x_buffer, std::span<const T>(x));
   copy_from_host(dy_buffer, std::span<const T>(dy));
@@ -74,7 +76,11 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   const Activation<const T> x_in(x_buffer.data(), rows, width);
   Activation<T> y{nullptr, rows, block.out_features(width)};
   if (for_backward) {
-    block.forward_for_backward(ctx, x_in);
+    if constexpr (requires { block.forward_for_backward(ctx, x_in); }) {
+      block.forward_for_backward(ctx, x_in);
+    } else {
+      ADD_FAILURE() << "for_backward: this block has no forward_for_backward";
+    }
   } else {
     y = block.forward(ctx, x_in);
   }

@@ -10,6 +10,16 @@
 // A target outside [0, classes) gives row_loss = NaN and a NaN dlogits row: device code cannot
 // throw, so the caller validates targets on the host when it needs an error.
 //
+// A language-model head (nn::LmHead) adds two things through SoftmaxCrossEntropyOptions:
+//   - padded classes: only the first real_classes of each row's `classes` columns are classes.
+//     The rest (a vocabulary padded to a multiple of 64 for the products) are never read, take
+//     no probability, and get a zero gradient; a target must lie in [0, real_classes).
+//   - an ignore index: a row whose target equals it has loss 0 and a zero gradient row (the
+//     caller leaves it out of the mean).
+// dlogits may be logits itself (the gradient written over the logits, in place): every element
+// is read and then written by the same thread, and the target's logit is read before any thread
+// writes.
+//
 // One pass finds the maximum and the sum together: each thread keeps (max, sum of exp(x - max))
 // over its elements, rescaling its sum when a vector raises its maximum; the threads' pairs are
 // then combined in a fixed order. A second pass writes dlogits. Both backends run the same
@@ -28,6 +38,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -112,15 +123,23 @@ struct SoftmaxCrossEntropy {
   const T* logits;
   const std::int32_t* targets;
   std::size_t rows;
-  std::size_t classes;
+  std::size_t classes;       // columns per row (the row stride)
+  std::size_t real_classes;  // the first real_classes columns are classes; the rest padding
   float* row_loss;
-  T* dlogits;  // may be null: loss only
+  T* dlogits;  // may be null (loss only), or logits itself
   float grad_scale;
+  std::int32_t ignore_index;
+  bool ignores;  // whether ignore_index is in use
   bool vectorized;
 };
 
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool valid_target(std::int32_t t, std::size_t classes) {
   return t >= 0 && static_cast<std::size_t>(t) < classes;
+}
+
+template <class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool ignored_row(const SoftmaxCrossEntropy<T>& a, std::int32_t t) {
+  return a.ignores && t == a.ignore_index;
 }
 
 // The Host reference: plain loops replaying a 256-thread block per row.
@@ -130,19 +149,23 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
     const T* x = a.logits + r * a.classes;
     T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
     const std::int32_t t = a.targets[r];
-    if (!valid_target(t, a.classes)) {
-      a.row_loss[r] = quiet_nan;
+    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {
+      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
+      a.row_loss[r] = fill;
       if (dx) {
-        for (std::size_t c = 0; c < a.classes; ++c) dx[c] = round_nearest<T>(quiet_nan);
+        for (std::size_t c = 0; c < a.classes; ++c) dx[c] = round_nearest<T>(fill);
       }
       continue;
     }
-    const RowSplit s = split_row(x, a.classes, a.vectorized);
+    const RowSplit s = split_row(x, a.real_classes, a.vectorized);
     MaxSum threads[softmax_block];
     for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
     const MaxSum total = block_replay(threads, CombineMaxSum{});
     a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
-    if (dx) softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, 0, 1);
+    if (dx) {
+      softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, 0, 1);
+      for (std::size_t c = a.real_classes; c < a.classes; ++c) dx[c] = round_nearest<T>(0.0f);
+    }
   }
 }
 
@@ -150,7 +173,7 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
 
 // A block per row. Per element: reads the logit twice (the second time from L2 when the row was
 // too large for L1) and, with dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and
-// writes the loss (4 bytes).
+// writes the loss (4 bytes). Padding columns are not read; with dlogits they are written (zeros).
 template <class T>
 __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(SoftmaxCrossEntropy<T> a) {
   __shared__ MaxSum warp_totals[softmax_block / warp_size];
@@ -158,19 +181,27 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
     const T* x = a.logits + r * a.classes;
     T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
     const std::int32_t t = a.targets[r];
-    if (!valid_target(t, a.classes)) {  // the same for the whole block
-      if (threadIdx.x == 0) a.row_loss[r] = quiet_nan;
+    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {  // the same for the whole block
+      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
+      if (threadIdx.x == 0) a.row_loss[r] = fill;
       if (dx) {
-        for (std::size_t c = threadIdx.x; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(quiet_nan);
+        for (std::size_t c = threadIdx.x; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(fill);
       }
       continue;
     }
-    const RowSplit s = split_row(x, a.classes, a.vectorized);
+    // Read by every thread before block_allreduce's barrier, so before any thread writes dx (which
+    // may be x).
+    const float target_logit = to_float(x[t]);
+    const RowSplit s = split_row(x, a.real_classes, a.vectorized);
     const MaxSum total = block_allreduce<softmax_block>(softmax_thread_max_sum(s, x, threadIdx.x, softmax_block),
                                                         CombineMaxSum{}, warp_totals);
-    if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
-    if (dx)
+    if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
+    if (dx) {
       softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, threadIdx.x, softmax_block);
+      for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += softmax_block) {
+        dx[c] = round_nearest<T>(0.0f);
+      }
+    }
     __syncthreads();  // warp_totals is read by every thread before the next row writes it
   }
 }
@@ -186,24 +217,51 @@ void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
 
 }  // namespace detail
 
+// What a language-model head adds to the plain softmax cross-entropy (see the top of this file).
+struct SoftmaxCrossEntropyOptions {
+  std::size_t real_classes = 0;              // classes before the padding columns; 0: every column is a class
+  std::optional<std::int32_t> ignore_index;  // rows with this target: loss 0, zero gradient
+};
+
 // row_loss[r] (fp32) for each of `rows` rows of `classes` logits and, when dlogits is not null,
 // dlogits = (softmax - onehot(target)) * grad_scale in T. grad_scale is what the caller wants the
 // gradient multiplied by (loss_scale / rows for a mean loss). Reduce row_loss with
-// alloy::reduce_sum. On Cuda: device pointers, ordered on be.stream.
+// alloy::reduce_sum. dlogits may be logits (in place). On Cuda: device pointers, ordered on
+// be.stream.
 template <class T, class B>
 void softmax_cross_entropy(B be, const T* logits, const std::int32_t* targets, std::size_t rows, std::size_t classes,
-                           float* row_loss, T* dlogits, float grad_scale) {
+                           float* row_loss, T* dlogits, float grad_scale,
+                           const SoftmaxCrossEntropyOptions& options = {}) {
   static_assert(backend<B>, "softmax_cross_entropy: B must be alloy::Host or alloy::Cuda");
   static_assert(detail::row_dtype<T>, "softmax_cross_entropy<T>: T must be float, bf16 or fp16");
   static_assert(detail::has_row_kernels<B>,
                 "softmax_cross_entropy on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
   if (classes == 0) throw error("softmax_cross_entropy: classes must be positive");
+  const std::size_t real_classes = options.real_classes == 0 ? classes : options.real_classes;
+  if (real_classes > classes) {
+    throw error("softmax_cross_entropy: real_classes = " + std::to_string(real_classes) + " is more than the " +
+                std::to_string(classes) + " columns of a row");
+  }
+  if (options.ignore_index && detail::valid_target(*options.ignore_index, real_classes)) {
+    throw error("softmax_cross_entropy: the ignore index " + std::to_string(*options.ignore_index) +
+                " is a class (in [0, " + std::to_string(real_classes) + ")); use a negative one");
+  }
   if (rows == 0) return;
   if (!logits || !targets || !row_loss)
     throw error("softmax_cross_entropy: logits, targets and row_loss must not be null");
   // Rows are split at the logits' 16-byte boundaries; dlogits follows the same split.
   const bool vectorized = dlogits ? detail::same_alignment(logits, dlogits) : true;
-  const detail::SoftmaxCrossEntropy<T> a{logits, targets, rows, classes, row_loss, dlogits, grad_scale, vectorized};
+  const detail::SoftmaxCrossEntropy<T> a{logits,
+                                         targets,
+                                         rows,
+                                         classes,
+                                         real_classes,
+                                         row_loss,
+                                         dlogits,
+                                         grad_scale,
+                                         options.ignore_index.value_or(0),
+                                         options.ignore_index.has_value(),
+                                         vectorized};
   detail::softmax_cross_entropy_on(be, a);
 }
 

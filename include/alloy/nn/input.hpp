@@ -12,6 +12,7 @@
 #include <alloy/nn/activation.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <ranges>
 #include <span>
 #include <string>
@@ -28,6 +29,24 @@ struct FromFloat {
 template <class R, class T>
 concept contiguous_of = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
     std::is_same_v<std::remove_cv_t<std::ranges::range_value_t<R>>, T>;
+
+// Throws, naming `who` and the first offending row, unless every value lies in [0, limit) or
+// equals `ignored`: "<who>: <what> 99 at row 7 is outside [0, 5)". Returns how many values are not
+// `ignored`.
+inline std::size_t check_indices(std::span<const std::int32_t> values, std::size_t limit, const std::string& who,
+                                 const char* what, std::optional<std::int32_t> ignored = {}) {
+  std::size_t counted = 0;
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (ignored && values[i] == *ignored) continue;
+    if (values[i] < 0 || static_cast<std::size_t>(values[i]) >= limit) {
+      throw error(who + ": " + what + " " + std::to_string(values[i]) + " at row " + std::to_string(i) +
+                  " is outside [0, " + std::to_string(limit) + ")" +
+                  (ignored ? " and is not the ignore index " + std::to_string(*ignored) : std::string()));
+    }
+    ++counted;
+  }
+  return counted;
+}
 
 // The host values as device (or, on Host, addressable) memory valid for this micro-batch.
 template <class Ctx, class T>
@@ -66,12 +85,7 @@ template <class Ctx, class R>
 requires detail::contiguous_of<R, std::int32_t>
 const std::int32_t* upload_targets(Ctx& ctx, const R& targets, std::size_t classes) {
   const std::span<const std::int32_t> values(std::ranges::data(targets), std::ranges::size(targets));
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    if (values[i] < 0 || static_cast<std::size_t>(values[i]) >= classes) {
-      throw error("upload_targets: target " + std::to_string(values[i]) + " at row " + std::to_string(i) +
-                  " is outside [0, " + std::to_string(classes) + ")");
-    }
-  }
+  detail::check_indices(values, classes, "upload_targets", "target");
   return detail::upload_raw(ctx, values);
 }
 

@@ -1,5 +1,5 @@
 // Linear: y = x W^T + b, W [out, in], with PyTorch's default initialization (uniform in
-// +-1/sqrt(in)). cuBLASLt on Cuda (fp32 accumulation, bias in the epilogue, the bias gradient
+// +-1/sqrt(in)) unless given another. cuBLASLt on Cuda (fp32 accumulation, bias in the epilogue, the bias gradient
 // fused into the weight-gradient product), the blocked Host loop otherwise.
 //
 // Besides forward/backward, Linear offers the pieces its fusions are built from (Sequential and
@@ -19,14 +19,16 @@ namespace alloy::nn {
 class Linear {
  public:
   Linear(std::string name, std::size_t in, std::size_t out, bool bias = true)
-      : name_(std::move(name)), in_(in), out_(out), has_bias_(bias) {}
+      : Linear(std::move(name), in, out, bias, pytorch_default(in), pytorch_default(in)) {}
+
+  // With the weight's and the bias's initialization given (GPT-2's normal(0.02) weights and zero
+  // biases, say) instead of PyTorch's default.
+  Linear(std::string name, std::size_t in, std::size_t out, bool bias, Init weight_init, Init bias_init)
+      : name_(std::move(name)), in_(in), out_(out), has_bias_(bias), weight_init_(weight_init), bias_init_(bias_init) {}
 
   void declare(ParamRegistry& r) {
-    const float bound = 1.0f / std::sqrt(static_cast<float>(in_));
-    weight_ = r.declare(name_ + ".weight", {std::int64_t(out_), std::int64_t(in_)}, Init::uniform(-bound, bound));
-    if (has_bias_) {
-      bias_ = r.declare(name_ + ".bias", {std::int64_t(out_)}, Init::uniform(-bound, bound), {.weight_decay = false});
-    }
+    weight_ = r.declare(name_ + ".weight", {std::int64_t(out_), std::int64_t(in_)}, weight_init_);
+    if (has_bias_) bias_ = r.declare(name_ + ".bias", {std::int64_t(out_)}, bias_init_, {.weight_decay = false});
   }
 
   std::size_t out_features(std::size_t) const noexcept { return out_; }
@@ -69,8 +71,8 @@ class Linear {
 
   // Forward without the product: keeps x for backward's weight gradient, as forward does (the
   // recomputation of a block whose output nothing reads, train/recompute.hpp).
-  template <class T>
-  void forward_for_backward(Activation<const T> x) {
+  template <class Ctx>
+  void forward_for_backward(Ctx&, Activation<const detail::value_t<Ctx>> x) {
     detail::check_width("Linear", name_, in_, x.cols);
     x_ = x;
   }
@@ -178,6 +180,12 @@ class Linear {
   }
 
  private:
+  // torch.nn.Linear's initialization of both weight and bias: uniform in +-1/sqrt(in).
+  static Init pytorch_default(std::size_t in) {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(in));
+    return Init::uniform(-bound, bound);
+  }
+
   // The input forward saw, kept for the weight gradient (the layer is not templated on the dtype).
   struct SavedInput {
     const void* data = nullptr;
@@ -191,6 +199,7 @@ class Linear {
   std::string name_;
   std::size_t in_, out_;
   bool has_bias_;
+  Init weight_init_, bias_init_;
   ParamHandle weight_, bias_;
   SavedInput x_;
 };

@@ -3,9 +3,13 @@
 #pragma once
 
 #include <alloy/nn/activation.hpp>
+#include <alloy/nn/attention.hpp>
+#include <alloy/nn/embedding.hpp>
 #include <alloy/nn/gelu.hpp>
 #include <alloy/nn/input.hpp>
 #include <alloy/nn/layernorm.hpp>
 #include <alloy/nn/linear.hpp>
+#include <alloy/nn/lm_head.hpp>
 #include <alloy/nn/loss.hpp>
 #include <alloy/nn/sequential.hpp>
+#include <alloy/nn/transformer.hpp>

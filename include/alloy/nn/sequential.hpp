@@ -9,9 +9,10 @@
 //   one's epilogue, keeping only its input for backward), and Linear -> Gelu otherwise as one
 //   product forward. Layers are matched left to
 //   right, so in Linear, Gelu, Linear, Gelu the second Gelu runs on its own.
-// - Residual<Block> whose block ends with a Linear (a Linear itself, or a Sequential whose last
-//   layer is one) adds the residual in that Linear's product (cuBLASLt's C), not in a pass of
-//   its own. In backward, a block that starts with a LayerNorm adds dy to its dx in LayerNorm's
+// - Residual<Block> whose block ends with a layer that adds a residual in its last product (a
+//   Linear, or CausalSelfAttention in its c_proj: detail::adds_residual; a Block that is such a
+//   layer, or a Sequential whose last layer is one) adds the residual in that product (cuBLASLt's
+//   C), not in a pass of its own. In backward, a block that starts with a LayerNorm adds dy to its dx in LayerNorm's
 //   backward pass; any other block's dx gets dy added in a pass of its own.
 // The Host backend runs the same fused semantics through its reference product, so Host and Cuda
 // still compute the same thing, and a recomputed forward gives the same bits.
@@ -31,6 +32,17 @@
 #include <vector>
 
 namespace alloy::nn {
+
+namespace detail {
+
+// Whether layer L offers forward_adding(ctx, x, residual): y = forward(x) + residual, the add
+// done in its last product.
+template <class L, class Ctx>
+concept adds_residual = requires(L& l, Ctx& ctx, Activation<const value_t<Ctx>> x) {
+  l.forward_adding(ctx, x, x);
+};
+
+}  // namespace detail
 
 template <class... Layers>
 class Sequential {
@@ -53,7 +65,7 @@ class Sequential {
   // forward, with `residual` added to the output by the last layer's product (Residual's fusion).
   template <class Ctx>
   requires(sizeof...(Layers) > 0 &&
-           std::is_same_v<std::tuple_element_t<sizeof...(Layers) - 1, std::tuple<Layers...>>, Linear>)
+           detail::adds_residual<std::tuple_element_t<sizeof...(Layers) - 1, std::tuple<Layers...>>, Ctx>)
       Activation<detail::value_t<Ctx>> forward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> x,
                                                       Activation<const detail::value_t<Ctx>> residual) {
     return forward_from<0>(ctx, x, residual);
@@ -62,7 +74,8 @@ class Sequential {
   // Forward's work that backward needs, without the output where the layers allow it (the
   // recomputation of a checkpointed segment's last block, train/recompute.hpp): a Sequential
   // ending in a Linear (alone or after Linear -> Gelu) skips that last product, whose output
-  // backward never reads. Any other ending runs forward.
+  // backward never reads; one ending in a layer with its own forward_for_backward (a Residual,
+  // CausalSelfAttention) calls it. Any other ending runs forward.
   template <class Ctx>
   void forward_for_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
     (void)forward_from<0, false>(ctx, x, {});
@@ -100,8 +113,8 @@ class Sequential {
   }
 
   // Runs layers [I, count) from x; the last layer adds `residual` when it has data. Without
-  // Output, a final Linear keeps what backward needs without its product and no activation is
-  // returned.
+  // Output, a final Linear (or a final layer with forward_for_backward) keeps what backward needs
+  // without its last product and no activation is returned.
   template <std::size_t I, bool Output = true, class Ctx, class T = detail::value_t<Ctx>>
   Activation<T> forward_from(Ctx& ctx, Activation<const std::type_identity_t<T>> x,
                              Activation<const std::type_identity_t<T>> residual) {
@@ -126,13 +139,15 @@ class Sequential {
           }
         }
       }
-      if constexpr (I + 1 == count && layer_is<I, Linear>()) {
-        if constexpr (!Output) {
-          layer.forward_for_backward(x);
-          return {};
-        } else {
-          if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
-        }
+      // The last layer's work for backward without its output: a Linear keeps its input and skips
+      // its product; a nested container or CausalSelfAttention skips what it can; any other runs
+      // forward.
+      if constexpr (!Output && I + 1 == count && requires { layer.forward_for_backward(ctx, x); }) {
+        layer.forward_for_backward(ctx, x);
+        return {};
+      }
+      if constexpr (I + 1 == count && detail::adds_residual<std::tuple_element_t<I, std::tuple<Layers...>>, Ctx>) {
+        if (residual.data != nullptr) return layer.forward_adding(ctx, x, residual);
       }
       return forward_from<I + 1, Output>(ctx, layer.forward(ctx, x), residual);
     }

@@ -1,0 +1,156 @@
+// The embedding kernels on the Host backend: the grouping of rows by token, the lookup against
+// exact sums, and the backward's gathers against float64 sums.
+#include "../support/test_support.hpp"
+#include "../support/values.hpp"
+
+#include <alloy/kernels/embedding.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <random>
+#include <vector>
+
+namespace {
+
+using alloy::bf16;
+using alloy::Host;
+using alloy::TokenGroups;
+using namespace alloy::test;
+
+// n tokens in [0, vocab), `heavy` of them one token (spread through the batch).
+std::vector<std::int32_t> tokens_with_a_heavy_one(std::size_t n, std::size_t vocab, std::size_t heavy,
+                                                  std::mt19937_64& rng) {
+  auto t = random_targets(n, vocab, rng);
+  for (std::size_t i = 0; i < heavy; ++i) t[(i * 7919) % n] = 5;
+  return t;
+}
+
+TEST(TokenGroups, EveryRowOnceBySegmentsOfAtMost32) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t rows = 1000, vocab = 50;
+  const auto tokens = tokens_with_a_heavy_one(rows, vocab, 300, rng);
+  TokenGroups groups;
+  groups.build(tokens, vocab);
+  const auto g = groups.view(groups.packed().data());
+  ASSERT_EQ(g.rows, rows);
+  std::map<std::int32_t, std::vector<std::int32_t>> by_token;
+  for (std::size_t r = 0; r < rows; ++r) by_token[tokens[r]].push_back(std::int32_t(r));
+  std::map<std::int32_t, std::vector<std::int32_t>> seen;
+  std::size_t slots = 0;
+  for (std::size_t s = 0; s < g.segment_count; ++s) {
+    const std::int32_t* seg = g.segments + 4 * s;
+    EXPECT_LE(seg[2] - seg[1], 32);
+    EXPECT_GT(seg[2] - seg[1], 0);
+    for (std::int32_t i = seg[1]; i < seg[2]; ++i) {
+      EXPECT_EQ(tokens[std::size_t(g.rows_by_token[i])], seg[0]);
+      seen[seg[0]].push_back(g.rows_by_token[i]);
+    }
+    const bool merged = by_token[seg[0]].size() > 32;
+    EXPECT_EQ(seg[3] >= 0, merged) << "token " << seg[0];
+    slots += merged;
+  }
+  EXPECT_EQ(seen, by_token) << "every row once, ascending within its token";
+  EXPECT_EQ(g.partial_slots, slots);
+  ASSERT_EQ(g.merge_count, 1u);
+  EXPECT_EQ(g.merges[0], 5);
+  EXPECT_EQ(g.merges[2], std::int32_t((by_token[5].size() + 31) / 32));
+}
+
+TEST(TokenGroups, ABadTokenIsAnError) {
+  TokenGroups groups;
+  const std::vector<std::int32_t> tokens = {1, 2, 10, 3};
+  EXPECT_MENTIONS(message_of([&] { groups.build(tokens, 10); }), "token 10 at row 2 is outside [0, 10)");
+}
+
+template <class T>
+class EmbeddingKernels : public ::testing::Test {};
+using Dtypes = ::testing::Types<float, bf16>;
+TYPED_TEST_SUITE(EmbeddingKernels, Dtypes, DtypeName);
+
+TYPED_TEST(EmbeddingKernels, ForwardAddsTheTokenAndPositionRows) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t vocab = 31, positions = 9, dim = 13, seq = 7, rows = 5 * seq;
+  const auto wte = random_values<T>(vocab * dim, rng), wpe = random_values<T>(positions * dim, rng);
+  const auto tokens = random_targets(rows, vocab, rng);
+  std::vector<T> x(rows * dim + 1, poison<T>()), plain(rows * dim, poison<T>());
+  alloy::embedding_forward(Host{}, tokens.data(), wte.data(), wpe.data(), x.data(), rows, dim, seq);
+  alloy::embedding_forward(Host{}, tokens.data(), wte.data(), static_cast<const T*>(nullptr), plain.data(), rows, dim,
+                           seq);
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t c = 0; c < dim; ++c) {
+      const T w = wte[std::size_t(tokens[r]) * dim + c], p = wpe[(r % seq) * dim + c];
+      // The fp32 sum of two values of T is exact in double; one rounding to T.
+      ASSERT_EQ(bits_of(x[r * dim + c]), bits_of(alloy::round_nearest<T>(float(value(w) + value(p)))))
+          << r << ", " << c;
+      ASSERT_EQ(bits_of(plain[r * dim + c]), bits_of(w));
+    }
+  }
+  EXPECT_EQ(bits_of(x.back()), bits_of(poison<T>())) << "written past rows x dim";
+}
+
+// dwte gathers every row of dx to its token (a heavy token spans several 32-row segments),
+// written over random values or added to them; dwpe sums over the batch, and positions past the
+// sequence are zeroed when writing and kept when accumulating.
+TYPED_TEST(EmbeddingKernels, BackwardMatchesFloat64Sums) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t vocab = 23, padded = 24, positions = 50, dim = 37, seq = 45, rows = 9 * seq;
+  const auto tokens = tokens_with_a_heavy_one(rows, vocab, 150, rng);
+  const auto dx = random_values<T>(rows * dim, rng);
+  TokenGroups groups;
+  groups.build(tokens, vocab);
+  const auto g = groups.view(groups.packed().data());
+  ASSERT_GT(g.merge_count, 0u);
+  std::vector<float> scratch(alloy::embedding_token_backward_scratch_floats(g, dim));
+  const double bound = std::is_same_v<T, float> ? 1e-5 : 1e-2;  // fp32 sums of <= 200 terms, one rounding to T
+  for (bool accumulate : {false, true}) {
+    SCOPED_TRACE(accumulate ? "accumulating" : "writing");
+    const auto before_wte = random_values<T>(padded * dim, rng), before_wpe = random_values<T>(positions * dim, rng);
+    auto dwte = before_wte, dwpe = before_wpe;
+    alloy::embedding_token_backward(Host{}, dx.data(), g, dim, dwte.data(), padded, accumulate, scratch.data());
+    alloy::embedding_position_backward(Host{}, dx.data(), rows, dim, seq, dwpe.data(), positions, accumulate);
+    std::vector<double> want_wte(padded * dim, 0.0), want_wpe(positions * dim, 0.0);
+    if (accumulate) {
+      for (std::size_t i = 0; i < want_wte.size(); ++i) want_wte[i] = value(before_wte[i]);
+      for (std::size_t i = 0; i < want_wpe.size(); ++i) want_wpe[i] = value(before_wpe[i]);
+    }
+    for (std::size_t r = 0; r < rows; ++r) {
+      for (std::size_t c = 0; c < dim; ++c) {
+        want_wte[std::size_t(tokens[r]) * dim + c] += value(dx[r * dim + c]);
+        want_wpe[(r % seq) * dim + c] += value(dx[r * dim + c]);
+      }
+    }
+    BoundCheck wte_check("dwte"), wpe_check("dwpe");
+    for (std::size_t i = 0; i < want_wte.size(); ++i) {
+      wte_check.expect(value(dwte[i]), want_wte[i], bound * (1 + std::fabs(want_wte[i])), i / dim, i % dim);
+    }
+    for (std::size_t i = 0; i < want_wpe.size(); ++i) {
+      wpe_check.expect(value(dwpe[i]), want_wpe[i], bound * (1 + std::fabs(want_wpe[i])), i / dim, i % dim);
+    }
+    // Untouched rows keep their exact bits when accumulating (no rounding of an addition of 0).
+    if (accumulate) {
+      EXPECT_EQ(bits_of(dwpe.back()), bits_of(before_wpe.back()));
+    }
+  }
+}
+
+TEST(EmbeddingArguments, ShapesThatDoNotFitAreErrors) {
+  std::vector<float> dx(12), table(12);
+  const std::vector<std::int32_t> tokens = {0, 1, 2};
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::embedding_forward(Host{}, tokens.data(), table.data(), table.data(), dx.data(), 3, 4, 2);
+                  }),
+                  "3 rows are not a whole number of sequences of 2");
+  EXPECT_MENTIONS(
+      message_of([&] { alloy::embedding_position_backward(Host{}, dx.data(), 3, 4, 3, table.data(), 2, false); }),
+      "3 rows in sequences of 3 for a table of 2 positions");
+}
+
+}  // namespace
