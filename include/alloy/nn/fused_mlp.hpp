@@ -8,11 +8,11 @@
 //   forward   up's product: h = gelu(x Wu^T + bu), pre kept; down's product: y = h Wd^T + bd
 //             (+ the residual, when the Sequential is a Residual's block and down is its last layer)
 //   backward  down's input gradient with GELU's in its epilogue: dPre = (dy Wd) * gelu'(pre)
-//             (Epilogue::dgelu_tanh; for fp32 and tf32 a plain product and an element-wise pass
-//             over its output, which measured faster there); down's weight gradient dWd = dy^T h, dbd = column sums of
-//             dy (Epilogue::bias_grad); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x,
-//             dbu in the same product. (cuBLASLt's dGELU + bias-gradient epilogue was measured
-//             slower than the bias gradient in up's weight product: see mlp_backward.)
+//             (Epilogue::dgelu_tanh; for fp32 and tf32 a plain product and one element-wise
+//             pass giving both dPre and h, which measured faster there); down's weight gradient dWd = dy^T h, dbd =
+//             column sums of dy (Epilogue::bias_grad); up's gradients from dPre: dx = dPre Wu, dWu = dPre^T x, dbu in
+//             the same product. (cuBLASLt's dGELU + bias-gradient epilogue was measured slower than the bias gradient
+//             in up's weight product: see mlp_backward.)
 // GELU's forward pass is gone from forward (42 us per block at 8192 x 1024 -> 4096 bf16 on the
 // H200, profile of 69707e9).
 //
@@ -74,39 +74,36 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 }
 
 // What backward needs of mlp_forward, without its output: the recomputation of a checkpointed
-// segment's last block (train/recompute.hpp), where nothing reads y. Up's product runs as in
-// mlp_forward (same arguments, so the same cuBLASLt plan and the same bits of the pre-activation);
-// down's product, half of the block's forward, does not run at all: its backward reads only the
-// pre-activation (h is recomputed from it) and dy.
+// segment's last block (train/recompute.hpp), where nothing reads y. Backward reads only the
+// pre-activation (h is recomputed from it) and dy, so down's product, half of the block's forward,
+// does not run, and up's runs with the plain bias epilogue writing the pre-activation as its
+// output: the same fp32 sum plus bias, rounded once, that GELU_AUX keeps beside GELU's output
+// (Host: the same loop; Cuda: GpuFusedMlp.ForwardForBackwardGivesTheBitsOfForward checks the
+// bits), without GELU and its rows x hidden output (114 against 145 us per block at the residual
+// MLP's size on the H200, alloy_bench_mlp_gemm).
 template <class Ctx, class T = value_t<Ctx>>
 void mlp_forward_for_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> x) {
   const std::size_t hidden = up.out_features(x.cols);
   check_width("Linear", down.name(), down.in_features(), hidden);
   T* pre = ctx.template allocate<T>(x.rows * hidden);
-  const auto mark = ctx.workspace().mark();
-  T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread
-  up.forward_into(ctx, x, h, {}, pre);
-  ctx.workspace().release(mark);
+  up.forward_into(ctx, x, pre);
   gelu.keep_pre_activation(static_cast<const T*>(pre), true);
 }
 
-// The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
-// which Residual adds itself). Returns dx.
+// One pass over pre and dh = dy Wd for fp32 and tf32: h = gelu(pre) for down's weight gradient,
+// and dPre = dh * gelu'(pre) written over dh. The same bits as GeluForward and a separate
+// gradient pass, reading pre once instead of twice.
 template <class T>
-struct GeluBackwardInPlace {
-  ALLOY_HOST_DEVICE void operator()(const T& x, T& d) const {
-    d = round_nearest<T>(gelu_tanh_backward(to_float(x), to_float(d)));
+struct GeluAndGradientInPlace {
+  ALLOY_HOST_DEVICE void operator()(const T& x, T& d, T& h) const {
+    const float pre = to_float(x);
+    h = round_nearest<T>(gelu_tanh(pre));
+    d = round_nearest<T>(gelu_tanh_backward(pre, to_float(d)));
   }
 };
 
-// dPre = (dy Wd) * gelu'(pre) as a plain product then an element-wise pass, written over dh.
-template <class Ctx, class T = value_t<Ctx>>
-Activation<T> gelu_gradient_pass(Ctx& ctx, Linear& down, Activation<const T> dy, const T* pre) {
-  Activation<T> dh = down.input_gradient(ctx, dy);
-  for_each_n(ctx.backend(), dh.size(), GeluBackwardInPlace<T>{}, in(pre), inout(dh.data));
-  return dh;
-}
-
+// The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
+// which Residual adds itself). Returns dx.
 template <class Ctx, class T = value_t<Ctx>>
 Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
   // Measured on the H200 (8192 x 1024 -> 4096, bf16, cuBLASLt 13.0, alloy_bench_mlp_gemm at
@@ -119,21 +116,34 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
   // For fp32 and tf32 the dGELU epilogue cost more than the pass it replaces (the step took 1.4 and
   // 1.3 ms longer at f80e2c9 than at 990ef1e, 8 blocks), so there GELU's gradient stays a pass.
   //
-  // h (for down's weight gradient) comes first and dPre is then written where h was: the two
-  // rows x hidden buffers are never live together, one fewer at the block's backward peak. The
+  // 16-bit: h (for down's weight gradient) comes first and dPre is then written where h was: the
+  // two rows x hidden buffers are never live together, one fewer at the block's backward peak. The
   // stream orders the weight product's read of h before the input-gradient product's write.
+  // fp32 and tf32: the plain product dh, then h and dPre in one pass (GeluAndGradientInPlace),
+  // then the weight gradient from h: pre is read once, at the price of h and dPre being live
+  // together.
   const T* pre = gelu.pre_activation<T>();
   const std::size_t hidden = up.out_features(0);
-  {
+  constexpr bool epilogue_dgelu = sizeof(T) == 2;
+  Activation<const T> d_pre;
+  if constexpr (epilogue_dgelu) {
+    {
+      const auto mark = ctx.workspace().mark();
+      T* h = ctx.template allocate<T>(dy.rows * hidden);
+      for_each_n(ctx.backend(), dy.rows * hidden, GeluForward<T>{}, in(pre), out(h));
+      down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
+      ctx.workspace().release(mark);
+    }
+    d_pre = down.input_gradient(ctx, dy, pre);
+  } else {
+    const Activation<T> dh = down.input_gradient(ctx, dy);
     const auto mark = ctx.workspace().mark();
-    T* h = ctx.template allocate<T>(dy.rows * hidden);
-    for_each_n(ctx.backend(), dy.rows * hidden, GeluForward<T>{}, in(pre), out(h));
+    T* h = ctx.template allocate<T>(dh.size());
+    for_each_n(ctx.backend(), dh.size(), GeluAndGradientInPlace<T>{}, in(pre), inout(dh.data), out(h));
     down.weight_gradient(ctx, dy, static_cast<const T*>(h), down.has_bias());
     ctx.workspace().release(mark);
+    d_pre = dh;
   }
-  constexpr bool epilogue_dgelu = sizeof(T) == 2;
-  const Activation<const T> d_pre =
-      epilogue_dgelu ? down.input_gradient(ctx, dy, pre) : gelu_gradient_pass(ctx, down, dy, pre);
   return up.backward(ctx, d_pre, true);
 }
 

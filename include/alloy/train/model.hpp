@@ -33,6 +33,7 @@
 //   struct MyBlock {
 //     template <class Ctx> alloy::Activation<T> forward(Ctx&, alloy::Activation<const T> x);
 //     template <class Ctx> alloy::Activation<T> backward(Ctx&, alloy::Activation<const T> dy);
+//     template <class Ctx> void forward_for_backward(Ctx&, alloy::Activation<const T> x);  // optional
 //   };
 //
 // T is Ctx::param_type, the compute-dtype storage. For each micro-batch the trainer runs
@@ -40,6 +41,9 @@
 // Blocks allocate what they keep for backward from ctx (the workspace) and write their
 // parameter gradients as a Model does. A LayeredModel needs no forward_backward; the trainer
 // runs the layered path for it with or without Checkpointing, so both give the same bits.
+// Under Checkpointing the last block of each recomputed segment runs forward_for_backward when
+// it has one: forward's work that its backward reads, without the output nothing reads (the
+// alloy::nn blocks skip their last product there; train/recompute.hpp).
 #pragma once
 
 #include <alloy/backend/loss.hpp>
