@@ -74,19 +74,25 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 }
 
 // What backward needs of mlp_forward, without its output: the recomputation of a checkpointed
-// segment's last block (train/recompute.hpp), where nothing reads y. Backward reads only the
-// pre-activation (h is recomputed from it) and dy, so down's product, half of the block's forward,
-// does not run, and up's runs with the plain bias epilogue writing the pre-activation as its
-// output: the same fp32 sum plus bias, rounded once, that GELU_AUX keeps beside GELU's output
-// (Host: the same loop; Cuda: GpuFusedMlp.ForwardForBackwardGivesTheBitsOfForward checks the
-// bits), without GELU and its rows x hidden output (114 against 145 us per block at the residual
-// MLP's size on the H200, alloy_bench_mlp_gemm).
+// segment's last block (train/recompute.hpp), where nothing reads y. Up's product runs as in
+// mlp_forward (same arguments, so the same cuBLASLt plan and the same bits of the pre-activation);
+// down's product, half of the block's forward, does not run at all: its backward reads only the
+// pre-activation (h is recomputed from it) and dy.
+// Up's product with the plain bias epilogue (the pre-activation as its output, no GELU output)
+// would save about 30 us more per block (d5526ac: Checkpointing 1.131x instead of 1.176x of the
+// step), and gave GELU_AUX's bits at the sizes tested on the H200; but cuBLASLt chooses its kernel
+// per epilogue and shape, so the equality would be measured, not built in, and recomputation
+// promises the same bits. Kept as the same product until the plain product can be given the
+// GELU_AUX plan's algorithm.
 template <class Ctx, class T = value_t<Ctx>>
 void mlp_forward_for_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> x) {
   const std::size_t hidden = up.out_features(x.cols);
   check_width("Linear", down.name(), down.in_features(), hidden);
   T* pre = ctx.template allocate<T>(x.rows * hidden);
-  up.forward_into(ctx, x, pre);
+  const auto mark = ctx.workspace().mark();
+  T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread
+  up.forward_into(ctx, x, h, {}, pre);
+  ctx.workspace().release(mark);
   gelu.keep_pre_activation(static_cast<const T*>(pre), true);
 }
 
