@@ -219,8 +219,8 @@ void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
 
 // What a language-model head adds to the plain softmax cross-entropy (see the top of this file).
 struct SoftmaxCrossEntropyOptions {
-  std::size_t real_classes = 0;              // classes before the padding columns; 0: every column is a class
-  std::optional<std::int32_t> ignore_index;  // rows with this target: loss 0, zero gradient
+  std::size_t real_classes = 0;  // classes before the padding columns; 0: every column is a class
+  std::optional<std::int32_t> ignore_index = std::nullopt;  // rows with this target: loss 0, zero gradient
 };
 
 // row_loss[r] (fp32) for each of `rows` rows of `classes` logits and, when dlogits is not null,
