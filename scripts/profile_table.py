@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Reads ncu's CSV (--metrics gpu__time_duration.sum --csv) of an alloy_mlp run of S steps (each
-step launches the same kernels) and prints the last step's kernels: per phase (forward: up to the
+"""Reads ncu's CSV (--metrics gpu__time_duration.sum --csv) of an alloy_mlp or alloy_gpt2 run of S
+steps (each step launches the same kernels) and prints the last whole step's kernels: per phase (forward: up to the
 loss kernel; backward: up to the first optimizer kernel; optimizer: the rest) and per kernel."""
 import csv
 import re
@@ -19,7 +19,7 @@ def short(name):
     return base[:90]
 
 
-def main(path, steps=None):
+def main(path, steps=None, start="FromFloat"):
     rows = []
     with open(path) as f:
         lines = [l for l in f if l.startswith('"')]
@@ -31,9 +31,10 @@ def main(path, steps=None):
         print("no kernels profiled")
         return 1
     steps = steps or 3
-    # A step starts with the input conversion (FromFloat); the first step also runs the
+    # A step starts with its first kernel: the input conversion (FromFloat) for the residual MLP,
+    # the embedding's forward (embedding_forward) for GPT-2. The first step also runs the
     # initialization kernels, so slice at the last two starts rather than by count.
-    starts = [i for i, r in enumerate(rows) if "FromFloat" in short(r[1])]
+    starts = [i for i, r in enumerate(rows) if re.search(start, short(r[1]))]
     if len(starts) >= 2:
         last = rows[starts[-2]:starts[-1]]
     else:
@@ -44,9 +45,9 @@ def main(path, steps=None):
     kernels = defaultdict(lambda: [0, 0.0, ""])
     for _, name, ns in last:
         s = short(name)
-        if phase == "forward" and "softmax" in s.lower():
+        if phase == "forward" and re.search("softmax|cross_entropy", s, re.I):
             phase = "backward"
-        elif phase == "backward" and re.search(r"AccumulateGrads|grad_stats|GradStats|stats|fused_update|adam", s,
+        elif phase == "backward" and re.search(r"AccumulateGrads|grad_stats|GradStats|stats|fused_update|FusedUpdate|reduce_partials|adam", s,
                                                re.I):
             phase = "optimizer"
         phases[phase] += ns
@@ -68,4 +69,5 @@ def main(path, steps=None):
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # | head
-    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None,
+                  sys.argv[3] if len(sys.argv) > 3 else "FromFloat"))

@@ -1,6 +1,6 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
+//              [--checkpointing] [--recompute-gelu] [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
 // On the GPU when there is one (124M, 16 x 1024 tokens per step by default), on the Host backend
@@ -22,7 +22,8 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
-               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--steps N] [--batch B] [--seq T] [--lr X] "
+               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--steps N] [--batch B] [--seq "
+               "T] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
                "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]\n",
                why);
@@ -45,6 +46,8 @@ gpt2::Options parse(int argc, char** argv) {
       o.backend = value();
     else if (a == "--checkpointing")
       o.checkpointing = true;
+    else if (a == "--recompute-gelu")
+      o.recompute_gelu = true;
     else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--batch")
@@ -115,6 +118,7 @@ int main(int argc, char** argv) {
   gpt2::Config c = *preset;
   const bool big = c.dim >= 768;
   if (o.seq) c.seq = o.seq;
+  c.keep_gelu_output = !o.recompute_gelu;
   if (!o.batch) o.batch = big ? 16 : 8;
   if (o.steps < 0) o.steps = gpu ? (big ? 50 : 300) : (big ? 3 : 150);
   if (o.lr == 0) o.lr = big ? 6e-4f : 2e-3f;

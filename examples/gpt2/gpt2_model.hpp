@@ -26,16 +26,19 @@ struct Config {
   std::size_t vocab = 256, padded_vocab = 256;  // GPT-2's tokenizer: 50257, padded to 50304
   std::size_t dim = 64, layers = 2, heads = 4;
   std::size_t seq = 64;  // positions of wpe, and the sequence length trained on
+  // The MLPs keep GELU's output for backward (nn::GeluOptions): 4 x dim values per token per
+  // block more memory, one element-wise pass less each way. --recompute-gelu turns it off.
+  bool keep_gelu_output = true;
 
   std::size_t head_dim() const { return dim / heads; }
 };
 
 // Named sizes: "124M" is GPT-2 small; the others use bytes as tokens (vocab 256).
 inline std::optional<Config> preset(const std::string& name) {
-  if (name == "tiny") return Config{256, 256, 64, 2, 4, 64};
-  if (name == "small") return Config{256, 256, 128, 4, 4, 128};
-  if (name == "medium") return Config{256, 256, 384, 6, 6, 256};
-  if (name == "124M") return Config{50257, 50304, 768, 12, 12, 1024};
+  if (name == "tiny") return Config{256, 256, 64, 2, 4, 64, true};
+  if (name == "small") return Config{256, 256, 128, 4, 4, 128, true};
+  if (name == "medium") return Config{256, 256, 384, 6, 6, 256, true};
+  if (name == "124M") return Config{50257, 50304, 768, 12, 12, 1024, true};
   return std::nullopt;
 }
 
@@ -65,7 +68,8 @@ class Gpt2 {
                          " heads");
     }
     for (std::size_t i = 0; i < c.layers; ++i) {
-      blocks_.push_back(nn::gpt2_block("transformer.h." + std::to_string(i), c.dim, c.heads, c.seq, c.layers));
+      blocks_.push_back(nn::gpt2_block("transformer.h." + std::to_string(i), c.dim, c.heads, c.seq, c.layers, 0.02f,
+                                       {.keep_output = c.keep_gelu_output}));
     }
   }
 

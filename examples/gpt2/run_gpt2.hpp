@@ -23,7 +23,8 @@ struct Options {
   std::string precision = "bf16";
   std::string size;  // a preset name; empty: 124M on the GPU, tiny on the Host
   bool checkpointing = false;
-  int steps = -1;  // -1: the default for the size and backend
+  bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
+  int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
   float lr = 0;  // 0: the size's default
   int accumulate = 1;
@@ -108,8 +109,9 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
   std::printf(
       "GPT-2 on %s, %s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
       "%zu parameters; data: %s\n",
-      Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "", c.dim, c.layers, c.heads, c.vocab,
-      c.padded_vocab, o.accumulate, o.batch, c.seq, params,
+      Backend::name, o.precision.c_str(),
+      o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""), c.dim, c.layers, c.heads,
+      c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
       data.is_random()
           ? "random tokens"
           : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")

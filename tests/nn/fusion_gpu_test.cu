@@ -16,28 +16,28 @@ namespace nn = alloy::nn;
 
 using FusedBlock = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, nn::Gelu, nn::Linear>>;
 
-FusedBlock fused_block(std::size_t d, std::size_t hidden) {
-  return FusedBlock(
-      nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, hidden), nn::Gelu{}, nn::Linear("down", hidden, d)));
+FusedBlock fused_block(std::size_t d, std::size_t hidden, nn::GeluOptions gelu = {}) {
+  return FusedBlock(nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, hidden), nn::Gelu(gelu),
+                                   nn::Linear("down", hidden, d)));
 }
 
 template <class P>
 void expect_cuda_block_matches_host(std::size_t rows, std::size_t d, std::size_t hidden, bool accumulate,
-                                    double tolerance, std::uint64_t seed) {
+                                    double tolerance, std::uint64_t seed, nn::GeluOptions gelu = {}) {
   using T = storage_t<typename P::compute_type>;
   SCOPED_TRACE("rows " + std::to_string(rows) + ", d " + std::to_string(d) + ", hidden " + std::to_string(hidden) +
                (accumulate ? ", accumulating" : ""));
   std::mt19937_64 rng(seed);
   const auto x = test::random_values<T>(rows * d, rng);
   const auto dy = test::random_values<T>(rows * d, rng);
-  auto block = fused_block(d, hidden);
+  auto block = fused_block(d, hidden, gelu);
   ParamRegistry r;
   block.declare(r);
   ParamStore<P, SGD<>, Host> host_store(r, Host{}, seed);
   const auto params = to_host(host_store.params_arena());
   const auto grads_before = test::random_values<T>(params.size(), rng);
   const auto* before = accumulate ? &grads_before : nullptr;
-  auto host_block = fused_block(d, hidden), cuda_block = fused_block(d, hidden);
+  auto host_block = fused_block(d, hidden, gelu), cuda_block = fused_block(d, hidden, gelu);
   const auto host = test::run_block<P, Host>(host_block, x, dy, rows, d, seed, &params, before);
   const auto cuda = test::run_block<P, Cuda>(cuda_block, x, dy, rows, d, seed, &params, before);
   test::expect_runs_agree(cuda, host, tolerance);
@@ -54,6 +54,17 @@ TEST(GpuFusedMlp, ResidualBlockMatchesHost) {
       expect_cuda_block_matches_host<Precision<fp32>>(rows, d, 4 * d, accumulate, 2e-3, seed);
       expect_cuda_block_matches_host<Precision<tf32>>(rows, d, 4 * d, accumulate, 5e-3, seed);
     }
+  }
+}
+
+// GeluOptions::keep_output: the h the up product's epilogue wrote feeds down's weight gradient.
+TEST(GpuFusedMlp, KeepingGelusOutputMatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (auto [rows, d] : {std::pair<std::size_t, std::size_t>{37, 64}, {129, 40}}) {
+    expect_cuda_block_matches_host<Precision<bf16>>(rows, d, 4 * d, false, 2e-2, seed, {.keep_output = true});
+    expect_cuda_block_matches_host<Precision<fp32>>(rows, d, 4 * d, true, 2e-3, seed, {.keep_output = true});
+    expect_cuda_block_matches_host<Precision<tf32>>(rows, d, 4 * d, false, 5e-3, seed, {.keep_output = true});
   }
 }
 

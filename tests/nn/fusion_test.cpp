@@ -22,10 +22,11 @@ using FusedBlock = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, nn::Ge
 using SeparateBlock =
     nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, PassThrough, nn::Gelu, nn::Linear, PassThrough>>;
 
-FusedBlock fused_block(std::size_t d = width, std::size_t h = hidden) {
+FusedBlock fused_block(std::size_t d = width, std::size_t h = hidden, nn::GeluOptions gelu = {}) {
   return FusedBlock(
-      nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), nn::Gelu{}, nn::Linear("down", h, d)));
+      nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), nn::Gelu(gelu), nn::Linear("down", h, d)));
 }
+FusedBlock keeping_block() { return fused_block(width, hidden, {.keep_output = true}); }
 SeparateBlock separate_block(std::size_t d = width, std::size_t h = hidden) {
   return SeparateBlock(nn::Sequential(nn::LayerNorm("norm", d), nn::Linear("up", d, h), PassThrough{}, nn::Gelu{},
                                       nn::Linear("down", h, d), PassThrough{}));
@@ -78,6 +79,33 @@ TEST(FusedMlp, KeepsOnlyThePreActivationBetweenForwardAndBackward) {
   EXPECT_LT(fused.peak_bytes, separate.peak_bytes);
 }
 
+// GeluOptions::keep_output: GELU's output lives from forward to backward (one rows x hidden buffer
+// more after forward) and is not recomputed. fp32: the epilogue's h is gelu of the fp32
+// pre-activation, as the recomputation's, so every bit agrees. bf16: the recomputation reads the
+// pre-activation rounded to bf16, the kept h came from fp32; the gradients agree to bf16 roundings.
+TEST(FusedMlp, KeepingGelusOutputSkipsTheRecomputation) {
+  ALLOY_SEEDED(seed);
+  const auto bytes = [](std::size_t elements, std::size_t size) {
+    return (elements * size + Workspace<Host>::alignment - 1) / Workspace<Host>::alignment * Workspace<Host>::alignment;
+  };
+  {
+    const auto kept = run<Precision<fp32>>(keeping_block(), seed);
+    const auto recomputed = run<Precision<fp32>>(fused_block(), seed);
+    test::expect_same_bits(kept, recomputed);
+    EXPECT_EQ(kept.bytes_after_forward, recomputed.bytes_after_forward + bytes(rows * hidden, sizeof(float)));
+  }
+  {
+    const auto kept = run<Precision<bf16>>(keeping_block(), seed);
+    const auto recomputed = run<Precision<bf16>>(fused_block(), seed);
+    EXPECT_EQ(test::bits(kept.y), test::bits(recomputed.y)) << "forward is the same products";
+    EXPECT_EQ(test::bits(kept.dx), test::bits(recomputed.dx)) << "dx does not read h";
+    test::expect_runs_agree(kept, recomputed, 1e-2);
+    EXPECT_NE(test::bits(kept.grads.at("down.weight")), test::bits(recomputed.grads.at("down.weight")))
+        << "the same bits: down's weight gradient did not read the kept h";
+    EXPECT_EQ(kept.bytes_after_forward, recomputed.bytes_after_forward + bytes(rows * hidden, sizeof(bf16)));
+  }
+}
+
 // What a recomputation runs (forward_for_backward): the same gradients and dx, bit for bit, as
 // forward then backward, without the last product: its output is never allocated. For the fused
 // MLP block (the down product skipped), a block ending in a plain Linear, the layers one by one
@@ -102,6 +130,7 @@ TEST(FusedMlp, ForwardForBackwardSkipsTheLastProductAndKeepsTheBits) {
   ALLOY_SEEDED(seed);
   expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(fused_block(), fused_block(), seed, true);
   expect_forward_for_backward_keeps_the_bits<Precision<fp32>>(fused_block(), fused_block(), seed, true);
+  expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(keeping_block(), keeping_block(), seed, true);
   // The layers one by one run whole; only Residual's separate sum is skipped.
   expect_forward_for_backward_keeps_the_bits<Precision<fp16>>(separate_block(), separate_block(), seed, true);
   using NoPath = nn::Sequential<nn::LayerNorm, PassThrough>;

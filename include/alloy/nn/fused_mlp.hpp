@@ -17,20 +17,19 @@
 // H200, profile of 69707e9).
 //
 // Memory: only the pre-activation lives from forward to backward; h, which down's weight
-// gradient needs, is recomputed from it in backward, as llm.c does. h is 8192 x 4096 bf16 = 64 MB
-// per block at the residual MLP's size, 512 MB over its 8 blocks, kept until backward otherwise;
-// recomputing is one element-wise pass reading 64 MB and writing 64 MB, the cost of GELU's own
-// forward kernel (42 us measured per block, at about 3 TB/s), in exchange for that memory at the
-// step's peak. The workspace is a stack, so h can be released only if nothing that must outlive
-// it sits above it: forward allocates the block's output y before h, runs both products, and
-// releases h; backward allocates h, computes dWd, releases h and writes dPre where h was. Measured on Host
-// at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual
-// MLP's activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h
-// released, 512 MiB; GELU's backward output, 512 MiB; the down layer's output apart from the
-// residual sum, 128 MiB). For bf16 and fp16 the recomputed h is gelu(pre rounded to 16 bits),
-// where forward's product used gelu of the fp32 pre-activation: dWd sees inputs within one
-// rounding of forward's (for fp32 they are the same).
-// Recomputation is deterministic, so re-running forward (Checkpointing) gives the same bits.
+// gradient needs, is recomputed from it in backward, as llm.c does, unless the Gelu was built with
+// GeluOptions::keep_output (then h lives too, and neither direction has an element-wise pass). h is 8192 x 4096 bf16 =
+// 64 MB per block at the residual MLP's size, 512 MB over its 8 blocks, kept until backward otherwise; recomputing is
+// one element-wise pass reading 64 MB and writing 64 MB, the cost of GELU's own forward kernel (42 us measured per
+// block, at about 3 TB/s), in exchange for that memory at the step's peak. The workspace is a stack, so h can be
+// released only if nothing that must outlive it sits above it: forward allocates the block's output y before h, runs
+// both products, and releases h; backward allocates h, computes dWd, releases h and writes dPre where h was. Measured
+// on Host at 16 rows and scaled to 8192 (activations grow with rows), bf16, Accumulate<2>: the residual MLP's
+// activation peak is 3113 MiB before these fusions and 1989 MiB with them (8 blocks: h released, 512 MiB; GELU's
+// backward output, 512 MiB; the down layer's output apart from the residual sum, 128 MiB). For bf16 and fp16 the
+// recomputed h is gelu(pre rounded to 16 bits), where forward's product used gelu of the fp32 pre-activation: dWd sees
+// inputs within one rounding of forward's (for fp32 they are the same). Recomputation is deterministic, so re-running
+// forward (Checkpointing) gives the same bits.
 //
 // cuBLASLt needs the pre-activation's leading dimension to be a multiple of 8; it is stored
 // packed, so the fusion needs hidden % 8 == 0, and otherwise the layers run one by one.
@@ -62,6 +61,14 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
                           Activation<const T> residual) {
   const std::size_t hidden = up.out_features(x.cols);
   T* pre = ctx.template allocate<T>(x.rows * hidden);
+  if (gelu.options().keep_output) {  // h lives until backward: no recomputation there
+    T* h = ctx.template allocate<T>(x.rows * hidden);
+    Activation<T> y{ctx.template allocate<T>(x.rows * down.out_features(hidden)), x.rows, down.out_features(hidden)};
+    up.forward_into(ctx, x, h, {}, pre);
+    down.forward_into(ctx, Activation<const T>{h, x.rows, hidden}, y.data, residual);
+    gelu.keep_pre_activation(static_cast<const T*>(pre), true, static_cast<const T*>(h));
+    return y;
+  }
   // The output sits below h on the stack, so releasing h leaves it.
   Activation<T> y{ctx.template allocate<T>(x.rows * down.out_features(hidden)), x.rows, down.out_features(hidden)};
   const auto mark = ctx.workspace().mark();
@@ -90,8 +97,12 @@ void mlp_forward_for_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Ac
   check_width("Linear", down.name(), down.in_features(), hidden);
   T* pre = ctx.template allocate<T>(x.rows * hidden);
   const auto mark = ctx.workspace().mark();
-  T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread
+  T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread unless kept
   up.forward_into(ctx, x, h, {}, pre);
+  if (gelu.options().keep_output) {
+    gelu.keep_pre_activation(static_cast<const T*>(pre), true, static_cast<const T*>(h));
+    return;
+  }
   ctx.workspace().release(mark);
   gelu.keep_pre_activation(static_cast<const T*>(pre), true);
 }
@@ -105,6 +116,14 @@ struct GeluAndGradientInPlace {
     const float pre = to_float(x);
     h = round_nearest<T>(gelu_tanh(pre));
     d = round_nearest<T>(gelu_tanh_backward(pre, to_float(d)));
+  }
+};
+
+// dPre = dh * gelu'(pre) written over dh: fp32 and tf32 with h kept from forward.
+template <class T>
+struct GeluGradientInPlace {
+  ALLOY_HOST_DEVICE void operator()(const T& x, T& d) const {
+    d = round_nearest<T>(gelu_tanh_backward(to_float(x), to_float(d)));
   }
 };
 
@@ -132,6 +151,17 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
   const std::size_t hidden = up.out_features(0);
   constexpr bool epilogue_dgelu = sizeof(T) == 2;
   Activation<const T> d_pre;
+  if (const T* h = gelu.kept_output<T>()) {  // GeluOptions::keep_output: no recomputation
+    down.weight_gradient(ctx, dy, h, down.has_bias());
+    if constexpr (epilogue_dgelu) {
+      d_pre = down.input_gradient(ctx, dy, pre);
+    } else {
+      const Activation<T> dh = down.input_gradient(ctx, dy);
+      for_each_n(ctx.backend(), dh.size(), GeluGradientInPlace<T>{}, in(pre), inout(dh.data));
+      d_pre = dh;
+    }
+    return up.backward(ctx, d_pre, true);
+  }
   if constexpr (epilogue_dgelu) {
     {
       const auto mark = ctx.workspace().mark();

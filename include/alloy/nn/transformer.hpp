@@ -33,9 +33,11 @@ using Gpt2MlpBlock = Residual<Sequential<LayerNorm, Linear, Gelu, Linear>>;
 using Gpt2Block = Sequential<Gpt2AttentionBlock, Gpt2MlpBlock>;
 
 // One block of a GPT-2 of `layers` blocks (the count sets c_proj's initialization), on
-// sequences of `seq` positions (CausalSelfAttention: rows must be whole sequences).
+// sequences of `seq` positions (CausalSelfAttention: rows must be whole sequences). gelu: whether
+// the MLP keeps GELU's output for backward (GeluOptions, gelu.hpp: 4 x channels values per row
+// more activation memory, no recomputation pass).
 inline Gpt2Block gpt2_block(const std::string& prefix, std::size_t channels, std::size_t heads, std::size_t seq,
-                            std::size_t layers, float init_std = 0.02f) {
+                            std::size_t layers, float init_std = 0.02f, GeluOptions gelu = {}) {
   const Init weight = Init::normal(init_std);
   const Init projection = Init::normal(init_std / std::sqrt(2.0f * static_cast<float>(layers)));
   const Init zero = Init::zeros();
@@ -46,7 +48,7 @@ inline Gpt2Block gpt2_block(const std::string& prefix, std::size_t channels, std
           CausalSelfAttention(Linear(attn + ".c_attn", channels, 3 * channels, true, weight, zero),
                               Linear(attn + ".c_proj", channels, channels, true, projection, zero), heads, seq))),
       Gpt2MlpBlock(Sequential(LayerNorm(prefix + ".ln_2", channels),
-                              Linear(mlp + ".c_fc", channels, 4 * channels, true, weight, zero), Gelu{},
+                              Linear(mlp + ".c_fc", channels, 4 * channels, true, weight, zero), Gelu(gelu),
                               Linear(mlp + ".c_proj", 4 * channels, channels, true, projection, zero))));
 }
 
