@@ -15,24 +15,6 @@
 
 namespace gpt2 {
 
-// n elements of a backend's memory, widened to float on the host.
-template <class B, class T>
-std::vector<float> download(B be, const T* p, std::size_t n) {
-  std::vector<T> staged(n);
-  if constexpr (std::is_same_v<B, alloy::Host>) {
-    (void)be;
-    std::copy(p, p + n, staged.begin());
-  } else {
-#if ALLOY_HAS_CUDA_RUNTIME
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(staged.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost, be.stream));
-    ALLOY_CUDA_CHECK(cudaStreamSynchronize(be.stream));
-#endif
-  }
-  std::vector<float> out(n);
-  for (std::size_t i = 0; i < n; ++i) out[i] = alloy::to_float(staged[i]);
-  return out;
-}
-
 // A context over the trainer's parameters for forward passes outside a training step.
 template <class Trainer>
 struct Evaluation {
@@ -44,7 +26,7 @@ struct Evaluation {
     workspace.reset();
     typename Trainer::context_type ctx(trainer.store(), workspace, 1.0f, false, 0, 1, trainer.steps(), 0, &resources);
     const auto l = trainer.model().logits(ctx, tokens, rows);
-    return download(trainer.store().backend(), l.data, l.size());
+    return alloy::to_host_as_float(trainer.store().backend(), l.data, l.size());
   }
 
   Trainer& trainer;

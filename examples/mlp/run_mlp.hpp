@@ -29,24 +29,6 @@ struct Options {
   std::string eval_input, eval_output;
 };
 
-// n elements of a backend's memory, widened to float on the host.
-template <class B, class T>
-std::vector<float> download(B be, const T* p, std::size_t n) {
-  std::vector<T> staged(n);
-  if constexpr (std::is_same_v<B, alloy::Host>) {
-    (void)be;
-    std::copy(p, p + n, staged.begin());
-  } else {
-#if ALLOY_HAS_CUDA_RUNTIME
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(staged.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost, be.stream));
-    ALLOY_CUDA_CHECK(cudaStreamSynchronize(be.stream));
-#endif
-  }
-  std::vector<float> out(n);
-  for (std::size_t i = 0; i < n; ++i) out[i] = alloy::to_float(staged[i]);
-  return out;
-}
-
 // Reads features "x" (F32, rows x inputs) and class labels "labels" (I32 or I64, rows) from a
 // safetensors file, runs the model forward on them (nothing is updated) and writes "logits" (F32,
 // rows x classes) and their mean cross-entropy "loss" (F32, a scalar) to o.eval_output.
@@ -81,7 +63,7 @@ void evaluate(Trainer& trainer, const Options& o, const Shape& shape) {
   alloy::BackendResources<B> resources(be);
   typename Trainer::context_type ctx(trainer.store(), workspace, 1.0f, false, 0, 1, trainer.steps(), 0, &resources);
   const auto [logits, loss] = trainer.model().evaluate(ctx, x, labels);
-  const std::vector<float> values = download(be, logits.data, logits.size());
+  const std::vector<float> values = alloy::to_host_as_float(be, logits.data, logits.size());
   const std::vector<alloy::TensorToWrite> out = {
       {"logits",
        alloy::SafetensorsDtype::f32,

@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <cmath>
 
 namespace {
@@ -57,6 +59,9 @@ TEST(CudaBuffer, AllocatesTracksAndRoundTrips) {
     EXPECT_EQ(tracker.stats().current_bytes, v.size() * 4);
     alloy::copy_from_host(b, std::span<const float>(v));
     EXPECT_EQ(alloy::to_host(b), v);
+    const auto part = alloy::to_host(Cuda{}, b.data() + 3, 1001);  // a range by pointer
+    EXPECT_TRUE(std::equal(part.begin(), part.end(), v.begin() + 3));
+    EXPECT_EQ(alloy::to_host_as_float(Cuda{}, b.data() + 3, 1001), part);
   }
   EXPECT_EQ(tracker.stats().current_bytes, 0u);
   EXPECT_EQ(tracker.stats().peak_bytes, v.size() * 4);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <random>
 
 namespace {
 
@@ -70,6 +71,25 @@ TEST(Buffer, HostRoundTripAndSizeCheck) {
   EXPECT_EQ(alloy::to_host(b), src);
   std::vector<float> wrong(4);
   EXPECT_THROW(alloy::copy_from_host(b, std::span<const float>(wrong)), alloy::error);
+}
+
+// A range of backend memory by pointer (workspace activations), as stored and widened to float.
+TEST(Buffer, RawRangesReadBackAsStoredAndAsFloat) {
+  std::mt19937_64 rng(0x5eed);
+  std::uniform_real_distribution<float> dist(-4.0f, 4.0f);
+  std::vector<alloy::bf16> src(37);
+  for (auto& v : src) v = alloy::bf16(dist(rng));
+  Buffer<alloy::bf16, Host> b(src.size());
+  alloy::copy_from_host(b, std::span<const alloy::bf16>(src));
+  const auto part = alloy::to_host(Host{}, b.data() + 5, 30);
+  ASSERT_EQ(part.size(), 30u);
+  const auto widened = alloy::to_host_as_float(Host{}, b.data() + 5, 30);
+  ASSERT_EQ(widened.size(), 30u);
+  for (std::size_t i = 0; i < 30; ++i) {
+    EXPECT_EQ(part[i].bits(), src[i + 5].bits()) << i;
+    EXPECT_EQ(widened[i], alloy::to_float(src[i + 5])) << i;
+  }
+  EXPECT_TRUE(alloy::to_host(Host{}, b.data(), 0).empty());
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <alloy/backend/memory_tracker.hpp>
 #include <alloy/error.hpp>
+#include <alloy/numeric/rounding.hpp>
 
 #include <cstring>
 #include <new>
@@ -116,20 +117,37 @@ void copy_from_host(Buffer<T, B>& dst, std::span<const T> src) {
   }
 }
 
+// n elements of backend memory at src (raw pointers: workspace activations) copied to a host
+// vector. On Cuda the copy is ordered on be.stream and waited for.
 template <class T, backend B>
-std::vector<T> to_host(const Buffer<T, B>& src) {
-  std::vector<T> out(src.size());
-  if (src.empty()) return out;
+std::vector<T> to_host(B be, const T* src, std::size_t n) {
+  std::vector<T> out(n);
+  if (n == 0) return out;
   if constexpr (std::is_same_v<B, Host>) {
-    std::memcpy(out.data(), src.data(), src.bytes());
+    (void)be;
+    std::memcpy(out.data(), src, n * sizeof(T));
   } else {
 #if ALLOY_HAS_CUDA_RUNTIME
-    const auto stream = src.backend().stream;
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(out.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost, stream));
-    ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(out.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost, be.stream));
+    ALLOY_CUDA_CHECK(cudaStreamSynchronize(be.stream));
 #endif
   }
   return out;
+}
+
+// The same, each element widened to float: 16-bit activations (logits, outputs) read back to be
+// printed, sampled or compared.
+template <class T, backend B>
+std::vector<float> to_host_as_float(B be, const T* src, std::size_t n) {
+  const std::vector<T> staged = to_host(be, src, n);
+  std::vector<float> out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = to_float(staged[i]);
+  return out;
+}
+
+template <class T, backend B>
+std::vector<T> to_host(const Buffer<T, B>& src) {
+  return to_host(src.backend(), src.data(), src.size());
 }
 
 // Copies n elements from host memory to backend memory at dst (raw pointers: workspace
