@@ -1,8 +1,9 @@
 // Attention's tensor-core kernels, flash-style (the FlashAttention-2 algorithm: tiles of queries
 // against tiles of keys in shared memory, an online softmax, P and dS never leaving registers),
 // for bf16 and fp16 with head_dim 64 or 128: mma.sync m16n8k16 (16-bit inputs, fp32 accumulators)
-// fed by ldmatrix from shared-memory tiles that cp.async fills one tile ahead of the math. The
-// copies, tile loads and stores and launch helpers are in attention_flash_common.hpp.
+// fed by ldmatrix from shared-memory tiles that cp.async fills one tile ahead of the math. fp32 and
+// tf32 (float storage) run the same algorithm on m16n8k8 tf32 mmas in cuda/attention_flash_f32.hpp;
+// the copies, tile loads and stores and launch helpers both use are in attention_flash_common.hpp.
 //
 // Every kernel has 4 warps. Tiles are rows of head_dim 16-bit elements in shared memory, their
 // 16-byte chunks xor-swizzled by row % 8 so that the 8 rows one ldmatrix reads fall in distinct
