@@ -30,19 +30,22 @@
 // Every kernel has 4 warps of 16 rows each.
 //  forward  a block per (query tile of 64, batch * head), longest rows first; key tiles of 64 (the
 //           online softmax's block, as on every path), double-buffered; S = Q K^T, the running
-//           maximum and sum, O += P V. Q's fragments stay in registers (split ones too, except
-//           fp32 at head_dim 128, which reloads them per key tile to stay within 255 registers).
+//           maximum and sum, O += P V. Q's fragments stay in registers at head_dim 64 (split ones
+//           too) and are reloaded per key tile at 128, where they would not fit beside O's.
 //  dq       a block per (query tile of 64, batch * head): delta_t = dot(dout_t, out_t) (fp32, from
 //           global memory, so unrounded) into scratch, then per key tile (64, or 32 for head_dim
 //           128) S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K. Q's and dO's fragments
 //           stay in registers for tf32 at head_dim 64, and are reloaded per key tile otherwise.
 //  dk, dv   a block per (key tile of 64, batch * head), after the dq kernel: per query tile (64, or
-//           32) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; lse and delta in shared
-//           memory.
+//           16 for head_dim 128) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; lse and
+//           delta in shared memory.
 // Shared memory (dynamic, cudaFuncSetAttribute past 48 KiB): forward 85 KiB (head_dim 64) and
-// 165 KiB (128); dq 102 and 132 KiB; dk/dv 103 and 132.5 KiB. scripts/attention_fragments_tf32.py
-// emulates the fragment helpers lane by lane and checks every product and the bank conflicts;
-// scripts/attention_tiles.py mirrors the tile loops with these tile sizes.
+// 165 KiB (128); dq 102 and 132 KiB; dk/dv 103 and 99 KiB. Registers (ptxas, CUDA 13.0, sm_90;
+// tf32 / fp32): forward 168 / 229 (head_dim 64), 254 / 252 (128); dq 244 / 217, 168 / 201; dk/dv
+// 252 / 248, 246 / 249; no spills (dk/dv at head_dim 128 spilled with 32-query tiles, hence 16).
+// scripts/attention_fragments_tf32.py emulates the fragment helpers lane by lane and checks every
+// product and the bank conflicts; scripts/attention_tiles.py mirrors the tile loops with these
+// tile sizes.
 #pragma once
 
 #include <alloy/config.hpp>
@@ -66,8 +69,8 @@ namespace alloy::detail {
 template <class Compute>
 inline constexpr bool flash_3xtf32 = std::is_same_v<Compute, float>;
 
-// Key tiles of the dq kernel and query tiles of the dk/dv kernel: head_dim 128 halves them to keep
-// shared memory and the accumulators in bounds.
+// Key tiles of the dq kernel and query tiles of the dk/dv kernel: smaller at head_dim 128 to keep
+// shared memory and the registers in bounds.
 template <int D>
 struct FlashFloatTiles;
 template <>
