@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""A tile-level emulation of the control logic of include/alloy/kernels/cuda/attention_flash.hpp's
-three kernels (the tile loops and their bounds, the warps' skips, the mask conditions, the
+"""A tile-level emulation of the control logic of attention's tensor-core kernels (the three of
+include/alloy/kernels/cuda/attention_flash.hpp, whose structure attention_flash_f32.hpp's share:
+the tile loops and their bounds, the warps' skips, the mask conditions, the
 zero-filled tails, the online softmax and lse, delta through scratch), mirrored by hand, against
 a naive float64 formulation, for sequence lengths around the tiles (1, 7, 63, 64, 65, 127, 129,
-200) and both tile configurations (head_dim 64: 128-row forward tiles, 64-key dq tiles, 64-query
-dk/dv tiles; head_dim 128: 64, 32, 32). Products are plain dot products here;
-scripts/attention_fragments.py checks the fragment-level ones. Each output row must be written
-exactly once. No dependencies: python3 scripts/attention_tiles.py"""
+200) and every tile configuration (the 16-bit kernels: head_dim 64: 128-row forward tiles, 64-key
+dq tiles, 64-query dk/dv tiles; head_dim 128: 64, 32, 32; cuda/attention_flash_f32.hpp's float
+kernels: 64, 64, 64 and 64, 32, 16). Products are plain dot products here;
+scripts/attention_fragments.py and scripts/attention_fragments_tf32.py check the fragment-level
+ones. Each output row must be written exactly once. No dependencies: python3
+scripts/attention_tiles.py"""
 import math, random
 random.seed(2)
 W = 6
@@ -128,7 +131,8 @@ def close(a, b, what):
     err = max(abs(x - y) / (1 + abs(y)) for ra, rb in zip(a, b) for x, y in zip(ra if isinstance(ra, list) else [ra], rb if isinstance(rb, list) else [rb]))
     assert err < 1e-9, (what, err)
 
-for D, m_tiles, Bc_dq, Bq in ((64, 2, 64, 64), (128, 1, 32, 32)):
+# 16-bit kernels (cuda/attention_flash.hpp), then the float ones (cuda/attention_flash_f32.hpp).
+for D, m_tiles, Bc_dq, Bq in ((64, 2, 64, 64), (128, 1, 32, 32), (64, 1, 64, 64), (128, 1, 32, 16)):
     for seq in (1, 7, 63, 64, 65, 127, 129, 200):
         Q = [[x * 1.5 for x in vec()] for _ in range(seq)]; K = [vec() for _ in range(seq)]
         V = [vec() for _ in range(seq)]; dO = [vec() for _ in range(seq)]
@@ -138,4 +142,4 @@ for D, m_tiles, Bc_dq, Bq in ((64, 2, 64, 64), (128, 1, 32, 32)):
         close(fo, out, "out"); close(fl, lse, "lse")
         gq, gk, gv = backward(Q, K, V, out, dO, lse, scale, Bc_dq, Bq)
         close(gq, dq, "dq"); close(gk, dk, "dk"); close(gv, dv, "dv")
-        print(f"ok head_dim {D} tiles, seq {seq}: out, lse, dq, dk, dv")
+        print(f"ok head_dim {D} tiles ({16 * 4 * m_tiles}, {Bc_dq}, {Bq}), seq {seq}: out, lse, dq, dk, dv")

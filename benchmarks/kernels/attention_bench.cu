@@ -1,7 +1,10 @@
 // Causal self-attention at GPT-2 124M's shape with its batch of 16: batch 16, heads 12, seq 1024,
-// head_dim 64, bf16, q, k and v read from the fused QKV projection's output ([16384, 2304]) and
-// dq, dk, dv written into its gradient, as the model will call it. Target: forward + backward
-// <= 0.83 ms on the H200 (FlashAttention-2 measures 0.831 ms).
+// head_dim 64, q, k and v read from the fused QKV projection's output ([16384, 2304]) and dq, dk,
+// dv written into its gradient, as the model calls it, in bf16 (target: forward + backward <= 0.83
+// ms on the H200; FlashAttention-2 measures 0.831 ms), tf32 (float storage, tf32 products) and
+// fp32 (float storage, 3xTF32 products: three mmas per product; PyTorch's fp32 SDPA, the
+// memory-efficient backend, runs the same scheme). The float cases' aim: tf32 around 1.5-2.5 ms
+// and fp32 around 4-6 ms for forward + backward (the row kernels took about 90 ms).
 //
 // FLOPs, counted as FlashAttention's benchmarks count them, over the causal pairs only: with
 // pairs = seq (seq + 1) / 2 per (batch, head),
@@ -9,7 +12,7 @@
 //   backward  10 head_dim pairs batch heads   (S again, dP = dO V^T, dV = P^T dO, dK = dS^T Q, dQ = dS K)
 // "TFLOP/s" divides those by the time. alloy's backward computes S and dP twice (its dq pass and
 // its dk/dv pass; no atomics), 14 head_dim pairs batch heads: "executed TFLOP/s". Masked halves of
-// the diagonal tiles are counted in neither.
+// the diagonal tiles are counted in neither, nor are 3xTF32's two extra mmas per product.
 #include "../support.hpp"
 
 #include <alloy/kernels/attention.hpp>
@@ -19,6 +22,8 @@ namespace {
 using alloy::bf16;
 using alloy::Buffer;
 using alloy::Cuda;
+using alloy::storage_t;
+using alloy::tf32;
 
 constexpr std::size_t batch = 16, heads = 12, seq = 1024, head_dim = 64;
 constexpr std::size_t channels = heads * head_dim, rows = batch * seq;
@@ -35,8 +40,11 @@ void fill_random(Buffer<T, Cuda>& b, std::uint64_t seed, float scale = 1.0f) {
   });
 }
 
+// Compute is the compute dtype: bf16, tf32 or float (fp32).
+template <class Compute>
 struct AttentionArrays {
-  Buffer<bf16, Cuda> qkv{rows * 3 * channels}, out{rows * channels}, dout{rows * channels}, dqkv{rows * 3 * channels};
+  using T = storage_t<Compute>;
+  Buffer<T, Cuda> qkv{rows * 3 * channels}, out{rows * channels}, dout{rows * channels}, dqkv{rows * 3 * channels};
   Buffer<float, Cuda> lse{batch * heads * seq}, scratch{alloy::attention_backward_scratch_floats(batch, heads, seq)};
 
   AttentionArrays() {
@@ -48,36 +56,36 @@ struct AttentionArrays {
   const alloy::AttentionStrides out_strides = alloy::AttentionStrides::rows(channels, seq, head_dim);
 
   void forward() {
-    alloy::attention_forward(Cuda{}, alloy::AttentionArgs<bf16>{.batch = batch,
-                                                                .heads = heads,
-                                                                .seq = seq,
-                                                                .head_dim = head_dim,
-                                                                .q = qkv.data(),
-                                                                .k = qkv.data() + channels,
-                                                                .v = qkv.data() + 2 * channels,
-                                                                .qkv_strides = in,
-                                                                .out = out.data(),
-                                                                .out_strides = out_strides,
-                                                                .lse = lse.data()});
+    alloy::attention_forward(Cuda{}, alloy::AttentionArgs<Compute>{.batch = batch,
+                                                                   .heads = heads,
+                                                                   .seq = seq,
+                                                                   .head_dim = head_dim,
+                                                                   .q = qkv.data(),
+                                                                   .k = qkv.data() + channels,
+                                                                   .v = qkv.data() + 2 * channels,
+                                                                   .qkv_strides = in,
+                                                                   .out = out.data(),
+                                                                   .out_strides = out_strides,
+                                                                   .lse = lse.data()});
   }
   void backward() {
-    alloy::attention_backward(Cuda{}, alloy::AttentionBackwardArgs<bf16>{.batch = batch,
-                                                                         .heads = heads,
-                                                                         .seq = seq,
-                                                                         .head_dim = head_dim,
-                                                                         .q = qkv.data(),
-                                                                         .k = qkv.data() + channels,
-                                                                         .v = qkv.data() + 2 * channels,
-                                                                         .qkv_strides = in,
-                                                                         .out = out.data(),
-                                                                         .dout = dout.data(),
-                                                                         .out_strides = out_strides,
-                                                                         .lse = lse.data(),
-                                                                         .dq = dqkv.data(),
-                                                                         .dk = dqkv.data() + channels,
-                                                                         .dv = dqkv.data() + 2 * channels,
-                                                                         .grad_strides = in,
-                                                                         .scratch = scratch.data()});
+    alloy::attention_backward(Cuda{}, alloy::AttentionBackwardArgs<Compute>{.batch = batch,
+                                                                            .heads = heads,
+                                                                            .seq = seq,
+                                                                            .head_dim = head_dim,
+                                                                            .q = qkv.data(),
+                                                                            .k = qkv.data() + channels,
+                                                                            .v = qkv.data() + 2 * channels,
+                                                                            .qkv_strides = in,
+                                                                            .out = out.data(),
+                                                                            .dout = dout.data(),
+                                                                            .out_strides = out_strides,
+                                                                            .lse = lse.data(),
+                                                                            .dq = dqkv.data(),
+                                                                            .dk = dqkv.data() + channels,
+                                                                            .dv = dqkv.data() + 2 * channels,
+                                                                            .grad_strides = in,
+                                                                            .scratch = scratch.data()});
   }
 };
 
@@ -87,28 +95,47 @@ void report_flops(benchmark::State& state, double flops, double executed) {
       benchmark::Counter(executed * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_AttentionForwardBf16_16x12x1024x64(benchmark::State& state) {
+template <class Compute>
+void BM_AttentionForward(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  AttentionArrays a;
+  AttentionArrays<Compute> a;
   alloy::bench::time_with_events(state, [&] { a.forward(); });
   report_flops(state, forward_flops, forward_flops);
 }
 
-void BM_AttentionBackwardBf16_16x12x1024x64(benchmark::State& state) {
+template <class Compute>
+void BM_AttentionBackward(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  AttentionArrays a;
+  AttentionArrays<Compute> a;
   alloy::bench::time_with_events(state, [&] { a.backward(); });
   report_flops(state, backward_flops, backward_executed_flops);
 }
 
-void BM_AttentionForwardBackwardBf16_16x12x1024x64(benchmark::State& state) {
+template <class Compute>
+void BM_AttentionForwardBackward(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  AttentionArrays a;
+  AttentionArrays<Compute> a;
   alloy::bench::time_with_events(state, [&] {
     a.forward();
     a.backward();
   });
   report_flops(state, forward_flops + backward_flops, forward_flops + backward_executed_flops);
+}
+
+void BM_AttentionForwardBf16_16x12x1024x64(benchmark::State& state) { BM_AttentionForward<bf16>(state); }
+void BM_AttentionBackwardBf16_16x12x1024x64(benchmark::State& state) { BM_AttentionBackward<bf16>(state); }
+void BM_AttentionForwardBackwardBf16_16x12x1024x64(benchmark::State& state) {
+  BM_AttentionForwardBackward<bf16>(state);
+}
+void BM_AttentionForwardTf32_16x12x1024x64(benchmark::State& state) { BM_AttentionForward<tf32>(state); }
+void BM_AttentionBackwardTf32_16x12x1024x64(benchmark::State& state) { BM_AttentionBackward<tf32>(state); }
+void BM_AttentionForwardBackwardTf32_16x12x1024x64(benchmark::State& state) {
+  BM_AttentionForwardBackward<tf32>(state);
+}
+void BM_AttentionForwardFp32_16x12x1024x64(benchmark::State& state) { BM_AttentionForward<float>(state); }
+void BM_AttentionBackwardFp32_16x12x1024x64(benchmark::State& state) { BM_AttentionBackward<float>(state); }
+void BM_AttentionForwardBackwardFp32_16x12x1024x64(benchmark::State& state) {
+  BM_AttentionForwardBackward<float>(state);
 }
 
 #define ALLOY_ATTENTION_BENCHMARK(fn) \
@@ -122,6 +149,12 @@ void BM_AttentionForwardBackwardBf16_16x12x1024x64(benchmark::State& state) {
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBf16_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardBf16_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBackwardBf16_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardTf32_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardTf32_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBackwardTf32_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardFp32_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardFp32_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBackwardFp32_16x12x1024x64);
 
 }  // namespace
 

@@ -5,9 +5,9 @@
 // on identical inputs. Every case asserts which kernels it meant to reach
 // (attention_uses_tensor_cores) before comparing.
 //
-// The row kernels (head_dim other than 64 and 128, fp32, misaligned strides) perform the Host's
-// fp32 operations in its order: out, dq, dk and dv must be the Host's bits; lse within the bound
-// below (the device's logf and the host's log differ by up to 2 ulp).
+// The row kernels (head_dim other than 64 and 128, misaligned strides) perform the Host's fp32
+// operations in its order, tf32's roundings included: out, dq, dk and dv must be the Host's bits;
+// lse within the bound below (the device's logf and the host's log differ by up to 2 ulp).
 //
 // The tensor-core kernels sum in another order (the mma's) and use exp2f (ex2.approx, 2 ulp)
 // where the Host uses its own exp2, so their fp32 values differ from the Host's by fp32 rounding
@@ -26,6 +26,23 @@
 //              twice, for margin;
 //     4 f_T F + 2 f_T: fp16's subnormals, where rounding errs by up to 2^-25 absolutely.
 //   lse: |cuda - host| <= 2 E_lse(host depth) + 2 E_lse(any order).
+// tf32 takes the same bound with u_T = 2^-11 and the outputs' ulp that of float, their storage: both
+// sides round q, k, v, dout, P and dS to tf32 with the same function (round_to_tf32), so only P
+// and dS can round differently, where their fp32 values straddle a tf32 rounding boundary.
+// fp32 on the tensor cores is 3xTF32, not fp32 multiplication: each product is within 3 2^-22 of
+// the exact one (12 u, u = 2^-24) and takes three mmas per k-step, so its side of the bound is
+// 2 E(3 (head_dim + 8) + 12) (three accumulations per step, the products' error as depth) and
+// 24 u A (the same error in the sums of P v, dS k, dS q, P dout):
+//   |cuda - host| <= 2 ulp_fp32(|host|) + 2 E(host depth) + 2 E(3 (head_dim + 8) + 12) + 24 u A,
+//   lse likewise without the ulp and A terms.
+// A host model of the kernels' arithmetic (tf32 or 3xTF32 factors, each mma's sum rounded toward
+// zero or its terms truncated at the largest one's exponent, exp2 and log correctly rounded; a
+// check made while writing the kernels, not kept) stayed within 0.2 of the tf32 bound and 0.025 of
+// the fp32 bound on the shapes below, while the same model with one tf32 product for fp32 went
+// past the fp32 bound by 1.1 to 6 times.
+// The float paths are also held to float64 (the reference's exact values, relative Frobenius norm
+// per output): fp32 (3xTF32) within 1e-4, tf32 within 1e-2; the host model measured at most 1.5e-5
+// and 3.5e-3 on these shapes. Each run prints the measured values.
 // Each run also checks that the same inputs give the same bits twice.
 #include "../support/attention_reference.hpp"
 #include "../support/test_support.hpp"
@@ -40,9 +57,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iostream>
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -52,6 +71,8 @@ using alloy::Buffer;
 using alloy::Cuda;
 using alloy::fp16;
 using alloy::Host;
+using alloy::storage_t;
+using alloy::tf32;
 using namespace alloy::test;
 
 template <class T>
@@ -65,16 +86,17 @@ Buffer<T, Cuda> device_copy(const std::vector<T>& values, Cuda be) {
 // kernels must not read it before writing it). lse has one poisoned element past its end.
 template <class T>
 struct DeviceProblem {
+  using S = storage_t<T>;
   Cuda be;
-  Buffer<T, Cuda> qkv, dout, out, dqkv;
+  Buffer<S, Cuda> qkv, dout, out, dqkv;
   Buffer<float, Cuda> lse, scratch;
 
   DeviceProblem(const AttentionProblem<T>& p, Cuda be_ = {})
       : be(be_),
         qkv(device_copy(p.qkv, be)),
         dout(device_copy(p.dout, be)),
-        out(device_copy(std::vector<T>(p.out.size(), poison<T>()), be)),
-        dqkv(device_copy(std::vector<T>(p.dqkv.size(), poison<T>()), be)),
+        out(device_copy(std::vector<S>(p.out.size(), poison<S>()), be)),
+        dqkv(device_copy(std::vector<S>(p.dqkv.size(), poison<S>()), be)),
         lse(device_copy(std::vector<float>(p.lse.size() + 1, poison<float>()), be)),
         scratch(alloy::attention_backward_scratch_floats(p.s.batch, p.s.heads, p.s.seq), be) {
     ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
@@ -83,7 +105,7 @@ struct DeviceProblem {
     return p.forward_args(qkv.data(), out.data(), lse.data());
   }
   // The backward over this problem's inputs and the given out and lse (device arrays).
-  alloy::AttentionBackwardArgs<T> backward_args(const AttentionProblem<T>& p, const T* out_, const float* lse_) {
+  alloy::AttentionBackwardArgs<T> backward_args(const AttentionProblem<T>& p, const S* out_, const float* lse_) {
     return p.backward_args(qkv.data(), out_, dout.data(), lse_, dqkv.data(), scratch.data());
   }
 };
@@ -152,6 +174,27 @@ enum class Path { tensor_cores, rows };
 
 const char* name_of(Path p) { return p == Path::tensor_cores ? "the tensor-core kernels" : "the row kernels"; }
 
+// Relative Frobenius distance of the float paths' outputs from float64: sums of squares, per output.
+class Float64Distance {
+ public:
+  Float64Distance(std::string what, double bound) : what_(std::move(what)), bound_(bound) {}
+  void add(double got, double exact) {
+    error_ += (got - exact) * (got - exact);
+    norm_ += exact * exact;
+  }
+  ~Float64Distance() {
+    if (norm_ == 0) return;  // dq, dk at one position: exactly 0
+    const double distance = std::sqrt(error_ / norm_);
+    std::cout << "[ measured ] " << what_ << ": relative Frobenius distance from float64 " << distance << " (bound "
+              << bound_ << ")\n";
+    EXPECT_LE(distance, bound_) << what_ << ": relative Frobenius distance from float64";
+  }
+
+ private:
+  std::string what_;
+  double bound_, error_ = 0, norm_ = 0;
+};
+
 template <class T>
 void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path path, Cuda be = {}) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + ", on " + name_of(path));
@@ -191,7 +234,11 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   expect_same_bits(lse_again, lse, "lse, second run");
 
   const AttentionReference<T> ref(p, true, &p.out, &p.lse);
-  const double host_depth = host_dot_depth(s.head_dim), any_depth = any_dot_depth(s.head_dim);
+  // fp32 on the tensor cores: 3xTF32 (the bounds at the top of this file).
+  const bool three_products = std::is_same_v<T, float> && path == Path::tensor_cores;
+  const double host_depth = host_dot_depth(s.head_dim);
+  const double any_depth = three_products ? 3 * any_dot_depth(s.head_dim) + 12 : any_dot_depth(s.head_dim);
+  const double product_error = three_products ? 24 * fp32_unit : 0.0;
   Compare lse_check("lse");
   for (std::size_t b = 0; b < s.batch; ++b) {
     for (std::size_t h = 0; h < s.heads; ++h) {
@@ -210,8 +257,13 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   const double u_t = rounding_unit<T>(), f_t = rounding_floor<T>();
   const auto bound = [&](const Bounded& r, double host) {
     return 2 * ulp<T>(std::fabs(host)) + 8 * u_t * r.max_term + 2 * r.fp32(host_depth) + 2 * r.fp32(any_depth) +
-           4 * f_t * r.factor_sum + 2 * f_t;
+           product_error * r.abs_sum + 4 * f_t * r.factor_sum + 2 * f_t;
   };
+  constexpr bool float_storage = std::is_same_v<storage_t<T>, float>;
+  const double float64_bound = std::is_same_v<T, float> ? 1e-4 : 1e-2;
+  const std::string name = alloy::numeric_traits<T>::name;
+  Float64Distance out_64(name + " out", float64_bound), dq_64(name + " dq", float64_bound),
+      dk_64(name + " dk", float64_bound), dv_64(name + " dv", float64_bound);
   Compare out_check("out"), dq_check("dq"), dk_check("dk"), dv_check("dv");
   for (std::size_t b = 0; b < s.batch; ++b) {
     for (std::size_t h = 0; h < s.heads; ++h) {
@@ -226,6 +278,12 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
           dq_check.expect(value(dqkv[at]), host_dq, bound(ref.dq[i], host_dq), b, h, t, d);
           dk_check.expect(value(dqkv[at + p.channels]), host_dk, bound(ref.dk[i], host_dk), b, h, t, d);
           dv_check.expect(value(dqkv[at + 2 * p.channels]), host_dv, bound(ref.dv[i], host_dv), b, h, t, d);
+          if constexpr (float_storage) {
+            out_64.add(value(out[o]), ref.out[i].value);
+            dq_64.add(value(dqkv[at]), ref.dq[i].value);
+            dk_64.add(value(dqkv[at + p.channels]), ref.dk[i].value);
+            dv_64.add(value(dqkv[at + 2 * p.channels]), ref.dv[i].value);
+          }
         }
       }
     }
@@ -277,17 +335,6 @@ TYPED_TEST(CudaAttention, RowKernelsGiveTheHostsBits) {
   }
 }
 
-// fp32 (the fp32 and tf32 precisions) always takes the row kernels.
-TEST(CudaAttentionFp32, RowKernelsGiveTheHostsBits) {
-  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
-  ALLOY_SEEDED(seed);
-  for (const AttentionShape& s :
-       {AttentionShape{3, 1, 65, 40}, AttentionShape{1, 3, 127, 64}, AttentionShape{1, 1, 200, 128},
-        AttentionShape{3, 3, 7, 64}, AttentionShape{1, 1, 1, 64}}) {
-    expect_cuda_matches_host<float>(s, seed + s.seq, Path::rows);
-  }
-}
-
 TYPED_TEST(CudaAttention, RunsOnTheGivenStream) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
@@ -302,7 +349,7 @@ void expect_chain_runs_twice_alike(const AttentionShape& s, std::uint64_t seed) 
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
   std::mt19937_64 rng(seed);
   const AttentionProblem<T> p(s, rng);
-  std::vector<T> outs[2], grads[2];
+  std::vector<storage_t<T>> outs[2], grads[2];
   std::vector<float> lses[2];
   for (int run = 0; run < 2; ++run) {
     DeviceProblem<T> dev(p);
@@ -357,6 +404,120 @@ TYPED_TEST(CudaAttention, OnePositionGivesValuesAndNoNaN) {
     }
     EXPECT_EQ(not_finite, 0u) << "NaN or infinite elements";
     EXPECT_EQ(wrong, 0u) << "elements other than out = v, dv = dout, dq = dk = 0";
+  }
+}
+
+// ---- Float storage: fp32 (3xTF32) and tf32 on the tensor cores ----
+
+template <class T>
+class CudaAttentionFloat : public ::testing::Test {};
+
+using FloatDtypes = ::testing::Types<float, tf32>;
+TYPED_TEST_SUITE(CudaAttentionFloat, FloatDtypes, DtypeName);
+
+// Positions 1 (one key), 37, 100, 129 (one past two 64-row tiles), 257 (one past four; past eight
+// 32-key and sixteen 16-query tiles at head_dim 128) and 1024 (GPT-2's context); batch x heads
+// odd; rows padded by 8 floats and by 4 (a 16-byte vector: still whole vectors); one sharper
+// softmax (q, k ~ N(0, 3)).
+std::vector<AttentionShape> float_tensor_core_shapes(std::size_t head_dim) {
+  return {{3, 5, 1, head_dim},
+          {1, 3, 37, head_dim},
+          {3, 1, 100, head_dim, 4},
+          {1, 5, 129, head_dim},
+          {1, 3, 257, head_dim},
+          {1, 3, 200, head_dim, 8, 3.0},
+          {1, head_dim == 64 ? 3u : 1u, 1024, head_dim}};
+}
+
+TYPED_TEST(CudaAttentionFloat, HeadDim64MatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s : float_tensor_core_shapes(64)) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::tensor_cores);
+  }
+}
+
+TYPED_TEST(CudaAttentionFloat, HeadDim128MatchesHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s : float_tensor_core_shapes(128)) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::tensor_cores);
+  }
+}
+
+// Other head sizes, and rows that are not whole 16-byte vectors (a row of 3 C + 1 or 3 C + 2
+// floats), take the row kernels: the Host's bits, tf32's roundings included.
+TYPED_TEST(CudaAttentionFloat, RowKernelsGiveTheHostsBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const AttentionShape& s :
+       {AttentionShape{3, 1, 65, 40}, AttentionShape{1, 3, 127, 64, 1}, AttentionShape{1, 1, 200, 128, 2},
+        AttentionShape{3, 3, 7, 96}, AttentionShape{1, 1, 1, 32}, AttentionShape{1, 2, 70, 256}}) {
+    expect_cuda_matches_host<TypeParam>(s, seed + s.seq, Path::rows);
+  }
+}
+
+TYPED_TEST(CudaAttentionFloat, RunsOnTheGivenStream) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  const alloy::CudaStream stream = alloy::make_cuda_stream();
+  expect_cuda_matches_host<TypeParam>({1, 3, 130, 64}, seed, Path::tensor_cores, Cuda::on(stream.get()));
+  expect_cuda_matches_host<TypeParam>({1, 3, 130, 40}, seed, Path::rows, Cuda::on(stream.get()));
+}
+
+TYPED_TEST(CudaAttentionFloat, RunsTwiceToTheSameBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_chain_runs_twice_alike<TypeParam>({4, 12, 1024, 64}, seed);
+  expect_chain_runs_twice_alike<TypeParam>({3, 5, 333, 128}, seed);
+}
+
+// One position: P = 1 up to the rounding of the score's scaling (exp2 of at most half an ulp of
+// it), so out = v and dv = dout (for tf32 both rounded to tf32: the factors P multiplies) within
+// 1e-5 relative, and nothing is NaN. dq = dk = scale dS k with dS = dP - delta, both dot(dout, v):
+// for fp32 0 up to 1e-4 sum |dout v| (fp32 errors, generously); for tf32, whose dP rounds dout
+// and v and whose delta does not, up to 2.5 2^-11 sum |dout v| more.
+TYPED_TEST(CudaAttentionFloat, OnePositionGivesValuesAndNoNaN) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  const auto factor = [](float x) { return double(alloy::detail::attention_factor<T>(x)); };
+  for (std::size_t head_dim : {64, 128}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    std::mt19937_64 rng(seed);
+    const AttentionShape s{3, 5, 1, head_dim};
+    const AttentionProblem<T> p(s, rng);
+    DeviceProblem<T> dev(p);
+    ASSERT_TRUE(alloy::attention_uses_tensor_cores(dev.forward_args(p)));
+    alloy::attention_forward(Cuda{}, dev.forward_args(p));
+    alloy::attention_backward(Cuda{}, dev.backward_args(p, dev.out.data(), dev.lse.data()));
+    const auto out = alloy::to_host(dev.out), dqkv = alloy::to_host(dev.dqkv);
+    const auto lse = alloy::to_host(dev.lse);
+    std::size_t wrong = 0, not_finite = 0;
+    for (std::size_t b = 0; b < s.batch; ++b) {
+      for (std::size_t h = 0; h < s.heads; ++h) {
+        not_finite += !std::isfinite(lse[p.lse_at(b, h, 0)]);
+        double dout_v = 0, k_max = 0, q_max = 0;
+        for (std::size_t d = 0; d < head_dim; ++d) {
+          const std::size_t at = p.in_at(b, 0, h, d);
+          dout_v += std::fabs(double(p.dout[p.out_at(b, 0, h, d)]) * p.qkv[at + 2 * p.channels]);
+          q_max = std::max(q_max, std::fabs(double(p.qkv[at])));
+          k_max = std::max(k_max, std::fabs(double(p.qkv[at + p.channels])));
+        }
+        const double ds_bound = (2.5 * rounding_unit<T>() + 1e-4) * dout_v, scale = 1 / std::sqrt(double(head_dim));
+        for (std::size_t d = 0; d < head_dim; ++d) {
+          const std::size_t at = p.in_at(b, 0, h, d);
+          const double v = factor(p.qkv[at + 2 * p.channels]), g = factor(p.dout[p.out_at(b, 0, h, d)]);
+          wrong += !(std::fabs(out[p.out_at(b, 0, h, d)] - v) <= 1e-5 * std::fabs(v));
+          wrong += !(std::fabs(dqkv[at + 2 * p.channels] - g) <= 1e-5 * std::fabs(g));
+          not_finite += !std::isfinite(dqkv[at]) || !std::isfinite(dqkv[at + p.channels]);
+          wrong += !(std::fabs(dqkv[at]) <= 1.01 * ds_bound * scale * k_max);
+          wrong += !(std::fabs(dqkv[at + p.channels]) <= 1.01 * ds_bound * scale * q_max);
+        }
+      }
+    }
+    EXPECT_EQ(not_finite, 0u) << "NaN or infinite elements";
+    EXPECT_EQ(wrong, 0u) << "elements other than out = v, dv = dout, dq = dk = 0 (within the bounds above)";
   }
 }
 

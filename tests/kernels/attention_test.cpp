@@ -3,12 +3,14 @@
 // central finite differences; strides; and the errors bad arguments raise.
 //
 // Bounds against float64 (tests/support/attention_reference.hpp defines A, F, E per element): an
-// output of dtype T must lie within
-//   2 (u_T A + E(depth) + f_T F) + u_T |exact| + f_T
-// of the exact value: u_T A covers rounding P or dS to T in every term, E the fp32 errors (of
-// the Host's dot products, depth = head_dim / 32 + 6), f_T the absolute error of rounding to T
-// near zero (fp16 subnormals), u_T |exact| + f_T the output's own rounding; the factor 2 is the
-// margin over these first-order bounds. lse must lie within 2 E(depth).
+// output of compute dtype T, stored as S, must lie within
+//   2 (r_T u_T A + E(depth + i_T) + f_T F) + u_S |exact| + f_T
+// of the exact value: u_T A covers rounding P or dS to T in every term (r_T = 2 for tf32, which
+// rounds the term's other factor too; 1 otherwise), E the fp32 errors (of the Host's dot products,
+// depth = head_dim / 32 + 6; i_T = 2^14 for tf32 counts the rounding of the scores' and dP's
+// factors to tf32, 0 otherwise), f_T the absolute error of rounding to T near zero (fp16
+// subnormals), u_S |exact| + f_T the output's own rounding; the factor 2 is the margin over these
+// first-order bounds. lse must lie within 2 E(depth + i_T).
 #include "../support/attention_reference.hpp"
 #include "../support/test_support.hpp"
 #include "../support/values.hpp"
@@ -33,6 +35,8 @@ using alloy::AttentionStrides;
 using alloy::bf16;
 using alloy::fp16;
 using alloy::Host;
+using alloy::storage_t;
+using alloy::tf32;
 using namespace alloy::test;
 
 // ---- The row arithmetic shared with the Cuda row kernels ----
@@ -80,7 +84,7 @@ TEST(AttentionDotReplay, IsTheButterflyOverLaneShares) {
       lanes[l] = share;
     }
     const float butterfly = alloy::detail::butterfly_replay(lanes, alloy::detail::AttentionSum{});
-    EXPECT_EQ(bits_of(alloy::detail::attention_dot_replay(a.data(), b.data(), head_dim)), bits_of(butterfly))
+    EXPECT_EQ(bits_of(alloy::detail::attention_dot_replay<float>(a.data(), b.data(), head_dim)), bits_of(butterfly))
         << "head_dim " << head_dim;
   }
 }
@@ -90,7 +94,7 @@ TEST(AttentionDotReplay, IsTheButterflyOverLaneShares) {
 template <class T>
 class AttentionHost : public ::testing::Test {};
 
-using Dtypes = ::testing::Types<bf16, fp16, float>;
+using Dtypes = ::testing::Types<bf16, fp16, float, tf32>;
 TYPED_TEST_SUITE(AttentionHost, Dtypes, DtypeName);
 
 // Positions 1 and 7 (inside the first key block), 65 and 130 (past one and two blocks), head
@@ -112,9 +116,9 @@ void expect_padding_untouched(const AttentionProblem<T>& p) {
   std::size_t touched = 0;
   for (std::size_t r = 0; r < p.s.batch * p.s.seq; ++r) {
     for (std::size_t c = p.channels; c < p.out_row; ++c)
-      touched += bits_of(p.out[r * p.out_row + c]) != bits_of(poison<T>());
+      touched += bits_of(p.out[r * p.out_row + c]) != bits_of(poison<storage_t<T>>());
     for (std::size_t c = 3 * p.channels; c < p.qkv_row; ++c)
-      touched += bits_of(p.dqkv[r * p.qkv_row + c]) != bits_of(poison<T>());
+      touched += bits_of(p.dqkv[r * p.qkv_row + c]) != bits_of(poison<storage_t<T>>());
   }
   EXPECT_EQ(touched, 0u) << "elements of the row padding written";
 }
@@ -127,9 +131,10 @@ void expect_within_float64(const AttentionShape& s, std::uint64_t seed) {
   run_host(p);
   expect_padding_untouched(p);
   const AttentionReference<T> ref(p, true, &p.out, &p.lse);
-  const double u_t = rounding_unit<T>(), f_t = rounding_floor<T>(), depth = host_dot_depth(s.head_dim);
+  const double u_t = rounding_unit<T>(), u_s = rounding_unit<storage_t<T>>(), f_t = rounding_floor<T>();
+  const double depth = host_dot_depth(s.head_dim) + input_rounding_depth<T>(), r_t = factor_roundings<T>();
   const auto bound = [&](const Bounded& r) {
-    return 2 * (u_t * r.abs_sum + r.fp32(depth) + f_t * r.factor_sum) + u_t * std::fabs(r.value) + f_t;
+    return 2 * (r_t * u_t * r.abs_sum + r.fp32(depth) + f_t * r.factor_sum) + u_s * std::fabs(r.value) + f_t;
   };
   BoundCheck out("out"), lse("lse"), dq("dq"), dk("dk"), dv("dv");
   for (std::size_t b = 0; b < s.batch; ++b) {
@@ -165,7 +170,7 @@ TYPED_TEST(AttentionHost, FutureKeysDoNotReachEarlierRows) {
   const auto out = p.out;
   const auto lse = p.lse;
   const std::size_t t0 = 66;
-  const auto fresh = normal<T>(p.qkv.size(), 0.0, 1.0, rng);
+  const auto fresh = normal<storage_t<T>>(p.qkv.size(), 0.0, 1.0, rng);
   for (std::size_t b = 0; b < s.batch; ++b) {
     for (std::size_t t = t0 + 1; t < s.seq; ++t) {
       for (std::size_t c = p.channels; c < 3 * p.channels; ++c) {
@@ -202,8 +207,8 @@ TYPED_TEST(AttentionHost, EarlierQueriesDoNotReachLaterKeysGradients) {
   run_host(p);
   const auto dqkv = p.dqkv;
   const std::size_t j0 = 64;
-  const auto fresh = normal<T>(p.qkv.size(), 0.0, 1.0, rng);
-  const auto fresh_out = normal<T>(p.out.size(), 0.0, 1.0, rng);
+  const auto fresh = normal<storage_t<T>>(p.qkv.size(), 0.0, 1.0, rng);
+  const auto fresh_out = normal<storage_t<T>>(p.out.size(), 0.0, 1.0, rng);
   for (std::size_t t = 0; t < j0; ++t) {
     for (std::size_t c = 0; c < p.channels; ++c) {
       p.qkv[t * p.qkv_row + c] = fresh[t * p.qkv_row + c];
@@ -228,14 +233,15 @@ TYPED_TEST(AttentionHost, EarlierQueriesDoNotReachLaterKeysGradients) {
 // tensors gives the same bits.
 TYPED_TEST(AttentionHost, StridesDoNotChangeTheBits) {
   using T = TypeParam;
+  using S = storage_t<T>;
   ALLOY_SEEDED(seed);
   std::mt19937_64 rng(seed);
   const AttentionShape s{2, 3, 70, 24};
   AttentionProblem<T> p(s, rng);
   run_host(p);
   const std::size_t n = s.batch * s.heads * s.seq * s.head_dim;
-  std::vector<T> q(n), k(n), v(n), dout(n), out(n, poison<T>()), dq(n, poison<T>()), dk(n, poison<T>()),
-      dv(n, poison<T>());
+  std::vector<S> q(n), k(n), v(n), dout(n), out(n, poison<S>()), dq(n, poison<S>()), dk(n, poison<S>()),
+      dv(n, poison<S>());
   std::vector<float> lse(s.batch * s.heads * s.seq, poison<float>());
   const AttentionStrides packed = AttentionStrides::heads_major(s.heads, s.seq, s.head_dim);
   const auto at = [&](std::size_t b, std::size_t t, std::size_t h, std::size_t d) {
@@ -298,7 +304,10 @@ TYPED_TEST(AttentionHost, StridesDoNotChangeTheBits) {
   EXPECT_EQ(differ, 0u) << "elements that differ between the fused and the contiguous layout";
 }
 
-// With one position, P = 1: out = v, dq = dk = 0, dv = dout, exactly; lse = the one score.
+// With one position, P = 1: out = v, dv = dout, exactly (for tf32: v and dout rounded to tf32,
+// the factors P multiplies); lse = the one score. dq = dk = scale dS k with dS = dP - delta, both
+// dot(dout, v): exactly 0, except for tf32, whose dP takes dout and v rounded to tf32 and whose
+// delta does not (it is no tensor-core product), so |dS| <= 2^-11 sum |dout v| + fp32 errors.
 TYPED_TEST(AttentionHost, OnePositionPassesValuesThrough) {
   using T = TypeParam;
   ALLOY_SEEDED(seed);
@@ -306,20 +315,79 @@ TYPED_TEST(AttentionHost, OnePositionPassesValuesThrough) {
   const AttentionShape s{3, 5, 1, 64};
   AttentionProblem<T> p(s, rng);
   run_host(p);
+  const auto factor = [](storage_t<T> x) { return alloy::detail::attention_factor<T>(x); };
   for (std::size_t b = 0; b < s.batch; ++b) {
     for (std::size_t h = 0; h < s.heads; ++h) {
-      double score = 0;
+      double score = 0, dout_v = 0, k_max = 0, q_max = 0;
       for (std::size_t d = 0; d < s.head_dim; ++d) {
         const std::size_t i = p.in_at(b, 0, h, d);
-        score += value(p.qkv[i]) * value(p.qkv[i + p.channels]);
-        EXPECT_EQ(bits_of(p.out[p.out_at(b, 0, h, d)]), bits_of(p.qkv[i + 2 * p.channels]));
-        EXPECT_EQ(value(p.dqkv[i]), 0.0);
-        EXPECT_EQ(value(p.dqkv[i + p.channels]), 0.0);
-        EXPECT_EQ(bits_of(p.dqkv[i + 2 * p.channels]), bits_of(p.dout[p.out_at(b, 0, h, d)]));
+        score += double(factor(p.qkv[i])) * factor(p.qkv[i + p.channels]);
+        dout_v += std::fabs(value(p.dout[p.out_at(b, 0, h, d)]) * value(p.qkv[i + 2 * p.channels]));
+        k_max = std::max(k_max, std::fabs(value(p.qkv[i + p.channels])));
+        q_max = std::max(q_max, std::fabs(value(p.qkv[i])));
+      }
+      const double ds_bound = rounding_unit<T>() * dout_v * 2.5 + 1e-5 * dout_v;
+      for (std::size_t d = 0; d < s.head_dim; ++d) {
+        const std::size_t i = p.in_at(b, 0, h, d);
+        EXPECT_EQ(bits_of(p.out[p.out_at(b, 0, h, d)]), bits_of(storage_t<T>(factor(p.qkv[i + 2 * p.channels]))));
+        EXPECT_EQ(bits_of(p.dqkv[i + 2 * p.channels]), bits_of(storage_t<T>(factor(p.dout[p.out_at(b, 0, h, d)]))));
+        if constexpr (std::is_same_v<T, tf32>) {
+          EXPECT_LE(std::fabs(value(p.dqkv[i])), ds_bound * k_max / 8.0);
+          EXPECT_LE(std::fabs(value(p.dqkv[i + p.channels])), ds_bound * q_max / 8.0);
+        } else {
+          EXPECT_EQ(value(p.dqkv[i]), 0.0);
+          EXPECT_EQ(value(p.dqkv[i + p.channels]), 0.0);
+        }
       }
       EXPECT_NEAR(p.lse[p.lse_at(b, h, 0)], score / 8.0, 1e-5 * (1 + std::fabs(score)));
     }
   }
+}
+
+// ---- tf32 ----
+
+// tf32's factors are rounded to nearest even, as the tf32 GEMMs' Host reference rounds them, and
+// P and dS the same way; the other dtypes' factors pass through.
+TEST(AttentionTf32, RoundsFactorsToNearestEven) {
+  using alloy::detail::attention_factor;
+  using alloy::detail::float_from_bits;
+  using alloy::detail::rounded_to;
+  const float tie_down = float_from_bits(0x3f801000u), tie_up = float_from_bits(0x3f803000u);
+  const float above = float_from_bits(0x3f801001u);
+  EXPECT_EQ(bits_of(attention_factor<tf32>(tie_down)), 0x3f800000u);
+  EXPECT_EQ(bits_of(attention_factor<tf32>(tie_up)), 0x3f804000u);
+  EXPECT_EQ(bits_of(attention_factor<tf32>(above)), 0x3f802000u);
+  EXPECT_EQ(bits_of(rounded_to<tf32>(-above)), 0xbf802000u);
+  EXPECT_EQ(bits_of(attention_factor<float>(above)), bits_of(above));
+  EXPECT_EQ(bits_of(rounded_to<float>(above)), bits_of(above));
+  EXPECT_EQ(bits_of(rounded_to<bf16>(above)), 0x3f800000u);
+}
+
+// tf32 rounds q, k and v only as factors of products: the same problem with them rounded to tf32
+// beforehand gives the same bits, forward and backward (whose delta takes out and dout as they
+// are: both are the same here), while fp32 on the same inputs differs.
+TEST(AttentionTf32, RoundsOnlyTheProductsFactors) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const AttentionShape s{2, 3, 100, 40};
+  AttentionProblem<tf32> p(s, rng);
+  AttentionProblem<tf32> rounded = p;
+  AttentionProblem<float> fp32(s, rng);
+  fp32.qkv = p.qkv;
+  fp32.dout = p.dout;
+  for (float& x : rounded.qkv) x = alloy::detail::round_to_tf32(x);
+  run_host(p);
+  run_host(rounded);
+  run_host(fp32);
+  std::size_t differ = 0, differ_from_fp32 = 0;
+  for (std::size_t i = 0; i < p.out.size(); ++i) {
+    differ += bits_of(p.out[i]) != bits_of(rounded.out[i]);
+    differ_from_fp32 += bits_of(p.out[i]) != bits_of(fp32.out[i]);
+  }
+  for (std::size_t i = 0; i < p.lse.size(); ++i) differ += bits_of(p.lse[i]) != bits_of(rounded.lse[i]);
+  for (std::size_t i = 0; i < p.dqkv.size(); ++i) differ += bits_of(p.dqkv[i]) != bits_of(rounded.dqkv[i]);
+  EXPECT_EQ(differ, 0u) << "elements of out, lse, dq, dk, dv that differ";
+  EXPECT_GT(differ_from_fp32, p.out.size() / 2) << "tf32 should round where fp32 does not";
 }
 
 // ---- Gradients against finite differences ----
@@ -413,6 +481,51 @@ TEST(AttentionArguments, BadOnesNameWhatIsWrong) {
   EXPECT_MENTIONS(backward([](G& a) { a.dk = nullptr; }), "dk is null");
   EXPECT_MENTIONS(backward([](G& a) { a.dout = nullptr; }), "dout is null");
   EXPECT_MENTIONS(backward([](G& a) { a.grad_strides.row = 8; }), "grad_strides");
+}
+
+// The tensor cores take float (fp32, tf32) at 16-byte alignment, 4 elements; 16-bit dtypes at 8.
+TEST(AttentionArguments, TensorCoresNeedWhole16ByteVectors) {
+  alignas(16) static float values[64 * 64];
+  const auto args = [&](std::size_t row, std::size_t head_dim, std::size_t offset) {
+    return AttentionArgs<tf32>{.batch = 1,
+                               .heads = 1,
+                               .seq = 8,
+                               .head_dim = head_dim,
+                               .q = values + offset,
+                               .k = values,
+                               .v = values,
+                               .qkv_strides = AttentionStrides::rows(row, 8, head_dim),
+                               .out = values,
+                               .out_strides = AttentionStrides::rows(row, 8, head_dim)};
+  };
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(196, 64, 0)));
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(196, 128, 4)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(194, 64, 0)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(196, 64, 2)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(196, 96, 0)));
+  auto fp32 = AttentionArgs<float>{.batch = 1,
+                                   .heads = 1,
+                                   .seq = 8,
+                                   .head_dim = 64,
+                                   .q = values,
+                                   .k = values,
+                                   .v = values,
+                                   .qkv_strides = AttentionStrides::rows(196, 8, 64),
+                                   .out = values,
+                                   .out_strides = AttentionStrides::rows(196, 8, 64)};
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(fp32));
+  alignas(16) static bf16 halves[64 * 64];
+  const auto half_args = AttentionArgs<bf16>{.batch = 1,
+                                             .heads = 1,
+                                             .seq = 8,
+                                             .head_dim = 64,
+                                             .q = halves,
+                                             .k = halves,
+                                             .v = halves,
+                                             .qkv_strides = AttentionStrides::rows(196, 8, 64),
+                                             .out = halves,
+                                             .out_strides = AttentionStrides::rows(196, 8, 64)};
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(half_args)) << "a row of 196 bf16 is not whole 16-byte vectors";
 }
 
 TEST(AttentionArguments, EmptyProblemsDoNothing) {

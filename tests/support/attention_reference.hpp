@@ -40,12 +40,14 @@ inline std::string describe(const char* dtype, const AttentionShape& s) {
          " row padding=" + std::to_string(s.qkv_pad) + " q,k ~ N(0, " + std::to_string(s.spread) + ")";
 }
 
-// One problem's host arrays. Outputs start poisoned.
+// One problem's host arrays, for compute dtype T (their elements storage_t<T>: float for tf32).
+// Outputs start poisoned.
 template <class T>
 struct AttentionProblem {
+  using S = storage_t<T>;
   AttentionShape s;
   std::size_t channels, qkv_row, out_row;
-  std::vector<T> qkv, dout, out, dqkv;
+  std::vector<S> qkv, dout, out, dqkv;
   std::vector<float> lse;
 
   AttentionProblem(const AttentionShape& shape, std::mt19937_64& rng)
@@ -54,12 +56,12 @@ struct AttentionProblem {
         qkv_row(3 * channels + shape.qkv_pad),
         out_row(channels + shape.qkv_pad),
         qkv(shape.batch * shape.seq * qkv_row),
-        dout(normal<T>(shape.batch * shape.seq * out_row, 0.0, 1.0, rng)),
-        out(shape.batch * shape.seq * out_row, poison<T>()),
-        dqkv(qkv.size(), poison<T>()),
+        dout(normal<S>(shape.batch * shape.seq * out_row, 0.0, 1.0, rng)),
+        out(shape.batch * shape.seq * out_row, poison<S>()),
+        dqkv(qkv.size(), poison<S>()),
         lse(shape.batch * shape.heads * shape.seq, poison<float>()) {
-    const auto qk = normal<T>(qkv.size(), 0.0, shape.spread, rng);
-    const auto v = normal<T>(qkv.size(), 0.0, 1.0, rng);
+    const auto qk = normal<S>(qkv.size(), 0.0, shape.spread, rng);
+    const auto v = normal<S>(qkv.size(), 0.0, 1.0, rng);
     for (std::size_t i = 0; i < qkv.size(); ++i) {
       const std::size_t column = i % qkv_row;
       qkv[i] = column >= 2 * channels ? v[i] : qk[i];
@@ -77,7 +79,7 @@ struct AttentionProblem {
   AttentionStrides out_strides() const { return AttentionStrides::rows(out_row, s.seq, s.head_dim); }
 
   // Arguments over arrays laid out as these (host vectors or device copies of them).
-  AttentionArgs<T> forward_args(const T* qkv_, T* out_, float* lse_) const {
+  AttentionArgs<T> forward_args(const S* qkv_, S* out_, float* lse_) const {
     return {.batch = s.batch,
             .heads = s.heads,
             .seq = s.seq,
@@ -90,7 +92,7 @@ struct AttentionProblem {
             .out_strides = out_strides(),
             .lse = lse_};
   }
-  AttentionBackwardArgs<T> backward_args(const T* qkv_, const T* out_, const T* dout_, const float* lse_, T* dqkv_,
+  AttentionBackwardArgs<T> backward_args(const S* qkv_, const S* out_, const S* dout_, const float* lse_, S* dqkv_,
                                          float* scratch) const {
     return {.batch = s.batch,
             .heads = s.heads,
@@ -139,14 +141,15 @@ inline double host_dot_depth(std::size_t head_dim) { return double((head_dim + 3
 // A bound for any order of summation (the tensor cores'): head_dim + 8.
 inline double any_dot_depth(std::size_t head_dim) { return double(head_dim) + 8; }
 
-// The float64 reference: exact softmax over the T values the kernels read. The backward part
+// The float64 reference: exact softmax over the stored values the kernels read (for tf32 before
+// their rounding to tf32, whose error the tests' bounds count). The backward part
 // takes `out` and `lse` as the backward pass does, from the forward pass that ran (so it is the
 // exact gradient given those inputs).
 template <class T>
 struct AttentionReference {
   std::vector<Bounded> out, lse, dq, dk, dv;  // [batch, heads, seq, head_dim]; lse [batch, heads, seq]
 
-  AttentionReference(const AttentionProblem<T>& p, bool backward, const std::vector<T>* ran_out = nullptr,
+  AttentionReference(const AttentionProblem<T>& p, bool backward, const std::vector<storage_t<T>>* ran_out = nullptr,
                      const std::vector<float>* ran_lse = nullptr) {
     const auto& s = p.s;
     const std::size_t D = s.head_dim, n = s.seq;
@@ -274,8 +277,9 @@ struct AttentionReference {
 };
 
 // Rounding to T: u_T, the relative error of rounding a float to T (0 for float: nothing is
-// rounded but in fp32, which the fp32 bound covers), and the absolute error it can add near zero
-// (fp16's subnormal half-spacing; bf16's and float's are far below anything these sums carry).
+// rounded but in fp32, which the fp32 bound covers; 2^-11 for tf32), and the absolute error it can
+// add near zero (fp16's subnormal half-spacing; bf16's, tf32's and float's are far below anything
+// these sums carry).
 template <class T>
 double rounding_unit() {
   return std::is_same_v<T, float> ? 0.0 : std::ldexp(1.0, -(alloy::numeric_traits<T>::mantissa_bits + 1));
@@ -285,12 +289,32 @@ double rounding_floor() {
   return std::is_same_v<T, fp16> ? std::ldexp(1.0, -25) : std::ldexp(1.0, -126);
 }
 
-// The spacing of T's values at magnitude v (subnormal spacing below the normal range).
+// Roundings to T of each term of an output sum: P or dS, and for tf32 also the other factor (v,
+// k, q or dout; the 16-bit dtypes' inputs are already in T).
+template <class T>
+double factor_roundings() {
+  return std::is_same_v<T, alloy::tf32> ? 2.0 : 1.0;
+}
+
+// tf32 rounds q and k (the scores) and dout and v (dP) before their products: a relative error of
+// at most 2 u_tf32 per product term, which the fp32 bound E counts at a depth of 2 u_tf32 / u_fp32
+// = 2^14 (E's per-depth part is u_fp32 per unit of depth on the same terms). 0 for the others.
+template <class T>
+double input_rounding_depth() {
+  return std::is_same_v<T, alloy::tf32> ? 2 * rounding_unit<T>() / fp32_unit : 0.0;
+}
+
+// The spacing of T's values at magnitude v (subnormal spacing below the normal range); for tf32,
+// whose outputs are stored as float, float's.
 template <class T>
 double ulp(double v) {
-  const int min_exponent = std::is_same_v<T, fp16> ? -14 : -126;
-  const int exponent = v == 0 ? min_exponent : std::max(std::ilogb(v), min_exponent);
-  return std::ldexp(1.0, exponent - alloy::numeric_traits<T>::mantissa_bits);
+  if constexpr (std::is_same_v<T, alloy::tf32>) {
+    return ulp<float>(v);
+  } else {
+    const int min_exponent = std::is_same_v<T, fp16> ? -14 : -126;
+    const int exponent = v == 0 ? min_exponent : std::max(std::ilogb(v), min_exponent);
+    return std::ldexp(1.0, exponent - alloy::numeric_traits<T>::mantissa_bits);
+  }
 }
 
 }  // namespace alloy::test

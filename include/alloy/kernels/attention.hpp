@@ -1,9 +1,11 @@
 // Causal multi-head self-attention, forward and backward, with one call shape on both backends:
 //   attention_forward(be, AttentionArgs<T>{...})          out and lse from q, k, v
 //   attention_backward(be, AttentionBackwardArgs<T>{...}) dq, dk, dv from q, k, v, out, dout, lse
-// The semantics, layouts and which kernels run are in attention_args.hpp; the Host reference in
-// host/attention.hpp; the Cuda kernels in cuda/attention_flash.hpp (tensor cores) and
-// cuda/attention_rows.hpp (everything else).
+// T is the compute dtype: bf16, fp16, float (fp32) or tf32 (float storage, tf32 products), as a
+// Precision's compute_type names it. The semantics, layouts and which kernels run are in
+// attention_args.hpp; the Host reference in host/attention.hpp; the Cuda kernels in
+// cuda/attention_flash.hpp (tensor cores, bf16 and fp16), cuda/attention_flash_f32.hpp (tensor
+// cores, fp32 as 3xTF32 and tf32) and cuda/attention_rows.hpp (everything else).
 //
 // Determinism: no path adds anything atomically. The backward computes dq in one pass over query
 // rows or tiles (each dq_t summed over its keys by one thread, in key order) and dk, dv in a second
@@ -18,6 +20,7 @@
 #include <alloy/backend/tags.hpp>
 #include <alloy/kernels/attention_args.hpp>
 #include <alloy/kernels/cuda/attention_flash.hpp>
+#include <alloy/kernels/cuda/attention_flash_f32.hpp>
 #include <alloy/kernels/cuda/attention_rows.hpp>
 #include <alloy/kernels/host/attention.hpp>
 
@@ -33,34 +36,44 @@ inline constexpr bool has_attention_kernels = std::is_same_v<B, Host> || (backen
 
 #if ALLOY_HAS_CUDA_KERNELS
 
+template <class T, int D>
+void attention_forward_on_tensor_cores(Cuda be, const AttentionArgs<T>& a, float scale) {
+  if constexpr (attention_16_bit<T>) {
+    flash_forward<T, D>(be, a, scale);
+  } else {
+    flash_float_forward<T, D>(be, a, scale);
+  }
+}
+
+template <class T, int D>
+void attention_backward_on_tensor_cores(Cuda be, const AttentionBackwardArgs<T>& a, float scale) {
+  if constexpr (attention_16_bit<T>) {
+    flash_backward<T, D>(be, a, scale);
+  } else {
+    flash_float_backward<T, D>(be, a, scale);
+  }
+}
+
 template <class T>
 void attention_forward_on(Cuda be, const AttentionArgs<T>& a, float scale) {
-  if constexpr (attention_tensor_core_dtype<T>) {
-    if (attention_uses_tensor_cores(a)) {
-      if (a.head_dim == 64) {
-        flash_forward<T, 64>(be, a, scale);
-      } else {
-        flash_forward<T, 128>(be, a, scale);
-      }
-      return;
-    }
+  if (!attention_uses_tensor_cores(a)) {
+    attention_forward_rows(be, a, scale);
+  } else if (a.head_dim == 64) {
+    attention_forward_on_tensor_cores<T, 64>(be, a, scale);
+  } else {
+    attention_forward_on_tensor_cores<T, 128>(be, a, scale);
   }
-  attention_forward_rows(be, a, scale);
 }
 
 template <class T>
 void attention_backward_on(Cuda be, const AttentionBackwardArgs<T>& a, float scale) {
-  if constexpr (attention_tensor_core_dtype<T>) {
-    if (attention_uses_tensor_cores(a)) {
-      if (a.head_dim == 64) {
-        flash_backward<T, 64>(be, a, scale);
-      } else {
-        flash_backward<T, 128>(be, a, scale);
-      }
-      return;
-    }
+  if (!attention_uses_tensor_cores(a)) {
+    attention_backward_rows(be, a, scale);
+  } else if (a.head_dim == 64) {
+    attention_backward_on_tensor_cores<T, 64>(be, a, scale);
+  } else {
+    attention_backward_on_tensor_cores<T, 128>(be, a, scale);
   }
-  attention_backward_rows(be, a, scale);
 }
 
 #endif  // ALLOY_HAS_CUDA_KERNELS
@@ -71,7 +84,7 @@ void attention_backward_on(Cuda be, const AttentionBackwardArgs<T>& a, float sca
 template <class T, class B>
 void attention_forward(B be, const AttentionArgs<T>& a) {
   static_assert(backend<B>, "attention_forward: B must be alloy::Host or alloy::Cuda");
-  static_assert(detail::attention_dtype<T>, "attention_forward<T>: T must be float, bf16 or fp16");
+  static_assert(detail::attention_dtype<T>, "attention_forward<T>: T must be float, tf32, bf16 or fp16");
   static_assert(detail::has_attention_kernels<B>,
                 "attention_forward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
   if constexpr (detail::attention_dtype<T> && detail::has_attention_kernels<B>) {
@@ -84,7 +97,7 @@ void attention_forward(B be, const AttentionArgs<T>& a) {
 template <class T, class B>
 void attention_backward(B be, const AttentionBackwardArgs<T>& a) {
   static_assert(backend<B>, "attention_backward: B must be alloy::Host or alloy::Cuda");
-  static_assert(detail::attention_dtype<T>, "attention_backward<T>: T must be float, bf16 or fp16");
+  static_assert(detail::attention_dtype<T>, "attention_backward<T>: T must be float, tf32, bf16 or fp16");
   static_assert(detail::has_attention_kernels<B>,
                 "attention_backward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
   if constexpr (detail::attention_dtype<T> && detail::has_attention_kernels<B>) {  // only the assertion above

@@ -14,15 +14,25 @@
 // head_dim), and dq, dk, dv go into the same places of its gradient, so no transpose is copied.
 // The attention output, rows of `channels`, is the next projection's input as it stands.
 //
-// Dtypes: bf16 and fp16 (tensor cores on Cuda), and float (fp32 and tf32 precisions: the row
-// kernels on Cuda). Products and softmax statistics are fp32; outputs are rounded once to T. Two
-// intermediate values are rounded to T too, as a tensor-core product needs them in T: P before
-// it multiplies v (forward) and dout (dv), and dS before it multiplies k (dq) and q (dk). Every
-// path rounds at those points, so they differ only in the order of their fp32 sums and in exp2.
+// Compute dtypes, as for matrix products (gemm_args.hpp): bf16 and fp16 (16-bit storage), fp32 and
+// tf32 (float storage; AttentionArgs<tf32> holds float pointers). Products and softmax statistics
+// are fp32; outputs are rounded once to the storage type. Two intermediate values are rounded to T
+// too, as a tensor-core product needs them in T: P before it multiplies v (forward) and dout (dv),
+// and dS before it multiplies k (dq) and q (dk). For tf32 every factor of every product is rounded
+// to tf32 (round_to_tf32, to nearest even): q and k in the scores, dout and v in dP, P and v, dS
+// and k, dS and q, P and dout; delta = dot(dout, out) stays fp32. For fp32 nothing is rounded but
+// in fp32. Every path of a dtype rounds at the same points, so they differ only in the order of
+// their fp32 sums and in exp2, except fp32 on the tensor cores, whose products are 3xTF32
+// (below) rather than fp32 multiplications.
 //
 // Which Cuda kernels run (attention_uses_tensor_cores says it for given arguments):
-//  - bf16 or fp16, head_dim 64 or 128, every pointer 16-byte aligned and every stride a multiple
-//    of 8 elements: flash-style tiled kernels on the tensor cores (cuda/attention_flash.hpp);
+//  - head_dim 64 or 128, every pointer 16-byte aligned and every stride a whole number of 16-byte
+//    vectors (8 elements of bf16 or fp16, 4 of float): flash-style tiled kernels on the tensor
+//    cores. bf16 and fp16: mma m16n8k16 (cuda/attention_flash.hpp). tf32: mma m16n8k8 on the
+//    tf32-rounded factors. fp32: mma m16n8k8 three times per product (3xTF32, CUTLASS's
+//    OpMultiplyAddFastF32: a = big + small with big = tf32(a) and small = tf32(a - big), and
+//    a b ~ small_a big_b + big_a small_b + big_a big_b), whose products are within about 3 2^-22
+//    of the exact one where an fp32 multiplication is within 2^-24 (cuda/attention_flash_f32.hpp);
 //  - anything else: the row kernels (cuda/attention_rows.hpp), a warp per query or key row, any
 //    head_dim up to 256, which give the Host reference's bits exactly (host/attention.hpp).
 // Both are deterministic: every output element is summed by one thread in a fixed order; nothing
@@ -60,19 +70,22 @@ struct AttentionStrides {
   }
 };
 
-// The forward pass: out and lse from q, k and v.
+// The forward pass: out and lse from q, k and v. T is the compute dtype: bf16, fp16, float or tf32,
+// whose tensors hold storage_t<T> (float for tf32).
 template <class T>
 struct AttentionArgs {
+  using value_type = storage_t<T>;
+
   std::size_t batch = 0;
   std::size_t heads = 0;
   std::size_t seq = 0;
   std::size_t head_dim = 0;
   float scale = 0.0f;  // the scores' factor; 0 means 1 / sqrt(head_dim)
-  const T* q = nullptr;
-  const T* k = nullptr;
-  const T* v = nullptr;
+  const value_type* q = nullptr;
+  const value_type* k = nullptr;
+  const value_type* v = nullptr;
   AttentionStrides qkv_strides = {};  // q's, k's and v's
-  T* out = nullptr;
+  value_type* out = nullptr;
   AttentionStrides out_strides = {};
   float* lse = nullptr;  // [batch, heads, seq]: log(sum_j exp(s_tj)), for the backward; may be null
 };
@@ -81,22 +94,24 @@ struct AttentionArgs {
 // dout, the gradient arriving at out (same strides as out).
 template <class T>
 struct AttentionBackwardArgs {
+  using value_type = storage_t<T>;
+
   std::size_t batch = 0;
   std::size_t heads = 0;
   std::size_t seq = 0;
   std::size_t head_dim = 0;
   float scale = 0.0f;  // as in the forward pass
-  const T* q = nullptr;
-  const T* k = nullptr;
-  const T* v = nullptr;
+  const value_type* q = nullptr;
+  const value_type* k = nullptr;
+  const value_type* v = nullptr;
   AttentionStrides qkv_strides = {};
-  const T* out = nullptr;
-  const T* dout = nullptr;
+  const value_type* out = nullptr;
+  const value_type* dout = nullptr;
   AttentionStrides out_strides = {};  // out's and dout's
   const float* lse = nullptr;
-  T* dq = nullptr;
-  T* dk = nullptr;
-  T* dv = nullptr;
+  value_type* dq = nullptr;
+  value_type* dk = nullptr;
+  value_type* dv = nullptr;
   AttentionStrides grad_strides = {};  // dq's, dk's and dv's
   // Cuda: device memory of attention_backward_scratch_floats(batch, heads, seq) floats (delta_t).
   // The Host backend does not use it and accepts null.
@@ -113,10 +128,18 @@ namespace detail {
 inline constexpr std::size_t attention_max_head_dim = 256;  // the row kernels: 8 dimensions per lane
 
 template <class T>
-inline constexpr bool attention_dtype = std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+inline constexpr bool attention_16_bit = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+
+// float storage: fp32 (3xTF32 on the tensor cores) and tf32.
+template <class T>
+inline constexpr bool attention_float_storage = std::is_same_v<T, float> || std::is_same_v<T, tf32>;
 
 template <class T>
-inline constexpr bool attention_tensor_core_dtype = std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+inline constexpr bool attention_dtype = attention_16_bit<T> || attention_float_storage<T>;
+
+// Elements of T's storage in a 16-byte vector, the unit of the tensor-core kernels' copies.
+template <class T>
+inline constexpr std::size_t attention_vector_elements = 16 / sizeof(storage_t<T>);
 
 template <class T>
 std::string attention_where(const char* function) {
@@ -238,26 +261,19 @@ bool check_attention_backward(const AttentionBackwardArgs<T>& a, bool needs_scra
 // Whether the Cuda backend runs these arguments on the tensor cores (else on the row kernels).
 template <class T>
 bool attention_uses_tensor_cores(const AttentionArgs<T>& a) {
-  if constexpr (!detail::attention_tensor_core_dtype<T>) {
-    return false;
-  } else {
-    return (a.head_dim == 64 || a.head_dim == 128) && detail::strides_in_vectors(a.qkv_strides, 8) &&
-           detail::strides_in_vectors(a.out_strides, 8) && detail::aligned_16(a.q) && detail::aligned_16(a.k) &&
-           detail::aligned_16(a.v) && detail::aligned_16(a.out);
-  }
+  constexpr std::size_t n = detail::attention_vector_elements<T>;
+  return (a.head_dim == 64 || a.head_dim == 128) && detail::strides_in_vectors(a.qkv_strides, n) &&
+         detail::strides_in_vectors(a.out_strides, n) && detail::aligned_16(a.q) && detail::aligned_16(a.k) &&
+         detail::aligned_16(a.v) && detail::aligned_16(a.out);
 }
 
 template <class T>
 bool attention_uses_tensor_cores(const AttentionBackwardArgs<T>& a) {
-  if constexpr (!detail::attention_tensor_core_dtype<T>) {
-    return false;
-  } else {
-    return (a.head_dim == 64 || a.head_dim == 128) && detail::strides_in_vectors(a.qkv_strides, 8) &&
-           detail::strides_in_vectors(a.out_strides, 8) && detail::strides_in_vectors(a.grad_strides, 8) &&
-           detail::aligned_16(a.q) && detail::aligned_16(a.k) && detail::aligned_16(a.v) && detail::aligned_16(a.out) &&
-           detail::aligned_16(a.dout) && detail::aligned_16(a.dq) && detail::aligned_16(a.dk) &&
-           detail::aligned_16(a.dv);
-  }
+  constexpr std::size_t n = detail::attention_vector_elements<T>;
+  return (a.head_dim == 64 || a.head_dim == 128) && detail::strides_in_vectors(a.qkv_strides, n) &&
+         detail::strides_in_vectors(a.out_strides, n) && detail::strides_in_vectors(a.grad_strides, n) &&
+         detail::aligned_16(a.q) && detail::aligned_16(a.k) && detail::aligned_16(a.v) && detail::aligned_16(a.out) &&
+         detail::aligned_16(a.dout) && detail::aligned_16(a.dq) && detail::aligned_16(a.dk) && detail::aligned_16(a.dv);
 }
 
 }  // namespace alloy

@@ -138,15 +138,6 @@ std::size_t bias_grad_size(const GemmArgs<Compute>& g) {
   return g.epilogue == Epilogue::bias_grad ? g.m : g.n;
 }
 
-// float -> the nearest tf32 value (10 fraction bits), ties to even, held in a float. Infinities
-// and NaN pass through; values past tf32's largest round to infinity.
-ALLOY_HOST_DEVICE constexpr float round_to_tf32(float x) noexcept {
-  const std::uint32_t u = float_bits(x);
-  if ((u & 0x7fffffffu) >= 0x7f800000u) return x;
-  const std::uint32_t rounding_bias = 0xfffu + ((u >> 13) & 1u);
-  return float_from_bits((u + rounding_bias) & ~0x1fffu);
-}
-
 // Byte range [first, last) a stored rows x cols matrix spans.
 struct Extent {
   std::uintptr_t first;

@@ -1,7 +1,9 @@
 // CausalSelfAttention: GPT-2's attention layer on rows of `channels` features, every `seq`
 // consecutive rows one sequence (row b * seq + t is position t of sequence b):
 //   qkv = x W_attn^T + b_attn          c_attn, channels -> 3 channels (q, k, v side by side)
-//   att = causal attention per head    kernels/attention.hpp, scale 1 / sqrt(head_dim)
+//   att = causal attention per head    kernels/attention.hpp, scale 1 / sqrt(head_dim), in the
+//                                      precision's compute dtype (fp32 runs 3xTF32 on the tensor
+//                                      cores, tf32 tf32 products, as the GEMMs do)
 //   y   = att W_proj^T + b_proj        c_proj, channels -> channels
 // The kernel reads q, k and v out of qkv in place (AttentionStrides::rows(3 channels, ...)) and
 // writes att as c_proj's input, and the backward writes dq, dk, dv into one [rows, 3 channels]
@@ -112,6 +114,7 @@ class CausalSelfAttention {
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
     using T = detail::value_t<Ctx>;
+    using Compute = typename Ctx::compute_type;
     if (qkv_ == nullptr) throw error("CausalSelfAttention '" + name_ + "': backward before forward");
     if (dy.rows != batch_ * seq_ || dy.cols != channels_) {
       throw error("CausalSelfAttention '" + name_ + "': dy is " + std::to_string(dy.rows) + " x " +
@@ -123,33 +126,35 @@ class CausalSelfAttention {
     const auto mark = ctx.workspace().mark();
     const Activation<T> d_att = c_proj_.backward(ctx, dy);
     float* scratch = ctx.template allocate<float>(attention_backward_scratch_floats(batch_, heads_, seq_));
-    const auto fwd = attention_args<T>(static_cast<const T*>(qkv_), static_cast<T*>(att_), lse_, batch_);
-    attention_backward(ctx.backend(), AttentionBackwardArgs<T>{.batch = fwd.batch,
-                                                               .heads = fwd.heads,
-                                                               .seq = fwd.seq,
-                                                               .head_dim = fwd.head_dim,
-                                                               .q = fwd.q,
-                                                               .k = fwd.k,
-                                                               .v = fwd.v,
-                                                               .qkv_strides = fwd.qkv_strides,
-                                                               .out = fwd.out,
-                                                               .dout = d_att.data,
-                                                               .out_strides = fwd.out_strides,
-                                                               .lse = lse_,
-                                                               .dq = dqkv.data,
-                                                               .dk = dqkv.data + channels_,
-                                                               .dv = dqkv.data + 2 * channels_,
-                                                               .grad_strides = fwd.qkv_strides,
-                                                               .scratch = scratch});
+    const auto fwd = attention_args<Compute>(static_cast<const T*>(qkv_), static_cast<T*>(att_), lse_, batch_);
+    attention_backward(ctx.backend(), AttentionBackwardArgs<Compute>{.batch = fwd.batch,
+                                                                     .heads = fwd.heads,
+                                                                     .seq = fwd.seq,
+                                                                     .head_dim = fwd.head_dim,
+                                                                     .q = fwd.q,
+                                                                     .k = fwd.k,
+                                                                     .v = fwd.v,
+                                                                     .qkv_strides = fwd.qkv_strides,
+                                                                     .out = fwd.out,
+                                                                     .dout = d_att.data,
+                                                                     .out_strides = fwd.out_strides,
+                                                                     .lse = lse_,
+                                                                     .dq = dqkv.data,
+                                                                     .dk = dqkv.data + channels_,
+                                                                     .dv = dqkv.data + 2 * channels_,
+                                                                     .grad_strides = fwd.qkv_strides,
+                                                                     .scratch = scratch});
     ctx.workspace().release(mark);
     return c_attn_.backward(ctx, Activation<const T>(dqkv));
   }
 
-  // The kernel's arguments for `batch` sequences: q, k, v the column blocks of qkv (rows x 3
-  // channels), out (rows x channels) and lse. Forward runs exactly these (tests ask
+  // The kernel's arguments for `batch` sequences in compute dtype Compute (a precision's
+  // compute_type: tf32 for float storage with tf32 math): q, k, v the column blocks of qkv (rows x
+  // 3 channels), out (rows x channels) and lse. Forward runs exactly these (tests ask
   // attention_uses_tensor_cores of them).
-  template <class T>
-  AttentionArgs<T> attention_args(const T* qkv, T* out, float* lse, std::size_t batch) const {
+  template <class Compute>
+  AttentionArgs<Compute> attention_args(const storage_t<Compute>* qkv, storage_t<Compute>* out, float* lse,
+                                        std::size_t batch) const {
     return {.batch = batch,
             .heads = heads_,
             .seq = seq_,
@@ -181,7 +186,7 @@ class CausalSelfAttention {
     const Activation<T> qkv = c_attn_.forward(ctx, x);
     const Activation<T> att = detail::allocate(ctx, x.rows, channels_);
     float* lse = ctx.template allocate<float>(batch_ * heads_ * seq_);
-    attention_forward(ctx.backend(), attention_args<T>(qkv.data, att.data, lse, batch_));
+    attention_forward(ctx.backend(), attention_args<typename Ctx::compute_type>(qkv.data, att.data, lse, batch_));
     qkv_ = qkv.data;
     att_ = att.data;
     lse_ = lse;

@@ -73,4 +73,18 @@ ALLOY_HOST_DEVICE inline T round_to(float x, bool stochastic, std::uint32_t rand
   return stochastic ? round_stochastic<T>(x, random_bits) : round_nearest<T>(x);
 }
 
+namespace detail {
+
+// float -> the nearest tf32 value (10 fraction bits), ties to even, held in a float. Infinities
+// and NaN pass through; values past tf32's largest round to infinity. The tf32 GEMMs' Host
+// reference and both sides of tf32 attention (the Host and the tensor-core kernels) round with it.
+ALLOY_HOST_DEVICE constexpr float round_to_tf32(float x) noexcept {
+  const std::uint32_t u = float_bits(x);
+  if ((u & 0x7fffffffu) >= 0x7f800000u) return x;
+  const std::uint32_t rounding_bias = 0xfffu + ((u >> 13) & 1u);
+  return float_from_bits((u + rounding_bias) & ~0x1fffu);
+}
+
+}  // namespace detail
+
 }  // namespace alloy

@@ -1,7 +1,9 @@
 // Attention's tensor-core kernels, flash-style (the FlashAttention-2 algorithm: tiles of queries
 // against tiles of keys in shared memory, an online softmax, P and dS never leaving registers),
 // for bf16 and fp16 with head_dim 64 or 128: mma.sync m16n8k16 (16-bit inputs, fp32 accumulators)
-// fed by ldmatrix from shared-memory tiles that cp.async fills one tile ahead of the math.
+// fed by ldmatrix from shared-memory tiles that cp.async fills one tile ahead of the math. fp32 and
+// tf32 (float storage) run the same algorithm on m16n8k8 tf32 mmas in cuda/attention_flash_f32.hpp;
+// the copies, tile loads and stores and launch helpers both use are in attention_flash_common.hpp.
 //
 // Every kernel has 4 warps. Tiles are rows of head_dim 16-bit elements in shared memory, their
 // 16-byte chunks xor-swizzled by row % 8 so that the 8 rows one ldmatrix reads fall in distinct
@@ -32,21 +34,16 @@
 
 #include <alloy/backend/cuda/warp_reduce.hpp>
 #include <alloy/backend/tags.hpp>
-#include <alloy/error.hpp>
 #include <alloy/kernels/attention_args.hpp>
+#include <alloy/kernels/cuda/attention_flash_common.hpp>
 #include <alloy/kernels/detail/attention_rows.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <type_traits>
 
 namespace alloy::detail {
-
-inline constexpr int flash_warps = 4;
-inline constexpr int flash_threads = flash_warps * warp_size;
-inline constexpr unsigned flash_full_mask = 0xffffffffu;
 
 // Tile sizes per head_dim: 128 keeps the accumulators of each warp within 255 registers.
 template <int D>
@@ -64,25 +61,7 @@ struct FlashTiles<128> {
   static constexpr int dkdv_queries = 32;
 };
 
-// ---- PTX: asynchronous copies, ldmatrix, mma ----
-
-__device__ ALLOY_FORCEINLINE std::uint32_t flash_shared_address(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes from global to shared memory, or 16 zero bytes when !valid (src is then not read).
-__device__ ALLOY_FORCEINLINE void flash_copy_16(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ ALLOY_FORCEINLINE void flash_copy_4(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-
-__device__ ALLOY_FORCEINLINE void flash_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits for this thread's copies; __syncthreads() then makes every thread's visible.
-__device__ ALLOY_FORCEINLINE void flash_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// ---- PTX: ldmatrix, mma ----
 
 __device__ ALLOY_FORCEINLINE void flash_ldmatrix(std::uint32_t (&r)[4], std::uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -140,6 +119,14 @@ __device__ ALLOY_FORCEINLINE std::uint32_t flash_offset(int row, int chunk) {
   return static_cast<std::uint32_t>((row * (D / 8) + (chunk ^ (row & 7))) * 16);
 }
 
+// The 16-bit kernels' tile layout (attention_flash_common.hpp): rows of D elements, unpadded,
+// chunks swizzled by flash_offset.
+template <int D>
+struct FlashSwizzledRows {
+  static constexpr int chunks = D / 8;
+  __device__ static ALLOY_FORCEINLINE std::uint32_t offset(int row, int chunk) { return flash_offset<D>(row, chunk); }
+};
+
 // The A fragment of rows row0..row0 + 15, columns 16 kk..16 kk + 15 of a row-major tile. ldmatrix's
 // four 8 x 8 matrices come from lanes 0-7 (rows 0-7, columns 0-7), 8-15 (rows 8-15), 16-23 (rows
 // 0-7, columns 8-15) and 24-31.
@@ -163,30 +150,11 @@ __device__ ALLOY_FORCEINLINE void flash_load_b_transposed(std::uint32_t (&b)[4],
   flash_ldmatrix_transposed(b, tile + flash_offset<D>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * np + (lane >> 4)));
 }
 
-// Rows first..first + Rows - 1 of one head's sequence (row t at base + t * row_stride) into a
-// swizzled tile, by all threads of the block; rows at or past seq are zeros.
+// Rows first..first + Rows - 1 of one head's sequence into a swizzled tile (flash_load_rows).
 template <int Rows, int D, class T>
 __device__ ALLOY_FORCEINLINE void flash_load_tile(std::uint32_t tile, const T* base, std::size_t row_stride, int first,
                                                   int seq) {
-  constexpr int chunks = D / 8;
-  static_assert(Rows * chunks % flash_threads == 0, "flash_load_tile: whole rounds of 16-byte copies");
-  ALLOY_UNROLL
-  for (int k = 0; k < Rows * chunks / flash_threads; ++k) {
-    const int i = int(threadIdx.x) + k * flash_threads;
-    const int r = i / chunks, c = i % chunks;
-    const bool valid = first + r < seq;
-    const T* src = valid ? base + std::size_t(first + r) * row_stride + c * 8 : base;
-    flash_copy_16(tile + flash_offset<D>(r, c), src, valid);
-  }
-}
-
-// Rows first..first + Rows - 1 of a [seq] float vector (lse or delta) into shared memory; zeros past seq.
-template <int Rows>
-__device__ ALLOY_FORCEINLINE void flash_load_floats(std::uint32_t dst, const float* base, int first, int seq) {
-  for (int i = int(threadIdx.x); i < Rows; i += flash_threads) {
-    const bool valid = first + i < seq;
-    flash_copy_4(dst + 4 * i, valid ? base + first + i : base, valid);
-  }
+  flash_load_rows<FlashSwizzledRows<D>, Rows>(tile, base, row_stride, first, seq);
 }
 
 // Rounds one warp's accumulator rows (16 of them: local rows row0 + g and row0 + g + 8, times
@@ -201,21 +169,6 @@ __device__ ALLOY_FORCEINLINE void flash_stage_rows(unsigned char* tile, const fl
     for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<std::uint32_t*>(tile + flash_offset<D>(row0 + g + 8 * half, n) + 4 * tq) =
           flash_pack<T>(acc[n][2 * half] * factor, acc[n][2 * half + 1] * factor);
-    }
-  }
-}
-
-// One warp writes tile rows row0..row0 + rows - 1 (positions first + row) to global memory, whole
-// 16-byte chunks, rows at or past seq left alone.
-template <int D, class T>
-__device__ ALLOY_FORCEINLINE void flash_store_rows(T* base, std::size_t row_stride, const unsigned char* tile, int row0,
-                                                   int rows, int first, int seq, int lane) {
-  constexpr int chunks = D / 8;
-  for (int i = lane; i < rows * chunks; i += warp_size) {
-    const int row = row0 + i / chunks, c = i % chunks;
-    if (first + row < seq) {
-      *reinterpret_cast<uint4*>(base + std::size_t(first + row) * row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(tile + flash_offset<D>(row, c));
     }
   }
 }
@@ -401,7 +354,7 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
   }
   __syncwarp();
   T* out = a.out + b * a.out_strides.batch + h * a.out_strides.head;
-  flash_store_rows<D>(out, a.out_strides.row, attention_shared, warp_row0, warp_rows, q0, seq, lane);
+  flash_store_rows<FlashSwizzledRows<D>>(out, a.out_strides.row, attention_shared, warp_row0, warp_rows, q0, seq, lane);
 }
 
 // ---- Backward: dq (and delta) ----
@@ -551,7 +504,7 @@ __global__ void __launch_bounds__(flash_threads)
   flash_stage_rows<T, D>(attention_shared, dq, warp_row0, scale, lane);  // the warp's own Q rows
   __syncwarp();
   T* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
-  flash_store_rows<D>(dq_out, a.grad_strides.row, attention_shared, warp_row0, 16, q0, seq, lane);
+  flash_store_rows<FlashSwizzledRows<D>>(dq_out, a.grad_strides.row, attention_shared, warp_row0, 16, q0, seq, lane);
 }
 
 // ---- Backward: dk and dv ----
@@ -685,30 +638,13 @@ __global__ void __launch_bounds__(flash_threads)
   flash_stage_rows<T, D>(attention_shared + v_offset, dv, warp * 16, 1.0f, lane);
   __syncwarp();
   const AttentionStrides& gs = a.grad_strides;
-  flash_store_rows<D>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared, warp * 16, 16, k0, seq, lane);
-  flash_store_rows<D>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared + v_offset, warp * 16, 16, k0, seq,
-                      lane);
+  flash_store_rows<FlashSwizzledRows<D>>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared, warp * 16, 16, k0,
+                                         seq, lane);
+  flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared + v_offset,
+                                         warp * 16, 16, k0, seq, lane);
 }
 
 // ---- Launches ----
-
-template <class Kernel>
-void flash_allow_shared_bytes(Kernel* kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024) {
-    ALLOY_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
-// Blocks of a grid of tiles x (batch * heads); a 1-D grid, so at most 2^31 - 1.
-inline unsigned flash_grid(std::size_t tiles, std::size_t heads_total, const char* where) {
-  const std::size_t blocks = tiles * heads_total;
-  if (blocks > 0x7fffffffu) {
-    throw error(std::string(where) + ": " + std::to_string(blocks) + " blocks of tiles x batch x heads exceed " +
-                "CUDA's 2^31 - 1");
-  }
-  return static_cast<unsigned>(blocks);
-}
 
 template <class T, int D>
 void flash_forward(Cuda be, const AttentionArgs<T>& a, float scale) {

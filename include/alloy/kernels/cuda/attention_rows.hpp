@@ -1,8 +1,9 @@
 // Attention's Cuda row kernels: the path for every dtype, head_dim (up to 256) and stride the
 // tensor cores do not take (kernels/attention_args.hpp). A warp per query row (forward, dq) or key
 // row (dk, dv), lane l holding dimensions l, l + 32, ... in registers, performing the Host
-// reference's fp32 operations in its order (kernels/detail/attention_rows.hpp): outputs are the
-// Host's bits; lse may differ from it in the last bits, where the device's logf does.
+// reference's fp32 operations in its order (kernels/detail/attention_rows.hpp), tf32's roundings
+// included: outputs are the Host's bits; lse may differ from it in the last bits, where the
+// device's logf does.
 #pragma once
 
 #include <alloy/config.hpp>
@@ -29,6 +30,7 @@ inline constexpr int attention_row_block = attention_row_warps * warp_size;
 template <class T>
 __global__ void __launch_bounds__(attention_row_block)
     attention_forward_rows_kernel(AttentionArgs<T> a, float scale_log2) {
+  using S = storage_t<T>;
   __shared__ float block_x[attention_row_warps][attention_key_block];
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
   const int head_dim = static_cast<int>(a.head_dim);
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(attention_row_block)
       float block_max = attention_negative_infinity;
       for (std::size_t j = first; j < end; ++j) {
         const float s = warp_allreduce(
-            attention_lane_dot(q, attention_row(a.k, a.qkv_strides, b, j, h), lane, head_dim), AttentionSum{});
+            attention_lane_dot<T>(q, attention_row(a.k, a.qkv_strides, b, j, h), lane, head_dim), AttentionSum{});
         const float xj = fp::mul(s, scale_log2);
         if (lane == 0) x[j - first] = xj;
         block_max = Max{}(block_max, xj);
@@ -58,21 +60,21 @@ __global__ void __launch_bounds__(attention_row_block)
       for (int i = 0; i < attention_lane_dims; ++i) o[i] = fp::mul(o[i], factor);
       for (std::size_t j = first; j < end; ++j) {
         const float p = rounded_to<T>(row.add(x[j - first]));
-        const T* v = attention_row(a.v, a.qkv_strides, b, j, h);
+        const S* v = attention_row(a.v, a.qkv_strides, b, j, h);
         ALLOY_UNROLL
         for (int i = 0; i < attention_lane_dims; ++i) {
           const int d = lane + warp_size * i;
-          if (d < head_dim) o[i] = fp::add(o[i], fp::mul(p, to_float(v[d])));
+          if (d < head_dim) o[i] = fp::add(o[i], fp::mul(p, attention_factor<T>(v[d])));
         }
       }
       __syncwarp();  // x is rewritten by the next block
     }
     const float inverse = fp::div(1.0f, row.sum);
-    T* out = attention_row(a.out, a.out_strides, b, t, h);
+    S* out = attention_row(a.out, a.out_strides, b, t, h);
     ALLOY_UNROLL
     for (int i = 0; i < attention_lane_dims; ++i) {
       const int d = lane + warp_size * i;
-      if (d < head_dim) out[d] = round_nearest<T>(fp::mul(o[i], inverse));
+      if (d < head_dim) out[d] = round_nearest<S>(fp::mul(o[i], inverse));
     }
     if (lane == 0 && a.lse) a.lse[bh * a.seq + t] = row.logsumexp();
   }
@@ -83,6 +85,7 @@ __global__ void __launch_bounds__(attention_row_block)
 template <class T>
 __global__ void __launch_bounds__(attention_row_block)
     attention_backward_dq_rows_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+  using S = storage_t<T>;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const AttentionStrides& in = a.qkv_strides;
@@ -96,27 +99,27 @@ __global__ void __launch_bounds__(attention_row_block)
     ALLOY_UNROLL
     for (int i = 0; i < attention_lane_dims; ++i) sum[i] = 0.0f;
     const float delta = warp_allreduce(
-        attention_lane_dot(dout, attention_row(a.out, a.out_strides, b, t, h), lane, head_dim), AttentionSum{});
+        attention_lane_dot<float>(dout, attention_row(a.out, a.out_strides, b, t, h), lane, head_dim), AttentionSum{});
     if (lane == 0) a.scratch[r] = delta;
     const float lse_log2 = fp::mul(a.lse[r], attention_log2e);
     for (std::size_t j = 0; j <= t; ++j) {
-      const T* k = attention_row(a.k, in, b, j, h);
-      const float s = warp_allreduce(attention_lane_dot(q, k, lane, head_dim), AttentionSum{});
+      const S* k = attention_row(a.k, in, b, j, h);
+      const float s = warp_allreduce(attention_lane_dot<T>(q, k, lane, head_dim), AttentionSum{});
       const float p = attention_probability(s, scale_log2, lse_log2);
       const float dp =
-          warp_allreduce(attention_lane_dot(dout, attention_row(a.v, in, b, j, h), lane, head_dim), AttentionSum{});
+          warp_allreduce(attention_lane_dot<T>(dout, attention_row(a.v, in, b, j, h), lane, head_dim), AttentionSum{});
       const float ds = rounded_to<T>(attention_score_grad(p, dp, delta));
       ALLOY_UNROLL
       for (int i = 0; i < attention_lane_dims; ++i) {
         const int d = lane + warp_size * i;
-        if (d < head_dim) sum[i] = fp::add(sum[i], fp::mul(ds, to_float(k[d])));
+        if (d < head_dim) sum[i] = fp::add(sum[i], fp::mul(ds, attention_factor<T>(k[d])));
       }
     }
-    T* dq = attention_row(a.dq, a.grad_strides, b, t, h);
+    S* dq = attention_row(a.dq, a.grad_strides, b, t, h);
     ALLOY_UNROLL
     for (int i = 0; i < attention_lane_dims; ++i) {
       const int d = lane + warp_size * i;
-      if (d < head_dim) dq[d] = round_nearest<T>(fp::mul(sum[i], scale));
+      if (d < head_dim) dq[d] = round_nearest<S>(fp::mul(sum[i], scale));
     }
   }
 }
@@ -126,6 +129,7 @@ __global__ void __launch_bounds__(attention_row_block)
 template <class T>
 __global__ void __launch_bounds__(attention_row_block)
     attention_backward_dkdv_rows_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+  using S = storage_t<T>;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
   const int head_dim = static_cast<int>(a.head_dim);
   const AttentionStrides& in = a.qkv_strides;
@@ -139,31 +143,31 @@ __global__ void __launch_bounds__(attention_row_block)
     ALLOY_UNROLL
     for (int i = 0; i < attention_lane_dims; ++i) dk[i] = dv[i] = 0.0f;
     for (std::size_t t = j; t < a.seq; ++t) {
-      const T* q = attention_row(a.q, in, b, t, h);
-      const T* dout = attention_row(a.dout, a.out_strides, b, t, h);
+      const S* q = attention_row(a.q, in, b, t, h);
+      const S* dout = attention_row(a.dout, a.out_strides, b, t, h);
       const std::size_t row_t = bh * a.seq + t;
-      const float s = warp_allreduce(attention_lane_dot(k, q, lane, head_dim), AttentionSum{});
+      const float s = warp_allreduce(attention_lane_dot<T>(k, q, lane, head_dim), AttentionSum{});
       const float p = attention_probability(s, scale_log2, fp::mul(a.lse[row_t], attention_log2e));
-      const float dp = warp_allreduce(attention_lane_dot(v, dout, lane, head_dim), AttentionSum{});
+      const float dp = warp_allreduce(attention_lane_dot<T>(v, dout, lane, head_dim), AttentionSum{});
       const float ds = rounded_to<T>(attention_score_grad(p, dp, a.scratch[row_t]));
       const float pt = rounded_to<T>(p);
       ALLOY_UNROLL
       for (int i = 0; i < attention_lane_dims; ++i) {
         const int d = lane + warp_size * i;
         if (d < head_dim) {
-          dk[i] = fp::add(dk[i], fp::mul(ds, to_float(q[d])));
-          dv[i] = fp::add(dv[i], fp::mul(pt, to_float(dout[d])));
+          dk[i] = fp::add(dk[i], fp::mul(ds, attention_factor<T>(q[d])));
+          dv[i] = fp::add(dv[i], fp::mul(pt, attention_factor<T>(dout[d])));
         }
       }
     }
-    T* dk_row = attention_row(a.dk, a.grad_strides, b, j, h);
-    T* dv_row = attention_row(a.dv, a.grad_strides, b, j, h);
+    S* dk_row = attention_row(a.dk, a.grad_strides, b, j, h);
+    S* dv_row = attention_row(a.dv, a.grad_strides, b, j, h);
     ALLOY_UNROLL
     for (int i = 0; i < attention_lane_dims; ++i) {
       const int d = lane + warp_size * i;
       if (d < head_dim) {
-        dk_row[d] = round_nearest<T>(fp::mul(dk[i], scale));
-        dv_row[d] = round_nearest<T>(dv[i]);
+        dk_row[d] = round_nearest<S>(fp::mul(dk[i], scale));
+        dv_row[d] = round_nearest<S>(dv[i]);
       }
     }
   }

@@ -4,7 +4,9 @@
 // a dot product is each lane's sum over its dimensions in order, then warp_allreduce's butterfly,
 // which the Host replays (attention_dot_replay). exp2 is attention_exp2, built from alloy::fp's
 // correctly rounded operations, so it too is the same on both sides; only log, used once per row
-// for lse, is each side's own (numeric/math.hpp: within 2 ulp).
+// for lse, is each side's own (numeric/math.hpp: within 2 ulp). T is the compute dtype
+// (attention_args.hpp): for tf32 the factors of every product pass through attention_factor and
+// rounded_to, which round them to tf32 as the tensor-core kernels do.
 #pragma once
 
 #include <alloy/backend/cuda/warp_reduce.hpp>
@@ -16,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace alloy::detail {
 
@@ -70,9 +73,31 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE T* attention_row(T* p, const AttentionStride
   return p + b * s.batch + t * s.row + h * s.head;
 }
 
-// Lane `lane`'s dimensions of a row, as floats (0 past head_dim).
+// A value as a tensor-core product with compute dtype T takes it: rounded to T, back in fp32
+// (tf32: to 10 fraction bits, to nearest even; float: unchanged).
 template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void attention_lane_values(const T* row, int lane, int head_dim,
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float rounded_to(float x) {
+  if constexpr (std::is_same_v<T, tf32>) {
+    return round_to_tf32(x);
+  } else {
+    return to_float(round_nearest<T>(x));
+  }
+}
+
+// An element of q, k, v or dout (or a float holding one) as a factor of a product with compute
+// dtype T: its value, rounded to tf32 for tf32 (the other dtypes' elements are already in T).
+template <class T, class S>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float attention_factor(S x) {
+  if constexpr (std::is_same_v<T, tf32>) {
+    return round_to_tf32(to_float(x));
+  } else {
+    return to_float(x);
+  }
+}
+
+// Lane `lane`'s dimensions of a row, as floats (0 past head_dim).
+template <class S>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void attention_lane_values(const S* row, int lane, int head_dim,
                                                                float (&v)[attention_lane_dims]) {
   ALLOY_UNROLL
   for (int i = 0; i < attention_lane_dims; ++i) {
@@ -81,28 +106,32 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void attention_lane_values(const T* row, int
   }
 }
 
-// Lane `lane`'s share of dot(a, row): its dimensions in order.
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float attention_lane_dot(const float (&a)[attention_lane_dims], const T* row,
+// Lane `lane`'s share of dot(a, row): its dimensions in order, each factor as a product of compute
+// dtype T takes it (T = float: as they are, for delta, which is no tensor-core product).
+template <class T, class S>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float attention_lane_dot(const float (&a)[attention_lane_dims], const S* row,
                                                              int lane, int head_dim) {
   float sum = 0.0f;
   ALLOY_UNROLL
   for (int i = 0; i < attention_lane_dims; ++i) {
     const int d = lane + warp_size * i;
-    if (d < head_dim) sum = fp::add(sum, fp::mul(a[i], to_float(row[d])));
+    if (d < head_dim) sum = fp::add(sum, fp::mul(attention_factor<T>(a[i]), attention_factor<T>(row[d])));
   }
   return sum;
 }
 
-// The Host's replay of a warp's dot product: the 32 lanes' shares, then warp_allreduce's butterfly,
-// whose value in lane 0 (and, fp32 addition being commutative, in every lane) is the tree below:
-// at mask m = 16, 8, 4, 2, 1, lane i < m adds lane i + m.
-template <class A, class B>
+// The Host's replay of a warp's dot product (factors as attention_lane_dot takes them): the 32
+// lanes' shares, then warp_allreduce's butterfly, whose value in lane 0 (and, fp32 addition being
+// commutative, in every lane) is the tree below: at mask m = 16, 8, 4, 2, 1, lane i < m adds lane
+// i + m.
+template <class T, class A, class B>
 float attention_dot_replay(const A* a, const B* b, int head_dim) {
   float lanes[warp_size];
   for (int l = 0; l < warp_size; ++l) {
     float sum = 0.0f;
-    for (int d = l; d < head_dim; d += warp_size) sum = fp::add(sum, fp::mul(to_float(a[d]), to_float(b[d])));
+    for (int d = l; d < head_dim; d += warp_size) {
+      sum = fp::add(sum, fp::mul(attention_factor<T>(a[d]), attention_factor<T>(b[d])));
+    }
     lanes[l] = sum;
   }
   for (int m = warp_size / 2; m > 0; m /= 2) {
@@ -146,12 +175,6 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float attention_probability(float score, flo
 // dS_tj = P_tj (dP_tj - delta_t).
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float attention_score_grad(float p, float dp, float delta) {
   return fp::mul(p, fp::sub(dp, delta));
-}
-
-// a value as the tensor-core products see it: rounded to T, back in fp32.
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float rounded_to(float x) {
-  return to_float(round_nearest<T>(x));
 }
 
 }  // namespace alloy::detail

@@ -2,8 +2,8 @@
 // plain loops, one query or key row at a time, holding at most one block of 64 scores and one row
 // of head_dim sums; no seq x seq matrix. It performs the Cuda row kernels' fp32 operations in
 // their order (kernels/detail/attention_rows.hpp), so those give its bits, and rounds to T where
-// the tensor-core kernels do (P and dS), so those differ from it only by fp32 summation order
-// and exp2.
+// the tensor-core kernels do (P and dS; for tf32 also q, k, v and dout as factors of products), so
+// those differ from it only by fp32 summation order and exp2 (and, for fp32, by 3xTF32's products).
 #pragma once
 
 #include <alloy/backend/tags.hpp>
@@ -20,6 +20,7 @@ namespace alloy::detail {
 // out_t = (sum_j round_T(2^(x_j - max)) v_j) / sum_j 2^(x_j - max), both sums in key order.
 template <class T>
 void attention_forward_on(Host, const AttentionArgs<T>& a, float scale) {
+  using S = storage_t<T>;
   const int head_dim = static_cast<int>(a.head_dim);
   const float scale_log2 = fp::mul(scale, attention_log2e);
   std::vector<float> o(a.head_dim);
@@ -27,7 +28,7 @@ void attention_forward_on(Host, const AttentionArgs<T>& a, float scale) {
   for (std::size_t b = 0; b < a.batch; ++b) {
     for (std::size_t h = 0; h < a.heads; ++h) {
       for (std::size_t t = 0; t < a.seq; ++t) {
-        const T* q = attention_row(a.q, a.qkv_strides, b, t, h);
+        const S* q = attention_row(a.q, a.qkv_strides, b, t, h);
         OnlineSoftmax row;
         std::fill(o.begin(), o.end(), 0.0f);
         for (std::size_t first = 0; first <= t; first += attention_key_block) {
@@ -35,20 +36,20 @@ void attention_forward_on(Host, const AttentionArgs<T>& a, float scale) {
           float block_max = attention_negative_infinity;
           for (std::size_t j = first; j < end; ++j) {
             x[j - first] =
-                fp::mul(attention_dot_replay(q, attention_row(a.k, a.qkv_strides, b, j, h), head_dim), scale_log2);
+                fp::mul(attention_dot_replay<T>(q, attention_row(a.k, a.qkv_strides, b, j, h), head_dim), scale_log2);
             block_max = Max{}(block_max, x[j - first]);
           }
           const float factor = row.rescale(block_max);
           for (float& od : o) od = fp::mul(od, factor);
           for (std::size_t j = first; j < end; ++j) {
             const float p = rounded_to<T>(row.add(x[j - first]));
-            const T* v = attention_row(a.v, a.qkv_strides, b, j, h);
-            for (int d = 0; d < head_dim; ++d) o[d] = fp::add(o[d], fp::mul(p, to_float(v[d])));
+            const S* v = attention_row(a.v, a.qkv_strides, b, j, h);
+            for (int d = 0; d < head_dim; ++d) o[d] = fp::add(o[d], fp::mul(p, attention_factor<T>(v[d])));
           }
         }
         const float inverse = fp::div(1.0f, row.sum);
-        T* out = attention_row(a.out, a.out_strides, b, t, h);
-        for (int d = 0; d < head_dim; ++d) out[d] = round_nearest<T>(fp::mul(o[d], inverse));
+        S* out = attention_row(a.out, a.out_strides, b, t, h);
+        for (int d = 0; d < head_dim; ++d) out[d] = round_nearest<S>(fp::mul(o[d], inverse));
         if (a.lse) a.lse[(b * a.heads + h) * a.seq + t] = row.logsumexp();
       }
     }
@@ -59,6 +60,7 @@ void attention_forward_on(Host, const AttentionArgs<T>& a, float scale) {
 // over queries t >= j in order, recomputing P and dS (the same bits as for dq).
 template <class T>
 void attention_backward_on(Host, const AttentionBackwardArgs<T>& a, float scale) {
+  using S = storage_t<T>;
   const int head_dim = static_cast<int>(a.head_dim);
   const float scale_log2 = fp::mul(scale, attention_log2e);
   std::vector<float> delta(a.seq), lse_log2(a.seq), first_sum(a.head_dim), second_sum(a.head_dim);
@@ -67,17 +69,17 @@ void attention_backward_on(Host, const AttentionBackwardArgs<T>& a, float scale)
     for (std::size_t h = 0; h < a.heads; ++h) {
       const float* lse = a.lse + (b * a.heads + h) * a.seq;
       for (std::size_t t = 0; t < a.seq; ++t) {
-        delta[t] = attention_dot_replay(attention_row(a.dout, a.out_strides, b, t, h),
-                                        attention_row(a.out, a.out_strides, b, t, h), head_dim);
+        delta[t] = attention_dot_replay<float>(attention_row(a.dout, a.out_strides, b, t, h),
+                                               attention_row(a.out, a.out_strides, b, t, h), head_dim);
         lse_log2[t] = fp::mul(lse[t], attention_log2e);
       }
       // p and round_T(dS) of query t and key j.
       const auto probability_and_grad = [&](std::size_t t, std::size_t j, float& p, float& ds) {
-        const T* dout = attention_row(a.dout, a.out_strides, b, t, h);
+        const S* dout = attention_row(a.dout, a.out_strides, b, t, h);
         const float s =
-            attention_dot_replay(attention_row(a.q, in, b, t, h), attention_row(a.k, in, b, j, h), head_dim);
+            attention_dot_replay<T>(attention_row(a.q, in, b, t, h), attention_row(a.k, in, b, j, h), head_dim);
         p = attention_probability(s, scale_log2, lse_log2[t]);
-        const float dp = attention_dot_replay(dout, attention_row(a.v, in, b, j, h), head_dim);
+        const float dp = attention_dot_replay<T>(dout, attention_row(a.v, in, b, j, h), head_dim);
         ds = rounded_to<T>(attention_score_grad(p, dp, delta[t]));
       };
       for (std::size_t t = 0; t < a.seq; ++t) {
@@ -85,11 +87,13 @@ void attention_backward_on(Host, const AttentionBackwardArgs<T>& a, float scale)
         for (std::size_t j = 0; j <= t; ++j) {
           float p, ds;
           probability_and_grad(t, j, p, ds);
-          const T* k = attention_row(a.k, in, b, j, h);
-          for (int d = 0; d < head_dim; ++d) first_sum[d] = fp::add(first_sum[d], fp::mul(ds, to_float(k[d])));
+          const S* k = attention_row(a.k, in, b, j, h);
+          for (int d = 0; d < head_dim; ++d) {
+            first_sum[d] = fp::add(first_sum[d], fp::mul(ds, attention_factor<T>(k[d])));
+          }
         }
-        T* dq = attention_row(a.dq, a.grad_strides, b, t, h);
-        for (int d = 0; d < head_dim; ++d) dq[d] = round_nearest<T>(fp::mul(first_sum[d], scale));
+        S* dq = attention_row(a.dq, a.grad_strides, b, t, h);
+        for (int d = 0; d < head_dim; ++d) dq[d] = round_nearest<S>(fp::mul(first_sum[d], scale));
       }
       for (std::size_t j = 0; j < a.seq; ++j) {
         std::fill(first_sum.begin(), first_sum.end(), 0.0f);    // dk
@@ -98,18 +102,18 @@ void attention_backward_on(Host, const AttentionBackwardArgs<T>& a, float scale)
           float p, ds;
           probability_and_grad(t, j, p, ds);
           const float pt = rounded_to<T>(p);
-          const T* q = attention_row(a.q, in, b, t, h);
-          const T* dout = attention_row(a.dout, a.out_strides, b, t, h);
+          const S* q = attention_row(a.q, in, b, t, h);
+          const S* dout = attention_row(a.dout, a.out_strides, b, t, h);
           for (int d = 0; d < head_dim; ++d) {
-            first_sum[d] = fp::add(first_sum[d], fp::mul(ds, to_float(q[d])));
-            second_sum[d] = fp::add(second_sum[d], fp::mul(pt, to_float(dout[d])));
+            first_sum[d] = fp::add(first_sum[d], fp::mul(ds, attention_factor<T>(q[d])));
+            second_sum[d] = fp::add(second_sum[d], fp::mul(pt, attention_factor<T>(dout[d])));
           }
         }
-        T* dk = attention_row(a.dk, a.grad_strides, b, j, h);
-        T* dv = attention_row(a.dv, a.grad_strides, b, j, h);
+        S* dk = attention_row(a.dk, a.grad_strides, b, j, h);
+        S* dv = attention_row(a.dv, a.grad_strides, b, j, h);
         for (int d = 0; d < head_dim; ++d) {
-          dk[d] = round_nearest<T>(fp::mul(first_sum[d], scale));
-          dv[d] = round_nearest<T>(second_sum[d]);
+          dk[d] = round_nearest<S>(fp::mul(first_sum[d], scale));
+          dv[d] = round_nearest<S>(second_sum[d]);
         }
       }
     }
