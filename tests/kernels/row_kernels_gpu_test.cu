@@ -338,6 +338,45 @@ TYPED_TEST(CudaRowKernels, LayerNormRunsTwiceToTheSameBits) {
 
 // ---- softmax cross-entropy ----
 
+// Each thread of a wide block (1024) gets its block's sum, added in wide_block_allreduce's order.
+__global__ void wide_block_sum_kernel(const float* in, float* out) {
+  __shared__ float warp_totals[alloy::detail::warp_size];
+  const std::size_t i = blockIdx.x * std::size_t(alloy::detail::wide_block) + threadIdx.x;
+  out[i] = alloy::detail::wide_block_allreduce(in[i], alloy::detail::FloatSum{}, warp_totals);
+}
+
+// The register kernel's combination order: fp32 sums of values over 40 binary orders of magnitude
+// (the order changes the bits: a left fold differs) are, in every thread, the bits of the Host's
+// wide_block_replay. The softmax itself cannot be compared bit for bit (expf and logf differ).
+TEST(CudaRowKernelsReductions, WideBlockAllreduceIsWhatTheHostReplays) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  constexpr int n = alloy::detail::wide_block, blocks = 16;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal_value;
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  std::vector<float> in(std::size_t(n) * blocks);
+  for (float& v : in) v = std::ldexp(normal_value(rng), exponent(rng));
+  Buffer<float, Cuda> d_in(in.size()), d_out(in.size());
+  alloy::copy_from_host(d_in, std::span<const float>(in));
+  wide_block_sum_kernel<<<blocks, n>>>(d_in.data(), d_out.data());
+  ALLOY_CUDA_CHECK_LAUNCH();
+  const auto out = alloy::to_host(d_out);
+  int differs_from_left_fold = 0;
+  for (int b = 0; b < blocks; ++b) {
+    float threads[n];
+    std::copy_n(in.begin() + std::size_t(b) * n, n, threads);
+    const float want = alloy::detail::wide_block_replay(threads, alloy::detail::FloatSum{});
+    float left_fold = 0.0f;
+    for (float v : threads) left_fold += v;
+    differs_from_left_fold += bits_of(left_fold) != bits_of(want);
+    for (int t = 0; t < n; ++t) {
+      ASSERT_EQ(bits_of(out[std::size_t(b) * n + t]), bits_of(want)) << "block " << b << ", thread " << t;
+    }
+  }
+  EXPECT_GT(differs_from_left_fold, 0) << "the inputs do not tell the order apart";
+}
+
 // rows x classes; logits `logits_offset` and dlogits `grad_offset` elements past a 256-byte
 // boundary (equal offsets split rows into vectors, unequal ones keep every access scalar).
 struct LossCase {
