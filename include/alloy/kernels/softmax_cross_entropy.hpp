@@ -20,19 +20,11 @@
 // is read and then written by the same thread, and the target's logit is read before any thread
 // writes.
 //
-// Two Cuda kernels, chosen by the arguments alone (the dtype, real_classes and whether logits and
-// dlogits share their 16-byte phase), never by the device:
-//   - the register kernel, for vectorized rows of up to 1024 x 7 16-byte vectors (57344 bf16 or
-//     fp16 classes, 28672 float): a block of 1024 threads reads the row once into registers; each
-//     thread takes the maximum of what it holds, then the sum of exp(x - max); the threads' pairs
-//     are combined by two levels of warp butterflies; dlogits is computed from the registers.
-//   - the row-walking kernel, for every other row: a block of 256 threads reads the row twice. In
-//     one pass each thread keeps (max, sum of exp(x - max)) over its elements, rescaling its sum
-//     when a vector raises its maximum; the threads' pairs are folded in a fixed order. A second
-//     pass writes dlogits.
-// The Host replays the kernel the same arguments choose on Cuda: the same per-thread code, the
-// same split of the row among threads and the same combination order. The backends differ only
-// in their expf/logf, so results are deterministic for given inputs and alignment.
+// One pass finds the maximum and the sum together: each thread keeps (max, sum of exp(x - max))
+// over its elements, rescaling its sum when a vector raises its maximum; the threads' pairs are
+// then combined in a fixed order. A second pass writes dlogits. Both backends run the same
+// per-thread code and the same combination order (the Host replays a block of 256 threads), and
+// differ only in their expf/logf, so results are deterministic for given inputs and alignment.
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -44,10 +36,8 @@
 #include <alloy/numeric/math.hpp>
 #include <alloy/numeric/rounding.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -56,8 +46,7 @@ namespace alloy {
 
 namespace detail {
 
-inline constexpr int softmax_block = 256;           // threads sharing one row in the row-walking kernel
-inline constexpr int softmax_register_vectors = 7;  // 16-byte vectors per thread in the register kernel
+inline constexpr int softmax_block = 256;  // threads sharing one row (the Host replays this many)
 
 inline constexpr float negative_infinity = float_from_bits(0xff800000u);
 inline constexpr float quiet_nan = float_from_bits(0x7fc00000u);
@@ -129,107 +118,6 @@ ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T*
   });
 }
 
-// Whether rows of real_classes classes take the register kernel: the rows are vectorized and none
-// has more than softmax_register_vectors vectors per thread of a wide_block (a head and a tail,
-// each shorter than a vector, add at most one element per thread).
-template <class T>
-constexpr bool softmax_in_registers(std::size_t real_classes, bool vectorized) {
-  return vectorized && real_classes <= std::size_t(wide_block) * softmax_register_vectors * row_vector_lanes<T>;
-}
-
-// What thread `thread` of the register kernel holds of a row: head element `thread`, vectors
-// thread + 1024 k for k < count, tail element `thread` (for_each_run's runs for 1024 threads).
-// A vector is kept as its four 32-bit words, two 16-bit elements to a register (as T elements,
-// each would take a register of its own).
-template <class T>
-struct HeldRow {
-  static constexpr int lanes = row_vector_lanes<T>;
-  std::uint32_t vectors[softmax_register_vectors][4];
-  T head, tail;
-  int count;
-  bool has_head, has_tail;
-};
-
-// Element l of a vector held as words (little-endian on both backends: element 0 is the low half).
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float held_element(const std::uint32_t (&words)[4], int l) {
-  if constexpr (std::is_same_v<T, float>) {
-    return float_from_bits(words[l]);
-  } else if constexpr (std::is_same_v<T, bf16>) {
-    const std::uint32_t w = words[l / 2];
-    return float_from_bits(l % 2 == 0 ? w << 16 : w & 0xffff0000u);
-  } else {
-    return to_float(T::from_bits(static_cast<std::uint16_t>(words[l / 2] >> (16 * (l % 2)))));
-  }
-}
-
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void load_held_vector(const T* p, std::uint32_t (&words)[4]) {
-#if ALLOY_DEVICE_CODE && ALLOY_HAS_CUDA_KERNELS
-  load_vector(reinterpret_cast<const std::uint32_t*>(p), words);
-#else
-  std::memcpy(words, p, sizeof(words));
-#endif
-}
-
-// Where vector k of `thread` starts, for rows in registers (indices within a row fit 32 bits,
-// which keeps addresses out of the registers the row needs).
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t held_vector_first(const RowSplit& s, std::uint32_t thread, int k) {
-  return static_cast<std::uint32_t>(s.head) + (thread + std::uint32_t(k) * wide_block) * HeldRow<T>::lanes;
-}
-
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE std::uint32_t held_tail_index(const RowSplit& s, std::uint32_t thread) {
-  return static_cast<std::uint32_t>(s.head + s.vectors * HeldRow<T>::lanes) + thread;
-}
-
-// Loads what `thread` holds of row x, every load issued before any value is used.
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE HeldRow<T> load_held_row(const RowSplit& s, const T* x, std::uint32_t thread) {
-  HeldRow<T> h;
-  const auto vectors = static_cast<std::uint32_t>(s.vectors);
-  h.count = thread < vectors ? static_cast<int>((vectors - thread + wide_block - 1) / wide_block) : 0;
-  ALLOY_UNROLL
-  for (int k = 0; k < softmax_register_vectors; ++k) {
-    if (k < h.count) load_held_vector(x + held_vector_first<T>(s, thread, k), h.vectors[k]);
-  }
-  const std::uint32_t tail = held_tail_index<T>(s, thread);
-  h.has_head = thread < s.head;
-  h.has_tail = tail < s.length;
-  h.head = h.has_head ? x[thread] : T{};
-  h.tail = h.has_tail ? x[tail] : T{};
-  return h;
-}
-
-// (max, sum of exp(x - max)) over what a thread holds: the maximum first, then the sum, each in
-// the order head, vectors, tail.
-template <class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE MaxSum held_max_sum(const HeldRow<T>& h) {
-  float m = negative_infinity;
-  if (h.has_head) m = Max{}(m, to_float(h.head));
-  ALLOY_UNROLL
-  for (int k = 0; k < softmax_register_vectors; ++k) {
-    if (k >= h.count) continue;
-    ALLOY_UNROLL
-    for (int l = 0; l < HeldRow<T>::lanes; ++l) m = Max{}(m, held_element<T>(h.vectors[k], l));
-  }
-  if (h.has_tail) m = Max{}(m, to_float(h.tail));
-  if (m == negative_infinity) return {m, 0.0f};  // nothing held, or nothing but -infinity
-  float sum = 0.0f;
-  if (h.has_head) sum = fp::add(sum, exp_of(fp::sub(to_float(h.head), m)));
-  ALLOY_UNROLL
-  for (int k = 0; k < softmax_register_vectors; ++k) {
-    if (k >= h.count) continue;
-    ALLOY_UNROLL
-    for (int l = 0; l < HeldRow<T>::lanes; ++l) {
-      sum = fp::add(sum, exp_of(fp::sub(held_element<T>(h.vectors[k], l), m)));
-    }
-  }
-  if (h.has_tail) sum = fp::add(sum, exp_of(fp::sub(to_float(h.tail), m)));
-  return {m, sum};
-}
-
 template <class T>
 struct SoftmaxCrossEntropy {
   const T* logits;
@@ -254,10 +142,9 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool ignored_row(const SoftmaxCrossEntropy<T
   return a.ignores && t == a.ignore_index;
 }
 
-// The Host reference: plain loops replaying, per row, the block of the kernel Cuda would run.
+// The Host reference: plain loops replaying a 256-thread block per row.
 template <class T>
 void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
-  const bool in_registers = softmax_in_registers<T>(a.real_classes, a.vectorized);
   for (std::size_t r = 0; r < a.rows; ++r) {
     const T* x = a.logits + r * a.classes;
     T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
@@ -271,17 +158,9 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
       continue;
     }
     const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    MaxSum total;
-    if (in_registers) {
-      MaxSum threads[wide_block];
-      for (std::uint32_t i = 0; i < wide_block; ++i) threads[i] = held_max_sum(load_held_row(s, x, i));
-      total = wide_block_replay(threads, CombineMaxSum{});
-    } else {
-      MaxSum threads[softmax_block];
-      for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
-      total = block_replay(threads, CombineMaxSum{});
-    }
-    // The gradient of an element does not depend on the thread that computes it.
+    MaxSum threads[softmax_block];
+    for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
+    const MaxSum total = block_replay(threads, CombineMaxSum{});
     a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
     if (dx) {
       softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, 0, 1);
@@ -292,105 +171,9 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
 
 #if ALLOY_HAS_CUDA_KERNELS
 
-// dlogits from what a thread holds. p - 0 is p, bit for bit, so only the target's element
-// subtracts its one (the same values as softmax_thread_gradient's).
-template <class T>
-__device__ ALLOY_FORCEINLINE void held_gradient(const HeldRow<T>& h, const RowSplit& s, T* dx, MaxSum total,
-                                                std::uint32_t target, float grad_scale, std::uint32_t thread) {
-  constexpr int L = HeldRow<T>::lanes;
-  const float inv_sum = fp::div(1.0f, total.sum);
-  const auto probability = [&](float v) { return fp::mul(exp_of(fp::sub(v, total.max)), inv_sum); };
-  const auto gradient = [&](float v, std::uint32_t i) {
-    const float p = probability(v);
-    return round_nearest<T>(fp::mul(i == target ? fp::sub(p, 1.0f) : p, grad_scale));
-  };
-  if (h.has_head) dx[thread] = gradient(to_float(h.head), thread);
-  ALLOY_UNROLL
-  for (int k = 0; k < softmax_register_vectors; ++k) {
-    if (k >= h.count) continue;
-    const std::uint32_t first = held_vector_first<T>(s, thread, k);
-    T d[L];
-    ALLOY_UNROLL
-    for (int l = 0; l < L; ++l) {
-      d[l] = round_nearest<T>(fp::mul(probability(held_element<T>(h.vectors[k], l)), grad_scale));
-    }
-    if (target - first < std::uint32_t(L)) {  // this vector holds the target (unsigned: target >= first)
-      ALLOY_UNROLL
-      for (int l = 0; l < L; ++l) {
-        if (first + l == target) d[l] = gradient(held_element<T>(h.vectors[k], l), target);
-      }
-    }
-    store_run<L>(dx + first, d);
-  }
-  const std::uint32_t tail = held_tail_index<T>(s, thread);
-  if (h.has_tail) dx[tail] = gradient(to_float(h.tail), tail);
-}
-
-// Thread i of 1024 asks L2 for lines i, i + 1024, ... of the first `length` elements of row x.
-template <class T>
-__device__ ALLOY_FORCEINLINE void prefetch_row_l2(const T* x, std::size_t length) {
-  constexpr std::uintptr_t line = 128;
-  const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(x + length);
-  for (std::uintptr_t p = reinterpret_cast<std::uintptr_t>(x) / line * line + threadIdx.x * line; p < end;
-       p += wide_block * line) {
-    prefetch_l2(reinterpret_cast<const void*>(p));
-  }
-}
-
-// The register kernel: a block of 1024 threads per row, rows one after another. Per element: reads
-// the logit once (from L2 when the prefetch brought it there) and, with dlogits, writes sizeof(T).
-// Per row: reads the target (4 bytes) and writes the loss (4 bytes). Padding columns are not read;
-// with dlogits they are written (zeros).
-//
-// Occupancy. GPT-2's rows (50257 bf16 logits, 100 KB) are 25K of a multiprocessor's 64K 32-bit
-// registers: one row fits per multiprocessor, never two. Two blocks of 1024 threads would leave
-// 32 registers a thread, 28 of them the row's 7 vectors; so one block per multiprocessor, up to
-// 64 registers a thread. Each thread issues its 7 16-byte loads before using any: 1024 x 112 B =
-// 114 KB in flight per multiprocessor as a row starts, far above the ~30 KB an H200
-// multiprocessor needs to keep HBM busy. Between two rows' loads, though, a block computes (two
-// exps per element: ~6 us a row, against ~7.5 us to read and write 100 KB at a 132nd of
-// 3.6 TB/s), and its HBM traffic would stop; so each block asks L2 for its next row
-// (prefetch.global.L2: no registers) as it starts a row, and warps that finish a row go on to the
-// next without waiting for the others (the warp totals alternate between two buffers, so a row
-// ends without a barrier). 132 blocks x 2 rows of 100 KB = 26 MB of the 50 MB L2.
-// PrefetchNextRow is a parameter for the benchmark that measures what the prefetch is worth.
-template <class T, bool PrefetchNextRow = true>
-__global__ void __launch_bounds__(wide_block, 1) softmax_cross_entropy_registers_kernel(SoftmaxCrossEntropy<T> a) {
-  __shared__ MaxSum warp_totals[2][warp_size];
-  int buffer = 0;
-  for (std::size_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    const T* x = a.logits + r * a.classes;
-    T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
-    if (PrefetchNextRow && r + gridDim.x < a.rows) prefetch_row_l2(x + gridDim.x * a.classes, a.real_classes);
-    const std::int32_t t = a.targets[r];
-    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {  // the same for the whole block
-      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
-      if (threadIdx.x == 0) a.row_loss[r] = fill;
-      if (dx) {
-        for (std::size_t c = threadIdx.x; c < a.classes; c += wide_block) dx[c] = round_nearest<T>(fill);
-      }
-      continue;
-    }
-    const RowSplit s = split_row(x, a.real_classes, true);
-    const HeldRow<T> h = load_held_row(s, x, threadIdx.x);
-    // Read before the barrier in wide_block_allreduce, so before any thread writes dx (which may be x).
-    const float target_logit = to_float(x[t]);
-    const MaxSum total = wide_block_allreduce(held_max_sum(h), CombineMaxSum{}, warp_totals[buffer]);
-    buffer ^= 1;
-    if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
-    if (dx) {
-      held_gradient(h, s, dx, total, static_cast<std::uint32_t>(t), a.grad_scale, threadIdx.x);
-      for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += wide_block) {
-        dx[c] = round_nearest<T>(0.0f);
-      }
-    }
-  }
-}
-
-// The row-walking kernel: a block per row. Per element: reads the logit twice (the second time
-// from L2 or L1 when the row is still there; GPT-2's 100 KB rows, about a thousand at once, are
-// not) and, with dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and writes the
-// loss (4 bytes). Padding columns are not read; with dlogits they are written (zeros).
+// A block per row. Per element: reads the logit twice (the second time from L2 when the row was
+// too large for L1) and, with dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and
+// writes the loss (4 bytes). Padding columns are not read; with dlogits they are written (zeros).
 template <class T>
 __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(SoftmaxCrossEntropy<T> a) {
   __shared__ MaxSum warp_totals[softmax_block / warp_size];
@@ -426,13 +209,7 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
 template <class T>
 void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
   if (a.rows == 0) return;
-  if (softmax_in_registers<T>(a.real_classes, a.vectorized)) {
-    // One block per multiprocessor (the most its registers hold; see the kernel), each striding over rows.
-    const int grid = static_cast<int>(std::min<std::size_t>(a.rows, current_device_sm_count()));
-    softmax_cross_entropy_registers_kernel<<<grid, wide_block, 0, be.stream>>>(a);
-  } else {
-    softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
-  }
+  softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 

@@ -82,10 +82,6 @@ __device__ ALLOY_FORCEINLINE void store_vector(T* p, const T (&v)[N]) {
   }
 }
 
-// Asks L2 for the 128-byte line holding p: a hint, which loads nothing into registers and reads
-// no value (so it may precede other threads' writes to that line).
-__device__ ALLOY_FORCEINLINE void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 }  // namespace alloy::detail
 
 #endif  // ALLOY_HAS_CUDA_KERNELS

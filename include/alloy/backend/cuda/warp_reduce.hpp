@@ -1,12 +1,11 @@
 // The fixed reduction orders of alloy's kernels, and the Host's replay of them. A warp reduces
 // with an xor butterfly: at masks 16, 8, 4, 2, 1, lane i combines its value with lane i ^ mask's.
 // A block runs that butterfly in every warp, then every thread folds the warps' totals left in
-// warp order; a wide block (32 warps) instead runs a second butterfly over the warps' totals. The
-// replays perform the same operations in the same order on the host, so a kernel built on these
-// gives the same bits on Host and Cuda (the row kernels rely on it); that is why they are written
-// here rather than taken from cub::WarpReduce, whose order is CUB's to change. (The two-stage
-// transform_reduce in backend/cuda.hpp folds its blocks with cub::BlockReduce: its results are
-// deterministic per device and size, and are not replayed on the host.)
+// warp order. The replays perform the same operations in the same order on the host, so a kernel
+// built on these gives the same bits on Host and Cuda (the row kernels rely on it); that is why
+// they are written here rather than taken from cub::WarpReduce, whose order is CUB's to change.
+// (The two-stage transform_reduce in backend/cuda.hpp folds its blocks with cub::BlockReduce:
+// its results are deterministic per device and size, and are not replayed on the host.)
 #pragma once
 
 #include <alloy/config.hpp>
@@ -48,21 +47,6 @@ V block_replay(const V (&threads)[Threads], Op op) {
   return total;
 }
 
-inline constexpr int wide_block = warp_size * warp_size;  // 1024 threads: a warp's lane per warp
-
-// The Host's replay of wide_block_allreduce over 1024 values: each warp's butterfly, then a
-// butterfly over the 32 warp totals (warp i's as lane i).
-template <class V, class Op>
-V wide_block_replay(const V (&threads)[wide_block], Op op) {
-  V warp_total[warp_size];
-  for (int w = 0; w < warp_size; ++w) {
-    V lanes[warp_size];
-    for (int i = 0; i < warp_size; ++i) lanes[i] = threads[w * warp_size + i];
-    warp_total[w] = butterfly_replay(lanes, op);
-  }
-  return butterfly_replay(warp_total, op);
-}
-
 #if ALLOY_HAS_CUDA_KERNELS
 
 // A value of whole 32-bit words from lane (this lane ^ mask).
@@ -99,19 +83,6 @@ __device__ ALLOY_FORCEINLINE V block_allreduce(V v, Op op, V* shared) {
 #pragma unroll
   for (int w = 1; w < Threads / warp_size; ++w) total = op(total, shared[w]);
   return total;
-}
-
-// op over a block of 32 full warps: warp butterflies, then every warp runs a butterfly over the
-// 32 warps' totals (lane i takes warp i's). Each thread does 10 combinations where
-// block_allreduce's left fold would take 36, and every thread ends with the same value when op is
-// commutative bit for bit. `shared` holds 32 values; it may be written again only after another
-// barrier (a kernel alternating between two of them has one in between).
-template <class V, class Op>
-__device__ ALLOY_FORCEINLINE V wide_block_allreduce(V v, Op op, V* shared) {
-  v = warp_allreduce(v, op);
-  if (threadIdx.x % warp_size == 0) shared[threadIdx.x / warp_size] = v;
-  __syncthreads();
-  return warp_allreduce(shared[threadIdx.x % warp_size], op);
 }
 
 #endif  // ALLOY_HAS_CUDA_KERNELS
