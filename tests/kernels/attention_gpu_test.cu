@@ -177,6 +177,7 @@ const char* name_of(Path p) { return p == Path::tensor_cores ? "the tensor-core 
 // Relative Frobenius distance of the float paths' outputs from float64: sums of squares, per output.
 class Float64Distance {
  public:
+  // bound < 0: measured and printed, not checked.
   Float64Distance(std::string what, double bound) : what_(std::move(what)), bound_(bound) {}
   void add(double got, double exact) {
     error_ += (got - exact) * (got - exact);
@@ -185,8 +186,12 @@ class Float64Distance {
   ~Float64Distance() {
     if (norm_ == 0) return;  // dq, dk at one position: exactly 0
     const double distance = std::sqrt(error_ / norm_);
-    std::cout << "[ measured ] " << what_ << ": relative Frobenius distance from float64 " << distance << " (bound "
-              << bound_ << ")\n";
+    std::cout << "[ measured ] " << what_ << ": relative Frobenius distance from float64 " << distance;
+    if (bound_ < 0) {
+      std::cout << " (not checked: the exact value is 0)\n";
+      return;
+    }
+    std::cout << " (bound " << bound_ << ")\n";
     EXPECT_LE(distance, bound_) << what_ << ": relative Frobenius distance from float64";
   }
 
@@ -262,8 +267,13 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   constexpr bool float_storage = std::is_same_v<storage_t<T>, float>;
   const double float64_bound = std::is_same_v<T, float> ? 1e-4 : 1e-2;
   const std::string name = alloy::numeric_traits<T>::name;
-  Float64Distance out_64(name + " out", float64_bound), dq_64(name + " dq", float64_bound),
-      dk_64(name + " dk", float64_bound), dv_64(name + " dv", float64_bound);
+  // One position: the softmax over one key is constant, so dq and dk are exactly 0 and the float64
+  // reference holds only rounding residue (tf32's delta, an unrounded fp32 dot, against dP from
+  // tf32 factors leaves about 2^-11 sum |dout v| in the kernels and the Host alike): a relative
+  // distance means nothing there, and the element-wise bounds against the Host above hold them.
+  const double zero_gradient = s.seq == 1 ? -1.0 : float64_bound;
+  Float64Distance out_64(name + " out", float64_bound), dq_64(name + " dq", zero_gradient),
+      dk_64(name + " dk", zero_gradient), dv_64(name + " dv", float64_bound);
   Compare out_check("out"), dq_check("dq"), dk_check("dk"), dv_check("dv");
   for (std::size_t b = 0; b < s.batch; ++b) {
     for (std::size_t h = 0; h < s.heads; ++h) {
