@@ -166,7 +166,10 @@ class OptimizerStep {
   // middle ones add, the last adds and sums the squares of the result for the step's norm and
   // skip decision; with one micro-batch the step reads the compute-dtype gradients directly. A
   // no-op for stores without an accumulator. Ordered on the backend's stream; nothing waits.
-  void accumulate(store_type& store, int micro_batch, int micro_batches) {
+  // sum_squares = false leaves the last micro-batch's sum without its squares, for a caller that
+  // changes the accumulator before the step (DataParallel sums it over the ranks); step() then
+  // runs pass 1 on it.
+  void accumulate(store_type& store, int micro_batch, int micro_batches, bool sum_squares = true) {
     if (micro_batches < 1 || micro_batch < 0 || micro_batch >= micro_batches) {
       throw error("OptimizerStep::accumulate: micro-batch " + std::to_string(micro_batch) + " of " +
                   std::to_string(micro_batches));
@@ -181,7 +184,7 @@ class OptimizerStep {
       auto* acc = store.accumulator_arena().data();
       const std::size_t n = store.layout().padded_numel();
       const bool first = micro_batch == 0;
-      if (micro_batch + 1 < micro_batches) {
+      if (micro_batch + 1 < micro_batches || !sum_squares) {
         accumulate_grads(be_, g, acc, n, first);
         grads_ = Gradients::accumulating;
         return;

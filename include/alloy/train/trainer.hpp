@@ -11,11 +11,17 @@
 // sums the squares for the norm on the last micro-batch); then the optimizer step (pass 1 where
 // the accumulation did not already sum the squares, skip/clip decision, pass 2). step() returns
 // with pass 2 queued, not finished.
+//
+// With DataParallel<Comm> (train/data_parallel.hpp) each rank is one replica: backward is seeded
+// with scale / (N x world size), the gradients are summed over the ranks after the last
+// micro-batch, the reported loss is the mean over every rank's micro-batches, and checkpoints are
+// written by rank 0 and loaded by every rank.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
 #include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
+#include <alloy/train/data_parallel.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/optimizer_step.hpp>
 #include <alloy/train/param_store.hpp>
@@ -28,6 +34,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <iterator>
 #include <memory>
@@ -78,6 +85,8 @@ class Trainer {
   using scaler_type = typename precision::scaler_type;
   static constexpr double bytes_per_param = store_type::bytes_per_param;
   static constexpr bool recomputes = policies::recompute;
+  using communicator_type = typename policies::data_parallel::communicator_type;
+  static constexpr bool data_parallel = is_data_parallel_v<typename policies::data_parallel>;
 
   static_assert(has_batch_type<M>,
                 "Trainer<Model>: the model must declare `using batch_type = ...;` (one micro-batch)");
@@ -134,7 +143,21 @@ class Trainer {
     std::function<void(const std::string&)> load_log = nullptr;
   };
 
-  explicit Trainer(M model, Config config = {}, backend_type be = {})
+  explicit Trainer(M model, Config config = {}, backend_type be = {}) : Trainer(std::move(model), config, nullptr, be) {
+    static_assert(!data_parallel,
+                  "Trainer with DataParallel<Comm>: pass this rank's communicator: Trainer(model, config, comm)");
+  }
+
+  // One replica of a data-parallel job (DataParallel<Comm>). Every rank constructs its trainer
+  // together (collectives): the ranks check that they agree and take rank 0's parameters.
+  // `comm` must outlive the trainer.
+  Trainer(M model, Config config, communicator_type& comm, backend_type be = {})
+      : Trainer(std::move(model), config, &comm, be) {
+    static_assert(data_parallel, "Trainer(model, config, comm): a communicator needs the DataParallel<Comm> policy");
+  }
+
+ private:
+  Trainer(M model, Config config, communicator_type* comm, backend_type be)
       : model_(std::move(model)),
         config_(config),
         be_(be),
@@ -146,7 +169,8 @@ class Trainer {
         resources_(be),
         uploads_(be, tracker_.get()),
         losses_(be, tracker_.get()),
-        micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
+        micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches),
+        comm_(comm) {
     static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
                   "Trainer: backend Cuda runs kernels: construct this Trainer in a .cu file compiled by nvcc, or "
                   "name alloy::Host among its policies to train on the CPU");
@@ -159,8 +183,20 @@ class Trainer {
                   numeric_traits<compute_type>::name + " gradients and no fp32 accumulator would sum them in " +
                   numeric_traits<compute_type>::name + "; use Accumulate<N> with N > 1");
     }
+    if constexpr (data_parallel) {
+      static_assert(std::is_same_v<typename communicator_type::backend_type, backend_type>,
+                    "DataParallel<Comm>: the communicator runs on another backend than the trainer "
+                    "(HostCommunicator with alloy::Host, NcclCommunicator with alloy::Cuda)");
+      detail::check_replicas_agree(*comm_, be_,
+                                   {{"the parameter count", store_.layout().padded_numel()},
+                                    {"micro_batches", static_cast<std::uint64_t>(micro_batches_)},
+                                    {"the seed", config_.seed},
+                                    {"the policies (signature)", detail::fnv1a(signature())}});
+      detail::replicate_parameters(*comm_, be_, store_);
+    }
   }
 
+ public:
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
@@ -183,6 +219,7 @@ class Trainer {
     config_ = std::move(other.config_);
     be_ = other.be_;
     micro_batches_ = other.micro_batches_;
+    comm_ = other.comm_;
     attempted_ = other.attempted_;
     kept_ = std::move(other.kept_);
     return *this;
@@ -196,11 +233,13 @@ class Trainer {
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
     losses_.begin(micro_batches_);
+    // Every rank's micro-batches make the step's batch: the seed averages over all of them.
+    const int seeded = micro_batches_ * world_size();
     for (int mb = 0; mb < micro_batches_; ++mb) {
       workspace_.reset();
       const bool in_place = !store_type::has_accumulator && mb > 0;
-      context_type ctx(store_, workspace_, scale / static_cast<float>(micro_batches_), in_place, mb, micro_batches_,
-                       attempted_, policies::checkpointing::every, &resources_, &uploads_);
+      context_type ctx(store_, workspace_, scale / static_cast<float>(seeded), in_place, mb, micro_batches_, attempted_,
+                       policies::checkpointing::every, &resources_, &uploads_);
       uploads_.begin_micro_batch();
       try {
         // Nothing here waits for the device: the loss stays there (see backend/loss.hpp) and the
@@ -211,16 +250,26 @@ class Trainer {
         throw;
       }
       uploads_.end_micro_batch();
-      step_.accumulate(store_, mb, micro_batches_);
+      // With DataParallel the squares are summed after the all-reduce (pass 1 in step()).
+      step_.accumulate(store_, mb, micro_batches_, !data_parallel);
     }
     // The losses come back while the optimizer step runs; the step waits for the gradient norm
     // (its skip and clip decision) and returns with the update queued: the next step's uploads
     // overlap it, and anything that reads the arenas is ordered after it on the stream.
     losses_.fetch();
+    float loss = 0.0f;
+    if constexpr (data_parallel) {
+      // The optimizer reads the sum over the ranks; wait() bounds the wait for a missing rank.
+      detail::all_reduce_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      comm_->wait(be_);
+      double sum = static_cast<double>(losses_.mean());
+      comm_->all_reduce_host(be_, &sum, 1, ReduceOp::sum);
+      loss = static_cast<float>(sum / world_size());
+    }
     const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
     ++attempted_;
     StepReport r;
-    r.loss = losses_.mean();
+    r.loss = data_parallel ? loss : losses_.mean();
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
@@ -245,11 +294,22 @@ class Trainer {
   }
 
   // Writes a checkpoint atomically, with the run's configuration (settings()) and checksums
-  // (see train/checkpoint.hpp).
+  // (see train/checkpoint.hpp). With DataParallel every rank calls it; rank 0 writes (the
+  // replicas hold the same bits), and every rank throws if its write failed.
   void save(const std::filesystem::path& path) {
-    const auto& s = step_.scale_state();
-    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
-                    settings());
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      if (comm_->rank() == 0) {
+        try {
+          save_here(path);
+        } catch (...) {
+          failure = std::current_exception();
+        }
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "saving checkpoint '" + path.string() + "' (on rank 0)");
+    } else {
+      save_here(path);
+    }
   }
 
   // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
@@ -258,59 +318,22 @@ class Trainer {
   // A checkpoint saved under another configuration loads with this trainer's, and each
   // difference is written to Config::load_log and listed in the report; with
   // Config::on_config_change = refuse it is refused instead. The seed is the file's (state).
+  // With DataParallel every rank calls it and reads the file (a path every rank sees); if it
+  // fails on any rank, it throws on every rank, and those that loaded keep what they loaded.
   LoadReport load(const std::filesystem::path& path) {
-    const DynamicLossScaleConfig* dynamic = nullptr;
-    if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
-    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
-    const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
-    auto log = [&](const std::string& line) {
-      if (config_.load_log) {
-        config_.load_log(line);
-      } else {
-        std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      LoadReport report;
+      try {
+        report = load_here(path);
+      } catch (...) {
+        failure = std::current_exception();
       }
-    };
-    std::string fitted;
-    if constexpr (!scaler_type::dynamic) {
-      // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
-      // scaler is the same kind, or the signature would have refused it); the count of
-      // overflows is history and comes from the file.
-      const LossScaleState own = step_.scale_state();
-      c.scale.scale = own.scale;
-      c.scale.growth_tracker = own.growth_tracker;
-      c.scale.hysteresis_left = own.hysteresis_left;
+      detail::agree_or_throw(*comm_, be_, failure, "loading checkpoint '" + path.string() + "'");
+      return report;
     } else {
-      // A state saved under a wider scaler configuration is brought within this trainer's, which
-      // the next save records beside it (kept as it was, that save would not load).
-      const LossScaleState s = fit_loss_scale_state(c.scale, config_.scaler);
-      if (s.hysteresis_left != c.scale.hysteresis_left) {
-        fitted +=
-            " hysteresis_left " + std::to_string(c.scale.hysteresis_left) + " -> " + std::to_string(s.hysteresis_left);
-      }
-      if (s.growth_tracker != c.scale.growth_tracker) {
-        fitted +=
-            " growth_tracker " + std::to_string(c.scale.growth_tracker) + " -> " + std::to_string(s.growth_tracker);
-      }
-      if (s.scale != c.scale.scale) {
-        fitted += " scale " + detail::exact_float(c.scale.scale) + " -> " + detail::exact_float(s.scale);
-      }
-      c.scale = s;
+      return load_here(path);
     }
-    step_.restore(c.scale, c.applied_steps, c.skipped_steps);
-    step_.config().seed = c.seed;
-    config_.seed = c.seed;
-    attempted_ = c.attempted_steps;
-    if (!report.config_compared) {
-      log(where + "written in format '" + report.format +
-          "', which records no configuration: it could not be compared with this trainer's (nor its bytes checked "
-          "against checksums)");
-    }
-    for (const ConfigDifference& d : report.config_differences) {
-      log(where + "resuming under a changed configuration: " + to_string(d));
-    }
-    if (!fitted.empty())
-      log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
-    return report;
   }
 
   // The run's configuration as checkpoints record it, setting by setting: optimizer.<name> and
@@ -385,8 +408,78 @@ class Trainer {
   std::uint64_t steps() const noexcept { return attempted_; }
   int micro_batches() const noexcept { return micro_batches_; }
   float loss_scale() const noexcept { return step_.loss_scale(); }
+  // The number of replicas (1 without DataParallel) and this one's communicator.
+  int world_size() const noexcept {
+    if constexpr (data_parallel) {
+      return comm_->world_size();
+    } else {
+      return 1;
+    }
+  }
+  communicator_type& communicator() noexcept requires data_parallel { return *comm_; }
 
  private:
+  void save_here(const std::filesystem::path& path) {
+    const auto& s = step_.scale_state();
+    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
+                    settings());
+  }
+
+  LoadReport load_here(const std::filesystem::path& path) {
+    const DynamicLossScaleConfig* dynamic = nullptr;
+    if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
+    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
+    const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
+    auto log = [&](const std::string& line) {
+      if (config_.load_log) {
+        config_.load_log(line);
+      } else {
+        std::fprintf(stderr, "%s\n", line.c_str());  // not <iostream>: every TU including alloy would pay for it
+      }
+    };
+    std::string fitted;
+    if constexpr (!scaler_type::dynamic) {
+      // A fixed scale is this trainer's configuration, not state: it keeps its own (the file's
+      // scaler is the same kind, or the signature would have refused it); the count of
+      // overflows is history and comes from the file.
+      const LossScaleState own = step_.scale_state();
+      c.scale.scale = own.scale;
+      c.scale.growth_tracker = own.growth_tracker;
+      c.scale.hysteresis_left = own.hysteresis_left;
+    } else {
+      // A state saved under a wider scaler configuration is brought within this trainer's, which
+      // the next save records beside it (kept as it was, that save would not load).
+      const LossScaleState s = fit_loss_scale_state(c.scale, config_.scaler);
+      if (s.hysteresis_left != c.scale.hysteresis_left) {
+        fitted +=
+            " hysteresis_left " + std::to_string(c.scale.hysteresis_left) + " -> " + std::to_string(s.hysteresis_left);
+      }
+      if (s.growth_tracker != c.scale.growth_tracker) {
+        fitted +=
+            " growth_tracker " + std::to_string(c.scale.growth_tracker) + " -> " + std::to_string(s.growth_tracker);
+      }
+      if (s.scale != c.scale.scale) {
+        fitted += " scale " + detail::exact_float(c.scale.scale) + " -> " + detail::exact_float(s.scale);
+      }
+      c.scale = s;
+    }
+    step_.restore(c.scale, c.applied_steps, c.skipped_steps);
+    step_.config().seed = c.seed;
+    config_.seed = c.seed;
+    attempted_ = c.attempted_steps;
+    if (!report.config_compared) {
+      log(where + "written in format '" + report.format +
+          "', which records no configuration: it could not be compared with this trainer's (nor its bytes checked "
+          "against checksums)");
+    }
+    for (const ConfigDifference& d : report.config_differences) {
+      log(where + "resuming under a changed configuration: " + to_string(d));
+    }
+    if (!fitted.empty())
+      log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
+    return report;
+  }
+
   // optimizer.lr changed from its default and a schedule whose peak differs: two rates, and
   // whichever the trainer picked would surprise someone.
   static void check_learning_rate(const Config& c) {
@@ -438,6 +531,7 @@ class Trainer {
   InputUploads<backend_type> uploads_;
   StepLosses<backend_type> losses_;
   int micro_batches_;
+  communicator_type* comm_ = nullptr;  // DataParallel: this rank's communicator
   std::uint64_t attempted_ = 0;
   KeptInputs kept_;  // a LayeredModel's segment inputs, between forward and backward
 };
