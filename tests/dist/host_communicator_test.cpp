@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <random>
 
@@ -125,10 +126,11 @@ TEST(HostCommunicator, SixteenBitSumsRoundOnce) {
 
 TEST(HostCommunicator, AMissingRankTimesOutWithAnErrorNotAHang) {
   HostWorld world(2, std::chrono::milliseconds(100));
+  std::promise<void> rank0_done;
   std::string late;
-  std::thread idle([&] {
+  std::thread idle([&, done = rank0_done.get_future()] {
     HostCommunicator c(world, 1);
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // never calls the collective in time
+    done.wait();  // calls the collective only after rank 0 gave up on it
     late = test::message_of([&] {
       float x = 0;
       c.all_reduce(Host{}, &x, &x, 1, ReduceOp::sum);
@@ -141,6 +143,7 @@ TEST(HostCommunicator, AMissingRankTimesOutWithAnErrorNotAHang) {
     c.all_reduce(Host{}, &x, &x, 1, ReduceOp::sum);
   });
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  rank0_done.set_value();
   idle.join();
   EXPECT_MENTIONS(m, "timed out");
   EXPECT_MENTIONS(m, "all_reduce for rank(s) 1");

@@ -107,14 +107,14 @@ TEST(NcclCommunicator, ARankWhosePeerNeverComesIsAbortedAtTheTimeout) {
   EXPECT_MENTIONS(m, "ncclCommInitRankConfig");
 }
 
-// DataParallel<NcclCommunicator> with one rank is the plain trainer: the all-reduce of one rank
+// DataParallel<NcclCommunicator> (or ZeroRedundancy) with one rank is the plain trainer: the all-reduce of one rank
 // leaves the bits, and the seed's divisor is 1. Without clipping, pass 1's norm (summed after the
 // accumulation rather than during it) does not reach the update, so the parameters are bitwise
 // equal; the norms agree to float rounding.
-template <class P, int N>
+template <class P, int N, class Parallel = DataParallel<NcclCommunicator>, class O = AdamW<>>
 void world_of_one_is_the_plain_trainer(float max_grad_norm) {
-  using Plain = Trainer<teacher::StudentMlp, P, Accumulate<N>, AdamW<>, Cuda>;
-  using Replica = Trainer<teacher::StudentMlp, P, Accumulate<N>, AdamW<>, Cuda, DataParallel<NcclCommunicator>>;
+  using Plain = Trainer<teacher::StudentMlp, P, Accumulate<N>, O, Cuda>;
+  using Replica = Trainer<teacher::StudentMlp, P, Accumulate<N>, O, Cuda, Parallel>;
   ALLOY_SEEDED(seed);
   NcclCommunicator comm(world_of_one());
   typename Plain::Config pc{};
@@ -149,6 +149,15 @@ TEST(NcclDataParallel, WorldOfOneIsThePlainTrainerFp32Clipped) {
 TEST(NcclDataParallel, WorldOfOneIsThePlainTrainerBf16Accumulating) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   world_of_one_is_the_plain_trainer<Precision<bf16, fp32_master>, 4>(0.0f);
+}
+
+// ZeroRedundancy with one rank: the range is the whole arena (reduce-scatter and all-gather in
+// place), q8 state included.
+TEST(NcclDataParallel, ZeroRedundancyWorldOfOneIsThePlainTrainer) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  world_of_one_is_the_plain_trainer<Precision<bf16, fp32_master>, 2, ZeroRedundancy<NcclCommunicator>>(0.0f);
+  world_of_one_is_the_plain_trainer<Precision<bf16, fp32_master>, 2, ZeroRedundancy<NcclCommunicator>,
+                                    AdamW<State<q8>>>(0.0f);
 }
 
 // Saved by the replica (rank 0 writes), loaded by a plain trainer.

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -226,10 +227,13 @@ class HostCommunicator {
   static const char* type_name() {
     if constexpr (std::is_same_v<T, double>) {
       return "fp64";
+    } else if constexpr (std::is_same_v<T, std::uint8_t>) {
+      return "u8";  // gathered and broadcast, not reduced (q8 state codes)
     } else if constexpr (std::is_same_v<T, float> || std::is_same_v<T, fp16> || std::is_same_v<T, bf16>) {
       return numeric_traits<T>::name;
     } else {
-      static_assert(std::is_same_v<T, double>, "HostCommunicator: elements must be float, double, fp16 or bf16");
+      static_assert(std::is_same_v<T, double>,
+                    "HostCommunicator: elements must be float, double, fp16, bf16 or (not reduced) std::uint8_t");
       return "";
     }
   }

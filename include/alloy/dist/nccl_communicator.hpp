@@ -30,6 +30,7 @@
 
 #include <unistd.h>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -62,8 +63,11 @@ ncclDataType_t nccl_type() {
     return ncclBfloat16;
   } else if constexpr (std::is_same_v<T, fp16>) {
     return ncclFloat16;
+  } else if constexpr (std::is_same_v<T, std::uint8_t>) {
+    return ncclUint8;
   } else {
-    static_assert(std::is_same_v<T, float>, "NcclCommunicator: elements must be float, double, fp16 or bf16");
+    static_assert(std::is_same_v<T, float>,
+                  "NcclCommunicator: elements must be float, double, fp16, bf16 or std::uint8_t");
     return ncclFloat32;
   }
 }

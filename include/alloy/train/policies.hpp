@@ -1,7 +1,7 @@
 // The policies a Trainer takes after the model, in any order, each kind at most once:
 //   Precision<...>, Accumulate<N>, Checkpointing (every block) or CheckpointEvery<k>,
 //   an optimizer (AdamW<...>, SGD<...>, Lion<...>, Adafactor<...>), a backend (Cuda, Host),
-//   DataParallel<Comm> (dist/data_parallel.hpp).
+//   DataParallel<Comm> or ZeroRedundancy<Comm> (dist/data_parallel.hpp).
 // resolve_policies<Policies...> finds each kind, fills in defaults, and stops compilation with
 // a message naming the problem and the fix.
 #pragma once
@@ -81,6 +81,7 @@ struct no_checkpointing {
 struct NoCommunicator {};
 struct no_data_parallel {
   using communicator_type = NoCommunicator;
+  static constexpr bool shards_state = false;
 };
 
 // Cuda wherever the build has the CUDA runtime, whatever compiler reads this: a Trainer type

@@ -15,7 +15,9 @@
 // With DataParallel<Comm> (train/data_parallel.hpp) each rank is one replica: backward is seeded
 // with scale / (N x world size), the gradients are summed over the ranks after the last
 // micro-batch, the reported loss is the mean over every rank's micro-batches, and checkpoints are
-// written by rank 0 and loaded by every rank.
+// written by rank 0 and loaded by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
+// master weights and optimizer state are one range of the arenas: the gradients are
+// reduce-scattered, each rank updates its range, and the parameters are all-gathered.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
@@ -87,6 +89,14 @@ class Trainer {
   static constexpr bool recomputes = policies::recompute;
   using communicator_type = typename policies::data_parallel::communicator_type;
   static constexpr bool data_parallel = is_data_parallel_v<typename policies::data_parallel>;
+  static constexpr bool shards_state = policies::data_parallel::shards_state;  // ZeroRedundancy
+  // Bytes per parameter on each of `world` ranks: with ZeroRedundancy the master weights and the
+  // optimizer state divide among them (padding aside); otherwise every rank holds bytes_per_param.
+  static constexpr double bytes_per_param_on_each_of(int world) {
+    const auto r = store_type::bytes_per_param_by_role;
+    if (!shards_state || world < 1) return bytes_per_param;
+    return r.params + r.grads + r.grad_accumulator + (r.master + r.optimizer_state) / world;
+  }
 
   static_assert(has_batch_type<M>,
                 "Trainer<Model>: the model must declare `using batch_type = ...;` (one micro-batch)");
@@ -163,7 +173,7 @@ class Trainer {
         be_(be),
         // The accumulator only where more than one micro-batch makes a step.
         store_(declared(model_), be, config.seed, tracker_.get(),
-               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1),
+               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1, shard_of(comm)),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be),
@@ -187,6 +197,9 @@ class Trainer {
       static_assert(std::is_same_v<typename communicator_type::backend_type, backend_type>,
                     "DataParallel<Comm>: the communicator runs on another backend than the trainer "
                     "(HostCommunicator with alloy::Host, NcclCommunicator with alloy::Cuda)");
+      static_assert(!shards_state || !is_adafactor_v<optimizer_type>,
+                    "ZeroRedundancy: Adafactor's factored statistics do not divide into ranges of the arena; use "
+                    "DataParallel<Comm> (replicated state) with Adafactor");
       detail::check_replicas_agree(*comm_, be_,
                                    {{"the parameter count", store_.layout().padded_numel()},
                                     {"micro_batches", static_cast<std::uint64_t>(micro_batches_)},
@@ -260,13 +273,24 @@ class Trainer {
     float loss = 0.0f;
     if constexpr (data_parallel) {
       // The optimizer reads the sum over the ranks; wait() bounds the wait for a missing rank.
-      detail::all_reduce_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      if constexpr (shards_state) {
+        detail::reduce_scatter_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      } else {
+        detail::all_reduce_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      }
       comm_->wait(be_);
       double sum = static_cast<double>(losses_.mean());
       comm_->all_reduce_host(be_, &sum, 1, ReduceOp::sum);
       loss = static_cast<float>(sum / world_size());
     }
-    const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
+    StepStats s;
+    if constexpr (shards_state) {
+      s = step_.step(store_, {lr, config_.max_grad_norm},
+                     detail::ReplicaReduction<communicator_type, backend_type>{*comm_, be_});
+      if (!s.skipped) detail::all_gather_parameters(*comm_, be_, store_);
+    } else {
+      s = step_.step(store_, {lr, config_.max_grad_norm});
+    }
     ++attempted_;
     StepReport r;
     r.loss = data_parallel ? loss : losses_.mean();
@@ -299,16 +323,25 @@ class Trainer {
   void save(const std::filesystem::path& path) {
     if constexpr (data_parallel) {
       std::exception_ptr failure;
-      if (comm_->rank() == 0) {
+      if constexpr (shards_state) {
+        store_type whole = gathered_store();
+        if (comm_->rank() == 0) {
+          try {
+            save_here(path, whole);
+          } catch (...) {
+            failure = std::current_exception();
+          }
+        }
+      } else if (comm_->rank() == 0) {
         try {
-          save_here(path);
+          save_here(path, store_);
         } catch (...) {
           failure = std::current_exception();
         }
       }
       detail::agree_or_throw(*comm_, be_, failure, "saving checkpoint '" + path.string() + "' (on rank 0)");
     } else {
-      save_here(path);
+      save_here(path, store_);
     }
   }
 
@@ -325,14 +358,20 @@ class Trainer {
       std::exception_ptr failure;
       LoadReport report;
       try {
-        report = load_here(path);
+        if constexpr (shards_state) {
+          store_type whole = whole_store();
+          report = load_here(path, whole);
+          detail::keep_shard(be_, whole, store_);
+        } else {
+          report = load_here(path, store_);
+        }
       } catch (...) {
         failure = std::current_exception();
       }
       detail::agree_or_throw(*comm_, be_, failure, "loading checkpoint '" + path.string() + "'");
       return report;
     } else {
-      return load_here(path);
+      return load_here(path, store_);
     }
   }
 
@@ -354,8 +393,24 @@ class Trainer {
   // from the master copy when there is one, bf16 or fp16 their rounding to nearest even. A
   // torch.nn.Module with the same parameter names loads the file with
   // load_state_dict(safetensors.torch.load_file(path), strict=True). Atomic, as save().
+  // With DataParallel every rank calls it and rank 0 writes; a failure throws on every rank.
   void export_weights(const std::filesystem::path& path, WeightsDtype dtype = WeightsDtype::fp32) {
-    alloy::export_weights(path, store_, dtype);
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      try {
+        if constexpr (shards_state) {
+          store_type whole = gathered_store();
+          if (comm_->rank() == 0) alloy::export_weights(path, whole, dtype);
+        } else if (comm_->rank() == 0) {
+          alloy::export_weights(path, store_, dtype);
+        }
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "exporting weights to '" + path.string() + "' (on rank 0)");
+    } else {
+      alloy::export_weights(path, store_, dtype);
+    }
   }
 
   // Initializes the parameters (master and compute copies) from a weights file: one tensor per
@@ -365,7 +420,27 @@ class Trainer {
   // (as torch's load_state_dict leaves the optimizer alone): call it before training, or
   // construct a fresh trainer to restart the optimizer. Throws alloy::error naming the file and
   // each missing, extra or mis-shaped tensor, or a non-finite value, and then changes nothing.
-  void import_weights(const std::filesystem::path& path) { alloy::import_weights(path, store_); }
+  // With DataParallel every rank calls it and reads the file; a failure on any rank throws on
+  // every rank.
+  void import_weights(const std::filesystem::path& path) {
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      try {
+        if constexpr (shards_state) {
+          store_type whole = gathered_store();
+          alloy::import_weights(path, whole);
+          detail::keep_shard(be_, whole, store_);
+        } else {
+          alloy::import_weights(path, store_);
+        }
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "importing weights from '" + path.string() + "'");
+    } else {
+      alloy::import_weights(path, store_);
+    }
+  }
 
   // What a checkpoint must match: the dtypes, the scaler kind, the optimizer and its state width.
   static std::string signature() {
@@ -419,16 +494,16 @@ class Trainer {
   communicator_type& communicator() noexcept requires data_parallel { return *comm_; }
 
  private:
-  void save_here(const std::filesystem::path& path) {
+  void save_here(const std::filesystem::path& path, store_type& store) {
     const auto& s = step_.scale_state();
-    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
+    save_checkpoint(path, store, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
                     settings());
   }
 
-  LoadReport load_here(const std::filesystem::path& path) {
+  LoadReport load_here(const std::filesystem::path& path, store_type& store) {
     const DynamicLossScaleConfig* dynamic = nullptr;
     if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
-    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
+    auto [c, report] = load_checkpoint(path, store, signature(), settings(), config_.on_config_change, dynamic);
     const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
     auto log = [&](const std::string& line) {
       if (config_.load_log) {
@@ -478,6 +553,28 @@ class Trainer {
     if (!fitted.empty())
       log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
     return report;
+  }
+
+  // ZeroRedundancy: this rank's share of the arenas; every other trainer: the whole.
+  static ArenaShard shard_of(communicator_type* comm) {
+    if constexpr (shards_state) {
+      return {comm->world_size(), comm->rank(), true};
+    } else {
+      (void)comm;
+      return {};
+    }
+  }
+
+  // ZeroRedundancy: a store of the same layout that holds every range, fresh (whole_store) or
+  // with every rank's master weights and state (gathered_store; every rank calls it). Transient:
+  // a checkpoint or weights file costs one unsharded copy of the arenas while it is written or read.
+  store_type whole_store() {
+    return store_type(store_.registry(), be_, config_.seed, nullptr, false, ArenaShard{comm_->world_size(), 0, false});
+  }
+  store_type gathered_store() {
+    store_type whole = whole_store();
+    detail::gather_store(*comm_, be_, store_, whole);
+    return whole;
   }
 
   // optimizer.lr changed from its default and a schedule whose peak differs: two rates, and
