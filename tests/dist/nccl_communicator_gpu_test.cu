@@ -1,6 +1,7 @@
 // NcclCommunicator on one GPU, world size 1 (the one-GPU machine), and a data-parallel Trainer
-// over it against the same trainer without DataParallel. Two GPUs (the equivalence over NCCL
-// across processes) are not covered here: docs/distributed.md says what is not yet run.
+// over it against the same trainer without DataParallel. NcclTwoRanks.* runs only under a
+// launcher (RANK / WORLD_SIZE set, one process per GPU: scripts/nccl-ranks.sh) and skips
+// otherwise; it has not yet run (docs/distributed.md).
 // NVLink multicast stays off: NCCL_NVLS_ENABLE=0 is set before any communicator exists (ctest
 // sets it too).
 #include "../../examples/custom_model/teacher_mlp.hpp"
@@ -181,6 +182,57 @@ TEST(NcclDataParallel, ACheckpointFromAReplicaLoadsIntoThePlainTrainer) {
   const auto a = to_host(replica.store().master_arena()), b = to_host(plain.store().master_arena());
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
   EXPECT_EQ(plain.steps(), 3u);
+}
+
+// Every rank of a launched job (scripts/nccl-ranks.sh) against one process on the global batch,
+// computed on the rank's own GPU: one micro-batch per rank in fp32, where the sum over the ranks
+// is the order one process accumulates in (with two ranks a + b; NCCL reduces each element once
+// and sends every rank the same bits), so the parameters are bitwise equal, clipping included
+// for DataParallel and without clipping for ZeroRedundancy (its norm is summed per range).
+template <class Parallel>
+void ranks_equal_one_process(const std::string& tag, float max_grad_norm) {
+  const RankInfo info = rank_from_environment();
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  if (info.world_size < 2) GTEST_SKIP() << "needs a launcher (RANK / WORLD_SIZE >= 2): scripts/nccl-ranks.sh";
+  const char* dir = std::getenv("ALLOY_NCCL_ID_DIR");
+  ASSERT_TRUE(dir && *dir) << "ALLOY_NCCL_ID_DIR: a directory every rank sees, fresh for this launch";
+  using P = Precision<fp32>;
+  using Plain = Trainer<teacher::StudentMlp, P, SGD<>, Cuda>;
+  using Replica = Trainer<teacher::StudentMlp, P, SGD<>, Cuda, Parallel>;
+  // One id file per communicator: each test makes its own.
+  NcclCommunicator comm({.rank = info, .id_directory = dir, .id_file = "alloy_nccl_id_" + tag});
+  const int world = comm.world_size();
+  constexpr std::uint64_t seed = 20261202;
+  typename Plain::Config pc{};
+  pc.max_grad_norm = max_grad_norm;
+  pc.seed = seed;
+  pc.micro_batches = world;
+  typename Replica::Config rc{};
+  rc.max_grad_norm = max_grad_norm;
+  rc.seed = seed;
+  Plain plain(teacher::StudentMlp(16, 32, 4), pc);
+  Replica replica(teacher::StudentMlp(16, 32, 4), rc, comm);
+  const teacher::Teacher t(16, 32, 4, seed);
+  std::mt19937_64 rng(seed);
+  for (int s = 0; s < 8; ++s) {
+    std::vector<teacher::Batch> global;
+    for (int r = 0; r < world; ++r) global.push_back(t.batch(32, rng));
+    const auto a = plain.step(std::span<const teacher::Batch>(global));
+    const auto b = replica.step(std::span<const teacher::Batch>(global.data() + comm.rank(), 1));
+    EXPECT_EQ(a.loss, b.loss) << "step " << s;
+    EXPECT_EQ(a.skipped, b.skipped);
+  }
+  const auto pa = to_host(plain.store().params_arena()), pb = to_host(replica.store().params_arena());
+  ASSERT_LE(pa.size(), pb.size());
+  EXPECT_EQ(std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(float)), 0) << "rank " << comm.rank();
+}
+
+TEST(NcclTwoRanks, DataParallelEqualsOneProcessBitwise) {
+  ranks_equal_one_process<DataParallel<NcclCommunicator>>("dp", 0.5f);
+}
+
+TEST(NcclTwoRanks, ZeroRedundancyEqualsOneProcessBitwiseWithoutClipping) {
+  ranks_equal_one_process<ZeroRedundancy<NcclCommunicator>>("zero", 0.0f);
 }
 
 }  // namespace
