@@ -110,9 +110,14 @@ class NcclCommunicator {
     const ncclUniqueId id = exchange_id();
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
-    check(ncclCommInitRankConfig(&comm_, info_.world_size, id, info_.rank, &config), "ncclCommInitRankConfig");
-    poll_until_ready("ncclCommInitRankConfig");
-    ALLOY_CUDA_CHECK(cudaMalloc(&scratch_, scratch_bytes));
+    try {
+      check(ncclCommInitRankConfig(&comm_, info_.world_size, id, info_.rank, &config), "ncclCommInitRankConfig");
+      poll_until_ready("ncclCommInitRankConfig");
+      ALLOY_CUDA_CHECK(cudaMalloc(&scratch_, scratch_bytes));
+    } catch (...) {
+      abort();  // no destructor runs for a constructor that throws
+      throw;
+    }
     // Every rank has read the id once initialization is through: the file has served.
     if (info_.rank == 0 && info_.world_size > 1) {
       std::error_code ec;
