@@ -166,6 +166,20 @@ void upload(B be, T* dst, std::span<const T> src) {
   (void)be;
 }
 
+// Copies n elements between two arrays in backend memory (ordered on the backend's stream on Cuda).
+template <class T, backend B>
+void copy(B be, T* dst, const T* src, std::size_t n) {
+  if (n == 0) return;
+  if constexpr (std::is_same_v<B, Host>) {
+    std::memmove(static_cast<void*>(dst), static_cast<const void*>(src), n * sizeof(T));
+  } else {
+#if ALLOY_HAS_CUDA_RUNTIME
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, be.stream));
+#endif
+  }
+  (void)be;
+}
+
 // Sets every byte of the buffer to zero (ordered on the buffer's stream on Cuda).
 template <class T, backend B>
 void fill_zero(Buffer<T, B>& b) {

@@ -30,7 +30,9 @@ struct TensorPlacement {
 class ArenaLayout {
  public:
   ArenaLayout() = default;
-  ArenaLayout(const ParamRegistry& registry, std::size_t block) : block_(block) {
+  // multiple (elements, a multiple of block; 0 for none): the arenas end padded to a multiple of
+  // it, so that they split into equal block-aligned ranges (ZeroRedundancy's shards).
+  ArenaLayout(const ParamRegistry& registry, std::size_t block, std::size_t multiple = 0) : block_(block) {
     std::size_t offset = 0;
     for (const auto& spec : registry.specs()) {
       const auto n = static_cast<std::size_t>(spec.numel());
@@ -41,6 +43,15 @@ class ArenaLayout {
       offset += padded;
       real_ += n;
     }
+    tensors_end_ = offset;
+    if (multiple > 0) {
+      const std::size_t end = (offset + multiple - 1) / multiple * multiple;
+      // The tail is padding like the gaps between tensors: zero parameters, zero gradients, no decay.
+      for (std::size_t b = offset / block_scales_granularity; b < end / block_scales_granularity; ++b) {
+        block_scales_.push_back({1.0f, 0.0f});
+      }
+      offset = end;
+    }
     padded_ = offset;
   }
 
@@ -48,6 +59,9 @@ class ArenaLayout {
   std::size_t tensors() const noexcept { return placements_.size(); }
   std::size_t padded_numel() const noexcept { return padded_; }  // elements in each arena
   std::size_t numel() const noexcept { return real_; }           // declared elements
+  // Where the last tensor's block ends: padded_numel() without the tail that `multiple` added,
+  // the same for every world size (the update's random stream counts in it).
+  std::size_t tensors_end() const noexcept { return tensors_end_; }
   std::size_t block() const noexcept { return block_; }
   const std::vector<BlockScales>& block_scales() const noexcept { return block_scales_; }
 
@@ -56,6 +70,7 @@ class ArenaLayout {
   std::vector<TensorPlacement> placements_;
   std::vector<BlockScales> block_scales_;
   std::size_t padded_ = 0;
+  std::size_t tensors_end_ = 0;
   std::size_t real_ = 0;
 };
 

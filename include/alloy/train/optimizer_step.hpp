@@ -17,6 +17,10 @@
 //    is copied: step() runs pass 1 and pass 2 on the compute-dtype gradients themselves.
 //  - otherwise (code that fills accumulator_arena() itself and calls step()): step() runs
 //    pass 1 on the accumulator and clears it (in pass 2, or on a skipped step), as it always has.
+//
+// A sharded store (ZeroRedundancy) holds master weights and state for one range of the arenas:
+// pass 1 and pass 2 run over that range, and step(store, options, replicas) combines the ranks'
+// sums of squares (and the first non-finite tensor) through `replicas`, so every rank decides alike.
 #pragma once
 
 #include <alloy/kernels/accumulate_grads.hpp>
@@ -26,6 +30,7 @@
 #include <alloy/kernels/grad_stats.hpp>
 #include <alloy/train/param_store.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -55,6 +60,12 @@ struct StepStats {
 };
 
 namespace detail {
+// One replica alone: what pass 1 finds is the step's.
+struct SingleReplica {
+  double sum(double local) const { return local; }
+  std::size_t min(std::size_t local) const { return local; }
+};
+
 // |x| as float; NaN stays NaN, so Max over it flags NaN and both infinities.
 struct AbsAsFloat {
   template <class T>
@@ -155,9 +166,10 @@ class OptimizerStep {
     skipped_ = skipped;
   }
 
-  // Global sum of squares of the unscaled gradients the optimizer reads (pass 1 alone).
+  // Sum of squares of the unscaled gradients the optimizer reads (pass 1 alone), over the
+  // store's range (the whole arena unless sharded).
   double grad_sum_of_squares(store_type& store) {
-    return sum_of_squares(store.optimizer_grads(), store.layout().padded_numel());
+    return sum_of_squares(store.optimizer_grads() + store.shard_begin(), store.shard_elements());
   }
 
   // Call after micro-batch `micro_batch` (0-based) of `micro_batches` has written its
@@ -166,7 +178,10 @@ class OptimizerStep {
   // middle ones add, the last adds and sums the squares of the result for the step's norm and
   // skip decision; with one micro-batch the step reads the compute-dtype gradients directly. A
   // no-op for stores without an accumulator. Ordered on the backend's stream; nothing waits.
-  void accumulate(store_type& store, int micro_batch, int micro_batches) {
+  // sum_squares = false leaves the last micro-batch's sum without its squares, for a caller that
+  // changes the accumulator before the step (DataParallel sums it over the ranks); step() then
+  // runs pass 1 on it.
+  void accumulate(store_type& store, int micro_batch, int micro_batches, bool sum_squares = true) {
     if (micro_batches < 1 || micro_batch < 0 || micro_batch >= micro_batches) {
       throw error("OptimizerStep::accumulate: micro-batch " + std::to_string(micro_batch) + " of " +
                   std::to_string(micro_batches));
@@ -181,7 +196,7 @@ class OptimizerStep {
       auto* acc = store.accumulator_arena().data();
       const std::size_t n = store.layout().padded_numel();
       const bool first = micro_batch == 0;
-      if (micro_batch + 1 < micro_batches) {
+      if (micro_batch + 1 < micro_batches || !sum_squares) {
         accumulate_grads(be_, g, acc, n, first);
         grads_ = Gradients::accumulating;
         return;
@@ -202,6 +217,14 @@ class OptimizerStep {
   // One optimizer step over `store`. Throws alloy::error, leaving everything as it was, when a
   // dynamic scale would fall below its minimum.
   StepStats step(store_type& store, const StepOptions& options) {
+    return step(store, options, detail::SingleReplica{});
+  }
+
+  // The same, for one range of a sharded store: replicas.sum(local sum of squares) and
+  // replicas.min(local first non-finite tensor index, or the tensor count) give every rank's
+  // combined value, the same on every rank.
+  template <class Replicas>
+  StepStats step(store_type& store, const StepOptions& options, const Replicas& replicas) {
     if (!(options.lr >= 0.0f) || !std::isfinite(options.lr)) {
       throw error("OptimizerStep::step: learning rate " + std::to_string(options.lr) + " is not a finite value >= 0");
     }
@@ -214,10 +237,11 @@ class OptimizerStep {
     if constexpr (store_type::has_accumulator) {
       if (source != Gradients::compute) require_accumulator(store);
     }
-    const double sum_sq = source == Gradients::summed ? summed_squares()
-                          : source == Gradients::compute
-                              ? sum_of_squares(store.grads_arena().data(), store.layout().padded_numel())
-                              : grad_sum_of_squares(store);
+    const double sum_sq =
+        replicas.sum(source == Gradients::summed ? summed_squares()
+                     : source == Gradients::compute
+                         ? sum_of_squares(store.grads_arena().data() + store.shard_begin(), store.shard_elements())
+                         : grad_sum_of_squares(store));
     const bool non_finite = !std::isfinite(sum_sq);
     stats.grad_norm = non_finite ? std::numeric_limits<double>::infinity() : std::sqrt(sum_sq);
 
@@ -238,7 +262,8 @@ class OptimizerStep {
     grads_ = Gradients::caller_owned;
     if (non_finite) {
       stats.skipped = true;
-      stats.first_non_finite = first_non_finite(store, source);
+      const std::size_t bad = replicas.min(first_non_finite(store, source));
+      if (bad < store.layout().tensors()) stats.first_non_finite = store.registry().specs()[bad].name;
       ++skipped_;
       if constexpr (store_type::has_accumulator) {
         if (source == Gradients::caller_owned) fill_zero(store.accumulator_arena());
@@ -292,9 +317,10 @@ class OptimizerStep {
     }
   }
 
-  // The name of the first parameter whose gradient (where this step read them) is non-finite:
-  // one reduction per tensor, in order, up to that one. Runs on skipped steps alone.
-  std::string first_non_finite(store_type& store, Gradients source) {
+  // The index of the first parameter whose gradient (where this step read them, in the store's
+  // range) is non-finite, or the tensor count: one reduction per tensor, in order, up to that
+  // one. Runs on skipped steps alone.
+  std::size_t first_non_finite(store_type& store, Gradients source) {
     if constexpr (store_type::has_accumulator) {
       if (source != Gradients::compute) return first_non_finite_in(store, store.accumulator_arena().data());
     }
@@ -302,14 +328,16 @@ class OptimizerStep {
   }
 
   template <class G>
-  std::string first_non_finite_in(store_type& store, const G* g) {
+  std::size_t first_non_finite_in(store_type& store, const G* g) {
     const auto& layout = store.layout();
+    const std::size_t lo = store.shard_begin(), hi = lo + store.shard_elements();
     for (std::size_t k = 0; k < layout.tensors(); ++k) {
-      const float m =
-          transform_reduce(be_, layout[k].numel, 0.0f, Max{}, detail::AbsAsFloat{}, in(g + layout[k].offset));
-      if (!std::isfinite(m)) return store.registry().specs()[k].name;
+      const std::size_t begin = std::max(lo, layout[k].offset), end = std::min(hi, layout[k].offset + layout[k].numel);
+      if (begin >= end) continue;
+      const float m = transform_reduce(be_, end - begin, 0.0f, Max{}, detail::AbsAsFloat{}, in(g + begin));
+      if (!std::isfinite(m)) return k;
     }
-    return {};
+    return layout.tensors();
   }
 
   // The sum the last accumulate() left.
@@ -386,19 +414,23 @@ class OptimizerStep {
     using Param = typename store_type::param_type;
     using S = typename store_type::state_storage;
     constexpr int slots = store_type::slots;
-    const std::size_t n = store.layout().padded_numel();
+    // The random stream advances by the model's padded size each step (not by the tail a sharded
+    // layout adds), and element i of the launch is element begin + i of the arenas and of the
+    // stream: a shard draws the bits one process draws for those elements.
+    const std::size_t n = store.layout().tensors_end();
+    const std::size_t begin = store.shard_begin();
     detail::UpdateArenas<Param, Grad, S, slots> a;
-    a.n = n;
-    a.params = store.params_arena().data();
-    a.grads = grads;
+    a.n = store.shard_elements();
+    a.params = store.params_arena().data() + begin;
+    a.grads = grads + begin;
     a.master = store_type::has_master ? store.master_arena().data() : nullptr;
     for (int k = 0; k < slots; ++k) {
       a.state[k] = store.state_arena(k).data();
       if constexpr (store_type::state_policy::quantized) a.absmax[k] = store.state_scale_arena(k).data();
     }
-    a.blocks = store.block_scales().data();
-    const detail::UpdateScalars<Rule> s{O::rule(config_.optimizer, lr, step_), grad_mult, config_.seed, step_ * n,
-                                        config_.param_rounding == Rounding::stochastic};
+    a.blocks = store.block_scales().data() + begin / block_scales_granularity;
+    const detail::UpdateScalars<Rule> s{O::rule(config_.optimizer, lr, step_), grad_mult, config_.seed,
+                                        step_ * n + begin, config_.param_rounding == Rounding::stochastic};
     if constexpr (store_type::state_policy::quantized) {
       detail::fused_update_q8<static_cast<int>(store_type::quant_block), Clear>(be_, a, s);
     } else {

@@ -3,6 +3,8 @@
 // dtype gradients (what the model writes), an optional gradient accumulator (fp32 when several
 // micro-batches are summed in a 16-bit compute dtype), the fp32 master copy (with
 // fp32_master), and the optimizer state in its declared width. Models see TensorViews.
+// With an ArenaShard that shards (ZeroRedundancy), the master copy and the optimizer state hold
+// one rank's contiguous range of the arenas alone; parameters and gradients stay whole.
 #pragma once
 
 #include <alloy/backend/backend.hpp>
@@ -30,6 +32,15 @@ struct MemoryReport {
   std::size_t optimizer_state = 0;  // q8 scales included
   std::size_t metadata = 0;         // per-block learning-rate and decay multipliers
   std::size_t total() const { return params + grads + grad_accumulator + master + optimizer_state + metadata; }
+};
+
+// How a store's arenas divide among `ranks` data-parallel replicas: padded to a multiple of
+// ranks x the layout block, so they split into equal block-aligned ranges; with `sharded`, the
+// master copy and the optimizer state hold range `rank` alone.
+struct ArenaShard {
+  int ranks = 1;
+  int rank = 0;
+  bool sharded = false;
 };
 
 template <class P, class O, backend B, int MicroBatches = 1>
@@ -70,21 +81,31 @@ class ParamStore {
   // with_accumulator = false leaves the accumulator unallocated: a Trainer that runs one
   // micro-batch per step never uses it (its step reads the compute-dtype gradients directly).
   explicit ParamStore(const ParamRegistry& registry, B be = {}, std::uint64_t seed = 0,
-                      MemoryTracker* tracker = nullptr, bool with_accumulator = true)
+                      MemoryTracker* tracker = nullptr, bool with_accumulator = true, ArenaShard shard = {})
       : registry_(registry),
-        layout_(registry, layout_block),
+        layout_(registry, layout_block, shard.ranks > 1 ? static_cast<std::size_t>(shard.ranks) * layout_block : 0),
         be_(be),
         params_(layout_.padded_numel(), be, tracker),
         grads_(layout_.padded_numel(), be, tracker),
         block_scales_(layout_.block_scales().size(), be, tracker) {
     const std::size_t n = layout_.padded_numel();
+    if (shard.ranks < 1 || shard.rank < 0 || shard.rank >= shard.ranks) {
+      throw error("ParamStore: shard " + std::to_string(shard.rank) + " of " + std::to_string(shard.ranks));
+    }
+    if (shard.sharded) {
+      if (is_adafactor_v<O>) throw error("ParamStore: Adafactor's factored state cannot be sharded by range");
+      shard_count_ = n / static_cast<std::size_t>(shard.ranks);
+      shard_begin_ = static_cast<std::size_t>(shard.rank) * shard_count_;
+    } else {
+      shard_count_ = n;
+    }
     if constexpr (has_accumulator) {
       if (with_accumulator) accumulator_ = Buffer<optimizer_grad_type, B>(n, be, tracker);
     }
-    if constexpr (has_master) master_ = Buffer<float, B>(n, be, tracker);
+    if constexpr (has_master) master_ = Buffer<float, B>(shard_count_, be, tracker);
     for (int k = 0; k < slots; ++k) {
       state_[k] = Buffer<state_storage, B>(state_elements(), be, tracker);
-      if constexpr (state_policy::quantized) absmax_[k] = Buffer<float, B>(n / quant_block, be, tracker);
+      if constexpr (state_policy::quantized) absmax_[k] = Buffer<float, B>(shard_count_ / quant_block, be, tracker);
     }
     copy_from_host(block_scales_, std::span<const BlockScales>(layout_.block_scales()));
     zero_grads();
@@ -106,7 +127,10 @@ class ParamStore {
   TensorView<param_type> param(const std::string& name) { return param(registry_.handle(name)); }
   TensorView<grad_type> grad(ParamHandle h) { return view(grads_.data(), h); }
   TensorView<grad_type> grad(const std::string& name) { return grad(registry_.handle(name)); }
-  TensorView<float> master(ParamHandle h) requires has_master { return view(master_.data(), h); }
+  TensorView<float> master(ParamHandle h) requires has_master {
+    if (sharded()) throw error("ParamStore::master: this store holds one shard of the master weights");
+    return view(master_.data(), h);
+  }
   TensorView<float> master(const std::string& name) requires has_master { return master(registry_.handle(name)); }
 
   // Whole arenas, for the optimizer step, checkpoints and tests.
@@ -120,14 +144,22 @@ class ParamStore {
   Buffer<float, B>& state_scale_arena(int slot) { return absmax_.at(slot); }
   const Buffer<BlockScales, B>& block_scales() const noexcept { return block_scales_; }
 
-  // Elements of each state arena: one per parameter element, or Adafactor's compact statistics.
+  // Elements of each state arena: one per parameter element (of the shard), or Adafactor's
+  // compact statistics.
   std::size_t state_elements() const {
     if constexpr (is_adafactor_v<O>) {
       return adafactor_total_;
     } else {
-      return layout_.padded_numel();
+      return shard_count_;
     }
   }
+
+  // The range of the arenas the master copy and the optimizer state hold: [shard_begin(),
+  // shard_begin() + shard_elements()), the whole arena unless sharded. Element i of the master
+  // and state arenas is element shard_begin() + i of the others.
+  std::size_t shard_begin() const noexcept { return shard_begin_; }
+  std::size_t shard_elements() const noexcept { return shard_count_; }
+  bool sharded() const noexcept { return shard_count_ != layout_.padded_numel(); }
   const std::vector<AdafactorPlacement>& adafactor_placements() const noexcept { return adafactor_; }
 
   // The gradients the optimizer reads: the accumulator when there is one.
@@ -176,21 +208,33 @@ class ParamStore {
     return v;
   }
 
+  // A sharded master copy is initialized whole (every rank draws the same values) and its range kept.
   void initialize(std::uint64_t seed) {
+    Buffer<float, B> whole;
+    float* master = master_.data();
+    if (has_master && sharded()) {
+      whole = Buffer<float, B>(layout_.padded_numel(), be_);
+      master = whole.data();
+    }
     fill_zero(params_);
-    if constexpr (has_master) fill_zero(master_);
+    if constexpr (has_master) {
+      if (master == master_.data()) fill_zero(master_);
+      if (master != master_.data()) fill_zero(whole);
+    }
     for (std::size_t t = 0; t < registry_.size(); ++t) {
       const auto& place = layout_[t];
       detail::InitTensor<param_type> f{registry_.specs()[t].init, detail::init_key(seed, t),
-                                       has_master ? master_.data() + place.offset : nullptr,
-                                       params_.data() + place.offset};
+                                       has_master ? master + place.offset : nullptr, params_.data() + place.offset};
       for_each_n(be_, place.numel, f);
     }
+    if (has_master && sharded()) copy(be_, master_.data(), whole.data() + shard_begin_, shard_count_);
     synchronize(be_);
   }
 
   ParamRegistry registry_;
   ArenaLayout layout_;
+  std::size_t shard_begin_ = 0;
+  std::size_t shard_count_ = 0;
   std::size_t adafactor_total_ = 0;
   std::vector<AdafactorPlacement> adafactor_ = adafactor_layout(registry_, &adafactor_total_);
   B be_;

@@ -1,11 +1,13 @@
 // The policies a Trainer takes after the model, in any order, each kind at most once:
 //   Precision<...>, Accumulate<N>, Checkpointing (every block) or CheckpointEvery<k>,
-//   an optimizer (AdamW<...>, SGD<...>, Lion<...>, Adafactor<...>), a backend (Cuda, Host).
+//   an optimizer (AdamW<...>, SGD<...>, Lion<...>, Adafactor<...>), a backend (Cuda, Host),
+//   DataParallel<Comm> or ZeroRedundancy<Comm> (dist/data_parallel.hpp).
 // resolve_policies<Policies...> finds each kind, fills in defaults, and stops compilation with
 // a message naming the problem and the fix.
 #pragma once
 
 #include <alloy/backend/tags.hpp>
+#include <alloy/dist/data_parallel.hpp>
 #include <alloy/optim/adafactor.hpp>
 #include <alloy/optim/optimizers.hpp>
 #include <alloy/precision/precision.hpp>
@@ -44,7 +46,7 @@ namespace detail {
 
 template <class T>
 inline constexpr int policy_kinds = int(is_precision_v<T>) + int(is_accumulate_v<T>) + int(is_checkpointing_v<T>) +
-                                    int(is_optimizer_v<T>) + int(is_backend_v<T>);
+                                    int(is_optimizer_v<T>) + int(is_backend_v<T>) + int(is_data_parallel_v<T>);
 
 template <template <class> class Trait, class Default, class... Ps>
 struct find_policy {
@@ -65,12 +67,21 @@ template <class T>
 struct optimizer_trait : std::bool_constant<is_optimizer_v<T>> {};
 template <class T>
 struct backend_trait : std::bool_constant<is_backend_v<T>> {};
+template <class T>
+struct data_parallel_trait : std::bool_constant<is_data_parallel_v<T>> {};
 
 template <template <class> class Trait, class... Ps>
 inline constexpr int count_of = (0 + ... + int(Trait<Ps>::value));
 
 struct no_checkpointing {
   static constexpr int every = 0;
+};
+
+// A trainer without DataParallel: one replica, no communicator.
+struct NoCommunicator {};
+struct no_data_parallel {
+  using communicator_type = NoCommunicator;
+  static constexpr bool shards_state = false;
 };
 
 // Cuda wherever the build has the CUDA runtime, whatever compiler reads this: a Trainer type
@@ -89,7 +100,7 @@ struct resolve_policies {
   static_assert((... && (detail::policy_kinds<Ps> == 1)),
                 "Trainer: unknown policy type. After the model, a Trainer takes Precision<...>, Accumulate<N>, "
                 "Checkpointing or CheckpointEvery<k>, an optimizer (AdamW<...>, SGD<...>, Lion<...>, "
-                "Adafactor<...>) and a backend (Cuda or Host)");
+                "Adafactor<...>), a backend (Cuda or Host) and DataParallel<Comm>");
   static_assert(detail::count_of<detail::precision_trait, Ps...> <= 1,
                 "Trainer: two Precision policies; give one Precision<Compute, ...> (one compute dtype per trainer)");
   static_assert(detail::count_of<detail::accumulate_trait, Ps...> <= 1, "Trainer: two Accumulate policies; give one");
@@ -97,6 +108,8 @@ struct resolve_policies {
                 "Trainer: two Checkpointing policies; give one");
   static_assert(detail::count_of<detail::optimizer_trait, Ps...> <= 1, "Trainer: two optimizers; give one");
   static_assert(detail::count_of<detail::backend_trait, Ps...> <= 1, "Trainer: two backends; give Cuda or Host");
+  static_assert(detail::count_of<detail::data_parallel_trait, Ps...> <= 1,
+                "Trainer: two DataParallel policies; give one DataParallel<Comm>");
 
   using precision = typename detail::find_policy<detail::precision_trait, Precision<fp32>, Ps...>::type;
   using accumulate = typename detail::find_policy<detail::accumulate_trait, Accumulate<1>, Ps...>::type;
@@ -104,6 +117,8 @@ struct resolve_policies {
       typename detail::find_policy<detail::checkpointing_trait, detail::no_checkpointing, Ps...>::type;
   using optimizer = typename detail::find_policy<detail::optimizer_trait, AdamW<State<float>>, Ps...>::type;
   using backend = typename detail::find_policy<detail::backend_trait, detail::default_backend, Ps...>::type;
+  using data_parallel =
+      typename detail::find_policy<detail::data_parallel_trait, detail::no_data_parallel, Ps...>::type;
   static constexpr bool recompute = is_checkpointing_v<checkpointing>;
 };
 

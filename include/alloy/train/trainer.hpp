@@ -11,11 +11,19 @@
 // sums the squares for the norm on the last micro-batch); then the optimizer step (pass 1 where
 // the accumulation did not already sum the squares, skip/clip decision, pass 2). step() returns
 // with pass 2 queued, not finished.
+//
+// With DataParallel<Comm> (train/data_parallel.hpp) each rank is one replica: backward is seeded
+// with scale / (N x world size), the gradients are summed over the ranks after the last
+// micro-batch, the reported loss is the mean over every rank's micro-batches, and checkpoints are
+// written by rank 0 and loaded by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
+// master weights and optimizer state are one range of the arenas: the gradients are
+// reduce-scattered, each rank updates its range, and the parameters are all-gathered.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
 #include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
+#include <alloy/train/data_parallel.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/optimizer_step.hpp>
 #include <alloy/train/param_store.hpp>
@@ -28,6 +36,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <iterator>
 #include <memory>
@@ -78,6 +87,16 @@ class Trainer {
   using scaler_type = typename precision::scaler_type;
   static constexpr double bytes_per_param = store_type::bytes_per_param;
   static constexpr bool recomputes = policies::recompute;
+  using communicator_type = typename policies::data_parallel::communicator_type;
+  static constexpr bool data_parallel = is_data_parallel_v<typename policies::data_parallel>;
+  static constexpr bool shards_state = policies::data_parallel::shards_state;  // ZeroRedundancy
+  // Bytes per parameter on each of `world` ranks: with ZeroRedundancy the master weights and the
+  // optimizer state divide among them (padding aside); otherwise every rank holds bytes_per_param.
+  static constexpr double bytes_per_param_on_each_of(int world) {
+    const auto r = store_type::bytes_per_param_by_role;
+    if (!shards_state || world < 1) return bytes_per_param;
+    return r.params + r.grads + r.grad_accumulator + (r.master + r.optimizer_state) / world;
+  }
 
   static_assert(has_batch_type<M>,
                 "Trainer<Model>: the model must declare `using batch_type = ...;` (one micro-batch)");
@@ -134,19 +153,34 @@ class Trainer {
     std::function<void(const std::string&)> load_log = nullptr;
   };
 
-  explicit Trainer(M model, Config config = {}, backend_type be = {})
+  explicit Trainer(M model, Config config = {}, backend_type be = {}) : Trainer(std::move(model), config, nullptr, be) {
+    static_assert(!data_parallel,
+                  "Trainer with DataParallel<Comm>: pass this rank's communicator: Trainer(model, config, comm)");
+  }
+
+  // One replica of a data-parallel job (DataParallel<Comm>). Every rank constructs its trainer
+  // together (collectives): the ranks check that they agree and take rank 0's parameters.
+  // `comm` must outlive the trainer.
+  Trainer(M model, Config config, communicator_type& comm, backend_type be = {})
+      : Trainer(std::move(model), config, &comm, be) {
+    static_assert(data_parallel, "Trainer(model, config, comm): a communicator needs the DataParallel<Comm> policy");
+  }
+
+ private:
+  Trainer(M model, Config config, communicator_type* comm, backend_type be)
       : model_(std::move(model)),
         config_(config),
         be_(be),
         // The accumulator only where more than one micro-batch makes a step.
         store_(declared(model_), be, config.seed, tracker_.get(),
-               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1),
+               (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1, shard_of(comm)),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be),
         uploads_(be, tracker_.get()),
         losses_(be, tracker_.get()),
-        micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches) {
+        micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches),
+        comm_(comm) {
     static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
                   "Trainer: backend Cuda runs kernels: construct this Trainer in a .cu file compiled by nvcc, or "
                   "name alloy::Host among its policies to train on the CPU");
@@ -159,8 +193,23 @@ class Trainer {
                   numeric_traits<compute_type>::name + " gradients and no fp32 accumulator would sum them in " +
                   numeric_traits<compute_type>::name + "; use Accumulate<N> with N > 1");
     }
+    if constexpr (data_parallel) {
+      static_assert(std::is_same_v<typename communicator_type::backend_type, backend_type>,
+                    "DataParallel<Comm>: the communicator runs on another backend than the trainer "
+                    "(HostCommunicator with alloy::Host, NcclCommunicator with alloy::Cuda)");
+      static_assert(!shards_state || !is_adafactor_v<optimizer_type>,
+                    "ZeroRedundancy: Adafactor's factored statistics do not divide into ranges of the arena; use "
+                    "DataParallel<Comm> (replicated state) with Adafactor");
+      detail::check_replicas_agree(*comm_, be_,
+                                   {{"the parameter count", store_.layout().padded_numel()},
+                                    {"micro_batches", static_cast<std::uint64_t>(micro_batches_)},
+                                    {"the seed", config_.seed},
+                                    {"the policies (signature)", detail::fnv1a(signature())}});
+      detail::replicate_parameters(*comm_, be_, store_);
+    }
   }
 
+ public:
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
 
@@ -183,6 +232,7 @@ class Trainer {
     config_ = std::move(other.config_);
     be_ = other.be_;
     micro_batches_ = other.micro_batches_;
+    comm_ = other.comm_;
     attempted_ = other.attempted_;
     kept_ = std::move(other.kept_);
     return *this;
@@ -196,11 +246,13 @@ class Trainer {
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
     losses_.begin(micro_batches_);
+    // Every rank's micro-batches make the step's batch: the seed averages over all of them.
+    const int seeded = micro_batches_ * world_size();
     for (int mb = 0; mb < micro_batches_; ++mb) {
       workspace_.reset();
       const bool in_place = !store_type::has_accumulator && mb > 0;
-      context_type ctx(store_, workspace_, scale / static_cast<float>(micro_batches_), in_place, mb, micro_batches_,
-                       attempted_, policies::checkpointing::every, &resources_, &uploads_);
+      context_type ctx(store_, workspace_, scale / static_cast<float>(seeded), in_place, mb, micro_batches_, attempted_,
+                       policies::checkpointing::every, &resources_, &uploads_);
       uploads_.begin_micro_batch();
       try {
         // Nothing here waits for the device: the loss stays there (see backend/loss.hpp) and the
@@ -211,16 +263,37 @@ class Trainer {
         throw;
       }
       uploads_.end_micro_batch();
-      step_.accumulate(store_, mb, micro_batches_);
+      // With DataParallel the squares are summed after the all-reduce (pass 1 in step()).
+      step_.accumulate(store_, mb, micro_batches_, !data_parallel);
     }
     // The losses come back while the optimizer step runs; the step waits for the gradient norm
     // (its skip and clip decision) and returns with the update queued: the next step's uploads
     // overlap it, and anything that reads the arenas is ordered after it on the stream.
     losses_.fetch();
-    const StepStats s = step_.step(store_, {lr, config_.max_grad_norm});
+    float loss = 0.0f;
+    if constexpr (data_parallel) {
+      // The optimizer reads the sum over the ranks; wait() bounds the wait for a missing rank.
+      if constexpr (shards_state) {
+        detail::reduce_scatter_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      } else {
+        detail::all_reduce_gradients(*comm_, be_, store_, micro_batches_ > 1);
+      }
+      comm_->wait(be_);
+      double sum = static_cast<double>(losses_.mean());
+      comm_->all_reduce_host(be_, &sum, 1, ReduceOp::sum);
+      loss = static_cast<float>(sum / world_size());
+    }
+    StepStats s;
+    if constexpr (shards_state) {
+      s = step_.step(store_, {lr, config_.max_grad_norm},
+                     detail::ReplicaReduction<communicator_type, backend_type>{*comm_, be_});
+      if (!s.skipped) detail::all_gather_parameters(*comm_, be_, store_);
+    } else {
+      s = step_.step(store_, {lr, config_.max_grad_norm});
+    }
     ++attempted_;
     StepReport r;
-    r.loss = losses_.mean();
+    r.loss = data_parallel ? loss : losses_.mean();
     r.grad_norm = s.grad_norm;
     r.lr = lr;
     r.loss_scale = s.loss_scale;
@@ -245,11 +318,31 @@ class Trainer {
   }
 
   // Writes a checkpoint atomically, with the run's configuration (settings()) and checksums
-  // (see train/checkpoint.hpp).
+  // (see train/checkpoint.hpp). With DataParallel every rank calls it; rank 0 writes (the
+  // replicas hold the same bits), and every rank throws if its write failed.
   void save(const std::filesystem::path& path) {
-    const auto& s = step_.scale_state();
-    save_checkpoint(path, store_, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
-                    settings());
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      if constexpr (shards_state) {
+        store_type whole = gathered_store();
+        if (comm_->rank() == 0) {
+          try {
+            save_here(path, whole);
+          } catch (...) {
+            failure = std::current_exception();
+          }
+        }
+      } else if (comm_->rank() == 0) {
+        try {
+          save_here(path, store_);
+        } catch (...) {
+          failure = std::current_exception();
+        }
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "saving checkpoint '" + path.string() + "' (on rank 0)");
+    } else {
+      save_here(path, store_);
+    }
   }
 
   // Restores a checkpoint written by a trainer of the same model and policies. Resuming is
@@ -258,10 +351,159 @@ class Trainer {
   // A checkpoint saved under another configuration loads with this trainer's, and each
   // difference is written to Config::load_log and listed in the report; with
   // Config::on_config_change = refuse it is refused instead. The seed is the file's (state).
+  // With DataParallel every rank calls it and reads the file (a path every rank sees); if it
+  // fails on any rank, it throws on every rank, and those that loaded keep what they loaded.
   LoadReport load(const std::filesystem::path& path) {
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      LoadReport report;
+      try {
+        if constexpr (shards_state) {
+          store_type whole = whole_store();
+          report = load_here(path, whole);
+          detail::keep_shard(be_, whole, store_);
+        } else {
+          report = load_here(path, store_);
+        }
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "loading checkpoint '" + path.string() + "'");
+      return report;
+    } else {
+      return load_here(path, store_);
+    }
+  }
+
+  // The run's configuration as checkpoints record it, setting by setting: optimizer.<name> and
+  // scaler.<name> (each Config's for_each_field), schedule.<name>, max_grad_norm, param_rounding
+  // and micro_batches (the number in use). The seed is not among them: a checkpoint restores it.
+  ConfigSettings settings() const {
+    ConfigSettings out;
+    add_settings(out, "optimizer", config_.optimizer);
+    add_settings(out, "scaler", config_.scaler);
+    add_settings(out, "schedule", config_.schedule);
+    out["max_grad_norm"] = setting_text(config_.max_grad_norm);
+    out["param_rounding"] = setting_text(config_.param_rounding);
+    out["micro_batches"] = setting_text(micro_batches_);
+    return out;
+  }
+
+  // Writes the model's parameters alone, under their declared names and shapes, in `dtype`: fp32
+  // from the master copy when there is one, bf16 or fp16 their rounding to nearest even. A
+  // torch.nn.Module with the same parameter names loads the file with
+  // load_state_dict(safetensors.torch.load_file(path), strict=True). Atomic, as save().
+  // With DataParallel every rank calls it and rank 0 writes; a failure throws on every rank.
+  void export_weights(const std::filesystem::path& path, WeightsDtype dtype = WeightsDtype::fp32) {
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      try {
+        if constexpr (shards_state) {
+          store_type whole = gathered_store();
+          if (comm_->rank() == 0) alloy::export_weights(path, whole, dtype);
+        } else if (comm_->rank() == 0) {
+          alloy::export_weights(path, store_, dtype);
+        }
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "exporting weights to '" + path.string() + "' (on rank 0)");
+    } else {
+      alloy::export_weights(path, store_, dtype);
+    }
+  }
+
+  // Initializes the parameters (master and compute copies) from a weights file: one tensor per
+  // declared parameter, by name, with its shape, in F32, BF16 or F16 (export_weights' files, or
+  // safetensors.torch.save_file(module.state_dict())). The compute copy is the master rounded to
+  // nearest even. Optimizer state, the step counters and the loss scale are kept as they are
+  // (as torch's load_state_dict leaves the optimizer alone): call it before training, or
+  // construct a fresh trainer to restart the optimizer. Throws alloy::error naming the file and
+  // each missing, extra or mis-shaped tensor, or a non-finite value, and then changes nothing.
+  // With DataParallel every rank calls it and reads the file; a failure on any rank throws on
+  // every rank.
+  void import_weights(const std::filesystem::path& path) {
+    if constexpr (data_parallel) {
+      std::exception_ptr failure;
+      try {
+        if constexpr (shards_state) {
+          store_type whole = gathered_store();
+          alloy::import_weights(path, whole);
+          detail::keep_shard(be_, whole, store_);
+        } else {
+          alloy::import_weights(path, store_);
+        }
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      detail::agree_or_throw(*comm_, be_, failure, "importing weights from '" + path.string() + "'");
+    } else {
+      alloy::import_weights(path, store_);
+    }
+  }
+
+  // What a checkpoint must match: the dtypes, the scaler kind, the optimizer and its state width.
+  static std::string signature() {
+    std::string s = std::string("compute=") + numeric_traits<compute_type>::name +
+                    ";master=" + (precision::has_master ? "fp32" : "none") + ";scaler=" + scaler_type::name +
+                    ";optimizer=" + optimizer_type::name + ";state=";
+    using W = typename optimizer_type::state::width;
+    if constexpr (is_q8_v<W>) {
+      s += "q8/" + std::to_string(W::block);
+    } else {
+      s += numeric_traits<W>::name;
+    }
+    return s;
+  }
+
+  TrainerMemory memory() const {
+    TrainerMemory m;
+    m.arenas = store_.memory();
+    m.activations_peak = workspace_.peak_bytes();
+    m.workspace_reserved = workspace_.reserved_bytes();
+    m.input_slots = uploads_.reserved_bytes();
+    m.input_staging = uploads_.staging_bytes();
+    m.backend = tracker_->stats();
+    return m;
+  }
+
+  // Starts a new window for memory().backend.peak_bytes at what the trainer holds now (after
+  // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
+  // growth, merged into one block at the next micro-batch).
+  void reset_memory_peak() noexcept { tracker_->reset_peak(); }
+
+  // Waits until everything the trainer queued has finished on the device (step() returns with its
+  // update queued; whatever reads the arenas through the backend is ordered after it anyway).
+  void synchronize() const { alloy::synchronize(be_); }
+
+  M& model() noexcept { return model_; }
+  store_type& store() noexcept { return store_; }
+  step_type& optimizer() noexcept { return step_; }
+  const Config& config() const noexcept { return config_; }
+  std::uint64_t steps() const noexcept { return attempted_; }
+  int micro_batches() const noexcept { return micro_batches_; }
+  float loss_scale() const noexcept { return step_.loss_scale(); }
+  // The number of replicas (1 without DataParallel) and this one's communicator.
+  int world_size() const noexcept {
+    if constexpr (data_parallel) {
+      return comm_->world_size();
+    } else {
+      return 1;
+    }
+  }
+  communicator_type& communicator() noexcept requires data_parallel { return *comm_; }
+
+ private:
+  void save_here(const std::filesystem::path& path, store_type& store) {
+    const auto& s = step_.scale_state();
+    save_checkpoint(path, store, {attempted_, step_.steps(), step_.skipped_steps(), s, config_.seed}, signature(),
+                    settings());
+  }
+
+  LoadReport load_here(const std::filesystem::path& path, store_type& store) {
     const DynamicLossScaleConfig* dynamic = nullptr;
     if constexpr (scaler_type::dynamic) dynamic = &config_.scaler;
-    auto [c, report] = load_checkpoint(path, store_, signature(), settings(), config_.on_config_change, dynamic);
+    auto [c, report] = load_checkpoint(path, store, signature(), settings(), config_.on_config_change, dynamic);
     const std::string where = "alloy: load checkpoint '" + path.string() + "': ";
     auto log = [&](const std::string& line) {
       if (config_.load_log) {
@@ -313,80 +555,28 @@ class Trainer {
     return report;
   }
 
-  // The run's configuration as checkpoints record it, setting by setting: optimizer.<name> and
-  // scaler.<name> (each Config's for_each_field), schedule.<name>, max_grad_norm, param_rounding
-  // and micro_batches (the number in use). The seed is not among them: a checkpoint restores it.
-  ConfigSettings settings() const {
-    ConfigSettings out;
-    add_settings(out, "optimizer", config_.optimizer);
-    add_settings(out, "scaler", config_.scaler);
-    add_settings(out, "schedule", config_.schedule);
-    out["max_grad_norm"] = setting_text(config_.max_grad_norm);
-    out["param_rounding"] = setting_text(config_.param_rounding);
-    out["micro_batches"] = setting_text(micro_batches_);
-    return out;
-  }
-
-  // Writes the model's parameters alone, under their declared names and shapes, in `dtype`: fp32
-  // from the master copy when there is one, bf16 or fp16 their rounding to nearest even. A
-  // torch.nn.Module with the same parameter names loads the file with
-  // load_state_dict(safetensors.torch.load_file(path), strict=True). Atomic, as save().
-  void export_weights(const std::filesystem::path& path, WeightsDtype dtype = WeightsDtype::fp32) {
-    alloy::export_weights(path, store_, dtype);
-  }
-
-  // Initializes the parameters (master and compute copies) from a weights file: one tensor per
-  // declared parameter, by name, with its shape, in F32, BF16 or F16 (export_weights' files, or
-  // safetensors.torch.save_file(module.state_dict())). The compute copy is the master rounded to
-  // nearest even. Optimizer state, the step counters and the loss scale are kept as they are
-  // (as torch's load_state_dict leaves the optimizer alone): call it before training, or
-  // construct a fresh trainer to restart the optimizer. Throws alloy::error naming the file and
-  // each missing, extra or mis-shaped tensor, or a non-finite value, and then changes nothing.
-  void import_weights(const std::filesystem::path& path) { alloy::import_weights(path, store_); }
-
-  // What a checkpoint must match: the dtypes, the scaler kind, the optimizer and its state width.
-  static std::string signature() {
-    std::string s = std::string("compute=") + numeric_traits<compute_type>::name +
-                    ";master=" + (precision::has_master ? "fp32" : "none") + ";scaler=" + scaler_type::name +
-                    ";optimizer=" + optimizer_type::name + ";state=";
-    using W = typename optimizer_type::state::width;
-    if constexpr (is_q8_v<W>) {
-      s += "q8/" + std::to_string(W::block);
+  // ZeroRedundancy: this rank's share of the arenas; every other trainer: the whole.
+  static ArenaShard shard_of(communicator_type* comm) {
+    if constexpr (shards_state) {
+      return {comm->world_size(), comm->rank(), true};
     } else {
-      s += numeric_traits<W>::name;
+      (void)comm;
+      return {};
     }
-    return s;
   }
 
-  TrainerMemory memory() const {
-    TrainerMemory m;
-    m.arenas = store_.memory();
-    m.activations_peak = workspace_.peak_bytes();
-    m.workspace_reserved = workspace_.reserved_bytes();
-    m.input_slots = uploads_.reserved_bytes();
-    m.input_staging = uploads_.staging_bytes();
-    m.backend = tracker_->stats();
-    return m;
+  // ZeroRedundancy: a store of the same layout that holds every range, fresh (whole_store) or
+  // with every rank's master weights and state (gathered_store; every rank calls it). Transient:
+  // a checkpoint or weights file costs one unsharded copy of the arenas while it is written or read.
+  store_type whole_store() {
+    return store_type(store_.registry(), be_, config_.seed, nullptr, false, ArenaShard{comm_->world_size(), 0, false});
+  }
+  store_type gathered_store() {
+    store_type whole = whole_store();
+    detail::gather_store(*comm_, be_, store_, whole);
+    return whole;
   }
 
-  // Starts a new window for memory().backend.peak_bytes at what the trainer holds now (after
-  // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
-  // growth, merged into one block at the next micro-batch).
-  void reset_memory_peak() noexcept { tracker_->reset_peak(); }
-
-  // Waits until everything the trainer queued has finished on the device (step() returns with its
-  // update queued; whatever reads the arenas through the backend is ordered after it anyway).
-  void synchronize() const { alloy::synchronize(be_); }
-
-  M& model() noexcept { return model_; }
-  store_type& store() noexcept { return store_; }
-  step_type& optimizer() noexcept { return step_; }
-  const Config& config() const noexcept { return config_; }
-  std::uint64_t steps() const noexcept { return attempted_; }
-  int micro_batches() const noexcept { return micro_batches_; }
-  float loss_scale() const noexcept { return step_.loss_scale(); }
-
- private:
   // optimizer.lr changed from its default and a schedule whose peak differs: two rates, and
   // whichever the trainer picked would surprise someone.
   static void check_learning_rate(const Config& c) {
@@ -438,6 +628,7 @@ class Trainer {
   InputUploads<backend_type> uploads_;
   StepLosses<backend_type> losses_;
   int micro_batches_;
+  communicator_type* comm_ = nullptr;  // DataParallel: this rank's communicator
   std::uint64_t attempted_ = 0;
   KeptInputs kept_;  // a LayeredModel's segment inputs, between forward and backward
 };
