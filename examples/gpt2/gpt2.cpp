@@ -3,6 +3,7 @@
 //              [--checkpointing] [--recompute-gelu] [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
+//              [--data-parallel [--ranks N] [--id-dir DIR]]
 // On the GPU when there is one (124M, 16 x 1024 tokens per step by default), on the Host backend
 // otherwise (tiny: d 64, 2 layers, 64 positions, bytes as tokens; the loss falls within a minute).
 // Without --data it trains on alloy's own README and docs (nothing is downloaded).
@@ -11,6 +12,10 @@
 // layouts; --import reads such a file before training; --logits-out writes the logits of a batch
 // after training (scripts/gpt2_hf_check.py compares them with transformers'). --steps 0 trains
 // nothing.
+//
+// --data-parallel trains bf16 replicas (data_parallel.hpp): on the GPU one process per GPU under a
+// launcher, e.g. `torchrun --nproc_per_node 2 --no-python build/gpu/examples/alloy_gpt2
+// --data-parallel --random` with NCCL_NVLS_ENABLE=0; on the Host --ranks N threads.
 #include "run_gpt2.hpp"
 
 #include <cstdio>
@@ -25,7 +30,8 @@ namespace {
                "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--steps N] [--batch B] [--seq "
                "T] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
-               "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]\n",
+               "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
+               "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",
                why);
   std::exit(2);
 }
@@ -80,6 +86,12 @@ gpt2::Options parse(int argc, char** argv) {
       o.top_k = std::atoi(value().c_str());
     else if (a == "--seed")
       o.seed = std::strtoull(value().c_str(), nullptr, 10);
+    else if (a == "--data-parallel")
+      o.data_parallel = true;
+    else if (a == "--ranks")
+      o.ranks = std::atoi(value().c_str());
+    else if (a == "--id-dir")
+      o.id_dir = value();
     else
       usage(("unknown option " + a).c_str());
   }
@@ -88,6 +100,7 @@ gpt2::Options parse(int argc, char** argv) {
   if (o.random && !o.data.empty()) usage("--data and --random: give one");
   if (o.temperature <= 0) usage("--temperature needs X > 0");
   if (!o.tokens_in.empty() && o.logits_out.empty()) usage("--tokens-in goes with --logits-out");
+  if (o.ranks < 1) usage("--ranks needs N >= 1");
   return o;
 }
 
@@ -126,6 +139,7 @@ int main(int argc, char** argv) {
     const gpt2::TokenSource data = o.random         ? gpt2::TokenSource::random(c)
                                    : o.data.empty() ? gpt2::TokenSource::text(gpt2::default_text(), c)
                                                     : gpt2::TokenSource::text(gpt2::read_file(o.data), c);
+    if (o.data_parallel) return gpt2::run_data_parallel(o, c, data, gpu);
     return with_precision(o, c, data, gpu);
   } catch (const alloy::error& e) {
     std::fprintf(stderr, "alloy error: %s\n", e.what());

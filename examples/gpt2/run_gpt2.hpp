@@ -39,6 +39,11 @@ struct Options {
   float temperature = 0.8f;
   int top_k = 40;
   std::uint64_t seed = 1;
+  // --data-parallel: one replica per process (Cuda, NCCL; the launcher's RANK / WORLD_SIZE /
+  // LOCAL_RANK) or per thread (Host, `ranks` of them); data_parallel.hpp.
+  bool data_parallel = false;
+  int ranks = 2;       // Host: threads
+  std::string id_dir;  // Cuda: where rank 0 leaves NCCL's id (default $ALLOY_NCCL_ID_DIR, else the temp dir)
 };
 
 // --logits-out: the logits of every position of a batch (the --tokens-in file, or one drawn from
@@ -91,36 +96,64 @@ void write_logits(Trainer& trainer, const Options& o, const TokenSource& data, s
               static_cast<long long>(T), mean, o.logits_out.c_str());
 }
 
+// Accumulate<2> gives 16-bit precisions their fp32 accumulator; --accumulate sets the count.
 template <class Backend, class P, class... Extra>
-int run(const Options& o, const Config& c, const TokenSource& data) {
-  // Accumulate<2> gives 16-bit precisions their fp32 accumulator; --accumulate sets the count.
-  using Trainer = alloy::Trainer<Gpt2, P, alloy::Accumulate<2>, alloy::AdamW<>, Backend, Extra...>;
-  std::mt19937_64 rng(o.seed);
-  Trainer trainer(Gpt2(c), {.optimizer = {.beta2 = 0.95f, .weight_decay = 0.1f},
-                            .schedule = alloy::LrSchedule::warmup_cosine(o.lr, std::max(o.steps / 10, 1), o.steps),
-                            .max_grad_norm = 1.0f,
-                            .seed = o.seed,
-                            .micro_batches = o.accumulate});
+using Gpt2Trainer = alloy::Trainer<Gpt2, P, alloy::Accumulate<2>, alloy::AdamW<>, Backend, Extra...>;
+
+template <class Trainer>
+typename Trainer::Config trainer_config(const Options& o) {
+  return {.optimizer = {.beta2 = 0.95f, .weight_decay = 0.1f},
+          .schedule = alloy::LrSchedule::warmup_cosine(o.lr, std::max(o.steps / 10, 1), o.steps),
+          .max_grad_norm = 1.0f,
+          .seed = o.seed,
+          .micro_batches = o.accumulate};
+}
+
+// Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss
+// curve and samples; each rank draws its own batches (rank 0 the ones one process would).
+struct Replica {
+  int rank = 0, world = 1;
+};
+
+struct Trained {
+  int status = 0;  // the example's exit status
+  alloy::StepReport first, last;
+};
+
+// The training loop, the summary and the samples, for any of the example's trainers.
+template <class Trainer>
+Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSource& data, Replica who = {}) {
+  const bool speaks = who.rank == 0;
+  std::mt19937_64 rng(o.seed + 7919 * static_cast<std::uint64_t>(who.rank));
   if (!o.import_hf.empty()) {
     import_hf(trainer, o.import_hf);
-    std::printf("imported Hugging Face GPT-2 weights from %s\n", o.import_hf.c_str());
+    if (speaks) std::printf("imported Hugging Face GPT-2 weights from %s\n", o.import_hf.c_str());
   }
+  using Backend = typename Trainer::backend_type;
   const std::size_t params = trainer.store().layout().numel();
-  std::printf(
-      "GPT-2 on %s, %s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
-      "%zu parameters; data: %s\n",
-      Backend::name, o.precision.c_str(),
-      o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""), c.dim, c.layers, c.heads,
-      c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
-      data.is_random()
-          ? "random tokens"
-          : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")
-                .c_str());
-  std::ofstream csv(o.csv);
-  csv << "step,loss,grad_norm,lr,loss_scale,skipped,ms\n";
+  if (speaks && who.world > 1) {
+    std::printf("data parallel: %d ranks (%s), each with its own batches; rank 0 speaks\n", who.world,
+                std::is_same_v<Backend, alloy::Host> ? "threads, HostCommunicator" : "processes, NCCL");
+  }
+  if (speaks)
+    std::printf(
+        "GPT-2 on %s, %s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
+        "%zu parameters; data: %s\n",
+        Backend::name, o.precision.c_str(),
+        o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""), c.dim, c.layers, c.heads,
+        c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
+        data.is_random()
+            ? "random tokens"
+            : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")
+                  .c_str());
+  std::ofstream csv;
+  if (speaks) {
+    csv.open(o.csv);
+    csv << "step,loss,grad_norm,lr,loss_scale,skipped,ms\n";
+  }
   alloy::StepReport first{}, last{};
   std::size_t first_peak = 0;
-  const double tokens_per_step = double(o.batch) * double(c.seq) * o.accumulate;
+  const double tokens_per_step = double(o.batch) * double(c.seq) * o.accumulate * who.world;
   // Wall time of the steps after two warm-up steps, until the last one has finished on the device
   // (step() returns with its update still queued).
   auto timed_from = std::chrono::steady_clock::now();
@@ -146,6 +179,7 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
     const auto now = std::chrono::steady_clock::now();
     const double ms = 1e3 * std::chrono::duration<double>(now - previous).count();
     previous = now;
+    if (!speaks) continue;
     csv << last.step << ',' << last.loss << ',' << last.grad_norm << ',' << last.lr << ',' << last.loss_scale << ','
         << last.skipped << ',' << ms << '\n';
     std::printf("step %5llu/%d  loss %8.5f  grad norm %8.4f  lr %.2e  scale %g  %8.1f ms  %8.0f tokens/s\n",
@@ -155,27 +189,30 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
   }
   trainer.synchronize();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - timed_from).count();
+  // --export, --logits-out and the samples are one process's (the example refuses them with
+  // --data-parallel, whose ranks would each write them).
   if (!o.export_hf.empty()) {
     export_hf(trainer, o.export_hf);
     std::printf("exported the weights in Hugging Face GPT2LMHeadModel's layout to %s\n", o.export_hf.c_str());
   }
   if (!o.logits_out.empty()) write_logits(trainer, o, data, std::max<std::size_t>(o.batch, 1));
-  if (o.steps > 0) {
+  if (o.steps > 0 && speaks) {
     const auto mem = trainer.memory();
     const double timed = static_cast<double>(o.steps > 2 ? o.steps - 2 : o.steps);
     std::printf(
-        "loss %.5f -> %.5f; %.3f ms per step, %.0f tokens/s; activations peak %.1f MiB, all memory peak "
+        "loss %.5f -> %.5f; %.3f ms per step, %.0f tokens/s%s; activations peak %.1f MiB, all memory peak "
         "%.1f MiB\n",
         first.loss, last.loss, 1e3 * seconds / timed, tokens_per_step * timed / seconds,
-        mem.activations_peak / 1048576.0, mem.backend.peak_bytes / 1048576.0);
+        who.world > 1 ? " (all ranks)" : "", mem.activations_peak / 1048576.0, mem.backend.peak_bytes / 1048576.0);
     std::printf(
-        "memory: arenas %.1f MiB (%.2f bytes/param), activation workspace %.1f MiB, input slots %.1f MiB; "
+        "memory%s: arenas %.1f MiB (%.2f bytes/param), activation workspace %.1f MiB, input slots %.1f MiB; "
         "peak in the first two steps %.1f MiB\n",
-        mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / double(params), mem.workspace_reserved / 1048576.0,
-        mem.input_slots / 1048576.0, std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
+        who.world > 1 ? " (rank 0)" : "", mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / double(params),
+        mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
+        std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
     std::printf("loss curve: %s\n", o.csv.c_str());
   }
-  if (o.sample_tokens > 0 && !data.is_random()) {
+  if (o.sample_tokens > 0 && !data.is_random() && speaks) {
     std::mt19937_64 sampling(o.seed + 7);
     for (int i = 0; i < 3; ++i) {
       const Batch b = data.batch(1, sampling);
@@ -186,7 +223,14 @@ int run(const Options& o, const Config& c, const TokenSource& data) {
     }
   }
   // Exit status 1 when a text did not train (random tokens have nothing to learn).
-  return o.steps < 3 || data.is_random() || last.loss < first.loss ? 0 : 1;
+  return {o.steps < 3 || data.is_random() || last.loss < first.loss ? 0 : 1, first, last};
+}
+
+template <class Backend, class P, class... Extra>
+int run(const Options& o, const Config& c, const TokenSource& data) {
+  using Trainer = Gpt2Trainer<Backend, P, Extra...>;
+  Trainer trainer(Gpt2(c), trainer_config<Trainer>(o));
+  return train(trainer, o, c, data).status;
 }
 
 template <class Backend, class P>
@@ -209,6 +253,9 @@ using Fp32 = alloy::Precision<alloy::fp32>;
 using Tf32 = alloy::Precision<alloy::tf32>;
 using Bf16 = alloy::Precision<alloy::bf16, alloy::fp32_master>;
 using Fp16 = alloy::Precision<alloy::fp16, alloy::fp32_master>;
+// --data-parallel's bf16 replicas (data_parallel.hpp), defined in gpt2_data_parallel.cpp.
+int run_data_parallel(const Options& o, const Config& c, const TokenSource& data, bool gpu);
+
 extern template int run_precision<Fp32>(const Options&, const Config&, const TokenSource&, bool);
 extern template int run_precision<Tf32>(const Options&, const Config&, const TokenSource&, bool);
 extern template int run_precision<Bf16>(const Options&, const Config&, const TokenSource&, bool);

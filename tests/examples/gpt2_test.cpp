@@ -1,6 +1,8 @@
 // The GPT-2 example's model (examples/gpt2) on the Host backend at a tiny size: gradients against
 // finite differences, Checkpointing's bits, the logits path against the training loss, the
-// Hugging Face layout (names, transposes, padding) both ways, and the loss falling on a text.
+// Hugging Face layout (names, transposes, padding) both ways, the loss falling on a text, and
+// --data-parallel's replicas on Host threads.
+#include "../../examples/gpt2/data_parallel.hpp"
 #include "../../examples/gpt2/hf_weights.hpp"
 #include "../../examples/gpt2/sampling.hpp"
 #include "../../examples/gpt2/text_data.hpp"
@@ -273,6 +275,50 @@ TEST(Gpt2, LossFallsOnASmallText) {
   std::printf("loss %.4f -> %.4f over 60 steps\n", first, last);
   EXPECT_NEAR(first, std::log(256.0), 0.2) << "a fresh model is near uniform";
   EXPECT_LT(last, first - 2.0);
+}
+
+// --data-parallel on the Host (data_parallel.hpp): two threads, each a DataParallel replica
+// drawing its own batches. The report is the step's, after the sum over the ranks: the same loss
+// and gradient norm on both, and the loss falls on a text.
+TEST(Gpt2, DataParallelReplicasOnHostThreadsAgreeAndTrain) {
+  std::string text;
+  for (int i = 0; i < 40; ++i) {
+    text += "every rank draws its own batch; the sum is the same everywhere. line " + std::to_string(i % 5) + ".\n";
+  }
+  const gpt2::Config c{256, 256, 32, 2, 2, 32, true};
+  const auto data = gpt2::TokenSource::text(text, c);
+  gpt2::Options o;
+  o.steps = 12;
+  o.batch = 4;
+  o.lr = 3e-3f;
+  o.sample_tokens = 0;
+  o.ranks = 2;
+  o.seed = test::fresh_seed();
+  o.csv = (std::filesystem::temp_directory_path() / ("alloy_gpt2_dp_" + std::to_string(o.seed) + ".csv")).string();
+  ASSERT_EQ(gpt2::data_parallel_refusal(o, false), "");
+  const auto ranks = gpt2::train_data_parallel_host(o, c, data);
+  std::filesystem::remove(o.csv);
+  ASSERT_EQ(ranks.size(), 2u);
+  EXPECT_EQ(ranks[0].last.step, 12u);
+  EXPECT_EQ(ranks[0].last.loss, ranks[1].last.loss) << "the loss reported is the mean over every rank";
+  EXPECT_EQ(ranks[0].last.grad_norm, ranks[1].last.grad_norm) << "every replica steps on the same summed gradients";
+  EXPECT_EQ(ranks[0].first.loss, ranks[1].first.loss);
+  EXPECT_LT(ranks[0].last.loss, ranks[0].first.loss - 0.5);
+  EXPECT_EQ(ranks[0].status, 0);
+}
+
+TEST(Gpt2, DataParallelRefusesWhatItCannotRun) {
+  gpt2::Options o;
+  EXPECT_EQ(gpt2::data_parallel_refusal(o, true), "");
+  o.precision = "fp32";
+  EXPECT_MENTIONS(gpt2::data_parallel_refusal(o, true), "bf16");
+  o.precision = "bf16";
+  o.export_hf = "w.safetensors";
+  EXPECT_MENTIONS(gpt2::data_parallel_refusal(o, true), "--export");
+  o.export_hf.clear();
+  o.checkpointing = true;
+  EXPECT_EQ(gpt2::data_parallel_refusal(o, true), "") << "Cuda replicas may recompute";
+  EXPECT_MENTIONS(gpt2::data_parallel_refusal(o, false), "--checkpointing");
 }
 
 }  // namespace

@@ -191,7 +191,14 @@ inline std::string quoted_name(std::string_view name) {
 }
 
 inline std::string byte_range(std::uint64_t begin, std::uint64_t end) {
-  return "[" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+  // Appended, not "[" + std::to_string(...): g++ 12 inlines that insert at the front and warns
+  // -Wrestrict about it (a false positive, GCC bug 105329) in some translation units.
+  std::string out = "[";
+  out += std::to_string(begin);
+  out += ", ";
+  out += std::to_string(end);
+  out += ')';
+  return out;
 }
 
 inline std::array<std::byte, 8> little_endian(std::uint64_t value) {
