@@ -31,8 +31,7 @@ inline std::string data_parallel_refusal(const Options& o, bool gpu) {
     return "--data-parallel: --export, --import and --logits-out are one process's; run them without it";
   }
   if (!gpu && o.checkpointing) return "--data-parallel on the Host: without --checkpointing";
-  if (!gpu && o.ranks < 1) return "--ranks needs N >= 1";
-  return {};
+  return {};  // --ranks below 1: the command line refuses it, HostWorld too
 }
 
 // Host: o.ranks threads, each a replica with its own HostCommunicator. Returns every rank's result

@@ -486,46 +486,28 @@ TEST(AttentionArguments, BadOnesNameWhatIsWrong) {
 // The tensor cores take float (fp32, tf32) at 16-byte alignment, 4 elements; 16-bit dtypes at 8.
 TEST(AttentionArguments, TensorCoresNeedWhole16ByteVectors) {
   alignas(16) static float values[64 * 64];
-  const auto args = [&](std::size_t row, std::size_t head_dim, std::size_t offset) {
-    return AttentionArgs<tf32>{.batch = 1,
-                               .heads = 1,
-                               .seq = 8,
-                               .head_dim = head_dim,
-                               .q = values + offset,
-                               .k = values,
-                               .v = values,
-                               .qkv_strides = AttentionStrides::rows(row, 8, head_dim),
-                               .out = values,
-                               .out_strides = AttentionStrides::rows(row, 8, head_dim)};
-  };
-  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(196, 64, 0)));
-  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(196, 128, 4)));
-  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(194, 64, 0)));
-  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(196, 64, 2)));
-  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(196, 96, 0)));
-  auto fp32 = AttentionArgs<float>{.batch = 1,
-                                   .heads = 1,
-                                   .seq = 8,
-                                   .head_dim = 64,
-                                   .q = values,
-                                   .k = values,
-                                   .v = values,
-                                   .qkv_strides = AttentionStrides::rows(196, 8, 64),
-                                   .out = values,
-                                   .out_strides = AttentionStrides::rows(196, 8, 64)};
-  EXPECT_TRUE(alloy::attention_uses_tensor_cores(fp32));
   alignas(16) static bf16 halves[64 * 64];
-  const auto half_args = AttentionArgs<bf16>{.batch = 1,
-                                             .heads = 1,
-                                             .seq = 8,
-                                             .head_dim = 64,
-                                             .q = halves,
-                                             .k = halves,
-                                             .v = halves,
-                                             .qkv_strides = AttentionStrides::rows(196, 8, 64),
-                                             .out = halves,
-                                             .out_strides = AttentionStrides::rows(196, 8, 64)};
-  EXPECT_FALSE(alloy::attention_uses_tensor_cores(half_args)) << "a row of 196 bf16 is not whole 16-byte vectors";
+  // Compute C over storage p: rows of `row` elements, q `offset` elements in.
+  const auto args = []<class C>(C, storage_t<C>* p, std::size_t row, std::size_t head_dim, std::size_t offset) {
+    return AttentionArgs<C>{.batch = 1,
+                            .heads = 1,
+                            .seq = 8,
+                            .head_dim = head_dim,
+                            .q = p + offset,
+                            .k = p,
+                            .v = p,
+                            .qkv_strides = AttentionStrides::rows(row, 8, head_dim),
+                            .out = p,
+                            .out_strides = AttentionStrides::rows(row, 8, head_dim)};
+  };
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(tf32{}, values, 196, 64, 0)));
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(tf32{}, values, 196, 128, 4)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(tf32{}, values, 194, 64, 0)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(tf32{}, values, 196, 64, 2)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(tf32{}, values, 196, 96, 0)));
+  EXPECT_TRUE(alloy::attention_uses_tensor_cores(args(float{}, values, 196, 64, 0)));
+  EXPECT_FALSE(alloy::attention_uses_tensor_cores(args(bf16{}, halves, 196, 64, 0)))
+      << "a row of 196 bf16 is not whole 16-byte vectors";
 }
 
 TEST(AttentionArguments, EmptyProblemsDoNothing) {
