@@ -570,11 +570,12 @@ RowSoftmax row_softmax(const T* x, std::size_t classes, std::int32_t target) {
 // the 12 combination steps after, each term passes through up to (runs + 13) exp evaluations and
 // multiplications (runs = classes / 256 + 3), each off by u plus exp's error. The arguments of
 // those exps (x - m, then m_old - m_new as the maximum grows) add up to max - x for each term,
-// and each is rounded within u of itself, so term x is off by a further 2u (max - x) relative:
-// weighted by the terms, 2u spread with spread = sum of p (max - x). So
-//   eps_s = (runs + 13)(u + e_exp) + 2u spread + (classes / 256 + 37) u,
+// and each is rounded within u of itself, then multiplied by log2(e) for exp2 (another u of
+// itself), so term x is off by a further 4u (max - x) relative: weighted by the terms, 4u spread
+// with spread = sum of p (max - x). So
+//   eps_s = (runs + 13)(u + e_exp) + 4u spread + (classes / 256 + 37) u,
 //   loss:   2 (eps_s + 4u |log sum| + u |max - x[t]| + u |loss|),
-//   p = exp(x - max) / sum within eps_p = u |x - max| + e_exp + eps_s + 2u relative, and
+//   p = exp(x - max) / sum within eps_p = 2u |x - max| + e_exp + eps_s + 2u relative, and
 //   dlogits = (p - onehot) grad_scale within 2 |grad_scale| (p eps_p + 2u |p - onehot|).
 template <class T>
 void expect_loss_matches_float64(const std::vector<T>& logits, const std::vector<std::int32_t>& targets,
@@ -591,14 +592,14 @@ void expect_loss_matches_float64(const std::vector<T>& logits, const std::vector
       if (ref.p[c] > 0) spread += ref.p[c] * (ref.max - value(x[c]));  // p = 0 for x = -infinity
     }
     const double runs = double(s.classes) / 256 + 3;
-    const double eps_s = (runs + 13) * (u + exp_error) + 2 * u * spread + (double(s.classes) / 256 + 37) * u;
+    const double eps_s = (runs + 13) * (u + exp_error) + 4 * u * spread + (double(s.classes) / 256 + 37) * u;
     const double target_gap = ref.max - value(x[targets[r]]);
     const double loss_error =
         2 * (eps_s + 4 * u * std::fabs(std::log(ref.sum)) + u * target_gap + u * std::fabs(ref.loss));
     loss_check.expect(o.loss[r], ref.loss, loss_error, r, 0);
     for (std::size_t c = 0; c < s.classes; ++c) {
       const double onehot = c == std::size_t(targets[r]) ? 1.0 : 0.0;
-      const double eps_p = u * (ref.max - value(x[c])) + exp_error + eps_s + 2 * u;
+      const double eps_p = 2 * u * (ref.max - value(x[c])) + exp_error + eps_s + 2 * u;
       const double want = (ref.p[c] - onehot) * s.grad_scale;
       const double relative = ref.p[c] > 0 ? ref.p[c] * eps_p : 0.0;
       const double error = 2 * std::fabs(s.grad_scale) * (relative + 2 * u * std::fabs(ref.p[c] - onehot));

@@ -1,6 +1,7 @@
 // Linear: y = x W^T + b, W [out, in], with PyTorch's default initialization (uniform in
 // +-1/sqrt(in)) unless given another. cuBLASLt on Cuda (fp32 accumulation, bias in the epilogue, the bias gradient
-// fused into the weight-gradient product), the blocked Host loop otherwise.
+// as alloy's column sums after the weight-gradient product), the blocked Host loop otherwise (the bias gradient
+// in the product).
 //
 // Besides forward/backward, Linear offers the pieces its fusions are built from (Sequential and
 // Residual use them, fused_mlp.hpp combines them): the product into a given output, with a
@@ -9,6 +10,7 @@
 // given input; and where a product should write this layer's bias gradient.
 #pragma once
 
+#include <alloy/kernels/column_sums.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/nn/activation.hpp>
 
@@ -144,23 +146,31 @@ class Linear {
 
   // dW = dy^T x, written or added to the weight's gradient; with bias_gradient also db = column
   // sums of dy, fused into the same product.
+  // On Cuda the bias gradient is alloy's column sums (kernels/column_sums.hpp) after the product,
+  // added straight into the gradient when gradients accumulate: cuBLASLt runs its bias-gradient
+  // epilogue as a slower kernel of its own.
   template <class Ctx, class T = detail::value_t<Ctx>>
   void weight_gradient(Ctx& ctx, Activation<const T> dy, const T* x, bool bias_gradient) {
+#if ALLOY_HAS_CUDA_KERNELS
+    if constexpr (std::is_same_v<typename Ctx::backend_type, Cuda>) {
+      weight_product(ctx, dy, x, Epilogue::none, static_cast<T*>(nullptr));
+      if (bias_gradient) {
+        if (!has_bias_) throw error("Linear '" + name_ + "' has no bias, so no bias gradient");
+        float* scratch = ctx.template allocate<float>(column_sums_scratch_floats(ctx.backend(), dy.rows, out_));
+        column_sums(ctx.backend(),
+                    ColumnSums<T>{.x = dy.data,
+                                  .rows = dy.rows,
+                                  .cols = out_,
+                                  .ld = out_,
+                                  .out = ctx.grad(bias_).data,
+                                  .accumulate = ctx.accumulate_grads()},
+                    scratch);
+      }
+      return;
+    }
+#endif
     T* db = bias_gradient ? bias_grad_target(ctx) : nullptr;
-    detail::gemm(ctx, {.transa = Transpose::yes,
-                       .transb = Transpose::no,
-                       .m = out_,
-                       .n = in_,
-                       .k = dy.rows,
-                       .a = dy.data,
-                       .lda = out_,
-                       .b = x,
-                       .ldb = in_,
-                       .c = ctx.grad(weight_).data,
-                       .ldc = in_,
-                       .beta = ctx.accumulate_grads() ? 1.0f : 0.0f,
-                       .epilogue = bias_gradient ? Epilogue::bias_grad : Epilogue::none,
-                       .bias_grad = db});
+    weight_product(ctx, dy, x, bias_gradient ? Epilogue::bias_grad : Epilogue::none, db);
     if (bias_gradient) finish_bias_grad(ctx, db);
   }
 
@@ -180,6 +190,25 @@ class Linear {
   }
 
  private:
+  // dW = dy^T x (written, or added when gradients accumulate), with `epilogue` writing db.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  void weight_product(Ctx& ctx, Activation<const T> dy, const T* x, Epilogue epilogue, T* db) {
+    detail::gemm(ctx, {.transa = Transpose::yes,
+                       .transb = Transpose::no,
+                       .m = out_,
+                       .n = in_,
+                       .k = dy.rows,
+                       .a = dy.data,
+                       .lda = out_,
+                       .b = x,
+                       .ldb = in_,
+                       .c = ctx.grad(weight_).data,
+                       .ldc = in_,
+                       .beta = ctx.accumulate_grads() ? 1.0f : 0.0f,
+                       .epilogue = epilogue,
+                       .bias_grad = db});
+  }
+
   // torch.nn.Linear's initialization of both weight and bias: uniform in +-1/sqrt(in).
   static Init pytorch_default(std::size_t in) {
     const float bound = 1.0f / std::sqrt(static_cast<float>(in));
