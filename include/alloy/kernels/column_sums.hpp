@@ -154,18 +154,14 @@ bool column_sums_vectorized(const ColumnSums<T, G>& a) {
 
 }  // namespace detail
 
-// Floats of scratch column_sums needs on Cuda for these sizes (the Host needs none).
-inline std::size_t column_sums_scratch_floats(Cuda, std::size_t rows, std::size_t cols) {
+// Floats of scratch column_sums needs for these sizes (none on the Host).
+inline std::size_t column_sums_scratch_floats(Host, std::size_t, std::size_t) { return 0; }
 #if ALLOY_HAS_CUDA_RUNTIME
+inline std::size_t column_sums_scratch_floats(Cuda, std::size_t rows, std::size_t cols) {
   // The widest tiles (32 lanes x 8 columns) give the most parts.
   return detail::column_sums_parts(rows, (cols + 255) / 256, current_device_sm_count()) * cols;
-#else
-  (void)rows;
-  (void)cols;
-  return 0;
-#endif
 }
-inline std::size_t column_sums_scratch_floats(Host, std::size_t, std::size_t) { return 0; }
+#endif
 
 // Each column summed in row order, in fp32.
 template <class T, class G>
