@@ -22,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace alloy {
 
@@ -177,10 +178,24 @@ void set_epilogue_pointers(cublasLtMatmulDesc_t desc, const GemmArgs<Compute>& g
   }
 }
 
-template <class Compute>
-GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::size_t workspace_bytes) {
-  constexpr cudaDataType_t type = cuda_data_type<Compute>;
+// One of the heuristic's answers: cuBLASLt's result itself (algo, workspaceSize, state, ...). Named
+// because nvcc 13.0 stops with an internal error ("find_allocated_name_reference") on a
+// std::vector of cuBLASLt's unnamed typedef'd structs, whose destruction it cannot spell.
+struct HeuristicResult : cublasLtMatmulHeuristicResult_t {};
+
+// A problem's descriptors (GemmPlan, its algo left unset) and up to `count` of the heuristic's
+// algorithms for it, in the heuristic's order (best first); none when it has no algorithm.
+struct GemmCandidates {
   GemmPlan plan;
+  std::vector<HeuristicResult> results;
+};
+
+template <class Compute>
+GemmCandidates heuristic_algos(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::size_t workspace_bytes,
+                               int count) {
+  constexpr cudaDataType_t type = cuda_data_type<Compute>;
+  GemmCandidates candidates;
+  GemmPlan& plan = candidates.plan;
   cublasLtMatmulDesc_t desc = nullptr;
   ALLOY_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, cublas_compute_type<Compute>, CUDA_R_32F));
   plan.desc.reset(desc);
@@ -211,19 +226,28 @@ GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::siz
   set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(c_in_of(g)));
   set_preference(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.c));
 
-  cublasLtMatmulHeuristicResult_t result{};
+  if (count <= 0) return candidates;
+  const std::unique_ptr<cublasLtMatmulHeuristicResult_t[]> results(new cublasLtMatmulHeuristicResult_t[count]());
   int found = 0;
   ALLOY_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, plan.lt_a.get(), plan.lt_b.get(), plan.lt_c.get(),
-                                                    plan.lt_c.get(), preference_handle, 1, &result, &found));
-  if (found == 0) {
+                                                    plan.lt_c.get(), preference_handle, count, results.get(), &found));
+  for (int i = 0; i < found; ++i) candidates.results.push_back({results[i]});
+  return candidates;
+}
+
+// The descriptors and the heuristic's first algorithm.
+template <class Compute>
+GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::size_t workspace_bytes) {
+  GemmCandidates candidates = heuristic_algos(handle, g, workspace_bytes, 1);
+  if (candidates.results.empty()) {
     throw cuda_error("cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__, CUBLAS_STATUS_NOT_SUPPORTED,
                      std::string("no cuBLASLt algorithm for gemm<") + numeric_traits<Compute>::name +
                          "> m = " + std::to_string(g.m) + ", n = " + std::to_string(g.n) +
                          ", k = " + std::to_string(g.k) + ", transa = " + name_of(g.transa) +
                          ", transb = " + name_of(g.transb) + ", " + name_of(g.epilogue));
   }
-  plan.algo = result.algo;
-  return plan;
+  candidates.plan.algo = candidates.results.front().algo;
+  return std::move(candidates.plan);
 }
 
 }  // namespace detail
