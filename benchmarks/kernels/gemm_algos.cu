@@ -280,7 +280,11 @@ int survey() {
   // The workspace alloy's GemmHandle gives every product.
   Buffer<std::byte, Cuda> workspace(alloy::GemmHandle::default_workspace_bytes);
   std::vector<alloy::CudaEvent> events;
-  for (int i = 0; i < 2 * timed_launches; ++i) events.push_back(alloy::make_cuda_event());
+  for (int i = 0; i < 2 * timed_launches; ++i) {
+    cudaEvent_t e = nullptr;
+    ALLOY_CUDA_CHECK(cudaEventCreate(&e));  // timing events (make_cuda_event's disable timing)
+    events.emplace_back(e);
+  }
 
   int device = 0;
   cudaDeviceProp prop{};

@@ -7,7 +7,8 @@
 // Cuda: blocks of 8 warps; a block owns a tile of 32 x V columns (V elements of 16 bytes per lane,
 // or 1 where the rows are not aligned) over one part of the rows, each warp summing every 8th row
 // of the part; the block folds its warps in order into one fp32 partial per column and part, and
-// a second kernel sums the parts in order and writes out. The parts depend on rows, cols and the
+// a second kernel sums the parts (8 warps per 32 columns, each every 8th part, then the 8 in order)
+// and writes out. The parts depend on rows, cols and the
 // device's multiprocessor count alone, so the bits are the same run after run (not the Host's:
 // the Host sums each column in row order).
 #pragma once
@@ -115,14 +116,26 @@ __global__ void __launch_bounds__(column_sums_warps * 32)
   }
 }
 
+// Sums the parts of 32 columns per block: warp w adds parts w, w + 8, ... of its lane's column,
+// then the first warp adds the 8 warps' sums in order and writes.
 template <class G>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(column_sums_warps * 32)
     column_sums_final_kernel(const float* partials, std::size_t parts, std::size_t cols, G* out, bool accumulate) {
-  for (std::size_t j = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; j < cols;
-       j += std::size_t(gridDim.x) * blockDim.x) {
-    float t = partials[j];
-    for (std::size_t p = 1; p < parts; ++p) t = fp::add(t, partials[p * cols + j]);
-    out[j] = round_nearest<G>(accumulate ? fp::add(to_float(out[j]), t) : t);
+  constexpr int W = column_sums_warps;
+  __shared__ float warp_sums[W][32];
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const std::size_t j = std::size_t(blockIdx.x) * 32 + std::size_t(lane);
+  float t = 0.0f;
+  if (j < cols) {
+    for (std::size_t p = std::size_t(warp); p < parts; p += W) t = fp::add(t, partials[p * cols + j]);
+  }
+  warp_sums[warp][lane] = t;
+  __syncthreads();
+  if (warp == 0 && j < cols) {
+    float total = warp_sums[0][lane];
+#pragma unroll
+    for (int w = 1; w < W; ++w) total = fp::add(total, warp_sums[w][lane]);
+    out[j] = round_nearest<G>(accumulate ? fp::add(to_float(out[j]), total) : total);
   }
 }
 
@@ -135,8 +148,8 @@ void column_sums_launch(Cuda be, const ColumnSums<T, G>& a, float* partials) {
       <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(parts)), column_sums_warps * 32, 0, be.stream>>>(
           a, rows_per_part, partials);
   ALLOY_CUDA_CHECK_LAUNCH();
-  column_sums_final_kernel<<<static_cast<unsigned>(grid_for(a.cols)), 256, 0, be.stream>>>(partials, parts, a.cols,
-                                                                                           a.out, a.accumulate);
+  column_sums_final_kernel<<<static_cast<unsigned>((a.cols + 31) / 32), column_sums_warps * 32, 0, be.stream>>>(
+      partials, parts, a.cols, a.out, a.accumulate);
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
