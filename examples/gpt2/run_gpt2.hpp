@@ -24,6 +24,7 @@ struct Options {
   std::string size;  // a preset name; empty: 124M on the GPU, tiny on the Host
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
+  bool timed_gemm = false;      // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
   int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
   float lr = 0;  // 0: the size's default
@@ -106,7 +107,8 @@ typename Trainer::Config trainer_config(const Options& o) {
           .schedule = alloy::LrSchedule::warmup_cosine(o.lr, std::max(o.steps / 10, 1), o.steps),
           .max_grad_norm = 1.0f,
           .seed = o.seed,
-          .micro_batches = o.accumulate};
+          .micro_batches = o.accumulate,
+          .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic};
 }
 
 // Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss
@@ -137,11 +139,12 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
   }
   if (speaks)
     std::printf(
-        "GPT-2 on %s, %s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
+        "GPT-2 on %s, %s%s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
         "%zu parameters; data: %s\n",
         Backend::name, o.precision.c_str(),
-        o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""), c.dim, c.layers, c.heads,
-        c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
+        o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""),
+        o.timed_gemm ? " + timed GEMM algorithms" : "", c.dim, c.layers, c.heads, c.vocab, c.padded_vocab, o.accumulate,
+        o.batch, c.seq, params,
         data.is_random()
             ? "random tokens"
             : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")

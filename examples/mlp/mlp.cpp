@@ -1,5 +1,5 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
-//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--steps N]
+//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]
@@ -22,12 +22,13 @@
 namespace {
 
 [[noreturn]] void usage(const char* why) {
-  std::fprintf(stderr,
-               "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
-               "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
-               "[--eval-input PATH --eval-output PATH]\n",
-               why);
+  std::fprintf(
+      stderr,
+      "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] "
+      "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
+      "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
+      "[--eval-input PATH --eval-output PATH]\n",
+      why);
   std::exit(2);
 }
 
@@ -46,6 +47,8 @@ mlp::Options parse(int argc, char** argv) {
       o.accumulate = std::atoi(value().c_str());
     else if (a == "--checkpointing")
       o.checkpointing = true;
+    else if (a == "--timed-gemm")
+      o.timed_gemm = true;
     else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--size")

@@ -17,6 +17,7 @@ struct Options {
   std::string precision = "bf16";
   int accumulate = 1;
   bool checkpointing = false;
+  bool timed_gemm = false;  // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
   int steps = 200;
   std::string size;
   std::size_t rows = 0;
@@ -93,11 +94,13 @@ int run(const Options& o, Shape shape) {
     fresh = task.batch(rng);
     return fresh;
   };
-  Trainer trainer(ResidualMlp(shape), {.optimizer = {.weight_decay = 0.01f},
-                                       .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
-                                       .max_grad_norm = 1.0f,
-                                       .seed = 1,
-                                       .micro_batches = o.accumulate});
+  Trainer trainer(ResidualMlp(shape),
+                  {.optimizer = {.weight_decay = 0.01f},
+                   .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
+                   .max_grad_norm = 1.0f,
+                   .seed = 1,
+                   .micro_batches = o.accumulate,
+                   .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
@@ -108,9 +111,10 @@ int run(const Options& o, Shape shape) {
     std::printf("imported weights from %s\n", o.import_weights.c_str());
   }
   std::printf(
-      "residual MLP on %s, %s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters\n",
-      Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "", shape.inputs, shape.width,
-      shape.blocks, shape.classes, o.accumulate, shape.rows, trainer.store().layout().numel());
+      "residual MLP on %s, %s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters\n",
+      Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
+      o.timed_gemm ? " + timed GEMM algorithms" : "", shape.inputs, shape.width, shape.blocks, shape.classes,
+      o.accumulate, shape.rows, trainer.store().layout().numel());
   std::ofstream csv(o.csv);
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";
   alloy::StepReport first{}, last{};

@@ -44,6 +44,19 @@ namespace alloy {
 
 enum class Transpose { no, yes };
 
+// How the Cuda gemm (a GemmHandle) picks a problem's cuBLASLt algorithm.
+enum class GemmTuning {
+  // cuBLASLt's heuristic's first choice: the same algorithm, hence the same bits, run after run.
+  heuristic,
+  // The fastest of the heuristic's first gemm_timed_candidates (8), timed on the problem's first call
+  // (PyTorch's cudnn.benchmark idea): that call waits for the device and runs each candidate
+  // a few times. Which candidate wins can change between runs, and with it the last bits of the
+  // products' results; within a run a problem keeps its algorithm (recomputation gives the same
+  // bits). A product that adds to its own output (beta != 0 with c_in == c) cannot be run more
+  // than once, and keeps the heuristic's choice.
+  timed,
+};
+
 // What happens to each element v = alpha * (op(A) op(B))[i, j] + beta * C_in[i, j] before it is
 // rounded into C[i, j]. All of it is fp32 arithmetic. The bias is added after beta * C_in (cuBLASLt's
 // order: its bias is part of the epilogue, which follows the scaling).

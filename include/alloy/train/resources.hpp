@@ -4,6 +4,7 @@
 
 #include <alloy/backend/tags.hpp>
 #include <alloy/kernels/cuda/gemm_cublaslt.hpp>
+#include <alloy/kernels/gemm_args.hpp>
 
 #include <optional>
 #include <utility>
@@ -13,25 +14,26 @@ namespace alloy {
 template <backend B>
 class BackendResources {
  public:
-  explicit BackendResources(B = {}) {}
+  explicit BackendResources(B = {}, GemmTuning = GemmTuning::heuristic) {}
 };
 
 #if ALLOY_HAS_CUDA_RUNTIME
 template <>
 class BackendResources<Cuda> {
  public:
-  explicit BackendResources(Cuda be = {}) : be_(be) {}
-  BackendResources(BackendResources&& other) noexcept : be_(other.be_) { take(other); }
+  explicit BackendResources(Cuda be = {}, GemmTuning tuning = GemmTuning::heuristic) : be_(be), tuning_(tuning) {}
+  BackendResources(BackendResources&& other) noexcept : be_(other.be_), tuning_(other.tuning_) { take(other); }
   BackendResources& operator=(BackendResources&& other) noexcept {
     if (this != &other) {
       gemm_.reset();
       be_ = other.be_;
+      tuning_ = other.tuning_;
       take(other);
     }
     return *this;
   }
   GemmHandle& gemm() {
-    if (!gemm_) gemm_.emplace(be_);
+    if (!gemm_) gemm_.emplace(be_, GemmHandle::default_workspace_bytes, tuning_);
     return *gemm_;
   }
 
@@ -45,6 +47,7 @@ class BackendResources<Cuda> {
   }
 
   Cuda be_;
+  GemmTuning tuning_;
   std::optional<GemmHandle> gemm_;
 };
 #endif

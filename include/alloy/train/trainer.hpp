@@ -151,6 +151,10 @@ class Trainer {
     // Where load() writes a line per changed setting, or a note that the file records no
     // configuration to compare; unset, to standard error.
     std::function<void(const std::string&)> load_log = nullptr;
+    // Cuda: how each matrix product's cuBLASLt algorithm is chosen (kernels/gemm_args.hpp):
+    // the heuristic's (the same bits run after run), or timed, the fastest of its 8 candidates
+    // on the product's first call (a few percent faster; the last bits may change between runs).
+    GemmTuning gemm_tuning = GemmTuning::heuristic;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {}) : Trainer(std::move(model), config, nullptr, be) {
@@ -176,7 +180,7 @@ class Trainer {
                (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1, shard_of(comm)),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
-        resources_(be),
+        resources_(be, config.gemm_tuning),
         uploads_(be, tracker_.get()),
         losses_(be, tracker_.get()),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches),

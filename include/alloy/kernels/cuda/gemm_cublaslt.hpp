@@ -252,19 +252,23 @@ GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::siz
 
 }  // namespace detail
 
+// GemmTuning::timed: how many of the heuristic's candidates are timed.
+inline constexpr int gemm_timed_candidates = 8;
+
 // What the Cuda gemm needs across calls: the cuBLASLt handle, a workspace, and one plan
-// (descriptors and the heuristic's algorithm) per problem, since making them costs far more
-// than a small product. Belongs to the device current at construction. Not thread-safe; calls
-// on different streams are ordered one after another (the workspace is shared), so give each
-// stream its own handle when products should overlap.
+// (descriptors and the algorithm) per problem, since making them costs far more than a small
+// product. Belongs to the device current at construction. Not thread-safe; calls on different
+// streams are ordered one after another (the workspace is shared), so give each stream its own
+// handle when products should overlap.
 class GemmHandle {
  public:
   static constexpr std::size_t default_workspace_bytes = std::size_t(32) << 20;
   // Plans kept before the cache starts over: far more shapes than a model has.
   static constexpr std::size_t max_cached_plans = 1024;
 
-  explicit GemmHandle(Cuda be = {}, std::size_t workspace_bytes = default_workspace_bytes)
-      : workspace_(workspace_bytes, be), last_stream_(be.stream) {
+  explicit GemmHandle(Cuda be = {}, std::size_t workspace_bytes = default_workspace_bytes,
+                      GemmTuning tuning = GemmTuning::heuristic)
+      : workspace_(workspace_bytes, be), last_stream_(be.stream), tuning_(tuning) {
     ALLOY_CUDA_CHECK(cudaGetDevice(&device_));
     cublasLtHandle_t handle = nullptr;
     ALLOY_CUBLAS_CHECK(cublasLtCreate(&handle));
@@ -290,18 +294,70 @@ class GemmHandle {
   std::size_t cached_plans() const noexcept { return plans_.size(); }
   std::size_t workspace_bytes() const noexcept { return workspace_.bytes(); }
   int device() const noexcept { return device_; }
+  GemmTuning tuning() const noexcept { return tuning_; }
+  // Problems whose algorithm was chosen by timing, and how many of those chose another than the
+  // heuristic's first.
+  std::size_t timed_plans() const noexcept { return timed_plans_; }
+  std::size_t retuned_plans() const noexcept { return retuned_plans_; }
 
  private:
   template <class Compute>
   friend void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g);
 
-  // The plan for g's problem, made on first use.
+  // The plan for g's problem, made on first use (on `stream`, where the call runs: the timed
+  // choice runs the candidates there, after the work that writes g's inputs).
   template <class Compute>
-  detail::GemmPlan& plan_for(const GemmArgs<Compute>& g) {
+  detail::GemmPlan& plan_for(const GemmArgs<Compute>& g, cudaStream_t stream) {
     const detail::GemmPlanKey key = detail::plan_key(g);
     if (auto found = plans_.find(key); found != plans_.end()) return found->second;
     if (plans_.size() >= max_cached_plans) plans_.clear();
-    return plans_.emplace(key, detail::make_plan(handle_.get(), g, workspace_.bytes())).first->second;
+    const bool adds_to_output = g.beta != 0.0f && detail::c_in_of(g) == g.c;
+    if (tuning_ == GemmTuning::heuristic || adds_to_output) {
+      return plans_.emplace(key, detail::make_plan(handle_.get(), g, workspace_.bytes())).first->second;
+    }
+    return plans_.emplace(key, timed_plan(g, stream)).first->second;
+  }
+
+  // The fastest of the heuristic's candidates: each launched once, then timed over 3 launches;
+  // ties go to the heuristic's order. A candidate cuBLASLt refuses to launch is passed over.
+  template <class Compute>
+  detail::GemmPlan timed_plan(const GemmArgs<Compute>& g, cudaStream_t stream) {
+    detail::GemmCandidates c = detail::heuristic_algos(handle_.get(), g, workspace_.bytes(), gemm_timed_candidates);
+    if (c.results.size() <= 1) return detail::make_plan(handle_.get(), g, workspace_.bytes());
+    if (!timing_start_) {
+      cudaEvent_t e = nullptr;
+      ALLOY_CUDA_CHECK(cudaEventCreate(&e));
+      timing_start_.reset(e);
+      ALLOY_CUDA_CHECK(cudaEventCreate(&e));
+      timing_end_.reset(e);
+    }
+    const auto launch = [&](const cublasLtMatmulAlgo_t& algo) {
+      return cublasLtMatmul(handle_.get(), c.plan.desc.get(), &g.alpha, g.b, c.plan.lt_a.get(), g.a, c.plan.lt_b.get(),
+                            &g.beta, detail::c_in_of(g), c.plan.lt_c.get(), g.c, c.plan.lt_c.get(), &algo,
+                            workspace_.data(), workspace_.bytes(), stream);
+    };
+    std::size_t best = c.results.size();
+    float best_ms = 0.0f;
+    for (std::size_t i = 0; i < c.results.size(); ++i) {
+      const cublasLtMatmulAlgo_t& algo = c.results[i].algo;
+      if (launch(algo) != CUBLAS_STATUS_SUCCESS) continue;
+      ALLOY_CUDA_CHECK(cudaEventRecord(timing_start_.get(), stream));
+      bool launched = true;
+      for (int r = 0; r < 3 && launched; ++r) launched = launch(algo) == CUBLAS_STATUS_SUCCESS;
+      ALLOY_CUDA_CHECK(cudaEventRecord(timing_end_.get(), stream));
+      ALLOY_CUDA_CHECK(cudaEventSynchronize(timing_end_.get()));
+      float ms = 0.0f;
+      ALLOY_CUDA_CHECK(cudaEventElapsedTime(&ms, timing_start_.get(), timing_end_.get()));
+      if (launched && (best == c.results.size() || ms < best_ms)) {
+        best = i;
+        best_ms = ms;
+      }
+    }
+    if (best == c.results.size()) return detail::make_plan(handle_.get(), g, workspace_.bytes());
+    ++timed_plans_;
+    if (best != 0) ++retuned_plans_;
+    c.plan.algo = c.results[best].algo;
+    return std::move(c.plan);
   }
 
   // Orders this call after the previous one when it comes on another stream.
@@ -317,6 +373,9 @@ class GemmHandle {
   detail::Event stream_switch_;
   cudaStream_t last_stream_;
   int device_ = 0;
+  GemmTuning tuning_ = GemmTuning::heuristic;
+  detail::Event timing_start_, timing_end_;  // GemmTuning::timed, made on first use
+  std::size_t timed_plans_ = 0, retuned_plans_ = 0;
   std::map<detail::GemmPlanKey, detail::GemmPlan> plans_;
 };
 
@@ -330,9 +389,9 @@ void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
     throw error("gemm: the GemmHandle belongs to device " + std::to_string(handle.device()) + " but device " +
                 std::to_string(device) + " is current");
   }
-  detail::GemmPlan& plan = handle.plan_for(g);
-  detail::set_epilogue_pointers(plan.desc.get(), g);
   handle.enter_stream(be.stream);
+  detail::GemmPlan& plan = handle.plan_for(g, be.stream);
+  detail::set_epilogue_pointers(plan.desc.get(), g);
   ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan.desc.get(), &g.alpha, g.b, plan.lt_a.get(), g.a,
                                     plan.lt_b.get(), &g.beta, detail::c_in_of(g), plan.lt_c.get(), g.c, plan.lt_c.get(),
                                     &plan.algo, handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
