@@ -8,3 +8,12 @@ if(CONSUMER_CUDA)
   target_compile_definitions(consumer PRIVATE CONSUMER_HAS_CUDA_TU)
 endif()
 target_link_libraries(consumer PRIVATE alloy::alloy)
+# Where alloy's own build found NCCL, the consumer gets alloy::nccl too (installed or not), and a
+# program using NcclCommunicator builds and links with it alone.
+if(CONSUMER_EXPECT_NCCL)
+  if(NOT TARGET alloy::nccl)
+    message(FATAL_ERROR "alloy's build has NCCL, but this consumer has no alloy::nccl")
+  endif()
+  add_executable(consumer_nccl ${CONSUMER_DIR}/nccl.cpp)
+  target_link_libraries(consumer_nccl PRIVATE alloy::nccl)
+endif()
