@@ -145,10 +145,9 @@ class Linear {
   }
 
   // dW = dy^T x, written or added to the weight's gradient; with bias_gradient also db = column
-  // sums of dy, fused into the same product.
-  // On Cuda the bias gradient is alloy's column sums (kernels/column_sums.hpp) after the product,
-  // added straight into the gradient when gradients accumulate: cuBLASLt runs its bias-gradient
-  // epilogue as a slower kernel of its own.
+  // sums of dy: on the Host in the same product (its bias-gradient epilogue), on Cuda as alloy's
+  // column sums after it (kernels/column_sums.hpp), added straight into the gradient when
+  // gradients accumulate (cuBLASLt runs its bias-gradient epilogue as a slower kernel of its own).
   template <class Ctx, class T = detail::value_t<Ctx>>
   void weight_gradient(Ctx& ctx, Activation<const T> dy, const T* x, bool bias_gradient) {
 #if ALLOY_HAS_CUDA_KERNELS
