@@ -7,7 +7,8 @@
 // Start-up: rank 0 asks NCCL for a unique id and writes it to <id_directory>/<id_file> atomically
 // (a temporary file renamed into place); the other ranks poll for the file until the timeout. The
 // directory must be one every rank sees (a node-local /tmp for one node, a shared file system
-// for several); no MPI is needed. Once every rank has joined, rank 0 removes the file, so give
+// for several); no MPI is needed (with MPI, NcclOptions::share_id sends it instead: see
+// alloy/dist/mpi.hpp). Once every rank has joined, rank 0 removes the file, so give
 // each launch its own directory or id_file: a file left by a crashed run with the same name
 // would be read as this run's id (NCCL then fails to connect, and the timeout reports it).
 //
@@ -34,6 +35,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <span>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -97,6 +100,10 @@ struct NcclOptions {
   std::chrono::milliseconds timeout = std::chrono::seconds(300);
   // The CUDA device of this rank; -1: rank.local_rank.
   int device = -1;
+  // When set, how rank 0's unique id reaches the other ranks instead of the id file: called on
+  // every rank with the id's bytes (rank 0's filled in, the others' to be overwritten); on return
+  // every rank must hold rank 0's. alloy/dist/mpi.hpp's nccl_options_from_mpi sets an MPI_Bcast.
+  std::function<void(std::span<char> id)> share_id = nullptr;
 };
 
 class NcclCommunicator {
@@ -119,7 +126,7 @@ class NcclCommunicator {
       throw;
     }
     // Every rank has read the id once initialization is through: the file has served.
-    if (info_.rank == 0 && info_.world_size > 1) {
+    if (info_.rank == 0 && info_.world_size > 1 && !options_.share_id) {
       std::error_code ec;
       std::filesystem::remove(id_path(), ec);
     }
@@ -290,6 +297,11 @@ class NcclCommunicator {
     ncclUniqueId id{};
     if (info_.world_size == 1) {
       check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      return id;
+    }
+    if (options_.share_id) {
+      if (info_.rank == 0) check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      options_.share_id(std::span<char>(id.internal, sizeof(id.internal)));
       return id;
     }
     const auto path = id_path();
