@@ -13,9 +13,11 @@
 // with pass 2 queued, not finished.
 //
 // With DataParallel<Comm> (train/data_parallel.hpp) each rank is one replica: backward is seeded
-// with scale / (N x world size), the gradients are summed over the ranks after the last
-// micro-batch, the reported loss is the mean over every rank's micro-batches, and checkpoints are
-// written by rank 0 and loaded by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
+// with scale / (N x world size), the gradients are summed over the ranks (a LayeredModel's in
+// buckets of blocks, each as soon as the last micro-batch's backward of its blocks is done:
+// train/gradient_buckets.hpp; any other model's after the last micro-batch), the reported loss
+// is the mean over every rank's micro-batches, and checkpoints are written by rank 0 and loaded
+// by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
 // master weights and optimizer state are one range of the arenas: the gradients are
 // reduce-scattered, each rank updates its range, and the parameters are all-gathered.
 #pragma once
