@@ -17,9 +17,9 @@
 // buckets of blocks, each as soon as the last micro-batch's backward of its blocks is done:
 // train/gradient_buckets.hpp; any other model's after the last micro-batch), the reported loss
 // is the mean over every rank's micro-batches, and checkpoints are written by rank 0 and loaded
-// by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
-// master weights and optimizer state are one range of the arenas: the gradients are
-// reduce-scattered, each rank updates its range, and the parameters are all-gathered.
+// by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's master weights and optimizer
+// state are one range of the arenas: the gradients are reduce-scattered, each rank updates its
+// range, and the parameters are all-gathered.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
