@@ -7,6 +7,7 @@
 #include "../../examples/custom_model/teacher_mlp.hpp"
 #include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
+#include "../train/layered_model.hpp"
 
 #include <alloy/alloy.hpp>
 #include <alloy/dist/nccl_communicator.hpp>
@@ -63,6 +64,31 @@ TEST(NcclCommunicator, WorldOfOneCollectivesGiveTheInput) {
   comm.all_reduce_host(be, host, 2, ReduceOp::sum);
   EXPECT_EQ(host[0], 2.5);
   EXPECT_EQ(host[1], -1.0);
+}
+
+// all_reduce_async runs on the communicator's stream after what be.stream queued before it (the
+// copy in), and join orders be.stream's later work (the copy out) after it.
+TEST(NcclCommunicator, AsyncAllReduceIsOrderedAfterTheStreamAndJoinedBack) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  NcclCommunicator comm(world_of_one());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const Cuda be{stream};
+  constexpr std::size_t n = std::size_t(1) << 22;
+  std::vector<float> host(n);
+  for (std::size_t i = 0; i < n; ++i) host[i] = static_cast<float>(i % 1000) - 500.0f;
+  Buffer<float, Cuda> a(n, be), b(n, be);
+  for (int round = 0; round < 3; ++round) {
+    for (auto& v : host) v += 1.0f;
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(a.data(), host.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    comm.all_reduce_async(be, a.data(), b.data(), n, ReduceOp::sum);
+    comm.join(be);
+    std::vector<float> back(n);
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(back.data(), b.data(), n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    comm.wait(be);
+    EXPECT_EQ(std::memcmp(back.data(), host.data(), n * sizeof(float)), 0) << "round " << round;
+  }
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 TEST(NcclCommunicator, RefusesABadRootAndTooManyHostValues) {
@@ -161,6 +187,41 @@ TEST(NcclDataParallel, ZeroRedundancyWorldOfOneIsThePlainTrainer) {
                                     AdamW<State<q8>>>(0.0f);
 }
 
+// A LayeredModel's gradients reduced in buckets (one block each: all_reduce_async on the
+// communicator's stream while the blocks below run backward, then join) are the plain trainer's,
+// with and without the fp32 accumulator.
+template <class P, int N>
+void bucketed_world_of_one_is_the_plain_trainer() {
+  using Plain = Trainer<layered::Model, P, Accumulate<N>, AdamW<>, Cuda>;
+  using Replica = Trainer<layered::Model, P, Accumulate<N>, AdamW<>, Cuda, DataParallel<NcclCommunicator>>;
+  ALLOY_SEEDED(seed);
+  NcclCommunicator comm(world_of_one());
+  typename Plain::Config pc{};
+  pc.seed = seed;
+  typename Replica::Config rc{};
+  rc.seed = seed;
+  rc.gradient_bucket_bytes = 1;
+  Plain plain(layered::Model(40, 6), pc);
+  Replica replica(layered::Model(40, 6), rc, comm);
+  std::mt19937_64 rng(seed);
+  for (int s = 0; s < 6; ++s) {
+    std::vector<layered::Batch> batches;
+    for (int i = 0; i < N; ++i) batches.push_back(layered::random_batch(16, 40, rng));
+    const auto a = plain.step(std::span<const layered::Batch>(batches));
+    const auto b = replica.step(std::span<const layered::Batch>(batches));
+    EXPECT_EQ(a.loss, b.loss) << "step " << s;
+  }
+  const auto pa = to_host(plain.store().params_arena()), pb = to_host(replica.store().params_arena());
+  ASSERT_EQ(pa.size(), pb.size());
+  EXPECT_EQ(std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(pa[0])), 0);
+}
+
+TEST(NcclDataParallel, BucketedWorldOfOneIsThePlainTrainer) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  bucketed_world_of_one_is_the_plain_trainer<Precision<fp32>, 1>();
+  bucketed_world_of_one_is_the_plain_trainer<Precision<bf16, fp32_master>, 3>();
+}
+
 // Saved by the replica (rank 0 writes), loaded by a plain trainer.
 TEST(NcclDataParallel, ACheckpointFromAReplicaLoadsIntoThePlainTrainer) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
@@ -229,6 +290,42 @@ void ranks_equal_one_process(const std::string& tag, float max_grad_norm) {
 
 TEST(NcclTwoRanks, DataParallelEqualsOneProcessBitwise) {
   ranks_equal_one_process<DataParallel<NcclCommunicator>>("dp", 0.5f);
+}
+
+// The same with a LayeredModel whose gradients are reduced in buckets (one block each) while
+// backward runs: one micro-batch per rank in fp32, bitwise one process, clipping included.
+TEST(NcclTwoRanks, BucketedDataParallelEqualsOneProcessBitwise) {
+  const RankInfo info = rank_from_environment();
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  if (info.world_size < 2) GTEST_SKIP() << "needs a launcher (RANK / WORLD_SIZE >= 2): scripts/nccl-ranks.sh";
+  const char* dir = std::getenv("ALLOY_NCCL_ID_DIR");
+  ASSERT_TRUE(dir && *dir) << "ALLOY_NCCL_ID_DIR: a directory every rank sees, fresh for this launch";
+  using Plain = Trainer<layered::Model, Precision<fp32>, SGD<>, Cuda>;
+  using Replica = Trainer<layered::Model, Precision<fp32>, SGD<>, Cuda, DataParallel<NcclCommunicator>>;
+  NcclCommunicator comm({.rank = info, .id_directory = dir, .id_file = "alloy_nccl_id_buckets"});
+  const int world = comm.world_size();
+  constexpr std::uint64_t seed = 20261203;
+  typename Plain::Config pc{};
+  pc.max_grad_norm = 0.5f;
+  pc.seed = seed;
+  pc.micro_batches = world;
+  typename Replica::Config rc{};
+  rc.max_grad_norm = 0.5f;
+  rc.seed = seed;
+  rc.gradient_bucket_bytes = 1;
+  Plain plain(layered::Model(40, 6), pc);
+  Replica replica(layered::Model(40, 6), rc, comm);
+  std::mt19937_64 rng(seed);
+  for (int s = 0; s < 8; ++s) {
+    std::vector<layered::Batch> global;
+    for (int r = 0; r < world; ++r) global.push_back(layered::random_batch(16, 40, rng));
+    const auto a = plain.step(std::span<const layered::Batch>(global));
+    const auto b = replica.step(std::span<const layered::Batch>(global.data() + comm.rank(), 1));
+    EXPECT_EQ(a.loss, b.loss) << "step " << s;
+  }
+  const auto pa = to_host(plain.store().params_arena()), pb = to_host(replica.store().params_arena());
+  ASSERT_EQ(pa.size(), pb.size());
+  EXPECT_EQ(std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(float)), 0) << "rank " << comm.rank();
 }
 
 TEST(NcclTwoRanks, ZeroRedundancyEqualsOneProcessBitwiseWithoutClipping) {

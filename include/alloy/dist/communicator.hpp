@@ -9,7 +9,13 @@
 //   all_gather(be, send, recv, n)           recv has n * world_size elements; chunk r is rank r's send
 //   broadcast(be, data, n, root)            every rank's data becomes root's
 //   all_reduce_host(be, values, n, op)      a few host values (flags, norms, losses); returns when done
-//   wait(be)                                everything queued on be has finished, or an error
+//   all_reduce_async(be, send, recv, n, op) all_reduce, ordered after the work queued on be so far;
+//                                           the work queued on be later may run alongside it
+//   join(be)                                be's later work waits for every all_reduce_async
+//   wait(be)                                everything queued on be, and every all_reduce_async, has
+//                                           finished, or an error
+// all_reduce_async is how DataParallel reduces a LayeredModel's gradients in buckets while the rest
+// of backward runs: NcclCommunicator runs it on a stream of its own, HostCommunicator at once.
 // ReduceOp::mean is the sum divided by world_size (NCCL's ncclAvg). On every rank the result of
 // a reduction has the same bits: HostCommunicator sums in rank order, NCCL's ring and tree
 // algorithms reduce each element once and send the result to every rank.
@@ -53,6 +59,8 @@ concept Communicator = requires(C& c, typename C::backend_type be, const float* 
   c.all_gather(be, send, recv, n);
   c.broadcast(be, recv, n, root);
   c.all_reduce_host(be, host, n, op);
+  c.all_reduce_async(be, send, recv, n, op);
+  c.join(be);
   c.wait(be);
 };
 

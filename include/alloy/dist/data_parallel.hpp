@@ -1,7 +1,9 @@
 // DataParallel<Comm>: the Trainer policy that makes each process (or thread, on Host) one
 // replica of a data-parallel job. Every rank holds the whole model, runs its own micro-batches,
-// and the gradients are summed over the ranks in the arena's flat layout, one collective per
-// step, before the optimizer reads them (see train/data_parallel.hpp and docs/distributed.md).
+// and the gradients are summed over the ranks in the arena's flat layout before the optimizer
+// reads them: a LayeredModel's in buckets of blocks while backward runs
+// (train/gradient_buckets.hpp), any other's in one collective per step (train/data_parallel.hpp;
+// docs/distributed.md).
 //
 //   alloy::NcclCommunicator comm;  // rank and world size from the launcher
 //   alloy::Trainer<Model, alloy::Precision<alloy::bf16, alloy::fp32_master>, alloy::Accumulate<4>,

@@ -219,6 +219,13 @@ class HostCommunicator {
 
   void all_reduce_host(Host be, double* values, std::size_t n, ReduceOp op) { all_reduce(be, values, values, n, op); }
 
+  // The Host has one stream of work, the calling thread: the collective runs now.
+  template <class T>
+  void all_reduce_async(Host be, const T* send, T* recv, std::size_t n, ReduceOp op) {
+    all_reduce(be, send, recv, n, op);
+  }
+  void join(Host) const noexcept {}
+
   // Host collectives finish before they return.
   void wait(Host) const noexcept {}
 

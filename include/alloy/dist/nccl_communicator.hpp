@@ -121,8 +121,12 @@ class NcclCommunicator {
       check(ncclCommInitRankConfig(&comm_, info_.world_size, id, info_.rank, &config), "ncclCommInitRankConfig");
       poll_until_ready("ncclCommInitRankConfig");
       ALLOY_CUDA_CHECK(cudaMalloc(&scratch_, scratch_bytes));
+      ALLOY_CUDA_CHECK(cudaStreamCreateWithFlags(&async_stream_, cudaStreamNonBlocking));
+      ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&issued_, cudaEventDisableTiming));
+      ALLOY_CUDA_CHECK(cudaEventCreateWithFlags(&finished_, cudaEventDisableTiming));
     } catch (...) {
       abort();  // no destructor runs for a constructor that throws
+      release_stream();
       throw;
     }
     // Every rank has read the id once initialization is through: the file has served.
@@ -139,13 +143,15 @@ class NcclCommunicator {
   // or does not settle within the timeout, aborts instead.
   ~NcclCommunicator() {
     if (scratch_) (void)cudaFree(scratch_);
-    if (!comm_) return;
-    const ncclResult_t r = ncclCommFinalize(comm_);
-    if ((r == ncclSuccess || r == ncclInProgress) && settles(comm_, options_.timeout)) {
-      (void)ncclCommDestroy(comm_);
-    } else {
-      (void)ncclCommAbort(comm_);
+    if (comm_) {
+      const ncclResult_t r = ncclCommFinalize(comm_);
+      if ((r == ncclSuccess || r == ncclInProgress) && settles(comm_, options_.timeout)) {
+        (void)ncclCommDestroy(comm_);
+      } else {
+        (void)ncclCommAbort(comm_);
+      }
     }
+    release_stream();
   }
 
   NcclCommunicator(const NcclCommunicator&) = delete;
@@ -204,11 +210,34 @@ class NcclCommunicator {
     wait(be);
   }
 
-  // Waits until everything queued on be.stream has finished, polling NCCL's asynchronous error
-  // state; a failure throws alloy::cuda_error, and the timeout aborts the communicator and
-  // throws alloy::error.
+  // all_reduce on the communicator's own stream, after an event that marks the work queued on
+  // be.stream so far: the kernels be.stream runs next (the next blocks' backward) overlap it.
+  // send and recv must not be written on be.stream until join(be) (NCCL orders the communicator's
+  // own collectives, on whichever stream, in the order they are issued).
+  template <class T>
+  void all_reduce_async(Cuda be, const T* send, T* recv, std::size_t n, ReduceOp op) {
+    ready("ncclAllReduce");
+    ALLOY_CUDA_CHECK(cudaEventRecord(issued_, be.stream));
+    ALLOY_CUDA_CHECK(cudaStreamWaitEvent(async_stream_, issued_, 0));
+    check(ncclAllReduce(send, recv, n, detail::nccl_type<T>(), detail::nccl_op(op), comm_, async_stream_),
+          "ncclAllReduce");
+    settle("ncclAllReduce");
+  }
+
+  // What be.stream queues from now on waits for every all_reduce_async issued so far (an event on
+  // the communicator's stream; the host does not wait).
+  void join(Cuda be) {
+    ready("join");
+    ALLOY_CUDA_CHECK(cudaEventRecord(finished_, async_stream_));
+    ALLOY_CUDA_CHECK(cudaStreamWaitEvent(be.stream, finished_, 0));
+  }
+
+  // Waits until everything queued on be.stream (and every all_reduce_async: join first) has
+  // finished, polling NCCL's asynchronous error state; a failure throws alloy::cuda_error, and
+  // the timeout aborts the communicator and throws alloy::error.
   void wait(Cuda be) {
     ready("wait");
+    join(be);
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
       const cudaError_t q = cudaStreamQuery(be.stream);
@@ -241,6 +270,14 @@ class NcclCommunicator {
   static constexpr std::size_t scratch_bytes = 64 * sizeof(double);
 
   std::filesystem::path id_path() const { return options_.id_directory / options_.id_file; }
+
+  void release_stream() noexcept {
+    if (finished_) (void)cudaEventDestroy(finished_);
+    if (issued_) (void)cudaEventDestroy(issued_);
+    if (async_stream_) (void)cudaStreamDestroy(async_stream_);
+    finished_ = issued_ = nullptr;
+    async_stream_ = nullptr;
+  }
 
   void check(ncclResult_t r, const char* call) {
     if (r == ncclSuccess || r == ncclInProgress) return;
@@ -342,6 +379,9 @@ class NcclCommunicator {
   ncclComm_t comm_ = nullptr;
   bool aborted_ = false;
   void* scratch_ = nullptr;
+  cudaStream_t async_stream_ = nullptr;  // all_reduce_async's collectives
+  cudaEvent_t issued_ = nullptr;         // be.stream's work before an all_reduce_async
+  cudaEvent_t finished_ = nullptr;       // the async stream's work before a join
 };
 
 static_assert(Communicator<NcclCommunicator>);

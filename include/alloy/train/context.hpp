@@ -5,6 +5,7 @@
 
 #include <alloy/memory/input_uploads.hpp>
 #include <alloy/memory/workspace.hpp>
+#include <alloy/train/backward_observer.hpp>
 #include <alloy/train/param_store.hpp>
 #include <alloy/train/resources.hpp>
 
@@ -20,11 +21,13 @@ class Context {
 
   Context(Store& store, Workspace<backend_type>& workspace, float loss_scale, bool accumulate, int micro_batch,
           int micro_batches, std::uint64_t step, int checkpoint_every = 0,
-          BackendResources<backend_type>* resources = nullptr, InputUploads<backend_type>* uploads = nullptr)
+          BackendResources<backend_type>* resources = nullptr, InputUploads<backend_type>* uploads = nullptr,
+          BackwardObserver* observer = nullptr)
       : store_(store),
         workspace_(workspace),
         resources_(resources),
         uploads_(uploads),
+        observer_(observer),
         checkpoint_every_(checkpoint_every),
         loss_scale_(loss_scale),
         accumulate_(accumulate),
@@ -34,8 +37,11 @@ class Context {
 
   TensorView<param_type> param(ParamHandle h) const { return store_.param(h); }
   TensorView<param_type> param(const std::string& name) const { return store_.param(name); }
-  TensorView<grad_type> grad(ParamHandle h) const { return store_.grad(h); }
-  TensorView<grad_type> grad(const std::string& name) const { return store_.grad(name); }
+  TensorView<grad_type> grad(ParamHandle h) const {
+    if (observer_) observer_->gradient_taken(h.index);
+    return store_.grad(h);
+  }
+  TensorView<grad_type> grad(const std::string& name) const { return grad(store_.registry().handle(name)); }
 
   // Backward must produce gradients of loss * loss_scale(): the loss scale divided by the
   // number of micro-batches, so the step sees the scaled mean over the micro-batches.
@@ -71,6 +77,9 @@ class Context {
   // nn::upload_features and nn::upload_targets then copy on the compute stream.
   InputUploads<backend_type>* uploads() const noexcept { return uploads_; }
 
+  // The trainer's observer of backward, or null (train/recompute.hpp reports the blocks to it).
+  BackwardObserver* backward_observer() const noexcept { return observer_; }
+
   int micro_batch() const noexcept { return micro_batch_; }
   int micro_batches() const noexcept { return micro_batches_; }
   std::uint64_t step() const noexcept { return step_; }  // optimizer steps attempted before this one
@@ -80,6 +89,7 @@ class Context {
   Workspace<backend_type>& workspace_;
   BackendResources<backend_type>* resources_;
   InputUploads<backend_type>* uploads_;
+  BackwardObserver* observer_;
   int checkpoint_every_;
   float loss_scale_;
   bool accumulate_;

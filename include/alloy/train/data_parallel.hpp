@@ -5,7 +5,8 @@
 //    every replica starts from the same bits;
 //  - each step, after the last micro-batch's backward, one all-reduce (a sum) over the flat
 //    arena the optimizer reads: the fp32 accumulator, or the compute-dtype gradients when there
-//    is none. The average is in the seed: every rank seeds backward with
+//    is none (a LayeredModel's are reduced in buckets while backward runs instead:
+//    train/gradient_buckets.hpp, with the same sums). The average is in the seed: every rank seeds backward with
 //    scale / (micro-batches x world size), what one process running all micro-batches of the
 //    global batch seeds, so the sum is the global batch's gradient;
 //  - then pass 1, the skip decision, clipping and pass 2 run on every rank over the same bits,

@@ -39,8 +39,10 @@
 // T is Ctx::param_type, the compute-dtype storage. For each micro-batch the trainer runs
 // input, the blocks forward, head, the blocks backward and input_backward when there is one.
 // Blocks allocate what they keep for backward from ctx (the workspace) and write their
-// parameter gradients as a Model does. A LayeredModel needs no forward_backward; the trainer
-// runs the layered path for it with or without Checkpointing, so both give the same bits.
+// parameter gradients as a Model does (through ctx.grad, in their backward: with DataParallel a
+// block's gradients are reduced as soon as its backward returns, train/gradient_buckets.hpp). A
+// LayeredModel needs no forward_backward; the trainer runs the layered path for it with or
+// without Checkpointing, so both give the same bits.
 // Under Checkpointing the last block of each recomputed segment runs forward_for_backward when
 // it has one: forward's work that its backward reads, without the output nothing reads (the
 // alloy::nn blocks skip their last product there; train/recompute.hpp).

@@ -192,15 +192,14 @@ class OptimizerStep {
         return;
       }
       require_accumulator(store);
-      const auto* g = store.grads_arena().data();
-      auto* acc = store.accumulator_arena().data();
       const std::size_t n = store.layout().padded_numel();
-      const bool first = micro_batch == 0;
       if (micro_batch + 1 < micro_batches || !sum_squares) {
-        accumulate_grads(be_, g, acc, n, first);
-        grads_ = Gradients::accumulating;
+        accumulate_range(store, micro_batch, micro_batches, 0, n);
         return;
       }
+      const auto* g = store.grads_arena().data();
+      auto* acc = store.accumulator_arena().data();
+      const bool first = micro_batch == 0;
       const float inv_scale = 1.0f / scale_.scale;
       if constexpr (std::is_same_v<B, Host>) {
         accumulate_grads_with_stats_async(be_, g, acc, n, first, inv_scale, nullptr, &host_result_);
@@ -211,6 +210,33 @@ class OptimizerStep {
 #endif
       }
       grads_ = Gradients::summed;
+    }
+  }
+
+  // accumulate() without the squares, over elements [begin, begin + count) of the arenas alone:
+  // DataParallel's gradient buckets accumulate each block's range of the last micro-batch as soon
+  // as the block's backward is done, and the rest of the arena after backward, so every element
+  // is accumulated once, as one accumulate(store, micro_batch, micro_batches, false) would.
+  void accumulate_range(store_type& store, int micro_batch, int micro_batches, std::size_t begin, std::size_t count) {
+    if (micro_batches < 1 || micro_batch < 0 || micro_batch >= micro_batches) {
+      throw error("OptimizerStep::accumulate_range: micro-batch " + std::to_string(micro_batch) + " of " +
+                  std::to_string(micro_batches));
+    }
+    if (begin > store.layout().padded_numel() || count > store.layout().padded_numel() - begin) {
+      throw error("OptimizerStep::accumulate_range: elements [" + std::to_string(begin) + ", " +
+                  std::to_string(begin + count) + ") of an arena of " + std::to_string(store.layout().padded_numel()));
+    }
+    if constexpr (store_type::has_accumulator) {
+      if (micro_batches == 1) {
+        grads_ = Gradients::compute;
+        return;
+      }
+      require_accumulator(store);
+      if (count > 0) {
+        accumulate_grads(be_, store.grads_arena().data() + begin, store.accumulator_arena().data() + begin, count,
+                         micro_batch == 0);
+      }
+      grads_ = Gradients::accumulating;
     }
   }
 

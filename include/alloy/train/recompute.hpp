@@ -30,6 +30,7 @@
 #include <alloy/error.hpp>
 #include <alloy/memory/activation.hpp>
 #include <alloy/memory/workspace.hpp>
+#include <alloy/train/backward_observer.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -160,6 +161,15 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
                 std::to_string(n));
   }
   Activation<T> d{const_cast<T*>(dy.data), dy.rows, dy.cols};
+  // The outermost blocks' backward is reported to the trainer's observer, if any: once block i's
+  // backward returns, its parameter gradients of this micro-batch are final.
+  BackwardObserver* const observer = outermost ? detail::backward_observer_of(ctx) : nullptr;
+  auto backward = [&](auto& c, std::size_t i, Activation<T> g) {
+    if (observer) observer->block_backward_begin(i);
+    g = blocks[i].backward(c, Activation<const T>(g));
+    if (observer) observer->block_backward_end(i);
+    return g;
+  };
   if (k == 0) {
     // Memory by liveness: once block i's backward is done, nothing above where its forward began
     // is needed but its dx (the blocks below kept their own activations below that point, and
@@ -167,7 +177,7 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
     // block's backward reuses it: the peak is the forward's activations plus one block's
     // backward, not every block's backward on top of each other.
     for (std::size_t i = n; i-- > 0;) {
-      const Activation<T> g = blocks[i].backward(ctx, Activation<const T>(d));
+      const Activation<T> g = backward(ctx, i, d);
       d = detail::move_down(ctx, g, outermost && kept.block_marks.size() == n ? &kept.block_marks[i] : nullptr);
     }
     return d;
@@ -182,7 +192,7 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
       // output was kept is dead but its dx, which moves down there.
       detail::recompute_segment(inner, blocks, first, last, input);
       Activation<T> g = d;
-      for (std::size_t i = last; i-- > first;) g = blocks[i].backward(inner, Activation<const T>(g));
+      for (std::size_t i = last; i-- > first;) g = backward(inner, i, g);
       d = detail::move_down(ctx, g, &kept.block_marks[seg]);
       continue;
     }
@@ -190,7 +200,7 @@ Activation<T> backward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> dy,
     const auto mark = ctx.workspace().mark();
     detail::recompute_segment(inner, blocks, first, last, input);
     Activation<T> g = d;
-    for (std::size_t i = last; i-- > first;) g = blocks[i].backward(inner, Activation<const T>(g));
+    for (std::size_t i = last; i-- > first;) g = backward(inner, i, g);
     if (g.size() <= slot.size()) {
       detail::copy_activation<Ctx, T>(ctx, Activation<const T>(g), slot.data);
       ctx.workspace().release(mark);

@@ -13,17 +13,20 @@
 // with pass 2 queued, not finished.
 //
 // With DataParallel<Comm> (train/data_parallel.hpp) each rank is one replica: backward is seeded
-// with scale / (N x world size), the gradients are summed over the ranks after the last
-// micro-batch, the reported loss is the mean over every rank's micro-batches, and checkpoints are
-// written by rank 0 and loaded by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's
-// master weights and optimizer state are one range of the arenas: the gradients are
-// reduce-scattered, each rank updates its range, and the parameters are all-gathered.
+// with scale / (N x world size), the gradients are summed over the ranks (a LayeredModel's in
+// buckets of blocks, each as soon as the last micro-batch's backward of its blocks is done:
+// train/gradient_buckets.hpp; any other model's after the last micro-batch), the reported loss
+// is the mean over every rank's micro-batches, and checkpoints are written by rank 0 and loaded
+// by every rank. With ZeroRedundancy<Comm> (ZeRO-1) each rank's master weights and optimizer
+// state are one range of the arenas: the gradients are reduce-scattered, each rank updates its
+// range, and the parameters are all-gathered.
 #pragma once
 
 #include <alloy/memory/workspace.hpp>
 #include <alloy/train/checkpoint.hpp>
 #include <alloy/train/context.hpp>
 #include <alloy/train/data_parallel.hpp>
+#include <alloy/train/gradient_buckets.hpp>
 #include <alloy/train/model.hpp>
 #include <alloy/train/optimizer_step.hpp>
 #include <alloy/train/param_store.hpp>
@@ -108,6 +111,10 @@ class Trainer {
   // Checkpointing, or a model without forward_backward that shows layers(), needs every
   // LayeredModel member; each missing one gets its own message.
   static constexpr bool needs_layers = recomputes || (!runs_forward_backward<M, context_type> && has_layers<M>);
+  // DataParallel (replicated state) over a LayeredModel reduces its gradients in buckets that
+  // start while backward runs (train/gradient_buckets.hpp); ZeroRedundancy's reduce-scatter and
+  // any other model reduce the whole arena after backward.
+  static constexpr bool reduces_in_buckets = data_parallel && !shards_state && layered;
 
   static_assert(runs_forward_backward<M, context_type> || has_layers<M>,
                 "Trainer<Model>: the model needs `float forward_backward(Ctx&, const batch_type&)` returning the "
@@ -155,6 +162,11 @@ class Trainer {
     // the heuristic's (the same bits run after run), or timed, the fastest of its 8 candidates
     // on the product's first call (a few percent faster; the last bits may change between runs).
     GemmTuning gemm_tuning = GemmTuning::heuristic;
+    // DataParallel with a LayeredModel: the gradients are all-reduced in buckets of consecutive
+    // blocks holding at least this many bytes (of the arena the optimizer reads), each as soon as
+    // the step's last backward of its blocks is done, overlapping the blocks below (as DDP's
+    // bucket_cap_mb). 0: one all-reduce of the whole arena after backward. Every rank must agree.
+    std::size_t gradient_bucket_bytes = std::size_t(25) << 20;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {}) : Trainer(std::move(model), config, nullptr, be) {
@@ -239,6 +251,7 @@ class Trainer {
     comm_ = other.comm_;
     attempted_ = other.attempted_;
     kept_ = std::move(other.kept_);
+    buckets_ = std::move(other.buckets_);
     return *this;
   }
 
@@ -252,11 +265,16 @@ class Trainer {
     losses_.begin(micro_batches_);
     // Every rank's micro-batches make the step's batch: the seed averages over all of them.
     const int seeded = micro_batches_ * world_size();
+    bool reduced_in_buckets = false;
     for (int mb = 0; mb < micro_batches_; ++mb) {
       workspace_.reset();
       const bool in_place = !store_type::has_accumulator && mb > 0;
+      BackwardObserver* observer = nullptr;
+      if constexpr (reduces_in_buckets) {
+        observer = buckets_.begin_micro_batch(*comm_, store_, step_, mb, micro_batches_, config_.gradient_bucket_bytes);
+      }
       context_type ctx(store_, workspace_, scale / static_cast<float>(seeded), in_place, mb, micro_batches_, attempted_,
-                       policies::checkpointing::every, &resources_, &uploads_);
+                       policies::checkpointing::every, &resources_, &uploads_, observer);
       uploads_.begin_micro_batch();
       try {
         // Nothing here waits for the device: the loss stays there (see backend/loss.hpp) and the
@@ -267,8 +285,9 @@ class Trainer {
         throw;
       }
       uploads_.end_micro_batch();
+      if constexpr (reduces_in_buckets) reduced_in_buckets = buckets_.end_micro_batch();
       // With DataParallel the squares are summed after the all-reduce (pass 1 in step()).
-      step_.accumulate(store_, mb, micro_batches_, !data_parallel);
+      if (!reduced_in_buckets) step_.accumulate(store_, mb, micro_batches_, !data_parallel);
     }
     // The losses come back while the optimizer step runs; the step waits for the gradient norm
     // (its skip and clip decision) and returns with the update queued: the next step's uploads
@@ -279,7 +298,7 @@ class Trainer {
       // The optimizer reads the sum over the ranks; wait() bounds the wait for a missing rank.
       if constexpr (shards_state) {
         detail::reduce_scatter_gradients(*comm_, be_, store_, micro_batches_ > 1);
-      } else {
+      } else if (!reduced_in_buckets) {
         detail::all_reduce_gradients(*comm_, be_, store_, micro_batches_ > 1);
       }
       comm_->wait(be_);
@@ -635,6 +654,10 @@ class Trainer {
   communicator_type* comm_ = nullptr;  // DataParallel: this rank's communicator
   std::uint64_t attempted_ = 0;
   KeptInputs kept_;  // a LayeredModel's segment inputs, between forward and backward
+  struct NoBuckets {};
+  [[no_unique_address]] std::conditional_t<reduces_in_buckets,
+                                           detail::GradientBuckets<communicator_type, store_type, step_type>, NoBuckets>
+      buckets_;
 };
 
 }  // namespace alloy
