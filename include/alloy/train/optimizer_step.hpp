@@ -99,7 +99,9 @@ class OptimizerStep {
     if constexpr (std::is_same_v<B, Cuda>) {
       workspace_ = Buffer<std::byte, Cuda>(reduce_workspace_bytes<float>(be), be);
       sum_ = Buffer<float, Cuda>(1, be);
-      ALLOY_CUDA_CHECK(cudaMallocHost(&host_sum_, sizeof(float)));
+      void* pinned = nullptr;  // the runtime's C signature: clang as the host compiler sees no typed overload
+      ALLOY_CUDA_CHECK(cudaMallocHost(&pinned, sizeof(float)));
+      host_sum_ = static_cast<float*>(pinned);
     }
 #endif
   }
