@@ -107,10 +107,13 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float cross_entropy_loss(MaxSum total, float
   return fp::add(log_of(total.sum), fp::sub(total.max, target_logit));
 }
 
-// Thread `thread` of `threads` writes its share of dlogits = (softmax - onehot(target)) * grad_scale.
+// Thread `thread` of `threads` writes its share of dlogits = softmax * grad_scale, the target's
+// element included; softmax_target_gradient then writes the target's (softmax - 1) * grad_scale.
+// (p - 0 is p: every other element has the bits of (softmax - onehot) * grad_scale; the compare
+// with the target per element is gone from the loop.)
 template <class T>
-ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T* dx, MaxSum total, std::size_t target,
-                                               float grad_scale, std::size_t thread, std::size_t threads) {
+ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T* dx, MaxSum total, float grad_scale,
+                                               std::size_t thread, std::size_t threads) {
   const float inv_sum = fp::div(1.0f, total.sum);
   for_each_run<row_vector_lanes<T>>(s, thread, threads, [&](auto run, std::size_t first) {
     constexpr int W = decltype(run)::value;
@@ -119,11 +122,19 @@ ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T*
     ALLOY_UNROLL
     for (int l = 0; l < W; ++l) {
       const float p = fp::mul(softmax_exp(fp::sub(to_float(v[l]), total.max)), inv_sum);
-      const float onehot = first + l == target ? 1.0f : 0.0f;
-      d[l] = round_nearest<T>(fp::mul(fp::sub(p, onehot), grad_scale));
+      d[l] = round_nearest<T>(fp::mul(p, grad_scale));
     }
     store_run<W>(dx + first, d);
   });
+}
+
+// The target's element of dlogits, (softmax - 1) * grad_scale, from its logit (read before
+// anything was written: dx may be x), with the operations softmax_thread_gradient uses.
+template <class T>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE T softmax_target_gradient(float target_logit, MaxSum total, float grad_scale) {
+  const float inv_sum = fp::div(1.0f, total.sum);
+  const float p = fp::mul(softmax_exp(fp::sub(target_logit, total.max)), inv_sum);
+  return round_nearest<T>(fp::mul(fp::sub(p, 1.0f), grad_scale));
 }
 
 template <class T>
@@ -171,7 +182,9 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
     const MaxSum total = block_replay(threads, CombineMaxSum{});
     a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
     if (dx) {
-      softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, 0, 1);
+      const float target_logit = to_float(x[t]);
+      softmax_thread_gradient(s, x, dx, total, a.grad_scale, 0, 1);
+      dx[t] = softmax_target_gradient<T>(target_logit, total, a.grad_scale);
       for (std::size_t c = a.real_classes; c < a.classes; ++c) dx[c] = round_nearest<T>(0.0f);
     }
   }
@@ -205,12 +218,13 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
                                                         CombineMaxSum{}, warp_totals);
     if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
     if (dx) {
-      softmax_thread_gradient(s, x, dx, total, static_cast<std::size_t>(t), a.grad_scale, threadIdx.x, softmax_block);
+      softmax_thread_gradient(s, x, dx, total, a.grad_scale, threadIdx.x, softmax_block);
       for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += softmax_block) {
         dx[c] = round_nearest<T>(0.0f);
       }
     }
-    __syncthreads();  // warp_totals is read by every thread before the next row writes it
+    __syncthreads();  // warp_totals is read by every thread before the next row writes it; dx[t] is written
+    if (dx && threadIdx.x == 0) dx[t] = softmax_target_gradient<T>(target_logit, total, a.grad_scale);
   }
 }
 
