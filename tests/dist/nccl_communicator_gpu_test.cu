@@ -77,17 +77,21 @@ TEST(NcclCommunicator, AsyncAllReduceIsOrderedAfterTheStreamAndJoinedBack) {
   constexpr std::size_t n = std::size_t(1) << 22;
   std::vector<float> host(n);
   for (std::size_t i = 0; i < n; ++i) host[i] = static_cast<float>(i % 1000) - 500.0f;
-  Buffer<float, Cuda> a(n, be), b(n, be);
-  for (int round = 0; round < 3; ++round) {
-    for (auto& v : host) v += 1.0f;
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(a.data(), host.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream));
-    comm.all_reduce_async(be, a.data(), b.data(), n, ReduceOp::sum);
-    comm.join(be);
-    std::vector<float> back(n);
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(back.data(), b.data(), n * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    comm.wait(be);
-    EXPECT_EQ(std::memcmp(back.data(), host.data(), n * sizeof(float)), 0) << "round " << round;
+  {
+    // The buffers are freed on `stream` (stream-ordered): before it is destroyed.
+    Buffer<float, Cuda> a(n, be), b(n, be);
+    for (int round = 0; round < 3; ++round) {
+      for (auto& v : host) v += 1.0f;
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(a.data(), host.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream));
+      comm.all_reduce_async(be, a.data(), b.data(), n, ReduceOp::sum);
+      comm.join(be);
+      std::vector<float> back(n);
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(back.data(), b.data(), n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+      comm.wait(be);
+      EXPECT_EQ(std::memcmp(back.data(), host.data(), n * sizeof(float)), 0) << "round " << round;
+    }
   }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
