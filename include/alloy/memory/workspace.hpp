@@ -9,6 +9,7 @@
 #include <alloy/backend/buffer.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace alloy {
@@ -50,6 +51,18 @@ class Workspace {
 
   Mark mark() const noexcept { return top_; }
   void release(const Mark& m) noexcept { top_ = m; }
+
+  // Whether the bytes [p, p + bytes) were allocated before m, so release(m) keeps them (false
+  // for memory this workspace does not hold).
+  bool keeps(const Mark& m, const void* p, std::size_t bytes) const noexcept {
+    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    for (std::size_t i = 0; i < blocks_.size() && i <= m.block; ++i) {
+      const auto base = reinterpret_cast<std::uintptr_t>(blocks_[i].data());
+      const std::size_t limit = i < m.block ? blocks_[i].size() : m.offset;
+      if (at >= base && at - base <= limit && bytes <= limit - (at - base)) return true;
+    }
+    return false;
+  }
 
   // Forgets every allocation (call between micro-batches).
   void reset() {

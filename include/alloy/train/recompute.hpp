@@ -53,11 +53,16 @@ void copy_activation(Ctx& ctx, Activation<const T> from, T* to) {
 }
 
 // Releases the workspace down to `mark` and copies `a` to the bottom of the freed space; `a` as it
-// is (and nothing released) when there is no mark or the copy would overlap it.
+// is (and nothing released) when there is no mark or the copy would overlap it, and `a` as it is
+// with everything above the mark released when `a` lies below the mark already.
 template <class Ctx, class T>
 Activation<T> move_down(Ctx& ctx, Activation<T> a, const WorkspaceMark* mark) {
   if (mark == nullptr) return a;
   auto& ws = ctx.workspace();
+  if (ws.keeps(*mark, a.data, a.size() * sizeof(T))) {
+    ws.release(*mark);
+    return a;
+  }
   const auto top = ws.mark();
   ws.release(*mark);
   T* slot = ctx.template allocate<T>(a.size());
@@ -225,7 +230,8 @@ Loss run_layered(Ctx& ctx, M& model, const typename M::batch_type& batch, int ev
   [[maybe_unused]] float* const loss_slot = keeps_device_loss<Ctx> ? ctx.template allocate<float>(1) : nullptr;
   const Activation<const T> x = model.input(ctx, batch);
   const Activation<T> y = forward_blocks(ctx, model.layers(), x, every, kept);
-  const auto [head_loss, dy] = model.head(ctx, Activation<const T>(y), batch);
+  const WorkspaceMark head_mark = ctx.workspace().mark();
+  const auto [head_loss, head_dy] = model.head(ctx, Activation<const T>(y), batch);
   Loss loss(head_loss);
 #if ALLOY_HAS_CUDA_RUNTIME
   if constexpr (keeps_device_loss<Ctx>) {
@@ -236,6 +242,12 @@ Loss run_layered(Ctx& ctx, M& model, const typename M::batch_type& batch, int ev
     }
   }
 #endif
+  // Nothing the head allocated is read once it has returned dy: dy moves down to where the head
+  // began, and the blocks' backward reuses the rest. With recomputation the head's input, the
+  // last segment's kept output, is dead too: dy moves down to where that was kept.
+  const WorkspaceMark* dead = every > 0 && !kept.block_marks.empty() ? &kept.block_marks.back() : &head_mark;
+  const Activation<T> dy =
+      detail::move_down(ctx, Activation<T>{const_cast<T*>(head_dy.data), head_dy.rows, head_dy.cols}, dead);
   const Activation<T> dx = backward_blocks(ctx, model.layers(), Activation<const T>(dy), kept, true);
   if constexpr (requires { model.input_backward(ctx, Activation<const T>(dx), batch); }) {
     model.input_backward(ctx, Activation<const T>(dx), batch);
