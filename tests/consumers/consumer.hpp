@@ -6,6 +6,13 @@
 
 #include <alloy/alloy.hpp>
 
+// A g++ translation unit that converts to and from CUDA's 16-bit types includes their headers
+// (alloy's nvcc translation units include them; its g++ ones only declare the types).
+#if ALLOY_HAS_CUDA_RUNTIME
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 #include <cstring>
 #include <type_traits>
 #include <typeinfo>

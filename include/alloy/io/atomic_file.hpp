@@ -28,6 +28,7 @@
 namespace alloy {
 
 namespace detail {
+template <class Unused = void>
 class TemporaryFile;
 }
 
@@ -48,10 +49,11 @@ class FileWriter {
   std::uint64_t bytes_written() const noexcept { return written_; }
 
  private:
+  template <class>
   friend class detail::TemporaryFile;
-  explicit FileWriter(detail::TemporaryFile& file) : file_(file) {}
+  explicit FileWriter(detail::TemporaryFile<>& file) : file_(file) {}
 
-  detail::TemporaryFile& file_;
+  detail::TemporaryFile<>& file_;
   std::uint64_t written_ = 0;
 };
 
@@ -78,7 +80,8 @@ inline LiveTemporaries& live_temporaries() {
   return live;
 }
 
-inline bool is_temporary_name_of(std::string_view name, std::string_view target_name) {
+template <class = void>
+bool is_temporary_name_of(std::string_view name, std::string_view target_name) {
   const std::string_view infix = ".tmp.";
   if (name.size() <= target_name.size() + infix.size() || name.substr(0, target_name.size()) != target_name ||
       name.substr(target_name.size(), infix.size()) != infix) {
@@ -96,7 +99,8 @@ inline bool is_temporary_name_of(std::string_view name, std::string_view target_
 // killed or crashed process left. Unremoved, each is up to a whole file of disk, they pile up over
 // restarts, and a restarted process that gets the same pid (as in a container) must step over its
 // predecessor's names. Best effort: whatever cannot be inspected or locked is left alone.
-inline void remove_stale_temporaries(const std::filesystem::path& directory, const std::string& target_name) {
+template <class = void>
+void remove_stale_temporaries(const std::filesystem::path& directory, const std::string& target_name) {
   std::error_code ec;
   std::filesystem::directory_iterator it(directory, ec);
   for (; !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
@@ -123,6 +127,7 @@ inline void remove_stale_temporaries(const std::filesystem::path& directory, con
 }
 
 // A file created beside the target; removed when destroyed unless it was renamed into place.
+template <class Unused>
 class TemporaryFile {
  public:
   explicit TemporaryFile(const std::filesystem::path& target) : target_(target), writer_(*this) {
@@ -284,7 +289,8 @@ inline void FileWriter::write_at(std::uint64_t offset, std::span<const std::byte
 // Where a write to `target` lands: a symbolic link (or a chain of them) is followed to the file
 // it names, so the link stays a link and its target is replaced; a link that names no file yet
 // gets that file created. Anything else is `target` itself.
-inline std::filesystem::path write_destination(const std::filesystem::path& target) {
+template <class = void>
+std::filesystem::path write_destination(const std::filesystem::path& target) {
   std::filesystem::path p = target;
   for (int hops = 0;; ++hops) {
     std::error_code ec;
@@ -305,16 +311,17 @@ inline std::filesystem::path write_destination(const std::filesystem::path& targ
 // next write to `target` removes it, and any other such file whose writer is gone.
 // When `target` is a symbolic link, the file it names is replaced and the link is kept
 // (write_destination): the temporary file is made beside that file, so the rename stays atomic.
-inline void write_file_atomically(const std::filesystem::path& target,
-                                  const std::function<void(FileWriter&)>& write_contents) {
-  detail::TemporaryFile file(write_destination(target));
+template <class = void>
+void write_file_atomically(const std::filesystem::path& target,
+                           const std::function<void(FileWriter&)>& write_contents) {
+  detail::TemporaryFile<> file(write_destination(target));
   write_contents(file.writer());
   file.commit();
 }
 
 // Replaces `target` with the concatenation of `pieces`.
-inline void write_file_atomically(const std::filesystem::path& target,
-                                  std::span<const std::span<const std::byte>> pieces) {
+template <class = void>
+void write_file_atomically(const std::filesystem::path& target, std::span<const std::span<const std::byte>> pieces) {
   write_file_atomically(target, [&](FileWriter& out) {
     for (const auto& piece : pieces) out.write(piece);
   });

@@ -238,7 +238,8 @@ inline std::optional<std::uint32_t> parse_checksum(std::string_view text) {
 
 // The CRC-32C of the metadata entries other than checksums ("crc32c:..."), in key order, each
 // as its key's length (8 bytes, little-endian), the key, its value's length, the value.
-inline std::uint32_t checksum_of_metadata(const std::map<std::string, std::string>& metadata) {
+template <class = void>
+std::uint32_t checksum_of_metadata(const std::map<std::string, std::string>& metadata) {
   std::uint32_t crc = 0;
   for (const auto& [key, value] : metadata) {
     if (detail::is_checksum_key(key)) continue;
@@ -254,9 +255,9 @@ namespace detail {
 
 // The header JSON, padded with spaces to a multiple of 8 bytes so the data section starts
 // 8-byte aligned; tensors in the order given, back to back. Checks the writer's input.
-inline std::string safetensors_header(std::span<const TensorToWrite> tensors,
-                                      const std::map<std::string, std::string>& metadata,
-                                      std::vector<std::uint64_t>& sizes) {
+template <class = void>
+std::string safetensors_header(std::span<const TensorToWrite> tensors,
+                               const std::map<std::string, std::string>& metadata, std::vector<std::uint64_t>& sizes) {
   const std::string where = "write_safetensors: ";
   std::string header = "{";
   if (!metadata.empty()) {
@@ -330,9 +331,10 @@ inline std::string safetensors_header(std::span<const TensorToWrite> tensors,
 // given, without gaps: to keep every tensor aligned to its element size, put wider dtypes
 // first. A chunk source is called with consecutive offsets, in order, each chunk full but the
 // last. Exceptions from a chunk source pass through and leave `path` as it was.
-inline void write_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
-                              const std::map<std::string, std::string>& metadata = {},
-                              const SafetensorsWriteOptions& options = {}) {
+template <class = void>
+void write_safetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
+                       const std::map<std::string, std::string>& metadata = {},
+                       const SafetensorsWriteOptions& options = {}) {
   std::map<std::string, std::string> with_checksums;
   if (options.checksums) {
     with_checksums = metadata;
@@ -406,27 +408,30 @@ inline void write_safetensors(const std::filesystem::path& path, std::span<const
   });
 }
 
-// An open safetensors file whose header has been validated. Reads are const and use pread on
+// An open safetensors file whose header has been validated (SafetensorsFile, below: a class
+// template only so that its members are compiled where they are used, not in every file that
+// includes this header). Reads are const and use pread on
 // one descriptor, so threads may read different tensors at once.
-class SafetensorsFile {
+template <class Unused = void>
+class BasicSafetensorsFile {
  public:
   // Opens and validates `path`; throws alloy::error saying what is wrong and where.
-  static SafetensorsFile open(const std::filesystem::path& path) {
-    SafetensorsFile file;
+  static BasicSafetensorsFile open(const std::filesystem::path& path) {
+    BasicSafetensorsFile file;
     file.path_ = path;
     file.load();
     return file;
   }
 
-  SafetensorsFile(SafetensorsFile&& other) noexcept { swap(other); }
-  SafetensorsFile& operator=(SafetensorsFile&& other) noexcept {
-    SafetensorsFile moved(std::move(other));
+  BasicSafetensorsFile(BasicSafetensorsFile&& other) noexcept { swap(other); }
+  BasicSafetensorsFile& operator=(BasicSafetensorsFile&& other) noexcept {
+    BasicSafetensorsFile moved(std::move(other));
     swap(moved);
     return *this;
   }
-  SafetensorsFile(const SafetensorsFile&) = delete;
-  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
-  ~SafetensorsFile() {
+  BasicSafetensorsFile(const BasicSafetensorsFile&) = delete;
+  BasicSafetensorsFile& operator=(const BasicSafetensorsFile&) = delete;
+  ~BasicSafetensorsFile() {
     if (fd_ >= 0) ::close(fd_);
   }
 
@@ -499,9 +504,9 @@ class SafetensorsFile {
   }
 
  private:
-  SafetensorsFile() = default;
+  BasicSafetensorsFile() = default;
 
-  void swap(SafetensorsFile& other) noexcept {
+  void swap(BasicSafetensorsFile& other) noexcept {
     std::swap(path_, other.path_);
     std::swap(fd_, other.fd_);
     std::swap(tensors_, other.tensors_);
@@ -732,5 +737,7 @@ class SafetensorsFile {
   std::uint64_t data_offset_ = 0;
   std::uint64_t data_size_ = 0;
 };
+
+using SafetensorsFile = BasicSafetensorsFile<>;
 
 }  // namespace alloy

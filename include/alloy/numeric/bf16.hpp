@@ -3,10 +3,19 @@
 
 #include <alloy/numeric/detail/bits.hpp>
 
-// The toolkit's header compiles under host compilers too: the conversions to and from
-// __nv_bfloat16 below exist in g++ and nvcc translation units alike, so the class is the same in both.
-#if ALLOY_HAS_CUDA_RUNTIME
+// nvcc translation units include the toolkit's header, whose intrinsics the device paths below
+// use. g++ translation units do not: parsing it (and cuBLASLt's header, which includes it) was a
+// quarter of the time of a host TU including alloy/alloy.hpp. The conversions to and from __nv_bfloat16
+// below are templates on the toolkit's type, declared here, so the class is the same in both
+// kinds of translation unit; a g++ translation unit that uses them includes <cuda_bf16.h>.
+#if ALLOY_HAS_CUDA_KERNELS
 #include <cuda_bf16.h>
+#endif
+
+#include <concepts>
+
+#if ALLOY_HAS_CUDA_RUNTIME
+struct __nv_bfloat16;  // <cuda_bf16.h>
 #endif
 
 namespace alloy {
@@ -42,8 +51,13 @@ struct alignas(2) bf16 {
   ALLOY_HOST_DEVICE constexpr std::uint16_t bits() const noexcept { return storage; }
 
 #if ALLOY_HAS_CUDA_RUNTIME
-  ALLOY_HOST_DEVICE bf16(__nv_bfloat16 h) noexcept : storage(__bfloat16_as_ushort(h)) {}
-  ALLOY_HOST_DEVICE explicit operator __nv_bfloat16() const noexcept { return __ushort_as_bfloat16(storage); }
+  // The same bits as CUDA's __nv_bfloat16, both ways.
+  template <std::same_as<__nv_bfloat16> H>
+  ALLOY_HOST_DEVICE bf16(H h) noexcept : storage(detail::bit_cast<std::uint16_t>(h)) {}
+  template <std::same_as<__nv_bfloat16> H>
+  ALLOY_HOST_DEVICE explicit operator H() const noexcept {
+    return detail::bit_cast<H>(storage);
+  }
 #endif
 };
 

@@ -109,7 +109,8 @@ inline std::string exact_float(float x) {
   return buf;
 }
 
-inline const std::string& required_metadata(const SafetensorsFile& f, const std::string& key) {
+template <class = void>
+const std::string& required_metadata(const SafetensorsFile& f, const std::string& key) {
   const auto it = f.metadata().find(key);
   if (it == f.metadata().end()) {
     throw error("load checkpoint '" + f.path().string() + "': metadata '" + key + "' is missing");
@@ -119,8 +120,9 @@ inline const std::string& required_metadata(const SafetensorsFile& f, const std:
 
 // Digits only (no sign, no space, no base prefix), at most `limit`. strtoull alone would read
 // " -1" as 2^64 - 1.
-inline std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& key,
-                                  std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
+template <class = void>
+std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& key,
+                           std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
   const std::string& v = required_metadata(f, key);
   const bool digits =
       !v.empty() && v.size() <= 20 && std::all_of(v.begin(), v.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
@@ -137,7 +139,8 @@ inline std::uint64_t metadata_u64(const SafetensorsFile& f, const std::string& k
   return x;
 }
 
-inline float metadata_float(const SafetensorsFile& f, const std::string& key) {
+template <class = void>
+float metadata_float(const SafetensorsFile& f, const std::string& key) {
   const std::string& v = required_metadata(f, key);
   char* end = nullptr;
   const float x = std::strtof(v.c_str(), &end);
@@ -252,8 +255,9 @@ StateTensor state_scale_tensor(const StateTensor& s) {
 // edited hysteresis_left of 2^31 - 1 would skip overflowing steps for ever without backing off)
 // is refused. The bounds are the recorded configuration's where the file has one, since a resume
 // may change the configuration.
-inline void check_dynamic_scale(const SafetensorsFile& file, const std::string& where, const LossScaleState& s,
-                                DynamicLossScaleConfig c) {
+template <class = void>
+void check_dynamic_scale(const SafetensorsFile& file, const std::string& where, const LossScaleState& s,
+                         DynamicLossScaleConfig c) {
   const std::string prefix = std::string(config_key_prefix) + "scaler.";
   const bool recorded = file.metadata().count(prefix + "hysteresis") != 0;
   if (recorded) {

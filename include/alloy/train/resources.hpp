@@ -1,12 +1,17 @@
 // Per-backend objects a trainer owns for its model's layers: on Cuda, the cuBLASLt handle with
 // its workspace and plan cache (created on first use); nothing on Host.
+//
+// This header names GemmHandle without its definition (kernels/cuda/gemm_cublaslt.hpp, which
+// includes cuBLASLt's header): the handle is created by gemm(), a template instantiated only
+// where a product is run, by code that includes kernels/gemm.hpp. A translation unit that merely
+// holds a trainer (alloy/alloy.hpp) does not parse cuBLASLt's header.
 #pragma once
 
 #include <alloy/backend/tags.hpp>
-#include <alloy/kernels/cuda/gemm_cublaslt.hpp>
 #include <alloy/kernels/gemm_args.hpp>
 
-#include <optional>
+#include <concepts>
+#include <memory>
 #include <utility>
 
 namespace alloy {
@@ -18,37 +23,40 @@ class BackendResources {
 };
 
 #if ALLOY_HAS_CUDA_RUNTIME
+class GemmHandle;  // kernels/cuda/gemm_cublaslt.hpp
+
+namespace detail {
+// Deletes the GemmHandle through a function made where its definition was seen.
+struct GemmHandleDeleter {
+  void (*destroy)(GemmHandle*) = nullptr;
+  void operator()(GemmHandle* h) const noexcept { destroy(h); }
+};
+}  // namespace detail
+
 template <>
 class BackendResources<Cuda> {
  public:
   explicit BackendResources(Cuda be = {}, GemmTuning tuning = GemmTuning::heuristic) : be_(be), tuning_(tuning) {}
-  BackendResources(BackendResources&& other) noexcept : be_(other.be_), tuning_(other.tuning_) { take(other); }
-  BackendResources& operator=(BackendResources&& other) noexcept {
-    if (this != &other) {
-      gemm_.reset();
-      be_ = other.be_;
-      tuning_ = other.tuning_;
-      take(other);
+  // The handle stays where it is on the heap: a move hands it over.
+  BackendResources(BackendResources&&) noexcept = default;
+  BackendResources& operator=(BackendResources&&) noexcept = default;
+
+  // Created on first use. Handle is GemmHandle, whose definition the caller includes
+  // (kernels/gemm.hpp or kernels/cuda/gemm_cublaslt.hpp).
+  template <std::same_as<GemmHandle> Handle = GemmHandle>
+  Handle& gemm() {
+    if (!gemm_) {
+      gemm_ = std::unique_ptr<GemmHandle, detail::GemmHandleDeleter>(
+          new Handle(be_, Handle::default_workspace_bytes, tuning_),
+          detail::GemmHandleDeleter{[](GemmHandle* h) { delete static_cast<Handle*>(h); }});
     }
-    return *this;
-  }
-  GemmHandle& gemm() {
-    if (!gemm_) gemm_.emplace(be_, GemmHandle::default_workspace_bytes, tuning_);
-    return *gemm_;
+    return *static_cast<Handle*>(gemm_.get());
   }
 
  private:
-  // GemmHandle moves by construction only (it cannot be assigned).
-  void take(BackendResources& other) noexcept {
-    if (other.gemm_) {
-      gemm_.emplace(std::move(*other.gemm_));
-      other.gemm_.reset();
-    }
-  }
-
   Cuda be_;
   GemmTuning tuning_;
-  std::optional<GemmHandle> gemm_;
+  std::unique_ptr<GemmHandle, detail::GemmHandleDeleter> gemm_;
 };
 #endif
 

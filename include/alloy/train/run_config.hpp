@@ -63,7 +63,8 @@ void add_settings(ConfigSettings& out, std::string_view prefix, const C& config)
 }
 
 // Each setting whose value differs, or that one side has and the other not, by name.
-inline std::vector<ConfigDifference> config_differences(const ConfigSettings& saved, const ConfigSettings& loading) {
+template <class = void>
+std::vector<ConfigDifference> config_differences(const ConfigSettings& saved, const ConfigSettings& loading) {
   std::vector<ConfigDifference> out;
   auto s = saved.begin();
   auto l = loading.begin();

@@ -141,7 +141,8 @@ inline bool is_weights_dtype(SafetensorsDtype d) {
 }
 
 // A tensor's values as floats (exact for F32, BF16 and F16), read from the file.
-inline void read_as_float(const SafetensorsFile& file, const StoredTensor& t, std::span<float> out) {
+template <class = void>
+void read_as_float(const SafetensorsFile& file, const StoredTensor& t, std::span<float> out) {
   if (t.dtype == SafetensorsDtype::f32) {
     file.read(t.name, std::as_writable_bytes(out));
     return;
@@ -155,7 +156,8 @@ inline void read_as_float(const SafetensorsFile& file, const StoredTensor& t, st
 }
 
 // "'a', 'b', 'c'" for up to `limit` names, then how many more.
-inline std::string name_list(const std::vector<std::string>& names, std::size_t limit = 8) {
+template <class = void>
+std::string name_list(const std::vector<std::string>& names, std::size_t limit = 8) {
   std::string out;
   for (std::size_t i = 0; i < names.size() && i < limit; ++i) {
     if (i) out += ", ";

@@ -92,7 +92,8 @@ class ParseError : public error {
 
 // Length of the well-formed UTF-8 sequence starting at text[at], or 0 when there is none
 // (overlong forms, surrogates and code points past U+10FFFF are not well formed).
-inline std::size_t utf8_sequence_length(std::string_view text, std::size_t at) {
+template <class = void>
+std::size_t utf8_sequence_length(std::string_view text, std::size_t at) {
   auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
   const unsigned char lead = byte(at);
   if (lead < 0x80) return 1;
@@ -119,7 +120,8 @@ inline std::size_t utf8_sequence_length(std::string_view text, std::size_t at) {
   return length;
 }
 
-inline bool is_valid_utf8(std::string_view text) {
+template <class = void>
+bool is_valid_utf8(std::string_view text) {
   for (std::size_t at = 0; at < text.size();) {
     const std::size_t length = utf8_sequence_length(text, at);
     if (length == 0) return false;
@@ -129,7 +131,8 @@ inline bool is_valid_utf8(std::string_view text) {
 }
 
 // Appends `text` as a quoted JSON string. `text` must be valid UTF-8; non-ASCII passes through.
-inline void append_string(std::string& out, std::string_view text) {
+template <class = void>
+void append_string(std::string& out, std::string_view text) {
   static constexpr char hex[] = "0123456789abcdef";
   out += '"';
   for (const char c : text) {
@@ -171,7 +174,8 @@ inline void append_string(std::string& out, std::string_view text) {
 
 // `text` escaped for an error message and cut at a character boundary: a hostile name can
 // be megabytes long or hold control characters.
-inline std::string printable(std::string_view text, std::size_t max_bytes = 120) {
+template <class = void>
+std::string printable(std::string_view text, std::size_t max_bytes = 120) {
   std::size_t cut = std::min(text.size(), max_bytes);
   while (cut > 0 && cut < text.size() && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
   std::string out;
@@ -181,6 +185,7 @@ inline std::string printable(std::string_view text, std::size_t max_bytes = 120)
   return out;
 }
 
+template <class Unused = void>
 class Parser {
  public:
   Parser(std::string_view text, Limits limits) : text_(text), limits_(limits) {}
@@ -449,12 +454,15 @@ class Parser {
 };
 
 // Parses a whole document into a tree.
-inline Value parse(std::string_view text, Limits limits = {}) { return Parser(text, limits).parse_document(); }
+template <class = void>
+Value parse(std::string_view text, Limits limits = {}) {
+  return Parser<>(text, limits).parse_document();
+}
 
 // Parses a document whose root is an object, handing over its members one by one.
-inline void parse_root_members(std::string_view text, const std::function<void(Member&&)>& on_member,
-                               Limits limits = {}) {
-  Parser(text, limits).parse_root_members(on_member);
+template <class = void>
+void parse_root_members(std::string_view text, const std::function<void(Member&&)>& on_member, Limits limits = {}) {
+  Parser<>(text, limits).parse_root_members(on_member);
 }
 
 }  // namespace alloy::detail::json
