@@ -113,6 +113,80 @@ TEST(GpuGradAccumulation, ClippedStepsMatchHostBitForBit) {
   step_matches_host<Precision<bf16>, Lion<State<bf16>>>(seed + 3);
 }
 
+// Steps of 3, 2 and 1 micro-batches, some with a non-finite gradient in their last micro-batch,
+// against Host: the accumulated sums are the same bits, so clipped steps match; skipped steps
+// (decided on the device) leave the training state as it was and report what Host reports, and a
+// dynamic scale backs off alike. One micro-batch reads the compute-dtype gradients (pass 1 in
+// device order): those steps do not clip.
+template <class P, class O>
+void skips_match_host(std::uint64_t seed) {
+  constexpr int N = 3;
+  ParamStore<P, O, Host, N> host(gpu_model(), Host{}, seed);
+  ParamStore<P, O, Cuda, N> gpu(gpu_model(), Cuda{}, seed);
+  test::mirror(host, gpu);
+  const StepConfig<O, typename P::scaler_type> config{.optimizer = {.weight_decay = 0.1f}, .seed = seed};
+  OptimizerStep<P, O, Host, N> hs(config);
+  OptimizerStep<P, O, Cuda, N> gs(config, Cuda{});
+  std::mt19937_64 rng(seed);
+  struct Plan {
+    int micro_batches;
+    bool poisoned;
+  };
+  int t = 0, skips = 0;
+  for (const Plan plan :
+       {Plan{3, false}, Plan{3, true}, Plan{2, false}, Plan{1, true}, Plan{1, false}, Plan{3, true}, Plan{3, false}}) {
+    ++t;
+    const int count = plan.micro_batches;
+    for (int mb = 0; mb < count; ++mb) {
+      same_grads(host, gpu, rng, hs.loss_scale() / float(count));
+      if (plan.poisoned && mb == count - 1) {
+        const auto& place = gpu.layout()[rng() % gpu.layout().tensors()];
+        const std::size_t at = place.offset + rng() % place.numel;
+        using G = typename ParamStore<P, O, Cuda, N>::grad_type;
+        const G bad = round_nearest<G>((rng() & 1) ? std::numeric_limits<float>::quiet_NaN()
+                                                   : -std::numeric_limits<float>::infinity());
+        host.grads_arena().data()[at] = bad;
+        ALLOY_CUDA_CHECK(cudaMemcpy(gpu.grads_arena().data() + at, &bad, sizeof(G), cudaMemcpyHostToDevice));
+      }
+      hs.accumulate(host, mb, count);
+      gs.accumulate(gpu, mb, count);
+    }
+    const float max_grad_norm = count > 1 ? 0.05f : 0.0f;
+    const auto before = test::snapshot(gpu);
+    const auto h = hs.step(host, {.lr = 1e-2f, .max_grad_norm = max_grad_norm});
+    const auto g = gs.step(gpu, {.lr = 1e-2f, .max_grad_norm = max_grad_norm});
+    ASSERT_EQ(h.skipped, plan.poisoned) << "step " << t;
+    EXPECT_EQ(g.skipped, h.skipped) << "step " << t;
+    EXPECT_EQ(g.first_non_finite, h.first_non_finite) << "step " << t;
+    EXPECT_EQ(g.step, h.step);
+    EXPECT_EQ(g.skipped_steps, h.skipped_steps);
+    EXPECT_EQ(g.overflows, h.overflows);
+    EXPECT_EQ(g.loss_scale, h.loss_scale);
+    EXPECT_EQ(g.next_loss_scale, h.next_loss_scale);
+    EXPECT_EQ(g.scale_event, h.scale_event);
+    if (plan.poisoned) {
+      ++skips;
+      EXPECT_FALSE(g.first_non_finite.empty());
+      EXPECT_EQ(test::snapshot(gpu), before) << "step " << t;
+      if constexpr (P::scaler_type::dynamic) EXPECT_EQ(g.next_loss_scale, g.loss_scale * 0.5f);
+    } else if (count > 1) {
+      EXPECT_LT(h.clip_coefficient, 1.0) << "the test means to clip";
+      EXPECT_EQ(g.grad_norm, h.grad_norm) << "step " << t;
+      EXPECT_EQ(g.clip_coefficient, h.clip_coefficient) << "step " << t;
+    }
+    ASSERT_EQ(test::snapshot(gpu), test::snapshot(host)) << "step " << t << ", " << count << " micro-batches";
+  }
+  EXPECT_EQ(gs.skipped_steps(), static_cast<std::uint64_t>(skips));
+}
+
+TEST(GpuGradAccumulation, SkippedAndClippedStepsMatchHostBitForBit) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  skips_match_host<Precision<bf16, fp32_master>, AdamW<>>(seed);
+  skips_match_host<Precision<fp16, fp32_master>, AdamW<State<q8>>>(seed + 1);  // dynamic scale: backs off
+  skips_match_host<Precision<bf16>, Lion<State<bf16>>>(seed + 2);
+}
+
 // A non-finite gradient in the last micro-batch: skipped on the device, and the training state
 // (test::snapshot: all but the accumulator, which the next first micro-batch overwrites) is as
 // it was.

@@ -5,8 +5,12 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <random>
+#include <vector>
 
 namespace {
 
@@ -101,6 +105,69 @@ TEST(OptimizerStep, ClippingFollowsClipGradNorm) {
     EXPECT_DOUBLE_EQ(stats.clip_coefficient, coef);
     for (int i = 0; i < 4; ++i) EXPECT_FLOAT_EQ(store.param("x")[i], float(-g[i] * coef)) << max_norm;
   }
+}
+
+// The decision's formulas (kernels/step_decision.hpp; Cuda computes them on the device) are the
+// step's: torch's clip_grad_norm_ coefficient in double, and grad_mult = float(clip / scale).
+TEST(StepDecision, IsTheClipGradNormFormulaInDouble) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> sums = {0.0f, std::numeric_limits<float>::denorm_min(), 1e-30f, 0.25f, 1.0f, 169.0f, 3e38f,
+                             inf,  std::numeric_limits<float>::quiet_NaN()};
+  std::uniform_real_distribution<float> mantissa(1.0f, 2.0f);
+  for (int i = 0; i < 1000; ++i) sums.push_back(std::ldexp(mantissa(rng), static_cast<int>(rng() % 250) - 125));
+  for (float sum : sums) {
+    for (float max_norm : {0.0f, 1e-3f, 1.0f, 5.0f, 1e20f}) {
+      for (float scale : {1.0f, 65536.0f, 3.0f, 0.125f}) {
+        const double sum_sq = sum;
+        const bool finite = std::isfinite(sum_sq);
+        const double norm = finite ? std::sqrt(sum_sq) : std::numeric_limits<double>::infinity();
+        EXPECT_EQ(std::bit_cast<std::uint64_t>(detail::grad_norm_of(sum_sq)), std::bit_cast<std::uint64_t>(norm));
+        const auto d = detail::decide_step(sum_sq, max_norm, scale);
+        ASSERT_EQ(d.skip != 0, !finite) << sum;
+        if (!finite) continue;
+        const double clip = max_norm > 0.0f ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
+        EXPECT_EQ(std::bit_cast<std::uint64_t>(detail::clip_coefficient_of(max_norm, norm)),
+                  std::bit_cast<std::uint64_t>(clip));
+        EXPECT_EQ(std::bit_cast<std::uint32_t>(d.grad_mult),
+                  std::bit_cast<std::uint32_t>(static_cast<float>(clip / scale)))
+            << sum << " " << max_norm << " " << scale;
+      }
+    }
+  }
+}
+
+// Pass 2 given a decision (as Cuda's step gives it one on the device): applying uses the
+// decision's grad_mult, not the scalars', and skipping leaves every byte.
+template <class P, class O>
+void decision_drives_pass2(std::uint64_t seed) {
+  using Store = ParamStore<P, O, Host>;
+  const typename O::Config config{};
+  Store plain(test::odd_model(), Host{}, seed), decided(test::odd_model(), Host{}, seed),
+      skipped(test::odd_model(), Host{}, seed);
+  const detail::StepDecision apply{0.37f, 0}, skip{0.37f, 1};
+  for (std::uint64_t t = 1; t <= 3; ++t) {
+    for (Store* store : {&plain, &decided, &skipped}) {
+      std::mt19937_64 rng(seed + t);
+      test::random_grads(*store, rng, 1.0f, 0.01f);
+    }
+    test::pass2<O>(Host{}, plain, config, 1e-2f, t, 0.37f, nullptr);
+    test::pass2<O>(Host{}, decided, config, 1e-2f, t, -5.0f, &apply);
+    ASSERT_EQ(test::snapshot(decided), test::snapshot(plain)) << "step " << t;
+    const auto before = test::snapshot(skipped);
+    test::pass2<O>(Host{}, skipped, config, 1e-2f, t, 0.37f, &skip);
+    ASSERT_EQ(test::snapshot(skipped), before) << "step " << t;
+    test::pass2<O>(Host{}, skipped, config, 1e-2f, t, 0.37f, nullptr);
+  }
+}
+
+TEST(FusedUpdate, DecisionReplacesGradMultAndSkipLeavesEveryByte) {
+  ALLOY_SEEDED(seed);
+  decision_drives_pass2<Precision<bf16, fp32_master>, AdamW<>>(seed);
+  decision_drives_pass2<Precision<fp16, fp32_master>, AdamW<State<q8>>>(seed + 1);
+  decision_drives_pass2<Precision<bf16>, Lion<State<bf16>>>(seed + 2);
+  decision_drives_pass2<Precision<fp32>, SGD<State<q8>>>(seed + 3);
 }
 
 template <class P, class O>

@@ -132,6 +132,35 @@ void mirror(From& from, To& to) {
   }
 }
 
+// Pass 2 called directly over a whole (unsharded) store, as OptimizerStep's step t calls it:
+// with grad_mult, or with a decision in the backend's memory that replaces it (null: none).
+template <class O, class Store, class B>
+void pass2(B be, Store& store, const typename O::Config& config, float lr, std::uint64_t t, float grad_mult,
+           const detail::StepDecision* decision) {
+  using Grad = typename Store::optimizer_grad_type;
+  detail::UpdateArenas<typename Store::param_type, Grad, typename Store::state_storage, Store::slots> a;
+  a.n = store.layout().padded_numel();
+  a.params = store.params_arena().data();
+  if constexpr (Store::has_accumulator) {
+    a.grads = store.accumulator_arena().data();
+  } else {
+    a.grads = store.grads_arena().data();
+  }
+  a.master = Store::has_master ? store.master_arena().data() : nullptr;
+  for (int k = 0; k < Store::slots; ++k) {
+    a.state[k] = store.state_arena(k).data();
+    if constexpr (Store::state_policy::quantized) a.absmax[k] = store.state_scale_arena(k).data();
+  }
+  a.blocks = store.block_scales().data();
+  const detail::UpdateScalars<typename O::rule_type> s{O::rule(config, lr, t),           grad_mult, 7,
+                                                       t * store.layout().tensors_end(), false,     decision};
+  if constexpr (Store::state_policy::quantized) {
+    detail::fused_update_q8<static_cast<int>(Store::quant_block), false>(be, a, s);
+  } else {
+    detail::fused_update<false>(be, a, s);
+  }
+}
+
 // The store's gradients, unscaled, as doubles.
 template <class Store>
 std::vector<double> unscaled_grads(Store& store, float scale) {

@@ -4,12 +4,15 @@
 // parameter, the state and the compute copy (round to nearest even, or stochastic), and, with
 // ClearGrad, clear the gradient accumulator (only for a caller-owned accumulator: on the
 // trainer's path the next step's first micro-batch overwrites it, train/optimizer_step.hpp).
-// q8 state has its own kernel (fused_update_q8.hpp).
+// q8 state has its own kernel (fused_update_q8.hpp). With a decision made on the device
+// (UpdateScalars::decision, kernels/step_decision.hpp), the launch reads grad_mult from it and,
+// for a skipped step, returns before touching any arena.
 // Bytes per element (Precision<bf16, fp32_master> + AdamW<State<fp32>>): read grad 2, master 4,
 // m 4, v 4; write master 4, m 4, v 4, param 2: 28 (30 reading an fp32 accumulator, 34 clearing it).
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
+#include <alloy/kernels/step_decision.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/numeric/fp_ops.hpp>
 #include <alloy/numeric/rounding.hpp>
@@ -30,6 +33,10 @@ struct UpdateScalars {
   std::uint64_t seed;      // for stochastic rounding
   std::uint64_t stream;    // first random index of this step: step * padded elements
   bool stochastic_params;  // round the compute copy stochastically
+  // Null: apply the step with grad_mult. Otherwise the step's decision, in the backend's memory
+  // (device memory on Cuda): its grad_mult replaces the one above, and skip leaves every arena
+  // bit-identical (the gradient accumulator is not cleared either).
+  const StepDecision* decision = nullptr;
 };
 
 // State values in fp32 or bf16 (bf16 written with stochastic rounding).
@@ -93,10 +100,68 @@ auto state_access(const Arenas& a, std::index_sequence<K...>) {
   return std::make_tuple(inout(a.state[K])...);
 }
 
+#if ALLOY_HAS_CUDA_KERNELS
+
+// for_each_indexed_n's kernel with one vector in flight per thread, behind the device's
+// decision: a skipped step returns before reading anything. (Returning from inside the functor
+// would not do: with a master copy the compute copy is an `out` array, never loaded, so its
+// lanes would be stored unset.) Per element it reads and writes what for_each_indexed_n would,
+// plus the 8-byte decision once per thread.
+template <int L, class F, class... W>
+__global__ void __launch_bounds__(cuda_block)
+    decided_update_kernel(const StepDecision* decision, std::size_t n, F f, W... w) {
+  const StepDecision d = *decision;
+  if (d.skip) return;
+  f.s.grad_mult = d.grad_mult;
+  using Seq = std::index_sequence_for<W...>;
+  const std::size_t vectors = n / L;
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t v = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += stride) {
+    LaneTuple<L, W...> r;
+    load_all<L>(r, v * L, Seq{}, w...);
+    apply_lanes<L, true>(f, v * L, r, Seq{});
+    store_all<L>(r, v * L, Seq{}, w...);
+  }
+  for (std::size_t i = vectors * L + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    apply_scalar<true>(f, i, w...);
+  }
+}
+
+template <class F, class... W>
+void launch_decided_update(Cuda be, const StepDecision* decision, std::size_t n, F f, W... w) {
+  if (n == 0) return;
+  constexpr int L = vector_lanes<W...>();
+  if (L > 1 && all_aligned(16, w...)) {
+    decided_update_kernel<L><<<grid_for(n / L), cuda_block, 0, be.stream>>>(decision, n, f, w...);
+  } else {
+    decided_update_kernel<1><<<grid_for(n), cuda_block, 0, be.stream>>>(decision, n, f, w...);
+  }
+  ALLOY_CUDA_CHECK_LAUNCH();
+}
+
+#endif  // ALLOY_HAS_CUDA_KERNELS
+
+// f over the arenas, as the scalars' decision says (see UpdateScalars::decision). One vector in
+// flight per thread: 5 to 6 arrays of 8 lanes already keep enough bytes in flight.
+template <class B, class F, class... W>
+void run_update(B be, std::size_t n, F f, W... w) {
+  if (const StepDecision* d = f.s.decision) {
+    if constexpr (std::is_same_v<B, Host>) {
+      if (d->skip) return;
+      f.s.grad_mult = d->grad_mult;
+    } else {
+#if ALLOY_HAS_CUDA_KERNELS
+      launch_decided_update(be, d, n, f, w...);
+#endif
+      return;
+    }
+  }
+  for_each_indexed_n<1>(be, n, f, w...);
+}
+
 // Pass 2 for fp32 and bf16 state on either backend.
 template <bool ClearGrad, class B, class Rule, class Param, class Grad, class StateT, int Slots>
 void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const UpdateScalars<Rule>& s) {
-  constexpr int unroll = 1;  // 5 to 6 arrays of 8 lanes already keep enough bytes in flight
   const auto states = state_access(a, std::make_index_sequence<Slots>{});
   const auto grads = [&] {
     if constexpr (ClearGrad)
@@ -108,10 +173,10 @@ void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const
       [&](auto... st) {
         if (a.master) {
           FusedUpdate<Rule, Param, Grad, StateT, true, ClearGrad> f{s, a.blocks};
-          for_each_indexed_n<unroll>(be, a.n, f, grads, inout(a.master), out(a.params), st...);
+          run_update(be, a.n, f, grads, inout(a.master), out(a.params), st...);
         } else {
           FusedUpdate<Rule, Param, Grad, StateT, false, ClearGrad> f{s, a.blocks};
-          for_each_indexed_n<unroll>(be, a.n, f, grads, inout(a.params), st...);
+          run_update(be, a.n, f, grads, inout(a.params), st...);
         }
       },
       states);

@@ -2,11 +2,23 @@
 //   1. pass 1 (one read of the gradients): sum of squares of the unscaled gradients
 //      (kernels/grad_stats.hpp), unless the last micro-batch's accumulation already summed
 //      them (accumulate(), kernels/accumulate_grads.hpp);
-//   2. on the host: non-finite means the step is skipped (master, state and parameters left
-//      bit-identical), counted and reported with the first parameter whose gradient was
-//      non-finite, and the scaler backs off; otherwise the global norm gives
+//   2. the decision (kernels/step_decision.hpp): non-finite means the step is skipped (master,
+//      state and parameters left bit-identical), counted and reported with the first parameter
+//      whose gradient was non-finite, and the scaler backs off; otherwise the global norm gives
 //      the clip coefficient and the scaler counts toward growth;
 //   3. pass 2 (one fused pass over all arenas): the update (kernels/fused_update.hpp).
+//
+// Where step 2 happens: on Cuda, for one replica and the fused optimizers (all but Adafactor), a
+// one-thread kernel decides skip and grad_mult from the sum on the device, and pass 2 is queued
+// behind it, reading the decision there, before the host waits for the sum (an event after its
+// copy back): the device goes from pass 1 to pass 2 without waiting for the host. The host then
+// computes the same decision from the same float (the same correctly rounded double operations,
+// so the same bits) for the counters, the scaler and StepStats, and on a skip looks for the
+// first non-finite parameter, which pass 2 has left as it was. A scale that would fall below its
+// minimum is an error thrown after the device skipped the update, so it still changes nothing.
+// The Host backend, Adafactor (per-tensor passes with host-side scalars) and the sharded path
+// (step with replicas: the sum is combined over the ranks on the host) decide on the host and
+// queue pass 2 after.
 //
 // Who owns the gradient accumulator (stores with one: a 16-bit compute dtype and
 // Accumulate<N>, N > 1):
@@ -28,11 +40,15 @@
 #include <alloy/kernels/fused_update.hpp>
 #include <alloy/kernels/fused_update_q8.hpp>
 #include <alloy/kernels/grad_stats.hpp>
+#include <alloy/kernels/step_decision.hpp>
 #include <alloy/train/param_store.hpp>
+
+#if ALLOY_HAS_CUDA_RUNTIME
+#include <alloy/backend/cuda/handles.hpp>
+#endif
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -99,6 +115,8 @@ class OptimizerStep {
     if constexpr (std::is_same_v<B, Cuda>) {
       workspace_ = Buffer<std::byte, Cuda>(reduce_workspace_bytes<float>(be), be);
       sum_ = Buffer<float, Cuda>(1, be);
+      decision_ = Buffer<detail::StepDecision, Cuda>(1, be);
+      sum_ready_ = make_cuda_event();
       void* pinned = nullptr;  // the runtime's C signature: clang as the host compiler sees no typed overload
       ALLOY_CUDA_CHECK(cudaMallocHost(&pinned, sizeof(float)));
       host_sum_ = static_cast<float*>(pinned);
@@ -128,6 +146,8 @@ class OptimizerStep {
         workspace_(std::move(other.workspace_)),
         sum_(std::move(other.sum_)),
         partials_(std::move(other.partials_)),
+        decision_(std::move(other.decision_)),
+        sum_ready_(std::move(other.sum_ready_)),
         host_sum_(std::exchange(other.host_sum_, nullptr))
 #endif
   {
@@ -147,6 +167,8 @@ class OptimizerStep {
     workspace_ = std::move(other.workspace_);
     sum_ = std::move(other.sum_);
     partials_ = std::move(other.partials_);
+    decision_ = std::move(other.decision_);
+    sum_ready_ = std::move(other.sum_ready_);
     if (host_sum_) (void)cudaFreeHost(host_sum_);
     host_sum_ = std::exchange(other.host_sum_, nullptr);
 #endif
@@ -243,7 +265,8 @@ class OptimizerStep {
   }
 
   // One optimizer step over `store`. Throws alloy::error, leaving everything as it was, when a
-  // dynamic scale would fall below its minimum.
+  // dynamic scale would fall below its minimum. On Cuda the update is queued before the host
+  // reads the gradient norm (see the top of this file).
   StepStats step(store_type& store, const StepOptions& options) {
     return step(store, options, detail::SingleReplica{});
   }
@@ -265,18 +288,27 @@ class OptimizerStep {
     if constexpr (store_type::has_accumulator) {
       if (source != Gradients::compute) require_accumulator(store);
     }
-    const double sum_sq =
-        replicas.sum(source == Gradients::summed ? summed_squares()
-                     : source == Gradients::compute
-                         ? sum_of_squares(store.grads_arena().data() + store.shard_begin(), store.shard_elements())
-                         : grad_sum_of_squares(store));
+    constexpr bool decide_on_device =
+        !std::is_same_v<B, Host> && !is_adafactor_v<O> && std::is_same_v<Replicas, detail::SingleReplica>;
+    double sum_sq = 0.0;
+    if constexpr (decide_on_device) {
+      sum_sq = decide_and_update_on_device(store, source, options);
+    } else {
+      sum_sq =
+          replicas.sum(source == Gradients::summed ? summed_squares()
+                       : source == Gradients::compute
+                           ? sum_of_squares(store.grads_arena().data() + store.shard_begin(), store.shard_elements())
+                           : grad_sum_of_squares(store));
+    }
     const bool non_finite = !std::isfinite(sum_sq);
-    stats.grad_norm = non_finite ? std::numeric_limits<double>::infinity() : std::sqrt(sum_sq);
+    stats.grad_norm = detail::grad_norm_of(sum_sq);
 
     LossScaleState next = scale_;
     if constexpr (scaler_type::dynamic) {
       stats.scale_event = update_loss_scale(next, config_.scaler, non_finite);
       if (stats.scale_event == ScaleEvent::underflow) {
+        // Only an overflow backs off, so where the device decided, it skipped the update: the
+        // arenas, the accumulator and this engine are as they were.
         std::ostringstream msg;
         msg << "loss scale fell below min_scale=" << config_.scaler.min_scale << " (at scale " << scale_.scale
             << ", backoff " << config_.scaler.backoff_factor
@@ -297,10 +329,11 @@ class OptimizerStep {
         if (source == Gradients::caller_owned) fill_zero(store.accumulator_arena());
       }
     } else {
-      stats.clip_coefficient =
-          options.max_grad_norm > 0.0f ? std::min(1.0, options.max_grad_norm / (stats.grad_norm + 1e-6)) : 1.0;
+      stats.clip_coefficient = detail::clip_coefficient_of(options.max_grad_norm, stats.grad_norm);
       ++step_;
-      apply(store, source, options.lr, static_cast<float>(stats.clip_coefficient / scale_.scale));
+      if constexpr (!decide_on_device) {
+        apply(store, source, options.lr, detail::grad_mult_of(stats.clip_coefficient, scale_.scale), step_, nullptr);
+      }
     }
     scale_ = next;
     stats.next_loss_scale = scale_.scale;
@@ -328,13 +361,47 @@ class OptimizerStep {
       return sum;
     } else {
 #if ALLOY_HAS_CUDA_KERNELS
-      grad_sum_of_squares_async(be_, g, n, inv_scale, workspace_.data(), workspace_.size(), sum_.data());
+      sum_of_squares_async(g, n);
       return read_sum();
 #else
       static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
       return 0.0;
 #endif
     }
+  }
+
+#if ALLOY_HAS_CUDA_KERNELS
+  // Cuda: pass 1 into sum_, ordered on the stream.
+  template <class G>
+  void sum_of_squares_async(const G* g, std::size_t n) {
+    grad_sum_of_squares_async(be_, g, n, 1.0f / scale_.scale, workspace_.data(), workspace_.size(), sum_.data());
+  }
+#endif
+
+  // Cuda, one replica, a fused optimizer: pass 1 where accumulate() did not sum the squares, the
+  // decision on the device, the sum's copy back and pass 2 behind the decision are all queued
+  // before the host waits, for the copy alone. Pass 2 runs as step step_ + 1 (its bias
+  // corrections and random stream), as the host path does after counting the step; a skipped
+  // step leaves the arenas and the accumulator as they were and the scalars unused. Returns the
+  // sum, for the host's own (identical) decision and its bookkeeping.
+  double decide_and_update_on_device(store_type& store, Gradients source, const StepOptions& options) {
+#if ALLOY_HAS_CUDA_KERNELS
+    if (source == Gradients::compute) {
+      sum_of_squares_async(store.grads_arena().data() + store.shard_begin(), store.shard_elements());
+    } else if (source != Gradients::summed) {
+      sum_of_squares_async(store.optimizer_grads() + store.shard_begin(), store.shard_elements());
+    }
+    detail::decide_step_async(be_, sum_.data(), options.max_grad_norm, scale_.scale, decision_.data());
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
+    ALLOY_CUDA_CHECK(cudaEventRecord(sum_ready_.get(), be_.stream));
+    apply(store, source, options.lr, 0.0f, step_ + 1, decision_.data());
+    ALLOY_CUDA_CHECK(cudaEventSynchronize(sum_ready_.get()));
+    return *host_sum_;
+#else
+    static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
+    (void)store, (void)source, (void)options;
+    return 0.0;
+#endif
   }
 
   static void require_accumulator(const store_type& store) {
@@ -388,34 +455,45 @@ class OptimizerStep {
     return 0.0;
   }
 
-  void apply(store_type& store, Gradients source, float lr, float grad_mult) {
+  // Pass 2 as the optimizer's step t. decision: null to apply with grad_mult; otherwise the
+  // device's decision, which replaces grad_mult and may skip (fused optimizers only).
+  void apply(store_type& store, Gradients source, float lr, float grad_mult, std::uint64_t t,
+             const detail::StepDecision* decision) {
+    const Update u{lr, grad_mult, t, decision};
     if constexpr (store_type::has_accumulator) {
       auto* acc = store.accumulator_arena().data();
       if (source == Gradients::compute) {
-        apply_from<false>(store, store.grads_arena().data(), lr, grad_mult);
+        apply_from<false>(store, store.grads_arena().data(), u);
       } else if (source == Gradients::caller_owned) {
-        apply_from<true>(store, acc, lr, grad_mult);
+        apply_from<true>(store, acc, u);
       } else {
-        apply_from<false>(store, acc, lr, grad_mult);
+        apply_from<false>(store, acc, u);
       }
     } else {
-      apply_from<false>(store, store.grads_arena().data(), lr, grad_mult);
+      apply_from<false>(store, store.grads_arena().data(), u);
     }
   }
 
+  struct Update {
+    float lr;
+    float grad_mult;
+    std::uint64_t t;
+    const detail::StepDecision* decision;
+  };
+
   // Clear: zero the accumulator `grads` as it is read (the caller-owned accumulator).
   template <bool Clear, class Grad>
-  void apply_from(store_type& store, Grad* grads, float lr, float grad_mult) {
+  void apply_from(store_type& store, Grad* grads, const Update& u) {
     if constexpr (is_adafactor_v<O>) {
-      apply_adafactor(store, grads, lr, grad_mult);
+      apply_adafactor(store, grads, u.lr, u.grad_mult, u.t);
       if constexpr (Clear) fill_zero(store.accumulator_arena());
     } else {
-      apply_fused<Clear>(store, grads, lr, grad_mult);
+      apply_fused<Clear>(store, grads, u);
     }
   }
 
   template <class Grad>
-  void apply_adafactor(store_type& store, const Grad* grads, float lr, float grad_mult) {
+  void apply_adafactor(store_type& store, const Grad* grads, float lr, float grad_mult, std::uint64_t t) {
     const auto& layout = store.layout();
     std::size_t largest = 0;
     for (std::size_t k = 0; k < layout.tensors(); ++k) largest = std::max(largest, layout[k].numel);
@@ -432,12 +510,12 @@ class OptimizerStep {
     detail::adafactor_update(be_, store.registry(), layout, store.adafactor_placements(), store.params_arena().data(),
                              store_type::has_master ? store.master_arena().data() : nullptr, grads,
                              store.state_arena(0).data(), adafactor_u_.data(), adafactor_scalars_.data(), ws, ws_bytes,
-                             config_.optimizer, lr, grad_mult, step_, config_.seed,
+                             config_.optimizer, lr, grad_mult, t, config_.seed,
                              config_.param_rounding == Rounding::stochastic);
   }
 
   template <bool Clear, class Grad>
-  void apply_fused(store_type& store, Grad* grads, float lr, float grad_mult) {
+  void apply_fused(store_type& store, Grad* grads, const Update& u) {
     using Rule = typename O::rule_type;
     using Param = typename store_type::param_type;
     using S = typename store_type::state_storage;
@@ -457,8 +535,12 @@ class OptimizerStep {
       if constexpr (store_type::state_policy::quantized) a.absmax[k] = store.state_scale_arena(k).data();
     }
     a.blocks = store.block_scales().data() + begin / block_scales_granularity;
-    const detail::UpdateScalars<Rule> s{O::rule(config_.optimizer, lr, step_), grad_mult, config_.seed,
-                                        step_ * n + begin, config_.param_rounding == Rounding::stochastic};
+    const detail::UpdateScalars<Rule> s{.rule = O::rule(config_.optimizer, u.lr, u.t),
+                                        .grad_mult = u.grad_mult,
+                                        .seed = config_.seed,
+                                        .stream = u.t * n + begin,
+                                        .stochastic_params = config_.param_rounding == Rounding::stochastic,
+                                        .decision = u.decision};
     if constexpr (store_type::state_policy::quantized) {
       detail::fused_update_q8<static_cast<int>(store_type::quant_block), Clear>(be_, a, s);
     } else {
@@ -478,7 +560,9 @@ class OptimizerStep {
 #if ALLOY_HAS_CUDA_RUNTIME
   Buffer<std::byte, Cuda> workspace_;
   Buffer<float, Cuda> sum_;
-  Buffer<float, Cuda> partials_;  // accumulate(): one partial sum per 16,384 elements
+  Buffer<float, Cuda> partials_;                 // accumulate(): one partial sum per 16,384 elements
+  Buffer<detail::StepDecision, Cuda> decision_;  // the device's decision, read by pass 2
+  CudaEvent sum_ready_;                          // the sum's copy into host_sum_ is done
   float* host_sum_ = nullptr;
 #endif
 };

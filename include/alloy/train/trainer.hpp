@@ -290,8 +290,9 @@ class Trainer {
       if (!reduced_in_buckets) step_.accumulate(store_, mb, micro_batches_, !data_parallel);
     }
     // The losses come back while the optimizer step runs; the step waits for the gradient norm
-    // (its skip and clip decision) and returns with the update queued: the next step's uploads
-    // overlap it, and anything that reads the arenas is ordered after it on the stream.
+    // (for its report; on Cuda the update is queued before, behind the device's skip and clip
+    // decision) and returns with the update queued: the next step's uploads overlap it, and
+    // anything that reads the arenas is ordered after it on the stream.
     losses_.fetch();
     float loss = 0.0f;
     if constexpr (data_parallel) {
