@@ -196,6 +196,29 @@ TEST(Workspace, BumpAllocatesAlignedAndMergesToThePeak) {
   EXPECT_EQ(ws.reserved_bytes(), 256u + 8192u);  // fits: no new block
 }
 
+// A block filled past its end is left with room to spare while the workspace grows; the merged
+// block holds only what the allocations need end to end, and the same sequence fits it again.
+TEST(Workspace, MergesToWhatTheAllocationsNeedNotWhatGrowthSkipped) {
+  Workspace<Host> ws;
+  const auto replay = [&] {
+    ws.allocate<std::byte>(256);
+    const auto m = ws.mark();
+    ws.allocate<std::byte>(1024);
+    ws.release(m);
+    ws.allocate<std::byte>(512);
+    ws.allocate<std::byte>(768);  // the 1024-byte block has 512 left: skipped while growing
+  };
+  replay();
+  EXPECT_EQ(ws.bytes_in_use(), 256u + 512u + 768u);
+  EXPECT_EQ(ws.peak_bytes(), 256u + 512u + 768u) << "the most the live allocations took at once";
+  EXPECT_GT(ws.reserved_bytes(), 256u + 512u + 768u);
+  ws.reset();
+  EXPECT_EQ(ws.reserved_bytes(), 256u + 512u + 768u) << "one block of the peak, no skipped ends";
+  replay();
+  EXPECT_EQ(ws.reserved_bytes(), 256u + 512u + 768u) << "the same sequence fits without growing";
+  EXPECT_EQ(ws.peak_bytes(), 256u + 512u + 768u);
+}
+
 TEST(Workspace, ReleaseFreesWhatWasAllocatedAfterTheMark) {
   Workspace<Host> ws;
   auto* a = ws.allocate<float>(100);

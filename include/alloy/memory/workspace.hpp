@@ -1,9 +1,11 @@
 // Workspace<B>: the per-micro-batch activation arena. Stack allocation: allocate() bumps, reset()
 // at the start of every micro-batch forgets everything, and release(mark) frees what was
 // allocated after mark() (activation recomputation frees a segment's activations this way). The
-// peak is measured exactly. When the current block is full a new block is added; at the next
-// reset the blocks are merged into one of the peak size, so steady state is one allocation and
-// no frees. Reuse is safe on Cuda because all of a micro-batch's work is ordered on one stream.
+// peak is measured exactly, as the bytes the live allocations would take in one block. When the
+// current block is full a new block is added (the rest of the full one is skipped while it is
+// current); at the next reset the blocks are merged into one of the peak size, so steady state is
+// one allocation, no frees and nothing skipped. Reuse is safe on Cuda because all of a
+// micro-batch's work is ordered on one stream.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
@@ -18,7 +20,7 @@ namespace alloy {
 struct WorkspaceMark {
   std::size_t block = 0;   // index of the current block
   std::size_t offset = 0;  // bytes used in it
-  std::size_t used = 0;    // bytes in use in all
+  std::size_t used = 0;    // bytes the live allocations take (not counting skipped block ends)
 };
 
 template <backend B>
@@ -33,8 +35,8 @@ class Workspace {
   T* allocate(std::size_t n) {
     const std::size_t bytes = std::max<std::size_t>(alignment, (n * sizeof(T) + alignment - 1) / alignment * alignment);
     while (top_.block < blocks_.size() && top_.offset + bytes > blocks_[top_.block].size()) {
-      // The rest of this block is skipped (and counted as used, so marks stay exact).
-      top_.used += blocks_[top_.block].size() - top_.offset;
+      // The rest of this block is skipped. It does not count as used: one block of the peak, as
+      // reset() makes, holds the same allocations with nothing skipped.
       ++top_.block;
       top_.offset = 0;
     }
@@ -68,7 +70,8 @@ class Workspace {
   void reset() {
     if (blocks_.size() > 1) {
       // The peak is exact (the blocks' sum is more: what growth skipped at their ends and the
-      // doubling), and a micro-batch that allocates the same sequence again fits it exactly.
+      // doubling), and a micro-batch that allocates the same sequence again fits it exactly:
+      // each allocation's size is a multiple of the alignment, so in one block they lie end to end.
       blocks_.clear();
       blocks_.emplace_back(peak_, be_, tracker_);
     }
