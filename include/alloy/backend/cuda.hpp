@@ -1,5 +1,6 @@
 // The Cuda backend's algorithms: grid-stride kernels over 16-byte vectors with a scalar tail,
-// and deterministic two-stage reductions built on cub::BlockReduce. Needs nvcc. Block size, grid
+// and deterministic two-stage reductions built on block_allreduce (backend/cuda/warp_reduce.hpp:
+// warp butterflies, then the warps' totals in warp order). Needs nvcc. Block size, grid
 // and vector accesses come from backend/cuda/ (launch.hpp, vector_io.hpp), shared by all kernels.
 #pragma once
 
@@ -14,7 +15,7 @@
 #include <alloy/backend/device.hpp>
 #include <alloy/backend/tags.hpp>
 
-#include <cub/block/block_reduce.cuh>
+#include <alloy/backend/cuda/warp_reduce.hpp>
 #include <cuda/std/tuple>
 
 #include <cstddef>
@@ -148,6 +149,14 @@ void launch_for_each(Cuda be, std::size_t n, F f, W... w) {
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
+// Shared memory for one block_allreduce of Acc over cuda_block threads: one value per warp. Raw
+// storage, since __shared__ variables take no constructor.
+template <class Acc>
+__device__ ALLOY_FORCEINLINE Acc* block_reduce_slots() {
+  __shared__ alignas(Acc) unsigned char slots[sizeof(Acc) * (cuda_block / warp_size)];
+  return reinterpret_cast<Acc*>(slots);
+}
+
 // Stage 1 of a reduction: each block folds its grid-stride share and writes one partial.
 // Per element it reads sizeof of each array; nothing is written but the partials.
 template <int L, class Acc, class Reduce, class Transform, class... W>
@@ -175,9 +184,7 @@ __global__ void __launch_bounds__(cuda_block)
   for (std::size_t i = vectors * L + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     fold(w.element(i)...);
   }
-  using BlockReduce = cub::BlockReduce<Acc, cuda_block>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  const Acc block_total = BlockReduce(temp).Reduce(acc, reduce);
+  const Acc block_total = block_allreduce<cuda_block>(acc, reduce, block_reduce_slots<Acc>());
   if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
 }
 
@@ -188,9 +195,7 @@ __global__ void __launch_bounds__(cuda_block)
     reduce_final_kernel(int count, Acc init, Reduce reduce, const Acc* partials, Acc* result) {
   Acc acc = init;
   for (int i = threadIdx.x; i < count; i += cuda_block) acc = reduce(acc, partials[i]);
-  using BlockReduce = cub::BlockReduce<Acc, cuda_block>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  const Acc total = BlockReduce(temp).Reduce(acc, reduce);
+  const Acc total = block_allreduce<cuda_block>(acc, reduce, block_reduce_slots<Acc>());
   if (threadIdx.x == 0) *result = total;
 }
 

@@ -4,7 +4,7 @@
 // warp order. The replays perform the same operations in the same order on the host, so a kernel
 // built on these gives the same bits on Host and Cuda (the row kernels rely on it); that is why
 // they are written here rather than taken from cub::WarpReduce, whose order is CUB's to change.
-// (The two-stage transform_reduce in backend/cuda.hpp folds its blocks with cub::BlockReduce:
+// (The two-stage transform_reduce in backend/cuda.hpp folds its blocks with block_allreduce too:
 // its results are deterministic per device and size, and are not replayed on the host.)
 #pragma once
 
