@@ -27,7 +27,6 @@
 // differ only in their expf/logf, so results are deterministic for given inputs and alignment.
 #pragma once
 
-#include <alloy/backend/cuda/async_copy.hpp>
 #include <alloy/backend/cuda/launch.hpp>
 #include <alloy/backend/reduce_ops.hpp>
 #include <alloy/backend/tags.hpp>
@@ -237,21 +236,46 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
   }
 }
 
-// Copies this thread's share of a row into xs (shared memory, the same address modulo 16 as x, so
-// the same split): exactly the elements softmax_thread_max_sum and softmax_thread_gradient visit
-// for this thread, the vectors by cp.async (all of them in flight at once, no registers held), the
-// unaligned head and tail element by element. Complete for this thread when it returns.
-template <class T>
-__device__ ALLOY_FORCEINLINE void softmax_stash_thread_share(const RowSplit& s, const T* x, T* xs, std::size_t thread) {
+// Vectors of a row each thread loads before it folds them into its (max, sum): enough bytes in
+// flight with the two blocks per multiprocessor that a stashed 50,304-logit row allows.
+inline constexpr int softmax_stash_vectors_in_flight = 4;
+
+// softmax_thread_max_sum, which also copies each logit it reads to xs (shared memory, the same
+// address modulo 16 as x, so the same split) for the gradient pass, U vectors loaded at a time.
+// The same runs in the same order as softmax_thread_max_sum: the same bits.
+template <int U, class T>
+__device__ ALLOY_FORCEINLINE MaxSum softmax_thread_max_sum_stashing(const RowSplit& s, const T* x, T* xs,
+                                                                    std::size_t thread) {
   constexpr int L = row_vector_lanes<T>;
   constexpr std::size_t threads = softmax_block;
-  for (std::size_t i = thread; i < s.vectors; i += threads) {
-    async_copy_16(shared_address(xs + s.head + i * L), x + s.head + i * L);
+  MaxSum acc = empty_max_sum();
+  for (std::size_t i = thread; i < s.head; i += threads) {
+    const T v[1] = {x[i]};
+    xs[i] = v[0];
+    max_sum_add_run(acc, v);
   }
-  async_commit();
-  for (std::size_t i = thread; i < s.head; i += threads) xs[i] = x[i];
-  for (std::size_t i = s.head + s.vectors * L + thread; i < s.length; i += threads) xs[i] = x[i];
-  async_wait_all();
+  for (std::size_t first = thread; first < s.vectors; first += U * threads) {
+    T v[U][L];
+    ALLOY_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const std::size_t i = first + u * threads;
+      if (i < s.vectors) load_run<L>(x + s.head + i * L, v[u]);
+    }
+    ALLOY_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const std::size_t i = first + u * threads;
+      if (i < s.vectors) {
+        store_vector(xs + s.head + i * L, v[u]);  // a plain shared-memory store
+        max_sum_add_run(acc, v[u]);
+      }
+    }
+  }
+  for (std::size_t i = s.head + s.vectors * L + thread; i < s.length; i += threads) {
+    const T v[1] = {x[i]};
+    xs[i] = v[0];
+    max_sum_add_run(acc, v);
+  }
+  return acc;
 }
 
 // Bytes of shared memory a row's stash takes: its real classes, and up to 15 bytes before them so
@@ -262,11 +286,10 @@ std::size_t softmax_stash_bytes(std::size_t real_classes) {
 }
 
 // The gradient kernel with the row stashed in shared memory: a block per row at a time, as above,
-// but the logits are read from DRAM once (copied to shared memory, every copy in flight at once,
-// then both passes read them there), where the kernel above reads a large row twice (with a
-// thousand rows in flight, 100 KB each for GPT-2's vocabulary, the second read misses L2). Per
-// element: reads and writes sizeof(T) once. The same functions over the same per-thread runs as
-// the kernel above, reading shared memory instead of global: the same bits.
+// but the logits are read from DRAM once (pass 1 copies them to shared memory, the gradient pass
+// reads them there), where the kernel above reads a large row twice (with a thousand rows in
+// flight, 100 KB each for GPT-2's vocabulary, the second read misses L2). Per element: reads and
+// writes sizeof(T) once. The same per-thread runs and combination order: the same bits.
 template <class T>
 __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_stashed_kernel(SoftmaxCrossEntropy<T> a) {
   extern __shared__ uint4 softmax_stash[];  // 16-byte aligned
@@ -285,11 +308,11 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_stashed_k
                                  reinterpret_cast<std::uintptr_t>(x) % 16);
     const float target_logit = to_float(x[t]);  // before any thread writes dx (which may be x)
     const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    // Each thread reads back only the stash elements it copied: no barrier before the passes.
-    softmax_stash_thread_share(s, x, xs, threadIdx.x);
     const MaxSum total = block_allreduce<softmax_block>(
-        softmax_thread_max_sum(s, static_cast<const T*>(xs), threadIdx.x, softmax_block), CombineMaxSum{}, warp_totals);
+        softmax_thread_max_sum_stashing<softmax_stash_vectors_in_flight>(s, x, xs, threadIdx.x), CombineMaxSum{},
+        warp_totals);
     if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
+    // Each thread reads back only the stash elements it wrote: no barrier between the passes.
     softmax_thread_gradient(s, static_cast<const T*>(xs), dx, total, a.grad_scale, threadIdx.x, softmax_block);
     for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += softmax_block) {
       dx[c] = round_nearest<T>(0.0f);

@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
   constexpr int NK = Bc / 8;  // n-tiles of keys
   constexpr int ND = D / 8;   // n-tiles of head dimensions
   constexpr std::uint32_t kv_bytes = Bc * D * sizeof(T);
-  const std::uint32_t q_tile = shared_address(attention_shared);
+  const std::uint32_t q_tile = flash_shared_address(attention_shared);
   const std::uint32_t k_tiles = q_tile + Br * D * sizeof(T);
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
 
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
   flash_load_tile<Br, D>(q_tile, q, in.row, q0, seq);
   flash_load_tile<Bc, D>(k_tiles, k, in.row, 0, seq);
   flash_load_tile<Bc, D>(v_tiles, v, in.row, 0, seq);
-  async_commit();
+  flash_commit();
 
   std::uint32_t qf[MTiles][KD][4];
   float o[MTiles][ND][4];
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
   }
 
   for (int j = 0; j < key_tiles; ++j) {
-    async_wait_all();
+    flash_wait_all();
     __syncthreads();  // tile j is in; every warp is done with tile j - 1, whose buffers refill now
     if (j == 0) {
       ALLOY_UNROLL
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
       const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
       flash_load_tile<Bc, D>(k_tiles + next, k, in.row, (j + 1) * Bc, seq);
       flash_load_tile<Bc, D>(v_tiles + next, v, in.row, (j + 1) * Bc, seq);
-      async_commit();
+      flash_commit();
     }
     const int k0 = j * Bc;
     if (k0 > warp_last) continue;  // every key of the tile follows the warp's rows
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(flash_threads)
   constexpr int Br = flash_warps * 16;
   constexpr int KD = D / 16, NK = Bc / 8, ND = D / 8;
   constexpr std::uint32_t row_tile_bytes = Br * D * sizeof(T), kv_bytes = Bc * D * sizeof(T);
-  const std::uint32_t q_tile = shared_address(attention_shared);
+  const std::uint32_t q_tile = flash_shared_address(attention_shared);
   const std::uint32_t do_tile = q_tile + row_tile_bytes;
   const std::uint32_t k_tiles = do_tile + row_tile_bytes;
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
@@ -393,8 +393,8 @@ __global__ void __launch_bounds__(flash_threads)
   flash_load_tile<Br, D>(do_tile, dout, os.row, q0, seq);
   flash_load_tile<Bc, D>(k_tiles, k, in.row, 0, seq);
   flash_load_tile<Bc, D>(v_tiles, v, in.row, 0, seq);
-  async_commit();
-  async_wait_all();
+  flash_commit();
+  flash_wait_all();
   __syncthreads();
 
   std::uint32_t qf[KD][4], dof[KD][4];
@@ -441,14 +441,14 @@ __global__ void __launch_bounds__(flash_threads)
 
   for (int j = 0; j < key_tiles; ++j) {
     if (j > 0) {
-      async_wait_all();
+      flash_wait_all();
       __syncthreads();
     }
     if (j + 1 < key_tiles) {
       const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
       flash_load_tile<Bc, D>(k_tiles + next, k, in.row, (j + 1) * Bc, seq);
       flash_load_tile<Bc, D>(v_tiles + next, v, in.row, (j + 1) * Bc, seq);
-      async_commit();
+      flash_commit();
     }
     const int k0 = j * Bc;
     if (k0 > warp_last) continue;
@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(flash_threads)
   constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
   constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
   constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
-  const std::uint32_t base = shared_address(attention_shared);
+  const std::uint32_t base = flash_shared_address(attention_shared);
 
   const int seq = static_cast<int>(a.seq);
   const std::size_t heads_total = a.batch * a.heads;
@@ -549,7 +549,7 @@ __global__ void __launch_bounds__(flash_threads)
   flash_load_tile<Bc, D>(base, k, in.row, k0, seq);
   flash_load_tile<Bc, D>(base + v_offset, v, in.row, k0, seq);
   load_query_tile(first_tile, 0);
-  async_commit();
+  flash_commit();
 
   float dk[ND][4], dv[ND][4];
   ALLOY_UNROLL
@@ -560,11 +560,11 @@ __global__ void __launch_bounds__(flash_threads)
 
   for (int i = first_tile; i <= last_tile; ++i) {
     const int buffer = (i - first_tile) & 1;
-    async_wait_all();
+    flash_wait_all();
     __syncthreads();
     if (i < last_tile) {
       load_query_tile(i + 1, buffer ^ 1);
-      async_commit();
+      flash_commit();
     }
     const int q0 = i * Bq;
     if (q0 + Bq - 1 < warp_key0) continue;  // every query of the tile precedes the warp's keys

@@ -12,7 +12,6 @@
 
 #if ALLOY_HAS_CUDA_KERNELS
 
-#include <alloy/backend/cuda/async_copy.hpp>
 #include <alloy/backend/cuda/warp_reduce.hpp>
 #include <alloy/error.hpp>
 
@@ -25,6 +24,26 @@ namespace alloy::detail {
 inline constexpr int flash_warps = 4;
 inline constexpr int flash_threads = flash_warps * warp_size;
 inline constexpr unsigned flash_full_mask = 0xffffffffu;
+
+// ---- PTX: asynchronous copies ----
+
+__device__ ALLOY_FORCEINLINE std::uint32_t flash_shared_address(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes from global to shared memory, or 16 zero bytes when !valid (src is then not read).
+__device__ ALLOY_FORCEINLINE void flash_copy_16(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ ALLOY_FORCEINLINE void flash_copy_4(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+
+__device__ ALLOY_FORCEINLINE void flash_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits for this thread's copies; __syncthreads() then makes every thread's visible.
+__device__ ALLOY_FORCEINLINE void flash_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // ---- Tiles ----
 
@@ -42,7 +61,7 @@ __device__ ALLOY_FORCEINLINE void flash_load_rows(std::uint32_t tile, const T* b
     const int r = i / chunks, c = i % chunks;
     const bool valid = first + r < seq;
     const T* src = valid ? base + std::size_t(first + r) * row_stride + c * elements : base;
-    async_copy_16(tile + L::offset(r, c), src, valid);
+    flash_copy_16(tile + L::offset(r, c), src, valid);
   }
 }
 
@@ -51,7 +70,7 @@ template <int Rows>
 __device__ ALLOY_FORCEINLINE void flash_load_floats(std::uint32_t dst, const float* base, int first, int seq) {
   for (int i = int(threadIdx.x); i < Rows; i += flash_threads) {
     const bool valid = first + i < seq;
-    async_copy_4(dst + 4 * i, valid ? base + first + i : base, valid);
+    flash_copy_4(dst + 4 * i, valid ? base + first + i : base, valid);
   }
 }
 

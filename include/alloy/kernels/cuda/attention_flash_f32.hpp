@@ -201,7 +201,7 @@ __device__ ALLOY_FORCEINLINE void flash_a_from_accumulator(float (&a)[4], const 
 }
 
 // tf32: rounds, in place, the chunks of a tile this thread copied with flash_load_rows<L, Rows>
-// (the same chunks: call it after async_wait_all and before the __syncthreads that publishes the
+// (the same chunks: call it after flash_wait_all and before the __syncthreads that publishes the
 // tile).
 template <class L, int Rows>
 __device__ ALLOY_FORCEINLINE void flash_round_rows(unsigned char* tile) {
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(flash_threads)
   constexpr int ND = D / 8;   // n-tiles of head dimensions
   constexpr std::uint32_t kv_bytes = L::bytes(Bc);
   constexpr std::uint32_t k_offset = L::bytes(Br), v_offset = k_offset + 2 * kv_bytes;
-  const std::uint32_t base = shared_address(attention_shared);
+  const std::uint32_t base = flash_shared_address(attention_shared);
   const float* q_tile = reinterpret_cast<const float*>(attention_shared);
 
   const int seq = static_cast<int>(a.seq);
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(flash_threads)
   flash_load_rows<L, Br>(base, q, in.row, q0, seq);
   flash_load_rows<L, Bc>(base + k_offset, k, in.row, 0, seq);
   flash_load_rows<L, Bc>(base + v_offset, v, in.row, 0, seq);
-  async_commit();
+  flash_commit();
 
   [[maybe_unused]] Tf32Operand<4, split> qf[HoldQ ? KD : 1];
   float o[ND][4];
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(flash_threads)
 
   for (int j = 0; j < key_tiles; ++j) {
     const std::uint32_t buffer = (j & 1) * kv_bytes;
-    async_wait_all();
+    flash_wait_all();
     if constexpr (!split) {
       if (j == 0) flash_round_rows<L, Br>(attention_shared);
       flash_round_rows<L, Bc>(attention_shared + k_offset + buffer);
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(flash_threads)
       const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
       flash_load_rows<L, Bc>(base + k_offset + next, k, in.row, (j + 1) * Bc, seq);
       flash_load_rows<L, Bc>(base + v_offset + next, v, in.row, (j + 1) * Bc, seq);
-      async_commit();
+      flash_commit();
     }
     const int k0 = j * Bc;
     if (k0 > warp_last) continue;  // every key of the tile follows the warp's rows
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(flash_threads)
   constexpr std::uint32_t row_tile_bytes = L::bytes(Br), kv_bytes = L::bytes(Bc);
   constexpr std::uint32_t do_offset = row_tile_bytes, k_offset = 2 * row_tile_bytes;
   constexpr std::uint32_t v_offset = k_offset + 2 * kv_bytes;
-  const std::uint32_t base = shared_address(attention_shared);
+  const std::uint32_t base = flash_shared_address(attention_shared);
   const float* q_tile = reinterpret_cast<const float*>(attention_shared);
   const float* do_tile = reinterpret_cast<const float*>(attention_shared + do_offset);
 
@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(flash_threads)
   flash_load_rows<L, Br>(base + do_offset, dout, os.row, q0, seq);
   flash_load_rows<L, Bc>(base + k_offset, k, in.row, 0, seq);
   flash_load_rows<L, Bc>(base + v_offset, v, in.row, 0, seq);
-  async_commit();
+  flash_commit();
 
   // delta_t = dot(dout_t, out_t) for the warp's 16 rows, from global memory (the tf32 path rounds
   // the dO tile): lanes 2 r and 2 r + 1 take row r's two halves, then each thread fetches those
@@ -497,7 +497,7 @@ __global__ void __launch_bounds__(flash_threads)
 
   for (int j = 0; j < key_tiles; ++j) {
     const std::uint32_t buffer = (j & 1) * kv_bytes;
-    async_wait_all();
+    flash_wait_all();
     if constexpr (!split) {
       if (j == 0) {
         flash_round_rows<L, Br>(attention_shared);
@@ -523,7 +523,7 @@ __global__ void __launch_bounds__(flash_threads)
       const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
       flash_load_rows<L, Bc>(base + k_offset + next, k, in.row, (j + 1) * Bc, seq);
       flash_load_rows<L, Bc>(base + v_offset + next, v, in.row, (j + 1) * Bc, seq);
-      async_commit();
+      flash_commit();
     }
     const int k0 = j * Bc;
     if (k0 > warp_last) continue;
@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(flash_threads)
   constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
   constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
   constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
-  const std::uint32_t base = shared_address(attention_shared);
+  const std::uint32_t base = flash_shared_address(attention_shared);
   const float* k_tile = reinterpret_cast<const float*>(attention_shared);
   const float* v_tile = reinterpret_cast<const float*>(attention_shared + v_offset);
 
@@ -644,7 +644,7 @@ __global__ void __launch_bounds__(flash_threads)
   flash_load_rows<L, Bc>(base, k, in.row, k0, seq);
   flash_load_rows<L, Bc>(base + v_offset, v, in.row, k0, seq);
   load_query_tile(first_tile, 0);
-  async_commit();
+  flash_commit();
 
   float dk[ND][4], dv[ND][4];
   ALLOY_UNROLL
@@ -655,7 +655,7 @@ __global__ void __launch_bounds__(flash_threads)
 
   for (int i = first_tile; i <= last_tile; ++i) {
     const int buffer = (i - first_tile) & 1;
-    async_wait_all();
+    flash_wait_all();
     if constexpr (!split) {
       if (i == first_tile) {
         flash_round_rows<L, Bc>(attention_shared);
@@ -667,7 +667,7 @@ __global__ void __launch_bounds__(flash_threads)
     __syncthreads();
     if (i < last_tile) {
       load_query_tile(i + 1, buffer ^ 1);
-      async_commit();
+      flash_commit();
     }
     const int q0 = i * Bq;
     if (q0 + Bq - 1 < warp_key0) continue;  // every query of the tile precedes the warp's keys
