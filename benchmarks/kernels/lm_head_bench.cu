@@ -4,10 +4,8 @@
 //                      cross-entropy row kernel (in place) and the dy and dW products. TFLOP/s
 //                      counts the three products (3 x 2 x 16384 x 768 x 50304 = 3.8 TFLOP).
 //   LmHeadProducts     the same three products alone, in chunks of 8192: the cuBLASLt floor.
-//   LmHeadRowKernel    the row kernel alone on one chunk of 8192 rows: /0 the library's choice,
-//                      /1 the kernel that reads the logits twice, /2 the one that stashes each row
-//                      in shared memory and reads it once (both write it once); .../BlocksPerSm/n
-//                      the first with n blocks per multiprocessor.
+//   LmHeadRowKernel    the row kernel alone on one chunk of 8192 rows (reads the logits twice,
+//                      writes them once); .../BlocksPerSm/n with n blocks per multiprocessor.
 //   EmbeddingForward   x = wte[token] + wpe[t], with what the host does per micro-batch (checking
 //                      the ids, grouping rows by token) and the ids' upload from pageable memory on
 //                      the compute stream (a trainer's input pipeline overlaps that copy).
@@ -20,7 +18,6 @@
 #include <alloy/nn/embedding.hpp>
 #include <alloy/nn/lm_head.hpp>
 
-#include <array>
 #include <random>
 #include <vector>
 
@@ -147,11 +144,8 @@ void BM_LmHeadProducts(benchmark::State& state) {
   report_flops(state, head_flops);
 }
 
-// range(0): 0 the library's choice, 1 the kernel that reads each row twice, 2 the kernel that
-// stashes the row in shared memory. Bytes: the floor, one read and one write of the logits.
 void BM_LmHeadRowKernel(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  using alloy::detail::SoftmaxKernel;
   constexpr std::size_t chunk = 8192;
   Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
   Buffer<float, Cuda> loss(chunk);
@@ -159,17 +153,17 @@ void BM_LmHeadRowKernel(benchmark::State& state) {
   const auto t = zipf_tokens(chunk, 4);
   alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
   fill_random(saved, 5, 4.0f);
-  const auto kernel = std::array{SoftmaxKernel::automatic, SoftmaxKernel::reread, SoftmaxKernel::stashed}.at(
-      static_cast<std::size_t>(state.range(0)));
-  const auto args = alloy::detail::softmax_cross_entropy_args<bf16>(
-      logits.data(), targets.data(), chunk, padded, loss.data(), logits.data(), 1.0f / rows, {.real_classes = vocab});
   alloy::bench::time_with_events(
-      state, [&] { alloy::detail::softmax_cross_entropy_on(Cuda{}, *args, kernel); },
+      state,
+      [&] {
+        alloy::softmax_cross_entropy(Cuda{}, static_cast<const bf16*>(logits.data()), targets.data(), chunk, padded,
+                                     loss.data(), logits.data(), 1.0f / rows, {.real_classes = vocab});
+      },
       [&] {  // fresh logits each time: the gradient was written over them
         ALLOY_CUDA_CHECK(
             cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
       });
-  alloy::bench::report_bytes(state, 2.0 * chunk * padded * sizeof(bf16));
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
 // The row kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
@@ -241,7 +235,7 @@ void BM_TokenGroupsBuild(benchmark::State& state) {
 
 BENCHMARK(BM_LmHead)->Arg(4096)->Arg(8192)->Arg(16384)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadProducts)->UseManualTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_LmHeadRowKernel)->DenseRange(0, 2)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_LmHeadRowKernel)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LmHeadRowKernelBlocksPerSm)->DenseRange(1, 8)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingForward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingBackward)->UseManualTime()->Unit(benchmark::kMicrosecond);

@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -545,63 +544,6 @@ TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyWithPaddingIgnoredRowsAndInPlaceMa
       }
     }
   }
-}
-
-// The stashed kernel (a row read from DRAM once and kept in shared memory for the gradient pass)
-// against the kernel that reads the row twice: the same bits, on odd sizes, with the logits and the
-// gradient at equal and unequal offsets (vector and scalar paths), in place, with padding columns,
-// ignored rows and an out-of-range target.
-struct StashCase {
-  std::size_t rows, classes, real;
-  std::size_t logits_offset, grad_offset;
-  bool in_place;
-};
-
-template <class T>
-void expect_stashed_gives_the_reread_bits(const StashCase& c, std::uint64_t seed) {
-  using alloy::detail::SoftmaxKernel;
-  SCOPED_TRACE(std::string(alloy::numeric_traits<T>::name) + " rows " + std::to_string(c.rows) + ", classes " +
-               std::to_string(c.real) + " of " + std::to_string(c.classes) + ", offsets " +
-               std::to_string(c.logits_offset) + "/" + std::to_string(c.grad_offset) +
-               (c.in_place ? ", in place" : ""));
-  std::mt19937_64 rng(seed);
-  const auto x = normal<T>(c.rows * c.classes, 0.0, 3.0, rng);
-  auto targets = random_targets(c.rows, c.real, rng);
-  targets[1] = static_cast<std::int32_t>(c.real);  // out of range: NaN row
-  const bool ignores = c.real < c.classes;
-  if (ignores) targets[c.rows - 2] = -1;
-  const alloy::SoftmaxCrossEntropyOptions options{
-      .real_classes = c.real, .ignore_index = ignores ? std::optional<std::int32_t>(-1) : std::nullopt};
-  const float grad_scale = 4096.0f / static_cast<float>(c.rows);
-  Twin<std::int32_t> t(targets, 0);
-  std::vector<std::vector<float>> losses;
-  std::vector<std::vector<T>> grads;
-  for (SoftmaxKernel kernel : {SoftmaxKernel::reread, SoftmaxKernel::stashed}) {
-    Twin<T> logits(x, c.logits_offset), dlogits(std::vector<T>(x.size(), poison<T>()), c.grad_offset);
-    Twin<float> loss(std::vector<float>(c.rows, poison<float>()), 0);
-    T* out = c.in_place ? logits.device() : dlogits.device();
-    const auto a = alloy::detail::softmax_cross_entropy_args<T>(logits.device(), t.device(), c.rows, c.classes,
-                                                                loss.device(), out, grad_scale, options);
-    ASSERT_TRUE(a.has_value());
-    alloy::detail::softmax_cross_entropy_on(Cuda{}, *a, kernel);
-    alloy::synchronize(Cuda{});
-    losses.push_back(loss.device_values("row_loss"));
-    grads.push_back(c.in_place ? logits.device_values("dlogits, in place") : dlogits.device_values("dlogits"));
-  }
-  EXPECT_TRUE(std::isnan(losses[1][1])) << "the out-of-range target's row";
-  EXPECT_NE(bits_of(grads[1][0]), bits_of(poison<T>())) << "the stashed kernel wrote the gradient";
-  expect_same_bits(losses[0], losses[1], "row_loss");
-  expect_same_bits(grads[0], grads[1], "dlogits");
-}
-
-TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyStashedRowGivesTheRereadKernelsBits) {
-  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
-  ALLOY_SEEDED(seed);
-  const StashCase cases[] = {{37, 29, 29, 0, 0, false},       {37, 1000, 1000, 1, 1, false},
-                             {41, 1001, 1001, 3, 0, false},   {64, 50257, 50257, 3, 3, false},
-                             {37, 101, 97, 0, 0, true},       {67, 50304, 50257, 0, 0, true},
-                             {33, 32000, 32000, 1, 0, false}, {19, 50257, 50257, 5, 5, true}};
-  for (const StashCase& c : cases) expect_stashed_gives_the_reread_bits<TypeParam>(c, seed + c.classes + c.rows);
 }
 
 // Everything ordered on a caller's non-blocking stream: buffers, kernels, scratch.

@@ -36,7 +36,6 @@
 #include <alloy/numeric/math.hpp>
 #include <alloy/numeric/rounding.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -83,20 +82,6 @@ struct CombineMaxSum {
   }
 };
 
-// acc extended by a run of W consecutive logits: its maximum first, then the sum rescaled to it
-// and the run's terms added in order.
-template <int W, class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void max_sum_add_run(MaxSum& acc, const T (&v)[W]) {
-  float m = acc.max;
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
-  if (m == negative_infinity) return;
-  float sum = rescaled_sum(acc, m);
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
-  acc = {m, sum};
-}
-
 // Thread `thread` of `threads`: (max, sum of exp(x - max)) over its share of the row.
 template <class T>
 ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, std::size_t thread,
@@ -106,7 +91,14 @@ ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, s
     constexpr int W = decltype(run)::value;
     T v[W];
     load_run<W>(x + first, v);
-    max_sum_add_run(acc, v);
+    float m = acc.max;
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
+    if (m == negative_infinity) return;
+    float sum = rescaled_sum(acc, m);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
+    acc = {m, sum};
   });
   return acc;
 }
@@ -236,124 +228,10 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
   }
 }
 
-// Vectors of a row each thread loads before it folds them into its (max, sum): enough bytes in
-// flight with the two blocks per multiprocessor that a stashed 50,304-logit row allows.
-inline constexpr int softmax_stash_vectors_in_flight = 4;
-
-// softmax_thread_max_sum, which also copies each logit it reads to xs (shared memory, the same
-// address modulo 16 as x, so the same split) for the gradient pass, U vectors loaded at a time.
-// The same runs in the same order as softmax_thread_max_sum: the same bits.
-template <int U, class T>
-__device__ ALLOY_FORCEINLINE MaxSum softmax_thread_max_sum_stashing(const RowSplit& s, const T* x, T* xs,
-                                                                    std::size_t thread) {
-  constexpr int L = row_vector_lanes<T>;
-  constexpr std::size_t threads = softmax_block;
-  MaxSum acc = empty_max_sum();
-  for (std::size_t i = thread; i < s.head; i += threads) {
-    const T v[1] = {x[i]};
-    xs[i] = v[0];
-    max_sum_add_run(acc, v);
-  }
-  for (std::size_t first = thread; first < s.vectors; first += U * threads) {
-    T v[U][L];
-    ALLOY_UNROLL
-    for (int u = 0; u < U; ++u) {
-      const std::size_t i = first + u * threads;
-      if (i < s.vectors) load_run<L>(x + s.head + i * L, v[u]);
-    }
-    ALLOY_UNROLL
-    for (int u = 0; u < U; ++u) {
-      const std::size_t i = first + u * threads;
-      if (i < s.vectors) {
-        store_vector(xs + s.head + i * L, v[u]);  // a plain shared-memory store
-        max_sum_add_run(acc, v[u]);
-      }
-    }
-  }
-  for (std::size_t i = s.head + s.vectors * L + thread; i < s.length; i += threads) {
-    const T v[1] = {x[i]};
-    xs[i] = v[0];
-    max_sum_add_run(acc, v);
-  }
-  return acc;
-}
-
-// Bytes of shared memory a row's stash takes: its real classes, and up to 15 bytes before them so
-// that the stash keeps the row's address modulo 16.
 template <class T>
-std::size_t softmax_stash_bytes(std::size_t real_classes) {
-  return (real_classes * sizeof(T) + 16 + 15) / 16 * 16;
-}
-
-// The gradient kernel with the row stashed in shared memory: a block per row at a time, as above,
-// but the logits are read from DRAM once (pass 1 copies them to shared memory, the gradient pass
-// reads them there), where the kernel above reads a large row twice (with a thousand rows in
-// flight, 100 KB each for GPT-2's vocabulary, the second read misses L2). Per element: reads and
-// writes sizeof(T) once. The same per-thread runs and combination order: the same bits.
-template <class T>
-__global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_stashed_kernel(SoftmaxCrossEntropy<T> a) {
-  extern __shared__ uint4 softmax_stash[];  // 16-byte aligned
-  __shared__ MaxSum warp_totals[softmax_block / warp_size];
-  for (std::size_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    const T* x = a.logits + r * a.classes;
-    T* dx = a.dlogits + r * a.classes;
-    const std::int32_t t = a.targets[r];
-    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {  // the same for the whole block
-      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
-      if (threadIdx.x == 0) a.row_loss[r] = fill;
-      for (std::size_t c = threadIdx.x; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(fill);
-      continue;
-    }
-    T* xs = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(softmax_stash) +
-                                 reinterpret_cast<std::uintptr_t>(x) % 16);
-    const float target_logit = to_float(x[t]);  // before any thread writes dx (which may be x)
-    const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    const MaxSum total = block_allreduce<softmax_block>(
-        softmax_thread_max_sum_stashing<softmax_stash_vectors_in_flight>(s, x, xs, threadIdx.x), CombineMaxSum{},
-        warp_totals);
-    if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
-    // Each thread reads back only the stash elements it wrote: no barrier between the passes.
-    softmax_thread_gradient(s, static_cast<const T*>(xs), dx, total, a.grad_scale, threadIdx.x, softmax_block);
-    for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += softmax_block) {
-      dx[c] = round_nearest<T>(0.0f);
-    }
-    __syncthreads();  // warp_totals and the stash are read by every thread before the next row writes them
-    if (threadIdx.x == 0) dx[t] = softmax_target_gradient<T>(target_logit, total, a.grad_scale);
-  }
-}
-
-// Which kernel runs: `automatic` stashes the row when there is a gradient to write and the stash
-// leaves room for two blocks per multiprocessor; the others force one (tests compare their bits).
-enum class SoftmaxKernel { automatic, reread, stashed };
-
-template <class T>
-void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a,
-                              SoftmaxKernel kernel = SoftmaxKernel::automatic) {
+void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
   if (a.rows == 0) return;
-  const std::size_t stash = softmax_stash_bytes<T>(a.real_classes);
-  const std::size_t per_sm =
-      static_cast<std::size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>());
-  const std::size_t block_reserve = 1024 + sizeof(MaxSum) * (softmax_block / warp_size);  // the runtime's and ours
-  const bool fits = stash <= current_device_max_shared_bytes_per_block() && stash + block_reserve <= per_sm;
-  const bool stashed = a.dlogits && fits &&
-                       (kernel == SoftmaxKernel::stashed ||
-                        (kernel == SoftmaxKernel::automatic && 2 * (stash + block_reserve) <= per_sm));
-  if (kernel == SoftmaxKernel::stashed && !stashed) {
-    throw error("softmax_cross_entropy: the stashed kernel needs a gradient and a row of at most " +
-                std::to_string(current_device_max_shared_bytes_per_block()) + " bytes of shared memory (" +
-                std::to_string(stash) + " asked)");
-  }
-  if (stashed) {
-    auto* k = &softmax_cross_entropy_stashed_kernel<T>;
-    if (stash > 48 * 1024) {
-      ALLOY_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(stash)));
-    }
-    const std::size_t resident = std::min<std::size_t>(cuda_blocks_per_sm, per_sm / (stash + block_reserve));
-    const std::size_t grid = std::min<std::size_t>(a.rows, resident * current_device_sm_count());
-    k<<<static_cast<int>(grid), softmax_block, stash, be.stream>>>(a);
-  } else {
-    softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
-  }
+  softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
@@ -366,45 +244,6 @@ struct SoftmaxCrossEntropyOptions {
   std::size_t real_classes = 0;  // classes before the padding columns; 0: every column is a class
   std::optional<std::int32_t> ignore_index = std::nullopt;  // rows with this target: loss 0, zero gradient
 };
-
-namespace detail {
-
-// The checked arguments of softmax_cross_entropy (below); std::nullopt when there are no rows.
-template <class T>
-std::optional<SoftmaxCrossEntropy<T>> softmax_cross_entropy_args(const T* logits, const std::int32_t* targets,
-                                                                 std::size_t rows, std::size_t classes, float* row_loss,
-                                                                 T* dlogits, float grad_scale,
-                                                                 const SoftmaxCrossEntropyOptions& options) {
-  if (classes == 0) throw error("softmax_cross_entropy: classes must be positive");
-  const std::size_t real_classes = options.real_classes == 0 ? classes : options.real_classes;
-  if (real_classes > classes) {
-    throw error("softmax_cross_entropy: real_classes = " + std::to_string(real_classes) + " is more than the " +
-                std::to_string(classes) + " columns of a row");
-  }
-  if (options.ignore_index && valid_target(*options.ignore_index, real_classes)) {
-    throw error("softmax_cross_entropy: the ignore index " + std::to_string(*options.ignore_index) +
-                " is a class (in [0, " + std::to_string(real_classes) + ")); use a negative one");
-  }
-  if (rows == 0) return std::nullopt;
-  if (!logits || !targets || !row_loss)
-    throw error("softmax_cross_entropy: logits, targets and row_loss must not be null");
-  // Rows are split at the logits' 16-byte boundaries; dlogits follows the same split.
-  const bool vectorized = dlogits ? same_alignment(logits, dlogits) : true;
-  const SoftmaxCrossEntropy<T> a{logits,
-                                 targets,
-                                 rows,
-                                 classes,
-                                 real_classes,
-                                 row_loss,
-                                 dlogits,
-                                 grad_scale,
-                                 options.ignore_index.value_or(0),
-                                 options.ignore_index.has_value(),
-                                 vectorized};
-  return a;
-}
-
-}  // namespace detail
 
 // row_loss[r] (fp32) for each of `rows` rows of `classes` logits and, when dlogits is not null,
 // dlogits = (softmax - onehot(target)) * grad_scale in T. grad_scale is what the caller wants the
@@ -419,9 +258,33 @@ void softmax_cross_entropy(B be, const T* logits, const std::int32_t* targets, s
   static_assert(detail::row_dtype<T>, "softmax_cross_entropy<T>: T must be float, bf16 or fp16");
   static_assert(detail::has_row_kernels<B>,
                 "softmax_cross_entropy on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
-  const auto a =
-      detail::softmax_cross_entropy_args(logits, targets, rows, classes, row_loss, dlogits, grad_scale, options);
-  if (a) detail::softmax_cross_entropy_on(be, *a);
+  if (classes == 0) throw error("softmax_cross_entropy: classes must be positive");
+  const std::size_t real_classes = options.real_classes == 0 ? classes : options.real_classes;
+  if (real_classes > classes) {
+    throw error("softmax_cross_entropy: real_classes = " + std::to_string(real_classes) + " is more than the " +
+                std::to_string(classes) + " columns of a row");
+  }
+  if (options.ignore_index && detail::valid_target(*options.ignore_index, real_classes)) {
+    throw error("softmax_cross_entropy: the ignore index " + std::to_string(*options.ignore_index) +
+                " is a class (in [0, " + std::to_string(real_classes) + ")); use a negative one");
+  }
+  if (rows == 0) return;
+  if (!logits || !targets || !row_loss)
+    throw error("softmax_cross_entropy: logits, targets and row_loss must not be null");
+  // Rows are split at the logits' 16-byte boundaries; dlogits follows the same split.
+  const bool vectorized = dlogits ? detail::same_alignment(logits, dlogits) : true;
+  const detail::SoftmaxCrossEntropy<T> a{logits,
+                                         targets,
+                                         rows,
+                                         classes,
+                                         real_classes,
+                                         row_loss,
+                                         dlogits,
+                                         grad_scale,
+                                         options.ignore_index.value_or(0),
+                                         options.ignore_index.has_value(),
+                                         vectorized};
+  detail::softmax_cross_entropy_on(be, a);
 }
 
 }  // namespace alloy
