@@ -1,5 +1,8 @@
 // LayerNorm forward and backward at the residual MLP's shape (8192 rows of 1024, bf16), against a
-// device-to-device copy of the same bytes. Bytes are DRAM traffic at one touch per array:
+// device-to-device copy of the same bytes; and the backward pass's kernels for rows of 32 V
+// vectors (detail::LayerNormBackwardKernel) side by side, at the MLP's shape and at GPT-2 124M's
+// (16384 rows of 768: batch 16 x 1024 tokens), with and without dx_add. Bytes are DRAM traffic at
+// one touch per array:
 //   forward   reads x, writes y (2 bytes each per element) and 8 bytes of mean and rstd per row
 //   backward  reads dy and x (and dx_add), writes dx, reads mean and rstd; plus its partial sums:
 //             parts x 2 cols floats written and read back (2 MB here, from L2)
@@ -13,7 +16,12 @@ using alloy::bf16;
 using alloy::Buffer;
 using alloy::Cuda;
 
-constexpr std::size_t rows = 8192, cols = 1024;
+using Kernel = alloy::detail::LayerNormBackwardKernel;
+constexpr Kernel shared_sums = Kernel::shared_sums, shared_sums_no_prefetch = Kernel::shared_sums_no_prefetch,
+                 shared_sums_prefetch_dx_add = Kernel::shared_sums_prefetch_dx_add,
+                 register_sums = Kernel::register_sums;
+
+constexpr std::size_t mlp_rows = 8192, mlp_cols = 1024;
 
 // Fills with random values in [-1, 1) plus `offset`: never time on zeros.
 template <class T>
@@ -24,10 +32,11 @@ void fill_random(Buffer<T, Cuda>& b, std::uint64_t seed, float offset = 0.0f) {
 }
 
 struct LayerNormArrays {
+  std::size_t rows, cols;
   Buffer<bf16, Cuda> x{rows * cols}, y{rows * cols}, dy{rows * cols}, dx{rows * cols}, dx_add{rows * cols};
   Buffer<bf16, Cuda> gamma{cols}, beta{cols}, dgamma{cols}, dbeta{cols};
   Buffer<float, Cuda> mean{rows}, rstd{rows}, scratch{alloy::layernorm_backward_scratch_floats(rows, cols)};
-  LayerNormArrays() {
+  LayerNormArrays(std::size_t r, std::size_t c) : rows(r), cols(c) {
     fill_random(x, 1);
     fill_random(dy, 2);
     fill_random(dx_add, 3);
@@ -44,14 +53,20 @@ struct LayerNormArrays {
                               dgamma.data(), dbeta.data(), rows, cols, true, scratch.data(),
                               add ? dx_add.data() : nullptr);
   }
+  template <Kernel K>
+  void backward_using(bool add) {
+    alloy::detail::layernorm_backward_using<K>(Cuda{}, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
+                                               dx.data(), dgamma.data(), dbeta.data(), rows, cols, true, scratch.data(),
+                                               add ? dx_add.data() : nullptr);
+  }
 };
 
-constexpr double element_bytes = double(rows) * cols * sizeof(bf16);
-const double partial_bytes = 2.0 * alloy::layernorm_backward_scratch_floats(rows, cols) * sizeof(float);
+constexpr double element_bytes = double(mlp_rows) * mlp_cols * sizeof(bf16);
+const double partial_bytes = 2.0 * alloy::layernorm_backward_scratch_floats(mlp_rows, mlp_cols) * sizeof(float);
 
 void BM_CopyBf16_8192x1024(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  Buffer<bf16, Cuda> src(rows * cols), dst(rows * cols);
+  Buffer<bf16, Cuda> src(mlp_rows * mlp_cols), dst(mlp_rows * mlp_cols);
   fill_random(src, 6);
   alloy::bench::time_with_events(
       state, [&] { ALLOY_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice)); });
@@ -60,23 +75,34 @@ void BM_CopyBf16_8192x1024(benchmark::State& state) {
 
 void BM_LayerNormForwardBf16_8192x1024(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LayerNormArrays a;
+  LayerNormArrays a(mlp_rows, mlp_cols);
   alloy::bench::time_with_events(state, [&] { a.forward(); });
-  alloy::bench::report_bytes(state, 2 * element_bytes + 8.0 * rows);
+  alloy::bench::report_bytes(state, 2 * element_bytes + 8.0 * mlp_rows);
 }
 
 void BM_LayerNormBackwardBf16_8192x1024(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LayerNormArrays a;
+  LayerNormArrays a(mlp_rows, mlp_cols);
   alloy::bench::time_with_events(state, [&] { a.backward(false); });
-  alloy::bench::report_bytes(state, 3 * element_bytes + 8.0 * rows + partial_bytes);
+  alloy::bench::report_bytes(state, 3 * element_bytes + 8.0 * mlp_rows + partial_bytes);
 }
 
 void BM_LayerNormBackwardWithDxAddBf16_8192x1024(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LayerNormArrays a;
+  LayerNormArrays a(mlp_rows, mlp_cols);
   alloy::bench::time_with_events(state, [&] { a.backward(true); });
-  alloy::bench::report_bytes(state, 4 * element_bytes + 8.0 * rows + partial_bytes);
+  alloy::bench::report_bytes(state, 4 * element_bytes + 8.0 * mlp_rows + partial_bytes);
+}
+
+// The backward pass on Rows x Cols with kernel K (dx_add when Add).
+template <std::size_t Rows, std::size_t Cols, Kernel K, bool Add>
+void BM_LayerNormBackwardKernelBf16(benchmark::State& state) {
+  if (alloy::bench::skip_without_device(state)) return;
+  LayerNormArrays a(Rows, Cols);
+  alloy::bench::time_with_events(state, [&] { a.backward_using<K>(Add); });
+  const double elements = double(Rows) * Cols * sizeof(bf16);
+  const double partials = 2.0 * alloy::layernorm_backward_scratch_floats(Rows, Cols) * sizeof(float);
+  alloy::bench::report_bytes(state, (Add ? 4 : 3) * elements + 8.0 * Rows + partials);
 }
 
 #define ALLOY_BANDWIDTH_BENCHMARK(fn) \
@@ -87,10 +113,30 @@ void BM_LayerNormBackwardWithDxAddBf16_8192x1024(benchmark::State& state) {
       ->Repetitions(5)                \
       ->ReportAggregatesOnly(true)
 
+#define ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(fn, ...) \
+  BENCHMARK_TEMPLATE(fn, __VA_ARGS__)               \
+      ->UseManualTime()                             \
+      ->Unit(benchmark::kMicrosecond)               \
+      ->MinTime(0.5)                                \
+      ->Repetitions(5)                              \
+      ->ReportAggregatesOnly(true)
+
 ALLOY_BANDWIDTH_BENCHMARK(BM_CopyBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormForwardBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormBackwardBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormBackwardWithDxAddBf16_8192x1024);
+
+// GPT-2 124M's shape (with dx_add, as its blocks call it, and without), then the MLP's.
+#define ALLOY_LAYERNORM_BACKWARD_KERNELS(rows, cols, add)                                                       \
+  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, register_sums, add);           \
+  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums, add);             \
+  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums_no_prefetch, add); \
+  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums_prefetch_dx_add, add)
+
+ALLOY_LAYERNORM_BACKWARD_KERNELS(16384, 768, true);
+ALLOY_LAYERNORM_BACKWARD_KERNELS(16384, 768, false);
+ALLOY_LAYERNORM_BACKWARD_KERNELS(8192, 1024, true);
+ALLOY_LAYERNORM_BACKWARD_KERNELS(8192, 1024, false);
 
 }  // namespace
 

@@ -158,6 +158,8 @@ struct LayerNormData {
 // What the backward adds to dx: nothing, a separate array, or dx's own contents (in place).
 enum class DxAdd { none, apart, in_place };
 
+using Kernel = alloy::detail::LayerNormBackwardKernel;
+
 // Every array of one LayerNorm forward and backward, on both backends.
 template <class T>
 struct LayerNormTwins {
@@ -197,14 +199,20 @@ struct LayerNormTwins {
                               : add == DxAdd::apart ? dx_add.host()
                                                     : dx.host());
   }
+  // K: the backward kernel on rows of 32 V vectors (layernorm_backward's is the default).
+  template <Kernel K = Kernel::shared_sums>
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
                              rows, cols, eps);
-    alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
-                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(),
-                              add == DxAdd::none    ? nullptr
-                              : add == DxAdd::apart ? dx_add.device()
-                                                    : dx.device());
+    const T* const add_to = add == DxAdd::none ? nullptr : add == DxAdd::apart ? dx_add.device() : dx.device();
+    if constexpr (K == Kernel::shared_sums) {
+      alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
+                                dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to);
+    } else {
+      alloy::detail::layernorm_backward_using<K>(be, dy.device(), x.device(), gamma.device(), mean.device(),
+                                                 rstd.device(), dx.device(), dgamma.device(), dbeta.device(), rows,
+                                                 cols, accumulate, scratch.data(), add_to);
+    }
     alloy::synchronize(be);
   }
 };
@@ -214,20 +222,21 @@ struct LayerNormTwins {
 //   mean: mean|x|    rstd: rstd    y: m |gamma| + |beta|
 //   dx: rstd (|g| + |A| + m |B|) + |xhat| rstd mean(|g| m)
 //   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
-template <class T>
+template <class T, Kernel K = Kernel::shared_sums>
 void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
                                         DxAdd add = DxAdd::none) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
                (add == DxAdd::apart      ? ", adding dx_add"
                 : add == DxAdd::in_place ? ", adding dx in place"
-                                         : ""));
+                                         : "") +
+               ", backward kernel " + std::to_string(int(K)));
   std::mt19937_64 rng(seed);
   const LayerNormData<T> d(s, rng);
   LayerNormTwins<T> t(s, d, accumulate, be, add);
   const float eps = 1e-5f;
   t.run_host(eps, accumulate);
   try {
-    t.run_cuda(be, eps, accumulate);
+    t.template run_cuda<K>(be, eps, accumulate);
   } catch (const alloy::error& e) {
     ADD_FAILURE() << e.what();
     return;
@@ -314,6 +323,31 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardAddsDxAddLikeHost) {
        {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1}, LayerNormCase{1000, 5000}}) {
     expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true, Cuda{}, DxAdd::in_place);
   }
+}
+
+// Every backward kernel for rows of 32 V vectors (V = 1..4, from a 16-byte boundary or 8
+// elements past it) gives the Host's bits: overwriting without dx_add, accumulating with dx_add
+// apart and in place. 3000 rows: 256 parts of 12 rows, the last ones empty, 1 or 2 rows per warp;
+// 8 rows: fewer rows than warps.
+template <class T, Kernel K>
+void expect_lane_columns_kernel_matches_host(std::uint64_t seed) {
+  constexpr std::size_t L = alloy::detail::row_vector_lanes<T>;
+  for (std::size_t v = 1; v <= std::size_t(alloy::detail::layernorm_max_backward_lane_vectors); ++v) {
+    const std::size_t cols = 32 * L * v;
+    expect_layernorm_cuda_matches_host<T, K>({3000, cols}, seed + cols, false, Cuda{}, DxAdd::none);
+    expect_layernorm_cuda_matches_host<T, K>({3000, cols, 8, 8}, seed + cols + 1, true, Cuda{}, DxAdd::apart);
+    expect_layernorm_cuda_matches_host<T, K>({3000, cols}, seed + cols + 2, true, Cuda{}, DxAdd::in_place);
+    expect_layernorm_cuda_matches_host<T, K>({8, cols}, seed + cols + 3, false, Cuda{}, DxAdd::apart);
+  }
+}
+
+TYPED_TEST(CudaRowKernels, LayerNormBackwardLaneColumnsKernelsMatchHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums>(seed);
+  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_no_prefetch>(seed);
+  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_prefetch_dx_add>(seed);
+  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::register_sums>(seed);
 }
 
 TYPED_TEST(CudaRowKernels, LayerNormRunsTwiceToTheSameBits) {

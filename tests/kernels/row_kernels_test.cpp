@@ -519,6 +519,49 @@ TEST(LayerNormScratch, BoundCoversOnePartPer8RowsUpTo2048Warps) {
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 5000), 1024u * 2 * 5000);  // 1 warp
 }
 
+// The backward kernel's layout of a warp's column sums in shared memory (layernorm_lane_sums_at),
+// for L = 4 (float) and 8 (bf16, fp16) columns per vector and V = 1..4 vectors per lane: a
+// permutation of the columns that keeps each lane's 4-column chunks whole and 16-byte aligned,
+// with no bank conflicts when a warp reads or writes one chunk per lane (8 lanes at a time, each
+// on its own 16 bytes of the 128 of banks) or when 32 threads read 32 consecutive columns.
+template <int L>
+void expect_lane_sums_layout_without_bank_conflicts() {
+  using alloy::detail::layernorm_lane_sums_at;
+  for (unsigned v = 1; v <= 4; ++v) {
+    SCOPED_TRACE("L=" + std::to_string(L) + " V=" + std::to_string(v));
+    const unsigned cols = 32 * L * v;
+    std::vector<int> seen(cols, 0);
+    for (unsigned c = 0; c < cols; ++c) {
+      const unsigned at = layernorm_lane_sums_at<L>(c);
+      ASSERT_LT(at, cols);
+      ++seen[at];
+      EXPECT_EQ(at % 4, c % 4) << c;  // chunks stay whole
+    }
+    for (unsigned c = 0; c < cols; ++c) EXPECT_EQ(seen[c], 1) << c;
+    for (unsigned k = 0; k < v; ++k) {
+      for (unsigned h = 0; h < L / 4; ++h) {
+        for (unsigned quarter = 0; quarter < 4; ++quarter) {
+          std::vector<int> group(8, 0);  // 16-byte columns of banks
+          for (unsigned lane = 8 * quarter; lane < 8 * quarter + 8; ++lane) {
+            ++group[layernorm_lane_sums_at<L>((lane + 32 * k) * L + 4 * h) / 4 % 8];
+          }
+          for (int g : group) EXPECT_EQ(g, 1) << "vector " << k << " chunk " << h << " quarter " << quarter;
+        }
+      }
+    }
+    for (unsigned first = 0; first < cols; first += 32) {
+      std::vector<int> banks(32, 0);
+      for (unsigned c = first; c < first + 32; ++c) ++banks[layernorm_lane_sums_at<L>(c) % 32];
+      for (int b : banks) EXPECT_EQ(b, 1) << "columns from " << first;
+    }
+  }
+}
+
+TEST(LayerNormLaneSums, LayoutIsAConflictFreePermutation) {
+  expect_lane_sums_layout_without_bank_conflicts<4>();
+  expect_lane_sums_layout_without_bank_conflicts<8>();
+}
+
 // ---- softmax cross-entropy ----
 
 struct LossCase {

@@ -12,14 +12,13 @@
 // Both backends run the same per-lane code (a row is split among 32 lanes, 16-byte vectors to
 // consecutive lanes) and the same fixed reduction orders, written with alloy::fp so nothing is
 // contracted. Where a row is exactly V vectors per lane (V small), the Cuda kernels keep the row
-// and the lane's column sums in registers ("lane columns"); elsewhere they walk the row with
-// for_each_run and keep column sums in shared memory. Both visit elements in the same order, so
-// the path changes speed, never bits. dgamma and dbeta are deterministic without atomics: row r
-// belongs to part r / ceil(rows / parts) and, within it, to warp (r - first row) % warps; each
-// warp sums its rows in order per column, each part sums its warps in order into `scratch`, and
-// a final pass sums part p into slot p % 8 in part order, then the 8 slots in order. parts and
-// warps depend only on rows and cols (never on the device), so the bits depend only on the
-// inputs and on the pointers' addresses modulo 16 (which split the rows).
+// in registers ("lane columns"; the backward's column sums, each lane its own, in shared memory);
+// elsewhere they walk the row with for_each_run and keep column sums in shared memory. Both visit
+// elements in the same order, so the path changes speed, never bits. dgamma and dbeta are deterministic without
+// atomics: row r belongs to part r / ceil(rows / parts) and, within it, to warp (r - first row) % warps; each warp sums
+// its rows in order per column, each part sums its warps in order into `scratch`, and a final pass sums part p into
+// slot p % 8 in part order, then the 8 slots in order. parts and warps depend only on rows and cols (never on the
+// device), so the bits depend only on the inputs and on the pointers' addresses modulo 16 (which split the rows).
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -32,6 +31,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -47,9 +47,21 @@ inline constexpr std::size_t layernorm_part_shared_bytes = 64 * 1024;  // per-wa
 inline constexpr std::size_t layernorm_max_part_warps = 8;
 inline constexpr std::size_t layernorm_final_slots = 8;  // the final pass: part p into slot p % 8
 inline constexpr int layernorm_max_lane_columns = 32;    // forward lane columns: 32 columns of x per lane
-// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's,
-// plus 2 V L fp32 column sums) stays within 255 registers without spilling.
+// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's)
+// stays within 128 registers without spilling (with the column sums in shared memory; within 255
+// with them in registers, LayerNormBackwardKernel::register_sums).
 inline constexpr int layernorm_max_backward_lane_vectors = 4;
+
+// The Cuda kernel the backward pass runs on rows of exactly 32 V whole vectors (V <= 4), all
+// with the same order of fp32 operations, hence the same bits:
+//   shared_sums                  each warp's column sums in shared memory, the warp's next row's
+//                                dy and x loaded while it works on this one (the default)
+//   shared_sums_no_prefetch      the same, loading each row's dy and x when it starts on it
+//   shared_sums_prefetch_dx_add  the same, prefetching the next row's dx_add too
+//   register_sums                each lane's column sums in registers (1 block of 8 warps per SM)
+// layernorm_backward runs the default; detail::layernorm_backward_using<K> runs K, for benchmarks
+// and tests to compare them.
+enum class LayerNormBackwardKernel { shared_sums, shared_sums_no_prefetch, shared_sums_prefetch_dx_add, register_sums };
 
 // Floats between one warp's dgamma sums and its dbeta sums in shared memory: cols rounded up to
 // whole 32-float rows of banks, so the swizzle below stays inside them.
@@ -60,6 +72,21 @@ ALLOY_HOST_DEVICE constexpr std::size_t layernorm_sums_stride(std::size_t cols) 
 // or 8) then stores without bank conflicts (lanes 0, 4, 8... would otherwise share a bank), and
 // consecutive threads still read consecutive columns' sums from distinct banks.
 ALLOY_HOST_DEVICE constexpr std::size_t layernorm_swizzle(std::size_t c) { return c ^ ((c >> 5) & 7); }
+
+// Where column c's sum lives within a warp's sums in layernorm_backward_shared_sums_kernel: a
+// lane's L columns of a vector are L / 4 chunks of 4 floats, which it reads and writes 16 bytes
+// at a time. A 16-byte access by a warp is served a quarter warp (8 lanes) at a time, conflict
+// free when those 8 lanes touch 8 distinct 16-byte columns of banks (of 8). With L = 4 they do;
+// with L = 8 lanes 4 apart would collide, so lanes 4-7 of every 8 swap their two chunks.
+template <int L>
+ALLOY_HOST_DEVICE constexpr unsigned layernorm_lane_sums_at(unsigned c) {
+  static_assert(L == 4 || L == 8, "layernorm_lane_sums_at: 4 or 8 columns per vector");
+  if constexpr (L == 8) {
+    return c ^ ((c >> 3) & 4u);
+  } else {
+    return c;
+  }
+}
 
 // Warps per part: as many (up to 8) as have room for their two column sums (dgamma, dbeta) in
 // 64 KiB, at least 1.
@@ -361,7 +388,9 @@ void layernorm_forward_on(Host, const LayerNormForward<T>& a) {
 }
 
 // The Host reference: the Cuda kernels' parts, warps and reduction orders, replayed in loops.
-template <class T, class G>
+// (K, the Cuda kernel for rows of 32 V vectors, changes nothing here: every choice gives the
+// same bits.)
+template <LayerNormBackwardKernel K = LayerNormBackwardKernel::shared_sums, class T, class G>
 void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   const T *dy = a.dy, *x = a.x, *gamma = a.gamma;
   const float *mean = a.mean, *rstd = a.rstd;
@@ -524,12 +553,13 @@ __global__ void __launch_bounds__(layernorm_part_block)
   layernorm_fold_part(sums, warps, stride, sums_in_shared, cols, part_partials);
 }
 
-// One block of 8 warps per part, on rows of exactly 32 V vectors from a 16-byte boundary. A warp
-// per row: it loads dy and x (and dx_add) once, all V vectors per lane in flight together, keeps
-// them in registers for both passes, and each lane keeps its V L columns of gamma and of the
-// column sums in registers across its rows. At the end each warp stores its sums to shared
-// memory (swizzled: no bank conflicts) and the part folds them as above. DRAM: as above, with
-// one pass over dy and x instead of two.
+// LayerNormBackwardKernel::register_sums. One block of 8 warps per part, on rows of exactly 32 V
+// vectors from a 16-byte boundary. A warp per row: it loads dy and x (and dx_add) once, all V
+// vectors per lane in flight together, keeps them in registers for both passes, and each lane
+// keeps its V L columns of gamma and of the column sums in registers across its rows. At the end
+// each warp stores its sums to shared memory (swizzled: no bank conflicts) and the part folds
+// them as above. DRAM: as above, with one pass over dy and x instead of two. Up to 255 registers
+// a thread: one block per SM.
 template <class T, class G, int V, bool Add>
 __global__ void __launch_bounds__(layernorm_part_block)
     layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
@@ -608,6 +638,154 @@ __global__ void __launch_bounds__(layernorm_part_block)
   layernorm_fold_part(shared_sums, warps, cols, true, cols, partials + std::size_t(blockIdx.x) * 2 * cols);
 }
 
+// The end of a part for layernorm_backward_shared_sums_kernel: as layernorm_fold_part, with the
+// warps' sums 2 cols floats apart and laid out by layernorm_lane_sums_at. Consecutive threads
+// read a permutation of 32 consecutive floats: no bank conflicts.
+template <int L>
+__device__ ALLOY_FORCEINLINE void layernorm_fold_lane_sums(const float* sums, unsigned warps, unsigned cols,
+                                                           float* part_partials) {
+  for (unsigned i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
+    const unsigned half = i < cols ? 0 : 1, c = i - half * cols;
+    const unsigned at = half * cols + layernorm_lane_sums_at<L>(c);
+    float part = 0.0f;
+    for (unsigned w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * cols + at]);
+    part_partials[i] = part;
+  }
+}
+
+// v, through an empty asm the compiler cannot see through: it must treat the result as a new
+// value (the same bits).
+template <class U>
+__device__ ALLOY_FORCEINLINE U* layernorm_opaque(U* v) {
+  asm volatile("" : "+l"(v));
+  return v;
+}
+
+// The same for each 32-bit word of a run of W elements (a whole number of words).
+template <int W, class T>
+__device__ ALLOY_FORCEINLINE void layernorm_opaque_run(T (&v)[W]) {
+  static_assert(W * sizeof(T) % 4 == 0, "layernorm_opaque_run: whole 32-bit words");
+  unsigned words[W * sizeof(T) / 4];
+  memcpy(words, v, sizeof(words));
+  ALLOY_UNROLL
+  for (std::size_t i = 0; i < W * sizeof(T) / 4; ++i) asm volatile("" : "+r"(words[i]));
+  memcpy(v, words, sizeof(words));
+}
+
+// How many of a warp's next rows' arrays layernorm_backward_shared_sums_kernel loads while it
+// works on its current row.
+enum class LayerNormPrefetch { none, dy_x, dy_x_add };
+
+// layernorm_backward_lane_columns_kernel's work, in the same order of fp32 operations (hence the
+// same bits), with each warp's column sums in shared memory instead of registers: each lane adds
+// a row's terms to its own columns' sums (16-byte read and write, layernorm_lane_sums_at), which
+// only it touches until the fold. That frees 2 V L registers per thread, and the second pass
+// converts dy and x again instead of keeping the first pass's floats: at most 128 registers, so
+// 2 blocks of 8 warps fit on an SM (up to 256 parts, one block each: one wave on 132 SMs instead
+// of two). Shared memory: 8 warps x 2 cols floats, 48 KiB for 768 bf16 columns, 64 KiB for 1024.
+// Prefetch: which of the warp's next row's arrays are loaded while it works on this one.
+template <class T, class G, int V, bool Add, LayerNormPrefetch Prefetch>
+__global__ void __launch_bounds__(layernorm_part_block, 2)
+    layernorm_backward_shared_sums_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
+  constexpr int L = row_vector_lanes<T>;
+  constexpr unsigned cols = warp_size * V * L;  // the kernel's precondition: cols is 32 V L
+  constexpr int chunks = L / 4;                 // 16-byte chunks of column sums per vector
+  constexpr bool prefetch_x = Prefetch != LayerNormPrefetch::none;
+  constexpr bool prefetch_add = Add && Prefetch == LayerNormPrefetch::dy_x_add;
+  extern __shared__ float4 shared_sums4[];
+  float* const shared_sums = reinterpret_cast<float*>(shared_sums4);
+  const unsigned warps = blockDim.x / warp_size;
+  const unsigned warp = threadIdx.x / warp_size;
+  const unsigned lane = threadIdx.x % warp_size;
+  float* const sum_dgamma = shared_sums + warp * 2 * cols;
+  float* const sum_dbeta = sum_dgamma + cols;
+  const auto sums_at = [&](int k, int h) { return layernorm_lane_sums_at<L>((lane + warp_size * k) * L + 4 * h); };
+  ALLOY_UNROLL
+  for (int k = 0; k < V; ++k) {
+    ALLOY_UNROLL
+    for (int h = 0; h < chunks; ++h) {
+      *reinterpret_cast<float4*>(sum_dgamma + sums_at(k, h)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      *reinterpret_cast<float4*>(sum_dbeta + sums_at(k, h)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
+
+  const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
+  const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
+  const auto column = [&](int k) { return (lane + warp_size * k) * L; };
+  T next_dy[V][L], next_x[V][L], next_add[V][L];
+  const auto load_row = [&](std::size_t r) {
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.dy + r * cols + column(k), next_dy[k]);
+      load_run<L>(a.x + r * cols + column(k), next_x[k]);
+      if constexpr (prefetch_add) load_run<L>(a.dx_add + r * cols + column(k), next_add[k]);
+    }
+  };
+  if constexpr (prefetch_x) {
+    if (first + warp < end) load_row(first + warp);
+  }
+  for (std::size_t r = first + warp; r < end; r += warps) {
+    const std::size_t row = r * cols;
+    const float m = a.mean[r], rs = a.rstd[r];
+    T dyv[V][L], xv[V][L], gv[V][L], addv[V][L];
+    if constexpr (prefetch_x) {
+      ALLOY_UNROLL
+      for (int k = 0; k < V; ++k) {
+        ALLOY_UNROLL
+        for (int l = 0; l < L; ++l) {
+          dyv[k][l] = next_dy[k][l], xv[k][l] = next_x[k][l];
+          if constexpr (prefetch_add) addv[k][l] = next_add[k][l];
+        }
+      }
+      if (r + warps < end) load_row(r + warps);
+    } else {
+      ALLOY_UNROLL
+      for (int k = 0; k < V; ++k) {
+        load_run<L>(a.dy + row + column(k), dyv[k]);
+        load_run<L>(a.x + row + column(k), xv[k]);
+      }
+    }
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.gamma + column(k), gv[k]);
+      if constexpr (Add && !prefetch_add) load_run<L>(a.dx_add + row + column(k), addv[k]);
+    }
+    FloatPair lane_sums{0.0f, 0.0f};
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) layernorm_run_gradient_sums(dyv[k], xv[k], gv[k], m, rs, lane_sums);
+    const FloatPair totals = warp_allreduce(lane_sums, FloatPairSum{});
+    const float mean_g = layernorm_mean(totals.first, cols), mean_gx = layernorm_mean(totals.second, cols);
+    // The second pass converts dy and x again from their packed 16-bit values and reloads gamma
+    // (from L1) rather than keeping the first pass's floats live across the reduction: they reach
+    // it through layernorm_opaque, so the compiler cannot merge the two passes' conversions.
+    const T* const gamma2 = layernorm_opaque(a.gamma);
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      T dxv[L];
+      float dgamma_terms[L], dbeta_terms[L];
+      layernorm_opaque_run(dyv[k]);
+      layernorm_opaque_run(xv[k]);
+      load_run<L>(gamma2 + column(k), gv[k]);
+      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
+                             dbeta_terms);
+      store_run<L>(a.dx + row + column(k), dxv);
+      ALLOY_UNROLL
+      for (int h = 0; h < chunks; ++h) {
+        float4* const dg = reinterpret_cast<float4*>(sum_dgamma + sums_at(k, h));
+        float4* const db = reinterpret_cast<float4*>(sum_dbeta + sums_at(k, h));
+        float4 g = *dg, b = *db;
+        g.x = fp::add(g.x, dgamma_terms[4 * h]), b.x = fp::add(b.x, dbeta_terms[4 * h]);
+        g.y = fp::add(g.y, dgamma_terms[4 * h + 1]), b.y = fp::add(b.y, dbeta_terms[4 * h + 1]);
+        g.z = fp::add(g.z, dgamma_terms[4 * h + 2]), b.z = fp::add(b.z, dbeta_terms[4 * h + 2]);
+        g.w = fp::add(g.w, dgamma_terms[4 * h + 3]), b.w = fp::add(b.w, dbeta_terms[4 * h + 3]);
+        *dg = g, *db = b;
+      }
+    }
+  }
+  __syncthreads();
+  layernorm_fold_lane_sums<L>(shared_sums, warps, cols, partials + std::size_t(blockIdx.x) * 2 * cols);
+}
+
 // 32 parameter-gradient elements per block: warp w sums parts w, w + 8, w + 16... in order (its
 // slot), then warp 0 sums the 8 slots in order and writes. Per element: reads 4 bytes per part
 // (and the old value when accumulating), writes sizeof(G).
@@ -667,7 +845,20 @@ void layernorm_allow_shared_bytes(Kernel* kernel, std::size_t shared_bytes) {
   }
 }
 
-template <class T, class G>
+template <LayerNormBackwardKernel K, class T, class G, int V, bool Add>
+constexpr auto layernorm_backward_lane_columns_kernel_of() {
+  if constexpr (K == LayerNormBackwardKernel::register_sums) {
+    return &layernorm_backward_lane_columns_kernel<T, G, V, Add>;
+  } else {
+    constexpr LayerNormPrefetch prefetch =
+        K == LayerNormBackwardKernel::shared_sums_no_prefetch       ? LayerNormPrefetch::none
+        : K == LayerNormBackwardKernel::shared_sums_prefetch_dx_add ? LayerNormPrefetch::dy_x_add
+                                                                    : LayerNormPrefetch::dy_x;
+    return &layernorm_backward_shared_sums_kernel<T, G, V, Add, prefetch>;
+  }
+}
+
+template <LayerNormBackwardKernel K = LayerNormBackwardKernel::shared_sums, class T, class G>
 void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scratch) {
   const std::size_t rows = a.rows, cols = a.cols;
   const std::size_t parts = layernorm_parts(rows, cols);
@@ -681,8 +872,8 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
       const std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
       layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
         constexpr int V = decltype(v)::value;
-        auto* kernel = a.dx_add ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
-                                : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
+        auto* kernel = a.dx_add ? layernorm_backward_lane_columns_kernel_of<K, T, G, V, true>()
+                                : layernorm_backward_lane_columns_kernel_of<K, T, G, V, false>();
         layernorm_allow_shared_bytes(kernel, shared_bytes);
         kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
             a, rows_per_part, scratch);
@@ -735,17 +926,13 @@ void layernorm_forward(B be, const T* x, const T* gamma, const T* beta, T* y, fl
   detail::layernorm_forward_on(be, a);
 }
 
-// dx (overwritten), dgamma and dbeta (overwritten, or added to when `accumulate`) from dy and the
-// forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
-// fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
-// + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
-// LayerNorm passes the gradient arriving on the skip path. On Cuda `scratch` is device memory of
-// layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
-// Host backend ignores it.
-template <class T, class G, class B>
-void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
-                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
-                        std::type_identity_t<const T*> dx_add = nullptr) {
+namespace detail {
+
+// layernorm_backward with kernel K on rows of 32 V vectors (LayerNormBackwardKernel).
+template <LayerNormBackwardKernel K, class T, class G, class B>
+void layernorm_backward_using(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd,
+                              T* dx, G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate,
+                              float* scratch, std::type_identity_t<const T*> dx_add = nullptr) {
   static_assert(backend<B>, "layernorm_backward: B must be alloy::Host or alloy::Cuda");
   static_assert(detail::row_dtype<T>, "layernorm_backward<T, G>: T must be float, bf16 or fp16");
   static_assert(detail::row_dtype<G>, "layernorm_backward<T, G>: G must be float, bf16 or fp16");
@@ -765,7 +952,24 @@ void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const flo
                                           accumulate,
                                           detail::layernorm_vectorizable(cols, dy, x, gamma, dx, dx_add)};
   detail::check_layernorm_backward(a, scratch, std::is_same_v<B, Host> ? false : rows > 0);
-  detail::layernorm_backward_on(be, a, scratch);
+  detail::layernorm_backward_on<K>(be, a, scratch);
+}
+
+}  // namespace detail
+
+// dx (overwritten), dgamma and dbeta (overwritten, or added to when `accumulate`) from dy and the
+// forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
+// fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
+// + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
+// LayerNorm passes the gradient arriving on the skip path. On Cuda `scratch` is device memory of
+// layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
+// Host backend ignores it.
+template <class T, class G, class B>
+void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
+                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
+                        std::type_identity_t<const T*> dx_add = nullptr) {
+  detail::layernorm_backward_using<detail::LayerNormBackwardKernel::shared_sums>(
+      be, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, rows, cols, accumulate, scratch, dx_add);
 }
 
 }  // namespace alloy
