@@ -837,11 +837,18 @@ void layernorm_forward_on(Cuda be, const LayerNormForward<T>& a) {
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
+// Lets `kernel` take shared_bytes of dynamic shared memory, with the largest shared-memory carveout
+// of the L1 (the backward kernels' column sums take 48-64 KiB a block: two blocks per
+// multiprocessor need the carveout the driver might otherwise size for one).
 template <class Kernel>
 void layernorm_allow_shared_bytes(Kernel* kernel, std::size_t shared_bytes) {
   if (shared_bytes > 48 * 1024) {
     ALLOY_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  }
+  if (shared_bytes > 0) {
+    ALLOY_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   }
 }
 
