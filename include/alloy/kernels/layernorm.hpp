@@ -120,7 +120,7 @@ struct LayerNormBackward {
   const T* gamma;
   const float* mean;
   const float* rstd;
-  T* dx;
+  T* dx;            // may be dy itself
   const T* dx_add;  // may be null; may be dx itself
   G* dgamma;
   G* dbeta;
@@ -739,7 +739,9 @@ void layernorm_forward(B be, const T* x, const T* gamma, const T* beta, T* y, fl
 // forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
 // fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
 // + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
-// LayerNorm passes the gradient arriving on the skip path. On Cuda `scratch` is device memory of
+// LayerNorm passes the gradient arriving on the skip path. dx may also be dy itself: every path
+// reads a row's dy (each lane its own elements, the same ones in both walks) before it writes
+// that row's dx, and no element is read after it is written. On Cuda `scratch` is device memory of
 // layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
 // Host backend ignores it.
 template <class T, class G, class B>
