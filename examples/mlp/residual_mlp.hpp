@@ -120,10 +120,20 @@ class ResidualMlp {
   }
 
   // A batch of the wrong shape is refused here, before anything is copied or launched.
+  // The features' compute-dtype copy, which the embedding's weight gradient reads at the very end
+  // of backward, is not kept from forward: input_backward converts the uploaded floats again (they
+  // stay valid for the micro-batch). Its rows x width output goes below the copy, which is given
+  // back at once, so the copy is not live at the step's peak.
   template <class Ctx>
   auto input(Ctx& ctx, const Batch& b) {
     check(b);
-    return embed_.forward(ctx, nn::upload_features(ctx, b.x, shape_.inputs));
+    features_ = nn::upload_float_features(ctx, b.x, shape_.inputs);
+    const auto y = nn::detail::allocate(ctx, features_.rows, shape_.width);
+    const auto mark = ctx.workspace().mark();
+    embed_.forward_into(ctx, alloy::Activation<const nn::detail::value_t<Ctx>>(nn::features_as(ctx, features_)),
+                        y.data);
+    ctx.workspace().release(mark);
+    return y;
   }
 
   template <class Ctx>
@@ -134,9 +144,12 @@ class ResidualMlp {
     return std::make_pair(loss, final_norm_.backward(ctx, head_.backward(ctx, dlogits)));
   }
 
+  // The embedding's weight and bias gradients; nothing reads the features' gradient, so its
+  // product does not run.
   template <class Ctx>
   void input_backward(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> dx, const Batch&) {
-    embed_.backward(ctx, dx);
+    const auto x = nn::features_as(ctx, features_);
+    embed_.weight_gradient(ctx, dx, static_cast<const nn::detail::value_t<Ctx>*>(x.data), embed_.has_bias());
   }
 
   // The same micro-batch driven by hand (tests): recomputes every ctx.checkpoint_every() blocks.
@@ -161,6 +174,7 @@ class ResidualMlp {
   nn::Linear head_;
   nn::SoftmaxCrossEntropy loss_;
   alloy::KeptInputs kept_;
+  alloy::Activation<const float> features_;  // this micro-batch's, uploaded by input()
 };
 
 }  // namespace mlp

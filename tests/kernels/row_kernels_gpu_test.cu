@@ -155,8 +155,9 @@ struct LayerNormData {
         dx_add(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)) {}
 };
 
-// What the backward adds to dx: nothing, a separate array, or dx's own contents (in place).
-enum class DxAdd { none, apart, in_place };
+// What the backward adds to dx: nothing, a separate array, or dx's own contents (in place); or
+// nothing, with dx written over dy (over_dy).
+enum class DxAdd { none, apart, in_place, over_dy };
 
 using Kernel = alloy::detail::LayerNormBackwardKernel;
 
@@ -176,7 +177,10 @@ struct LayerNormTwins {
         beta(d.beta, s.param_offset, be),
         y(std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
         dy(d.dy, s.row_offset, be),
-        dx(add == DxAdd::in_place ? d.dx_add : std::vector<T>(d.x.size(), poison<T>()), s.row_offset, be),
+        dx(add == DxAdd::in_place  ? d.dx_add
+           : add == DxAdd::over_dy ? d.dy
+                                   : std::vector<T>(d.x.size(), poison<T>()),
+           s.row_offset, be),
         dgamma(accumulate ? d.dgamma0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         dbeta(accumulate ? d.dbeta0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         dx_add(d.dx_add, s.row_offset, be),
@@ -193,25 +197,29 @@ struct LayerNormTwins {
   void run_host(float eps, bool accumulate) {
     alloy::layernorm_forward(Host{}, x.host(), gamma.host(), beta.host(), y.host(), mean.host(), rstd.host(), rows,
                              cols, eps);
-    alloy::layernorm_backward(Host{}, dy.host(), x.host(), gamma.host(), mean.host(), rstd.host(), dx.host(),
-                              dgamma.host(), dbeta.host(), rows, cols, accumulate, static_cast<float*>(nullptr),
-                              add == DxAdd::none    ? nullptr
-                              : add == DxAdd::apart ? dx_add.host()
-                                                    : dx.host());
+    alloy::layernorm_backward(Host{}, add == DxAdd::over_dy ? dx.host() : dy.host(), x.host(), gamma.host(),
+                              mean.host(), rstd.host(), dx.host(), dgamma.host(), dbeta.host(), rows, cols, accumulate,
+                              static_cast<float*>(nullptr),
+                              add == DxAdd::none || add == DxAdd::over_dy ? nullptr
+                              : add == DxAdd::apart                       ? dx_add.host()
+                                                                          : dx.host());
   }
   // K: the backward kernel on rows of 32 V vectors (layernorm_backward's is the default).
-  template <Kernel K = Kernel::shared_sums>
+  template <Kernel K = alloy::detail::layernorm_backward_kernel>
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
                              rows, cols, eps);
-    const T* const add_to = add == DxAdd::none ? nullptr : add == DxAdd::apart ? dx_add.device() : dx.device();
-    if constexpr (K == Kernel::shared_sums) {
-      alloy::layernorm_backward(be, dy.device(), x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
+    const T* const dy_in = add == DxAdd::over_dy ? dx.device() : dy.device();
+    const T* const add_to = add == DxAdd::none || add == DxAdd::over_dy ? nullptr
+                            : add == DxAdd::apart                       ? dx_add.device()
+                                                                        : dx.device();
+    if constexpr (K == alloy::detail::layernorm_backward_kernel) {
+      alloy::layernorm_backward(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
                                 dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to);
     } else {
-      alloy::detail::layernorm_backward_using<K>(be, dy.device(), x.device(), gamma.device(), mean.device(),
-                                                 rstd.device(), dx.device(), dgamma.device(), dbeta.device(), rows,
-                                                 cols, accumulate, scratch.data(), add_to);
+      alloy::detail::layernorm_backward_using<K>(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(),
+                                                 dx.device(), dgamma.device(), dbeta.device(), rows, cols, accumulate,
+                                                 scratch.data(), add_to);
     }
     alloy::synchronize(be);
   }
@@ -222,12 +230,13 @@ struct LayerNormTwins {
 //   mean: mean|x|    rstd: rstd    y: m |gamma| + |beta|
 //   dx: rstd (|g| + |A| + m |B|) + |xhat| rstd mean(|g| m)
 //   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
-template <class T, Kernel K = Kernel::shared_sums>
+template <class T, Kernel K = alloy::detail::layernorm_backward_kernel>
 void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
                                         DxAdd add = DxAdd::none) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
                (add == DxAdd::apart      ? ", adding dx_add"
                 : add == DxAdd::in_place ? ", adding dx in place"
+                : add == DxAdd::over_dy  ? ", dx written over dy"
                                          : "") +
                ", backward kernel " + std::to_string(int(K)));
   std::mt19937_64 rng(seed);
@@ -254,7 +263,7 @@ void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t se
   expect_same_bits(cuda_dx, dx, "dx (Cuda against Host)");
   expect_same_bits(cuda_dgamma, dgamma, "dgamma (Cuda against Host)");
   expect_same_bits(cuda_dbeta, dbeta, "dbeta (Cuda against Host)");
-  if (add != DxAdd::none) return;  // the tolerances below are for LayerNorm's own dx
+  if (add == DxAdd::apart || add == DxAdd::in_place) return;  // the tolerances below are for LayerNorm's own dx
 
   Compare mean_check("mean"), rstd_check("rstd"), y_check("y"), dx_check("dx"), dgamma_check("dgamma"),
       dbeta_check("dbeta");
@@ -348,6 +357,18 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardLaneColumnsKernelsMatchHost) {
   expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_no_prefetch>(seed);
   expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_prefetch_dx_add>(seed);
   expect_lane_columns_kernel_matches_host<TypeParam, Kernel::register_sums>(seed);
+}
+
+// dx written over dy (a Sequential's LayerNorm whose dy nothing reads afterwards): the register,
+// shared-memory, scratch and scalar paths, as the Host gives them (whose in-place bits equal its
+// separate dx: row_kernels_test.cpp).
+TYPED_TEST(CudaRowKernels, LayerNormBackwardWritesDxOverDyLikeHost) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1},
+                                 LayerNormCase{1000, 5000}, LayerNormCase{20, 40000}, LayerNormCase{300, 768, 8, 8}}) {
+    expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, false, Cuda{}, DxAdd::over_dy);
+  }
 }
 
 TYPED_TEST(CudaRowKernels, LayerNormRunsTwiceToTheSameBits) {

@@ -356,6 +356,32 @@ TYPED_TEST(RowKernels, LayerNormBackwardAddsDxAddInPlace) {
   }
 }
 
+// dx may be dy itself: a LayerNorm whose dy is a buffer nothing reads afterwards writes over it.
+TYPED_TEST(RowKernels, LayerNormBackwardWritesDxOverDyToTheSameBits) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  for (Shape s : {Shape{37, 29}, Shape{9, 1024}, Shape{70, 256}}) {
+    for (bool add : {false, true}) {
+      std::mt19937_64 rng(seed + s.cols);
+      const LayerNormCase<T> k({s.rows, s.cols}, 0.5, 2.0, rng);
+      SCOPED_TRACE(describe(k) + (add ? ", adding dx_add" : ""));
+      const auto f = run_forward(k);
+      const auto dx_add = normal<T>(k.rows * k.cols, 0.0, 1.0, rng);
+      const auto apart =
+          run_backward<T, T>(k, f, false, std::vector<T>(k.cols), std::vector<T>(k.cols), add ? &dx_add : nullptr);
+      std::vector<T> dx = k.dy, dgamma(k.cols), dbeta(k.cols);
+      alloy::layernorm_backward(Host{}, dx.data(), k.x.data(), k.gamma.data(), f.mean.data(), f.rstd.data(), dx.data(),
+                                dgamma.data(), dbeta.data(), k.rows, k.cols, false, static_cast<float*>(nullptr),
+                                add ? dx_add.data() : nullptr);
+      for (std::size_t i = 0; i < dx.size(); ++i) ASSERT_EQ(bits_of(dx[i]), bits_of(apart.dx[i])) << "dx " << i;
+      for (std::size_t c = 0; c < k.cols; ++c) {
+        EXPECT_EQ(bits_of(dgamma[c]), bits_of(apart.dgamma[c])) << "dgamma " << c;
+        EXPECT_EQ(bits_of(dbeta[c]), bits_of(apart.dbeta[c])) << "dbeta " << c;
+      }
+    }
+  }
+}
+
 TYPED_TEST(RowKernels, LayerNormBackwardAccumulateAddsToTheParameterGradients) {
   ALLOY_SEEDED(seed);
   for (Shape s : layernorm_shapes) expect_backward_matches_float64<TypeParam>({s.rows, s.cols}, true, seed + s.cols);

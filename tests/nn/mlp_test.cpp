@@ -82,6 +82,28 @@ TEST(ResidualMlp, CheckpointingGivesTheSameBitsWithLessActivationMemory) {
   EXPECT_LT(b, a * 3 / 4);
 }
 
+// The activation peak under Checkpointing, allocation by allocation. With u = rows x width in
+// bf16, n blocks and hidden = 4 width, what is live at the peak (the last block's backward, its
+// recomputation and its forward all reach it) is the n blocks' kept inputs, the gradient arriving
+// (or, in forward, the block's output), the block's LayerNorm output, its pre-activation (4 u)
+// and GELU's output or dPre (4 u): (n + 10) u, plus LayerNorm's row statistics and the scratch of
+// its backward. Not among them: the features' compute-dtype copy (converted again for the
+// embedding's weight gradient), LayerNorm's dx (written over the gradient from the inner path)
+// and up's dx (written where the pre-activation was): (n + 13) u before they went.
+TEST(ResidualMlp, CheckpointedPeakIsTheKeptInputsPlusOneBlock) {
+  ALLOY_SEEDED(seed);
+  const mlp::Shape shape{64, 64, 4, 10, 64};
+  auto [trainer, reports] = train<Precision<bf16, fp32_master>, Host, Checkpointing>(seed, 2, shape);
+  const std::size_t u = shape.rows * shape.width * sizeof(bf16);
+  const auto aligned = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const std::size_t small = 2 * aligned(shape.rows * sizeof(float)) +
+                            aligned((layernorm_backward_scratch_floats(shape.rows, shape.width) + 1) * sizeof(float));
+  const std::size_t peak = trainer->memory().activations_peak;
+  std::printf("checkpointed activation peak %zu bytes: %.3f u (u = %zu bytes)\n", peak, double(peak) / double(u), u);
+  EXPECT_LE(peak, (shape.blocks + 10) * u + small);
+  EXPECT_GE(peak, (shape.blocks + 10) * u);
+}
+
 // The convergence test of the trainer issue, at a small size: bf16 and fp16 with fp32 master
 // weights end within 2% of the fp32 run's loss after the same steps on the same data.
 TEST(ResidualMlp, SixteenBitPrecisionsConvergeWithinTwoPercentOfFp32) {

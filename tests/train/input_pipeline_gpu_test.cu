@@ -25,9 +25,10 @@ TEST(GpuInputUploads, EveryMicroBatchSeesItsOwnDataPinnedOrPageable) {
   ALLOY_SEEDED(seed);
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  {
+  for (int slots : {2, 1}) {
+    SCOPED_TRACE(std::to_string(slots) + " slots");
     const Cuda be{stream};
-    InputUploads<Cuda> uploads(be);
+    InputUploads<Cuda> uploads(be, nullptr, slots);
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (int mb = 0; mb < 9; ++mb) {
@@ -67,6 +68,34 @@ TEST(GpuInputUploads, UploadOutsideAMicroBatchIsAnError) {
   InputUploads<Cuda> uploads;
   const std::vector<float> v(10, 1.0f);
   EXPECT_THROW(uploads.upload(std::span<const float>(v)), alloy::error);
+}
+
+TEST(GpuInputUploads, ASlotCountOtherThanOneOrTwoIsAnError) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  EXPECT_THROW(InputUploads<Cuda>(Cuda{}, nullptr, 0), alloy::error);
+  EXPECT_THROW(InputUploads<Cuda>(Cuda{}, nullptr, 3), alloy::error);
+}
+
+// A step of one micro-batch takes one input slot (step() has waited for the previous step's
+// backward, so the copies do not wait for the slot); two or more micro-batches take two, so that
+// each one's copies overlap the previous one's compute.
+TEST(GpuInputUploads, OneMicroBatchPerStepTakesOneSlot) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  const mlp::Shape shape{256, 32, 1, 10, 1024};  // 1 MiB of features and 4 KiB of labels per micro-batch
+  const mlp::TeacherTask task(shape, seed);
+  using Tr = Trainer<mlp::ResidualMlp, Precision<bf16, fp32_master>, Accumulate<2>, AdamW<>, Cuda>;
+  std::size_t slots[2] = {};
+  for (int micro_batches : {1, 2}) {
+    Tr trainer(mlp::ResidualMlp(shape), {.seed = seed, .micro_batches = micro_batches});
+    std::mt19937_64 rng(seed);
+    for (int s = 0; s < 3; ++s) (void)trainer.step([&] { return task.batch(rng); });
+    slots[micro_batches - 1] = trainer.memory().input_slots;
+  }
+  const std::size_t one_slot = shape.rows * shape.inputs * sizeof(float) + shape.rows * sizeof(std::int32_t);
+  EXPECT_GE(slots[0], one_slot);
+  EXPECT_LT(slots[0], 2 * one_slot);
+  EXPECT_EQ(slots[1], 2 * slots[0]);
 }
 
 TEST(GpuSoftmaxCrossEntropy, TheLossStaysOnTheDeviceAndReadsAsTheHostOne) {

@@ -178,3 +178,56 @@ TEST(LayeredModel, GivingBackEachBlocksMemoryInBackwardChangesNoBits) {
 }
 
 }  // namespace
+
+// detail::move_down leaves exactly one allocation above the mark, the value moved: copied down
+// (through a temporary when it overlaps its destination), or left where it is when it starts at
+// the mark already.
+TEST(MoveDown, LeavesTheValueAloneAboveTheMarkWhereverItLay) {
+  layered::Model model(features, 1);
+  ParamRegistry r;
+  model.declare(r);
+  using Store = ParamStore<Precision<fp32>, SGD<>, Host>;
+  Store store(r, Host{}, 1);
+  Workspace<Host> ws;
+  Context<Store> ctx(store, ws, 1.0f, false, 0, 1, 0, 0);
+  const std::size_t n = 1000, bytes = 4096;  // 1000 floats take 4000 bytes, 4096 in the workspace
+  auto fill = [&](float* p) {
+    for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<float>(i) * 0.5f + 1.0f;
+  };
+  auto expect_values = [&](const Activation<float>& a) {
+    for (std::size_t i = 0; i < n; ++i) ASSERT_EQ(a.data[i], static_cast<float>(i) * 0.5f + 1.0f) << i;
+  };
+  ws.allocate<float>(10);  // below the mark: kept
+  const WorkspaceMark mark = ws.mark();
+  const std::size_t below = ws.bytes_in_use();
+
+  // Far above the mark: copied down to it.
+  ws.allocate<float>(3000);
+  Activation<float> far{ws.allocate<float>(n), 10, 100};
+  fill(far.data);
+  const Activation<float> moved = detail::move_down(ctx, far, &mark);
+  EXPECT_NE(moved.data, far.data);
+  EXPECT_EQ(ws.bytes_in_use(), below + bytes);
+  EXPECT_EQ(moved.rows, 10u);
+  expect_values(moved);
+
+  // Overlapping where it goes (one small allocation below it): through a temporary.
+  ws.release(mark);
+  ws.allocate<float>(1);
+  Activation<float> overlapping{ws.allocate<float>(n), 10, 100};
+  fill(overlapping.data);
+  const Activation<float> shifted = detail::move_down(ctx, overlapping, &mark);
+  EXPECT_LT(shifted.data, overlapping.data);
+  EXPECT_EQ(ws.bytes_in_use(), below + bytes) << "everything but the value given back";
+  expect_values(shifted);
+
+  // Starting at the mark: nothing to copy, the rest given back.
+  ws.release(mark);
+  Activation<float> at_mark{ws.allocate<float>(n), 10, 100};
+  fill(at_mark.data);
+  ws.allocate<float>(5000);
+  const Activation<float> same = detail::move_down(ctx, at_mark, &mark);
+  EXPECT_EQ(same.data, at_mark.data);
+  EXPECT_EQ(ws.bytes_in_use(), below + bytes);
+  expect_values(same);
+}

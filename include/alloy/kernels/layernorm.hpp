@@ -55,13 +55,17 @@ inline constexpr int layernorm_max_backward_lane_vectors = 4;
 // The Cuda kernel the backward pass runs on rows of exactly 32 V whole vectors (V <= 4), all
 // with the same order of fp32 operations, hence the same bits:
 //   shared_sums                  each warp's column sums in shared memory, the warp's next row's
-//                                dy and x loaded while it works on this one (the default)
-//   shared_sums_no_prefetch      the same, loading each row's dy and x when it starts on it
+//                                dy and x loaded while it works on this one
+//   shared_sums_no_prefetch      the same, loading each row's dy and x when it starts on it (the
+//                                default)
 //   shared_sums_prefetch_dx_add  the same, prefetching the next row's dx_add too
 //   register_sums                each lane's column sums in registers (1 block of 8 warps per SM)
-// layernorm_backward runs the default; detail::layernorm_backward_using<K> runs K, for benchmarks
-// and tests to compare them.
+// layernorm_backward runs layernorm_backward_kernel; detail::layernorm_backward_using<K> runs K,
+// for benchmarks and tests to compare them.
 enum class LayerNormBackwardKernel { shared_sums, shared_sums_no_prefetch, shared_sums_prefetch_dx_add, register_sums };
+// The one layernorm_backward runs: on the H200 (2026-12-02) no prefetch was as fast as the others
+// or faster at GPT-2's and the MLP's rows, with and without dx_add (docs/benchmarks.md, session 9).
+inline constexpr LayerNormBackwardKernel layernorm_backward_kernel = LayerNormBackwardKernel::shared_sums_no_prefetch;
 
 // Floats between one warp's dgamma sums and its dbeta sums in shared memory: cols rounded up to
 // whole 32-float rows of banks, so the swizzle below stays inside them.
@@ -147,7 +151,7 @@ struct LayerNormBackward {
   const T* gamma;
   const float* mean;
   const float* rstd;
-  T* dx;
+  T* dx;            // may be dy itself
   const T* dx_add;  // may be null; may be dx itself
   G* dgamma;
   G* dbeta;
@@ -390,7 +394,7 @@ void layernorm_forward_on(Host, const LayerNormForward<T>& a) {
 // The Host reference: the Cuda kernels' parts, warps and reduction orders, replayed in loops.
 // (K, the Cuda kernel for rows of 32 V vectors, changes nothing here: every choice gives the
 // same bits.)
-template <LayerNormBackwardKernel K = LayerNormBackwardKernel::shared_sums, class T, class G>
+template <LayerNormBackwardKernel K = layernorm_backward_kernel, class T, class G>
 void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   const T *dy = a.dy, *x = a.x, *gamma = a.gamma;
   const float *mean = a.mean, *rstd = a.rstd;
@@ -865,7 +869,7 @@ constexpr auto layernorm_backward_lane_columns_kernel_of() {
   }
 }
 
-template <LayerNormBackwardKernel K = LayerNormBackwardKernel::shared_sums, class T, class G>
+template <LayerNormBackwardKernel K = layernorm_backward_kernel, class T, class G>
 void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scratch) {
   const std::size_t rows = a.rows, cols = a.cols;
   const std::size_t parts = layernorm_parts(rows, cols);
@@ -968,15 +972,17 @@ void layernorm_backward_using(B be, const T* dy, const T* x, const T* gamma, con
 // forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
 // fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
 // + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
-// LayerNorm passes the gradient arriving on the skip path. On Cuda `scratch` is device memory of
+// LayerNorm passes the gradient arriving on the skip path. dx may also be dy itself: every path
+// reads a row's dy (each lane its own elements, the same ones in both walks) before it writes
+// that row's dx, and no element is read after it is written. On Cuda `scratch` is device memory of
 // layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
 // Host backend ignores it.
 template <class T, class G, class B>
 void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
                         G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
                         std::type_identity_t<const T*> dx_add = nullptr) {
-  detail::layernorm_backward_using<detail::LayerNormBackwardKernel::shared_sums>(
-      be, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, rows, cols, accumulate, scratch, dx_add);
+  detail::layernorm_backward_using<detail::layernorm_backward_kernel>(be, dy, x, gamma, mean, rstd, dx, dgamma, dbeta,
+                                                                      rows, cols, accumulate, scratch, dx_add);
 }
 
 }  // namespace alloy

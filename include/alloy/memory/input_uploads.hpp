@@ -13,6 +13,11 @@
 //     memcpy is the host's cost of pageable input); the source may be freed at once.
 // A slot grows when a micro-batch needs more; the larger size is kept, so steady state allocates
 // nothing. On Host, an upload is a copy into the caller's memory and nothing is asynchronous.
+//
+// With one slot (slots = 1) a micro-batch's copies wait until the previous micro-batch's compute
+// is done. The trainer takes one when a step is one micro-batch: its step() returns only after
+// reading the gradient norm, which the device computes after that micro-batch's backward, so the
+// next step's copies find the slot free and start at once, as with two, for half the memory.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
@@ -39,7 +44,7 @@ class InputUploads;
 template <>
 class InputUploads<Host> {
  public:
-  explicit InputUploads(Host = {}, MemoryTracker* = nullptr) {}
+  explicit InputUploads(Host = {}, MemoryTracker* = nullptr, int = 2) {}
   void begin_micro_batch() {}
   void end_micro_batch() {}
   void abandon_micro_batch() noexcept {}
@@ -78,7 +83,12 @@ class InputUploads<Cuda> {
   };
 
  public:
-  explicit InputUploads(Cuda compute = {}, MemoryTracker* tracker = nullptr) : compute_(compute), tracker_(tracker) {
+  explicit InputUploads(Cuda compute = {}, MemoryTracker* tracker = nullptr, int slots = 2)
+      : compute_(compute), tracker_(tracker), slots_in_use_(slots) {
+    if (slots != 1 && slots != 2) {
+      throw error("InputUploads: " + std::to_string(slots) +
+                  " slots; 1 (no overlap with the previous micro-batch) or 2");
+    }
     copy_ = make_cuda_stream();
     for (auto& slot : slots_) {
       slot.copied = make_cuda_event();
@@ -95,10 +105,11 @@ class InputUploads<Cuda> {
     if (copy_) (void)cudaStreamSynchronize(copy_.get());
   }
 
-  // Starts a micro-batch: takes the other slot, once the copies that last filled it (two
-  // micro-batches ago) are done on the host's side and its last reader is done on the device's.
+  // Starts a micro-batch: takes the next slot, once the copies that last filled it (two
+  // micro-batches ago, or the last one with a single slot) are done on the host's side and its
+  // last reader is done on the device's.
   void begin_micro_batch() {
-    current_ = (current_ + 1) % 2;
+    current_ = (current_ + 1) % slots_in_use_;
     Slot& s = slots_[current_];
     ALLOY_CUDA_CHECK(cudaEventSynchronize(s.copied.get()));  // staging free to refill
     if (s.consumed_recorded) ALLOY_CUDA_CHECK(cudaStreamWaitEvent(copy_.get(), s.consumed.get(), 0));
@@ -153,7 +164,7 @@ class InputUploads<Cuda> {
     return reinterpret_cast<const T*>(dst);
   }
 
-  // Device bytes the two slots hold, and pinned staging bytes.
+  // Device bytes the slots hold, and pinned staging bytes.
   std::size_t reserved_bytes() const noexcept {
     std::size_t n = 0;
     for (const auto& s : slots_) n += capacity(s);
@@ -214,6 +225,7 @@ class InputUploads<Cuda> {
   Cuda compute_;
   MemoryTracker* tracker_;
   CudaStream copy_;
+  int slots_in_use_ = 2;
   Slot slots_[2];
   Event ready_;
   int current_ = -1;

@@ -127,6 +127,16 @@ struct GeluGradientInPlace {
   }
 };
 
+// Up's backward from dPre, once the product that computed dPre has read the pre-activation for
+// the last time: dx (rows x in) goes where the pre-activation was (rows x hidden) when it fits,
+// instead of into a buffer of its own (one rows x in buffer fewer at the block's backward peak;
+// the stream orders the write after that read).
+template <class Ctx, class T = value_t<Ctx>>
+Activation<T> up_backward(Ctx& ctx, Linear& up, Activation<const std::type_identity_t<T>> d_pre, const T* pre) {
+  if (up.in_features() > up.out_features(0)) return up.backward(ctx, d_pre, true);
+  return up.backward_into(ctx, d_pre, true, const_cast<T*>(pre));
+}
+
 // The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
 // which Residual adds itself). Returns dx.
 template <class Ctx, class T = value_t<Ctx>>
@@ -160,7 +170,7 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
       for_each_n(ctx.backend(), dh.size(), GeluGradientInPlace<T>{}, in(pre), inout(dh.data));
       d_pre = dh;
     }
-    return up.backward(ctx, d_pre, true);
+    return up_backward(ctx, up, d_pre, pre);
   }
   if constexpr (epilogue_dgelu) {
     {
@@ -180,7 +190,7 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
     ctx.workspace().release(mark);
     d_pre = dh;
   }
-  return up.backward(ctx, d_pre, true);
+  return up_backward(ctx, up, d_pre, pre);
 }
 
 }  // namespace alloy::nn::detail

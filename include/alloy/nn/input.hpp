@@ -64,20 +64,35 @@ const T* upload_raw(Ctx& ctx, std::span<const T> v) {
 }
 }  // namespace detail
 
-// rows x cols floats (row-major) as a compute-dtype activation.
+// rows x cols floats (row-major), uploaded as they are: device memory on Cuda, valid for this
+// micro-batch. For a model that reads its features more than once (features_as), where keeping
+// their compute-dtype copy from forward to backward would cost more memory than converting again.
 template <class Ctx, class R>
-requires detail::contiguous_of<R, float> Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const R& x,
-                                                                                          std::size_t cols) {
-  using T = detail::value_t<Ctx>;
+requires detail::contiguous_of<R, float> Activation<const float> upload_float_features(Ctx& ctx, const R& x,
+                                                                                       std::size_t cols) {
   const std::span<const float> values(std::ranges::data(x), std::ranges::size(x));
   if (cols == 0 || values.size() % cols != 0) {
     throw error("upload_features: " + std::to_string(values.size()) + " values do not make rows of " +
                 std::to_string(cols) + " features");
   }
-  const float* staged = detail::upload_raw(ctx, values);
-  auto a = detail::allocate(ctx, values.size() / cols, cols);
-  for_each_n(ctx.backend(), values.size(), detail::FromFloat<T>{}, in(staged), out(a.data));
+  return {detail::upload_raw(ctx, values), values.size() / cols, cols};
+}
+
+// Uploaded floats as a compute-dtype activation (a new buffer in the workspace), rounded to
+// nearest even: the same bits each time.
+template <class Ctx>
+Activation<detail::value_t<Ctx>> features_as(Ctx& ctx, Activation<const float> features) {
+  using T = detail::value_t<Ctx>;
+  auto a = detail::allocate(ctx, features.rows, features.cols);
+  for_each_n(ctx.backend(), features.size(), detail::FromFloat<T>{}, in(features.data), out(a.data));
   return a;
+}
+
+// rows x cols floats (row-major) as a compute-dtype activation.
+template <class Ctx, class R>
+requires detail::contiguous_of<R, float> Activation<detail::value_t<Ctx>> upload_features(Ctx& ctx, const R& x,
+                                                                                          std::size_t cols) {
+  return features_as(ctx, upload_float_features(ctx, x, cols));
 }
 
 // Class indices, each checked to lie in [0, classes).

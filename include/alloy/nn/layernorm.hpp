@@ -8,6 +8,7 @@
 #include <alloy/nn/activation.hpp>
 
 #include <string>
+#include <type_traits>
 
 namespace alloy::nn {
 
@@ -46,12 +47,32 @@ class LayerNorm {
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy,
                                                    Activation<const detail::value_t<Ctx>> add) {
-    using T = detail::value_t<Ctx>;
+    check_add(dy, add);
+    return backward_into(ctx, dy, add, detail::allocate(ctx, dy.rows, dy.cols));
+  }
+
+  // backward_adding with dx written over dy, which the caller no longer needs (the gradient a
+  // Sequential's next layer handed back): no rows x cols buffer of its own.
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward_adding_in_place(Ctx& ctx, Activation<detail::value_t<Ctx>> dy,
+                                                            Activation<const detail::value_t<Ctx>> add) {
+    check_add(Activation<const detail::value_t<Ctx>>(dy), add);
+    return backward_into(ctx, Activation<const detail::value_t<Ctx>>(dy), add, dy);
+  }
+
+ private:
+  template <class T>
+  void check_add(Activation<const T> dy, Activation<const T> add) const {
     if (add.data != nullptr && (add.rows != dy.rows || add.cols != dy.cols)) {
       throw error("LayerNorm " + name_ + ": the gradient to add is " + std::to_string(add.rows) + " x " +
                   std::to_string(add.cols) + ", dy is " + std::to_string(dy.rows) + " x " + std::to_string(dy.cols));
     }
-    auto dx = detail::allocate(ctx, dy.rows, dy.cols);
+  }
+
+  // The kernel reads each row of dy (and of add) before it writes that row of dx, so dx may be dy.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> backward_into(Ctx& ctx, Activation<const std::type_identity_t<T>> dy,
+                              Activation<const std::type_identity_t<T>> add, Activation<std::type_identity_t<T>> dx) {
     float* scratch = ctx.template allocate<float>(layernorm_backward_scratch_floats(dy.rows, dy.cols) + 1);
     layernorm_backward(ctx.backend(), dy.data, static_cast<const T*>(x_), ctx.param(gamma_).data,
                        static_cast<const float*>(mean_), static_cast<const float*>(rstd_), dx.data,
@@ -60,7 +81,6 @@ class LayerNorm {
     return dx;
   }
 
- private:
   std::string name_;
   std::size_t features_;
   float eps_;

@@ -65,10 +65,16 @@ class Linear {
   // computed dy wrote it already (the next layer's dGELU epilogue).
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy, bool bias_gradient) {
-    using T = detail::value_t<Ctx>;
-    auto dx = input_gradient(ctx, dy);
+    return backward_into(ctx, dy, bias_gradient, detail::allocate(ctx, dy.rows, in_).data);
+  }
+
+  // As backward, with dx written to `dx` (rows x in, packed): memory the caller knows is free,
+  // such as a buffer that the product computing dy was the last to read.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> backward_into(Ctx& ctx, Activation<const T> dy, bool bias_gradient, T* dx) {
+    const Activation<T> g = input_gradient_into(ctx, dy, dx);
     weight_gradient(ctx, dy, static_cast<const T*>(x_.data), bias_gradient && has_bias_);
-    return dx;
+    return g;
   }
 
   // Forward without the product: keeps x for backward's weight gradient, as forward does (the
@@ -122,7 +128,14 @@ class Linear {
   template <class Ctx, class T = detail::value_t<Ctx>>
   Activation<T> input_gradient(Ctx& ctx, Activation<const T> dy, const T* pre_activation = nullptr,
                                T* previous_bias_grad = nullptr) {
-    auto dx = detail::allocate(ctx, dy.rows, in_);
+    return input_gradient_into(ctx, dy, detail::allocate(ctx, dy.rows, in_).data, pre_activation, previous_bias_grad);
+  }
+
+  // input_gradient written to `out` (rows x in, packed) instead of a new buffer.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> input_gradient_into(Ctx& ctx, Activation<const T> dy, T* out, const T* pre_activation = nullptr,
+                                    T* previous_bias_grad = nullptr) {
+    const Activation<T> dx{out, dy.rows, in_};
     const bool gelu = pre_activation != nullptr;
     detail::gemm(ctx, {.transa = Transpose::no,
                        .transb = Transpose::no,

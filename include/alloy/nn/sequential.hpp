@@ -154,8 +154,11 @@ class Sequential {
   }
 
   // Runs layers [0, I) backward from d, the gradient of layer I - 1's output; the first layer (a
-  // LayerNorm, when add has data) adds `add` to its dx.
-  template <std::size_t I, class Ctx, class T = detail::value_t<Ctx>>
+  // LayerNorm, when add has data) adds `add` to its dx. Spent: d is a buffer of this Sequential's
+  // own that nothing reads afterwards (a Linear, a Gelu or the fused block handed it back; the
+  // caller's dy, or what another layer returned, may be its input or live elsewhere), so a
+  // LayerNorm writes its dx over it.
+  template <std::size_t I, bool Spent = false, class Ctx, class T = detail::value_t<Ctx>>
   Activation<T> backward_to(Ctx& ctx, Activation<const std::type_identity_t<T>> d,
                             Activation<const std::type_identity_t<T>> add) {
     if constexpr (I == 0) {
@@ -164,14 +167,20 @@ class Sequential {
       if constexpr (I >= 3 && layer_is<I - 3, Linear>() && layer_is<I - 2, Gelu>() && layer_is<I - 1, Linear>()) {
         auto& gelu = std::get<I - 2>(layers_);
         if (gelu.backward_in_next_product()) {
-          return backward_to<I - 3>(
+          return backward_to<I - 3, true>(
               ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d), add);
         }
       }
       if constexpr (I == 1 && layer_is<0, LayerNorm>()) {
-        return std::get<0>(layers_).backward_adding(ctx, d, add);
+        if constexpr (Spent) {
+          return std::get<0>(layers_).backward_adding_in_place(
+              ctx, Activation<T>{const_cast<T*>(d.data), d.rows, d.cols}, add);
+        } else {
+          return std::get<0>(layers_).backward_adding(ctx, d, add);
+        }
       } else {
-        return backward_to<I - 1>(ctx, std::get<I - 1>(layers_).backward(ctx, d), add);
+        constexpr bool fresh = layer_is<I - 1, Linear>() || layer_is<I - 1, Gelu>();
+        return backward_to<I - 1, fresh>(ctx, std::get<I - 1>(layers_).backward(ctx, d), add);
       }
     }
   }

@@ -7,7 +7,7 @@
 //
 // With every = 0 the blocks run one after the other and keep everything. With every = k the
 // forward keeps only the input of every k-th block: each segment of k blocks runs, its output is
-// copied into a fresh buffer and everything the segment allocated is released. Backward walks the
+// copied down to where the segment began and everything else it allocated is released. Backward walks the
 // segments from the last: it re-runs the segment's forward from its kept input (the same
 // computation on the same inputs, so the same bits), runs the segment's backward, copies dx out
 // and releases the segment again. Peak activation memory becomes the kept inputs plus one
@@ -52,9 +52,10 @@ void copy_activation(Ctx& ctx, Activation<const T> from, T* to) {
   for_each_n(ctx.backend(), from.size(), CopyActivation<T>{}, in(from.data), out(to));
 }
 
-// Releases the workspace down to `mark` and copies `a` to the bottom of the freed space; `a` as it
-// is (and nothing released) when there is no mark or the copy would overlap it, and `a` as it is
-// with everything above the mark released when `a` lies below the mark already.
+// Releases the workspace down to `mark` and copies `a` to the bottom of the freed space, so that
+// `a` alone is left above the mark. `a` as it is when it lies below the mark already (everything
+// above the mark released), when there is no mark, or when it starts at the mark itself (nothing
+// to copy). When `a` overlaps the bottom of the freed space it goes through a temporary above it.
 template <class Ctx, class T>
 Activation<T> move_down(Ctx& ctx, Activation<T> a, const WorkspaceMark* mark) {
   if (mark == nullptr) return a;
@@ -66,12 +67,18 @@ Activation<T> move_down(Ctx& ctx, Activation<T> a, const WorkspaceMark* mark) {
   const auto top = ws.mark();
   ws.release(*mark);
   T* slot = ctx.template allocate<T>(a.size());
+  if (slot == a.data) return a;  // the allocation at the mark is a's own: nothing to copy
   const auto* from = reinterpret_cast<const std::byte*>(a.data);
   const auto* to = reinterpret_cast<const std::byte*>(slot);
   const std::size_t bytes = a.size() * sizeof(T);
-  if (slot == a.data || (to < from + bytes && from < to + bytes)) {
-    ws.release(top);  // nothing written: the workspace is as it was
-    return a;
+  if (to < from + bytes && from < to + bytes) {
+    ws.release(top);
+    T* temporary = ctx.template allocate<T>(a.size());
+    copy_activation<Ctx, T>(ctx, Activation<const T>(a), temporary);
+    ws.release(*mark);
+    slot = ctx.template allocate<T>(a.size());
+    copy_activation<Ctx, T>(ctx, Activation<const T>{temporary, a.rows, a.cols}, slot);
+    return {slot, a.rows, a.cols};
   }
   copy_activation<Ctx, T>(ctx, Activation<const T>(a), slot);
   return {slot, a.rows, a.cols};
@@ -134,20 +141,14 @@ Activation<T> forward_blocks(Ctx& ctx, Blocks&& blocks, Activation<const T> x, i
   auto inner = ctx.with_checkpoint_every(0);
   for (std::size_t first = 0; first < n; first += k) {
     kept.segments.push_back({y.data, y.rows, y.cols});
-    kept.block_marks.push_back(ctx.workspace().mark());
-    // The segment's output outlives its activations: it goes into a buffer taken below them,
-    // sized like the segment's input (blocks usually keep the shape).
-    const Activation<T> slot{ctx.template allocate<T>(y.size()), y.rows, y.cols};
     const auto mark = ctx.workspace().mark();
+    kept.block_marks.push_back(mark);
     Activation<T> s = y;
     for (std::size_t i = first; i < std::min(first + k, n); ++i) s = blocks[i].forward(inner, Activation<const T>(s));
-    if (s.size() <= slot.size()) {
-      detail::copy_activation<Ctx, T>(ctx, Activation<const T>(s), slot.data);
-      ctx.workspace().release(mark);
-      y = {slot.data, s.rows, s.cols};
-    } else {
-      y = s;  // a segment that grows the activation keeps its own memory: correct, less saving
-    }
+    // The segment's output outlives its activations: it moves down to where the segment began
+    // and the rest is given back. No buffer is taken for it before the segment runs, so the
+    // forward's peak is the kept outputs plus one segment's activations, the output among them.
+    y = detail::move_down(ctx, s, &mark);
   }
   return y;
 }

@@ -67,7 +67,7 @@ struct TrainerMemory {
   MemoryReport arenas;               // parameters, gradients, accumulator, master, state
   std::size_t activations_peak = 0;  // the largest micro-batch's workspace use
   std::size_t workspace_reserved = 0;
-  std::size_t input_slots = 0;    // device memory of the input pipeline's two slots
+  std::size_t input_slots = 0;    // device memory of the input pipeline's slots (one or two)
   std::size_t input_staging = 0;  // its pinned host staging memory (pageable input only)
   MemoryStats backend;            // everything this trainer allocated: current and peak
 };
@@ -193,7 +193,10 @@ class Trainer {
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
         resources_(be, config.gemm_tuning),
-        uploads_(be, tracker_.get()),
+        // Two input slots overlap a micro-batch's uploads with the previous one's compute; with
+        // one micro-batch per step, one does the same (memory/input_uploads.hpp says why).
+        uploads_(be, tracker_.get(),
+                 (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1 ? 2 : 1),
         losses_(be, tracker_.get()),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches),
         comm_(comm) {
