@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -59,6 +60,39 @@ TEST(Gpt2, DeclaresHuggingFaceNames) {
   EXPECT_EQ(names[4], "transformer.h.0.attn.c_attn.weight");
   EXPECT_EQ(names[13], "transformer.h.0.mlp.c_proj.bias");
   EXPECT_EQ(names.back(), "transformer.ln_f.bias");
+}
+
+// Random tokens (the benchmarks' batches): every token and target in [0, vocab), each target the
+// next token of its row, fresh tokens each batch, and tokens spread over the whole vocabulary
+// (GPT-2's 50257: a 16 x 1024 batch reaches both ends of it and every tenth of it).
+TEST(Gpt2, RandomBatchesAreShiftedSequencesOverTheWholeVocabulary) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  const gpt2::Config c{50257, 50304, 32, 1, 1, 1024};
+  const auto source = gpt2::TokenSource::random(c);
+  const gpt2::Batch a = source.batch(16, rng), b = source.batch(16, rng);
+  ASSERT_EQ(a.tokens.size(), 16u * 1024);
+  ASSERT_EQ(a.targets.size(), a.tokens.size());
+  std::set<std::int32_t> tenths;
+  std::int32_t lowest = c.vocab, highest = -1;
+  std::size_t same = 0;
+  for (std::size_t i = 0; i < a.tokens.size(); ++i) {
+    ASSERT_GE(a.tokens[i], 0);
+    ASSERT_LT(std::size_t(a.tokens[i]), c.vocab);
+    ASSERT_GE(a.targets[i], 0);
+    ASSERT_LT(std::size_t(a.targets[i]), c.vocab);
+    if (i % 1024 != 1023) {
+      ASSERT_EQ(a.targets[i], a.tokens[i + 1]) << "position " << i;
+    }
+    tenths.insert(a.tokens[i] * 10 / std::int32_t(c.vocab));
+    lowest = std::min(lowest, a.tokens[i]);
+    highest = std::max(highest, a.tokens[i]);
+    same += a.tokens[i] == b.tokens[i];
+  }
+  EXPECT_EQ(tenths.size(), 10u);
+  EXPECT_LT(lowest, 50);
+  EXPECT_GT(highest, 50207);
+  EXPECT_LT(same, 10u) << "the second batch repeats the first";
 }
 
 TEST(Gpt2, GradientsMatchFiniteDifferences) {

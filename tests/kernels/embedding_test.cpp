@@ -60,6 +60,49 @@ TEST(TokenGroups, EveryRowOnceBySegmentsOfAtMost32) {
   EXPECT_EQ(g.merges[2], std::int32_t((by_token[5].size() + 31) / 32));
 }
 
+// A TokenGroups reused from batch to batch (as an Embedding does; its segment scratch only
+// grows) gives what a fresh one gives: a large batch, then smaller ones with tokens of exactly 32
+// and 33 rows (one segment; two merged), every row of one token, and a batch of one row. The
+// segments come in ascending token order.
+TEST(TokenGroups, ReusedForAnotherBatchGivesWhatAFreshOneGives) {
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  std::vector<std::vector<std::int32_t>> batches;
+  batches.push_back(random_targets(5000, 50257, rng));
+  batches.push_back(tokens_with_a_heavy_one(333, 97, 100, rng));
+  std::vector<std::int32_t> edges(32, 3);
+  edges.insert(edges.end(), 33, 1);
+  edges.push_back(0);
+  std::shuffle(edges.begin(), edges.end(), rng);
+  batches.push_back(edges);
+  batches.push_back(std::vector<std::int32_t>(100, 96));
+  batches.push_back({42});
+  TokenGroups reused;
+  for (const auto& tokens : batches) {
+    SCOPED_TRACE(std::to_string(tokens.size()) + " rows");
+    TokenGroups fresh;
+    fresh.build(tokens, 50257);
+    reused.build(tokens, 50257);
+    const auto a = fresh.packed(), b = reused.packed();
+    EXPECT_EQ(std::vector<std::int32_t>(a.begin(), a.end()), std::vector<std::int32_t>(b.begin(), b.end()));
+    const auto g = reused.view(reused.packed().data());
+    for (std::size_t s = 1; s < g.segment_count; ++s) {
+      EXPECT_LE(g.segments[4 * (s - 1)], g.segments[4 * s]) << "segment " << s;
+      EXPECT_EQ(g.segments[4 * (s - 1) + 2], g.segments[4 * s + 1]) << "segments tile the rows, segment " << s;
+    }
+    EXPECT_EQ(g.segments[4 * (g.segment_count - 1) + 2], std::int32_t(tokens.size()));
+  }
+  // The edges batch: token 0 (1 row), token 1 (33 rows: two merged segments), token 3 (32 rows: one).
+  TokenGroups edge_groups;
+  edge_groups.build(batches[2], 50257);
+  const auto g = edge_groups.view(edge_groups.packed().data());
+  ASSERT_EQ(g.segment_count, 4u);
+  EXPECT_EQ(std::vector<std::int32_t>(g.segments, g.segments + 16),
+            (std::vector<std::int32_t>{0, 0, 1, -1, 1, 1, 33, 0, 1, 33, 34, 1, 3, 34, 66, -1}));
+  ASSERT_EQ(g.merge_count, 1u);
+  EXPECT_EQ(std::vector<std::int32_t>(g.merges, g.merges + 3), (std::vector<std::int32_t>{1, 0, 2}));
+}
+
 TEST(TokenGroups, ABadTokenIsAnError) {
   TokenGroups groups;
   const std::vector<std::int32_t> tokens = {1, 2, 10, 3};

@@ -28,6 +28,7 @@
 #include <alloy/numeric/fp_ops.hpp>
 #include <alloy/numeric/rounding.hpp>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -69,33 +70,42 @@ class TokenGroups {
       ++counts_[std::size_t(t) + 1];
     }
     for (std::size_t v = 0; v < vocab; ++v) counts_[v + 1] += counts_[v];  // counts_[v]: first place of token v
+
+    // The segments, in token order, read off the places before the scatter below moves them:
+    // token v's rows are places counts_[v] .. counts_[v + 1]. A token of one segment (at most
+    // embedding_segment_rows rows; every token but the commonest few) takes no branch: its entry
+    // is written whether or not the token occurs and kept only if it does (the host builds this
+    // between two steps while the device waits; a branch per token mispredicted about as often as
+    // tokens occur). There is at most one segment per row, and room for one more entry (the
+    // scratch only grows: no clearing per build).
+    if (segments_.size() < 4 * (rows + 1)) segments_.resize(4 * (rows + 1));
+    merges_.clear();
+    std::int32_t* seg = segments_.data();
+    std::size_t n = 0;
+    std::int32_t slots = 0;
+    for (std::size_t v = 0; v < vocab; ++v) {
+      const std::int32_t begin = counts_[v], end = counts_[v + 1], token = static_cast<std::int32_t>(v);
+      if (static_cast<std::size_t>(end - begin) > embedding_segment_rows) {
+        const std::size_t pieces = (std::size_t(end - begin) + embedding_segment_rows - 1) / embedding_segment_rows;
+        merges_.insert(merges_.end(), {token, slots, std::int32_t(pieces)});
+        for (std::int32_t b = begin; b < end; b += std::int32_t(embedding_segment_rows)) {
+          const std::int32_t e = std::min(b + std::int32_t(embedding_segment_rows), end);
+          seg[4 * n] = token, seg[4 * n + 1] = b, seg[4 * n + 2] = e, seg[4 * n + 3] = slots++;
+          ++n;
+        }
+        continue;
+      }
+      seg[4 * n] = token, seg[4 * n + 1] = begin, seg[4 * n + 2] = end, seg[4 * n + 3] = -1;
+      n += end > begin ? 1 : 0;
+    }
+
     packed_.resize(rows);
     for (std::size_t r = 0; r < rows; ++r) packed_[counts_[std::size_t(tokens[r])]++] = static_cast<std::int32_t>(r);
-
-    segments_.clear();
-    merges_.clear();
-    std::int32_t slots = 0;
-    for (std::size_t begin = 0; begin < rows;) {
-      const std::int32_t token = tokens[std::size_t(packed_[begin])];
-      std::size_t end = begin;
-      while (end < rows && tokens[std::size_t(packed_[end])] == token) ++end;
-      const std::size_t pieces = (end - begin + embedding_segment_rows - 1) / embedding_segment_rows;
-      if (pieces == 1) {
-        segments_.insert(segments_.end(), {token, std::int32_t(begin), std::int32_t(end), -1});
-      } else {
-        merges_.insert(merges_.end(), {token, slots, std::int32_t(pieces)});
-        for (std::size_t s = begin; s < end; s += embedding_segment_rows) {
-          const std::size_t e = s + embedding_segment_rows < end ? s + embedding_segment_rows : end;
-          segments_.insert(segments_.end(), {token, std::int32_t(s), std::int32_t(e), slots++});
-        }
-      }
-      begin = end;
-    }
     rows_ = rows;
-    segment_count_ = segments_.size() / 4;
+    segment_count_ = n;
     merge_count_ = merges_.size() / 3;
     partial_slots_ = std::size_t(slots);
-    packed_.insert(packed_.end(), segments_.begin(), segments_.end());
+    packed_.insert(packed_.end(), segments_.begin(), segments_.begin() + std::ptrdiff_t(4 * n));
     packed_.insert(packed_.end(), merges_.begin(), merges_.end());
   }
 
@@ -109,7 +119,7 @@ class TokenGroups {
   }
 
  private:
-  std::vector<std::int32_t> packed_, segments_, merges_, counts_;
+  std::vector<std::int32_t> packed_, segments_, merges_, counts_;  // segments_: scratch, its first 4 segment_count_
   std::size_t rows_ = 0, segment_count_ = 0, merge_count_ = 0, partial_slots_ = 0;
 };
 
