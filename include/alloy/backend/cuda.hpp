@@ -16,7 +16,6 @@
 #include <alloy/backend/tags.hpp>
 
 #include <alloy/backend/cuda/warp_reduce.hpp>
-#include <cuda/std/tuple>
 
 #include <cstddef>
 #include <utility>
@@ -61,30 +60,51 @@ __device__ ALLOY_FORCEINLINE void store_lanes(const Lanes<W, L>& r, const W& w, 
   }
 }
 
+// Every array's lanes of one vector step, as a tuple (element I derives from LaneSlot<I, ...>),
+// each value-initialized. Alloy's own rather than cuda::std::tuple, whose header brings 11K
+// preprocessed lines of libcu++ (and CUDA's fp8/fp6/fp4 headers) into every CUDA translation unit.
+template <std::size_t I, class T>
+struct LaneSlot {
+  T value{};
+};
+
+template <class Seq, class... T>
+struct LaneSlots;
+
+template <std::size_t... I, class... T>
+struct LaneSlots<std::index_sequence<I...>, T...> : LaneSlot<I, T>... {};
+
 template <int L, class... W>
-using LaneTuple = cuda::std::tuple<Lanes<W, L>...>;
+using LaneTuple = LaneSlots<std::index_sequence_for<W...>, Lanes<W, L>...>;
 
-template <int L, class... W, std::size_t... I>
-__device__ ALLOY_FORCEINLINE void load_all(LaneTuple<L, W...>& r, std::size_t first, std::index_sequence<I...>,
-                                           const W&... w) {
-  (load_lanes<L>(cuda::std::get<I>(r), w, first), ...);
+template <std::size_t I, class T>
+__device__ ALLOY_FORCEINLINE T& lane_get(LaneSlot<I, T>& s) {
+  return s.value;
 }
 
-template <int L, class... W, std::size_t... I>
-__device__ ALLOY_FORCEINLINE void store_all(const LaneTuple<L, W...>& r, std::size_t first, std::index_sequence<I...>,
-                                            const W&... w) {
-  (store_lanes<L>(cuda::std::get<I>(r), w, first), ...);
+template <std::size_t I, class T>
+__device__ ALLOY_FORCEINLINE const T& lane_get(const LaneSlot<I, T>& s) {
+  return s.value;
 }
 
-template <int L, bool Indexed, class F, class... W, std::size_t... I>
-__device__ ALLOY_FORCEINLINE void apply_lanes(F& f, std::size_t first, LaneTuple<L, W...>& r,
-                                              std::index_sequence<I...>) {
+template <int L, class R, class... W, std::size_t... I>
+__device__ ALLOY_FORCEINLINE void load_all(R& r, std::size_t first, std::index_sequence<I...>, const W&... w) {
+  (load_lanes<L>(lane_get<I>(r), w, first), ...);
+}
+
+template <int L, class R, class... W, std::size_t... I>
+__device__ ALLOY_FORCEINLINE void store_all(const R& r, std::size_t first, std::index_sequence<I...>, const W&... w) {
+  (store_lanes<L>(lane_get<I>(r), w, first), ...);
+}
+
+template <int L, bool Indexed, class F, class R, std::size_t... I>
+__device__ ALLOY_FORCEINLINE void apply_lanes(F& f, std::size_t first, R& r, std::index_sequence<I...>) {
 #pragma unroll
   for (int l = 0; l < L; ++l) {
     if constexpr (Indexed) {
-      f(first + l, cuda::std::get<I>(r).v[l]...);
+      f(first + l, lane_get<I>(r).v[l]...);
     } else {
-      f(cuda::std::get<I>(r).v[l]...);
+      f(lane_get<I>(r).v[l]...);
     }
   }
 }

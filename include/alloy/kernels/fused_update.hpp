@@ -12,6 +12,7 @@
 #pragma once
 
 #include <alloy/backend/algorithms.hpp>
+#include <alloy/error.hpp>
 #include <alloy/kernels/step_decision.hpp>
 #include <alloy/memory/layout.hpp>
 #include <alloy/numeric/fp_ops.hpp>
@@ -141,27 +142,44 @@ void launch_decided_update(Cuda be, const StepDecision* decision, std::size_t n,
 
 #endif  // ALLOY_HAS_CUDA_KERNELS
 
+// What a caller of fused_update_as knows at compile time about UpdateScalars::decision: only
+// the paths it can take are instantiated (on Cuda each is two kernels, vector and scalar).
+enum class UpdateDecision {
+  at_run_time,  // either: the pointer decides
+  none,         // always null: the update applies grad_mult
+  on_device,    // never null: the update reads the decision (OptimizerStep's device path)
+};
+
 // f over the arenas, as the scalars' decision says (see UpdateScalars::decision). One vector in
 // flight per thread: 5 to 6 arrays of 8 lanes already keep enough bytes in flight.
-template <class B, class F, class... W>
+template <UpdateDecision D = UpdateDecision::at_run_time, class B, class F, class... W>
 void run_update(B be, std::size_t n, F f, W... w) {
-  if (const StepDecision* d = f.s.decision) {
-    if constexpr (std::is_same_v<B, Host>) {
-      if (d->skip) return;
-      f.s.grad_mult = d->grad_mult;
-    } else {
+  if constexpr (D != UpdateDecision::none) {
+    if (const StepDecision* d = f.s.decision) {
+      if constexpr (std::is_same_v<B, Host>) {
+        if (d->skip) return;
+        f.s.grad_mult = d->grad_mult;
+      } else {
 #if ALLOY_HAS_CUDA_KERNELS
-      launch_decided_update(be, d, n, f, w...);
+        launch_decided_update(be, d, n, f, w...);
 #endif
-      return;
+        return;
+      }
+    } else if constexpr (D == UpdateDecision::on_device) {
+      throw error("fused_update: UpdateDecision::on_device without a decision");
     }
   }
-  for_each_indexed_n<1>(be, n, f, w...);
+  // The Cuda path behind a decision returned above: only Host reaches here with one.
+  if constexpr (D != UpdateDecision::on_device || std::is_same_v<B, Host>) {
+    for_each_indexed_n<1>(be, n, f, w...);
+  }
 }
 
-// Pass 2 for fp32 and bf16 state on either backend.
-template <bool ClearGrad, class B, class Rule, class Param, class Grad, class StateT, int Slots>
-void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const UpdateScalars<Rule>& s) {
+// Pass 2 for fp32 and bf16 state on either backend, for a caller that knows whether the arenas
+// have a master copy (a.master non-null: HasMaster) and what the scalars' decision is (D).
+template <bool ClearGrad, bool HasMaster, UpdateDecision D, class B, class Rule, class Param, class Grad, class StateT,
+          int Slots>
+void fused_update_as(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const UpdateScalars<Rule>& s) {
   const auto states = state_access(a, std::make_index_sequence<Slots>{});
   const auto grads = [&] {
     if constexpr (ClearGrad)
@@ -171,15 +189,25 @@ void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const
   }();
   std::apply(
       [&](auto... st) {
-        if (a.master) {
-          FusedUpdate<Rule, Param, Grad, StateT, true, ClearGrad> f{s, a.blocks};
-          run_update(be, a.n, f, grads, inout(a.master), out(a.params), st...);
+        FusedUpdate<Rule, Param, Grad, StateT, HasMaster, ClearGrad> f{s, a.blocks};
+        if constexpr (HasMaster) {
+          run_update<D>(be, a.n, f, grads, inout(a.master), out(a.params), st...);
         } else {
-          FusedUpdate<Rule, Param, Grad, StateT, false, ClearGrad> f{s, a.blocks};
-          run_update(be, a.n, f, grads, inout(a.params), st...);
+          run_update<D>(be, a.n, f, grads, inout(a.params), st...);
         }
       },
       states);
+}
+
+// Pass 2 for fp32 and bf16 state on either backend: a master copy where a.master is non-null,
+// the decision where s.decision is.
+template <bool ClearGrad, class B, class Rule, class Param, class Grad, class StateT, int Slots>
+void fused_update(B be, const UpdateArenas<Param, Grad, StateT, Slots>& a, const UpdateScalars<Rule>& s) {
+  if (a.master) {
+    fused_update_as<ClearGrad, true, UpdateDecision::at_run_time>(be, a, s);
+  } else {
+    fused_update_as<ClearGrad, false, UpdateDecision::at_run_time>(be, a, s);
+  }
 }
 
 }  // namespace alloy::detail

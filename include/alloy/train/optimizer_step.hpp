@@ -332,7 +332,8 @@ class OptimizerStep {
       stats.clip_coefficient = detail::clip_coefficient_of(options.max_grad_norm, stats.grad_norm);
       ++step_;
       if constexpr (!decide_on_device) {
-        apply(store, source, options.lr, detail::grad_mult_of(stats.clip_coefficient, scale_.scale), step_, nullptr);
+        apply<detail::UpdateDecision::none>(store, source, options.lr,
+                                            detail::grad_mult_of(stats.clip_coefficient, scale_.scale), step_, nullptr);
       }
     }
     scale_ = next;
@@ -394,7 +395,7 @@ class OptimizerStep {
     detail::decide_step_async(be_, sum_.data(), options.max_grad_norm, scale_.scale, decision_.data());
     ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
     ALLOY_CUDA_CHECK(cudaEventRecord(sum_ready_.get(), be_.stream));
-    apply(store, source, options.lr, 0.0f, step_ + 1, decision_.data());
+    apply<detail::UpdateDecision::on_device>(store, source, options.lr, 0.0f, step_ + 1, decision_.data());
     ALLOY_CUDA_CHECK(cudaEventSynchronize(sum_ready_.get()));
     return *host_sum_;
 #else
@@ -455,22 +456,24 @@ class OptimizerStep {
     return 0.0;
   }
 
-  // Pass 2 as the optimizer's step t. decision: null to apply with grad_mult; otherwise the
-  // device's decision, which replaces grad_mult and may skip (fused optimizers only).
+  // Pass 2 as the optimizer's step t. decision: null to apply with grad_mult (D = none); otherwise
+  // the device's decision, which replaces grad_mult and may skip (D = on_device, fused optimizers
+  // only). D and the master copy are known here, so only the kernels of this path are compiled.
+  template <detail::UpdateDecision D>
   void apply(store_type& store, Gradients source, float lr, float grad_mult, std::uint64_t t,
              const detail::StepDecision* decision) {
     const Update u{lr, grad_mult, t, decision};
     if constexpr (store_type::has_accumulator) {
       auto* acc = store.accumulator_arena().data();
       if (source == Gradients::compute) {
-        apply_from<false>(store, store.grads_arena().data(), u);
+        apply_from<false, D>(store, store.grads_arena().data(), u);
       } else if (source == Gradients::caller_owned) {
-        apply_from<true>(store, acc, u);
+        apply_from<true, D>(store, acc, u);
       } else {
-        apply_from<false>(store, acc, u);
+        apply_from<false, D>(store, acc, u);
       }
     } else {
-      apply_from<false>(store, store.grads_arena().data(), u);
+      apply_from<false, D>(store, store.grads_arena().data(), u);
     }
   }
 
@@ -482,13 +485,13 @@ class OptimizerStep {
   };
 
   // Clear: zero the accumulator `grads` as it is read (the caller-owned accumulator).
-  template <bool Clear, class Grad>
+  template <bool Clear, detail::UpdateDecision D, class Grad>
   void apply_from(store_type& store, Grad* grads, const Update& u) {
     if constexpr (is_adafactor_v<O>) {
       apply_adafactor(store, grads, u.lr, u.grad_mult, u.t);
       if constexpr (Clear) fill_zero(store.accumulator_arena());
     } else {
-      apply_fused<Clear>(store, grads, u);
+      apply_fused<Clear, D>(store, grads, u);
     }
   }
 
@@ -514,7 +517,7 @@ class OptimizerStep {
                              config_.param_rounding == Rounding::stochastic);
   }
 
-  template <bool Clear, class Grad>
+  template <bool Clear, detail::UpdateDecision D, class Grad>
   void apply_fused(store_type& store, Grad* grads, const Update& u) {
     using Rule = typename O::rule_type;
     using Param = typename store_type::param_type;
@@ -544,7 +547,7 @@ class OptimizerStep {
     if constexpr (store_type::state_policy::quantized) {
       detail::fused_update_q8<static_cast<int>(store_type::quant_block), Clear>(be_, a, s);
     } else {
-      detail::fused_update<Clear>(be_, a, s);
+      detail::fused_update_as<Clear, store_type::has_master, D>(be_, a, s);
     }
   }
 

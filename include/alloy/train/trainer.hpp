@@ -36,8 +36,10 @@
 #include <alloy/train/step_losses.hpp>
 #include <alloy/train/weights.hpp>
 
-#include <chrono>
+#include <time.h>  // clock_gettime: POSIX, as the file code (io/atomic_file.hpp)
+
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <functional>
@@ -48,6 +50,17 @@
 #include <utility>
 
 namespace alloy {
+
+namespace detail {
+// The monotonic clock in nanoseconds, as std::chrono::steady_clock::now() reads it on Linux
+// (clock_gettime(CLOCK_MONOTONIC)), without <chrono>'s 1,600 preprocessed lines in every
+// translation unit that holds a Trainer.
+inline std::int64_t steady_nanoseconds() noexcept {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+}  // namespace detail
 
 struct StepReport {
   float loss = 0.0f;             // mean of the micro-batch losses
@@ -262,7 +275,7 @@ class Trainer {
   // a batch_type, or an input iterator (advanced once per micro-batch).
   template <class Source>
   StepReport step(Source&& source) {
-    const auto start = std::chrono::steady_clock::now();
+    const std::int64_t start = detail::steady_nanoseconds();
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
     losses_.begin(micro_batches_);
@@ -330,7 +343,7 @@ class Trainer {
     r.applied_steps = s.step;
     r.skipped_steps = s.skipped_steps;
     r.overflows = s.overflows;
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    r.seconds = static_cast<double>(detail::steady_nanoseconds() - start) / 1e9;
     return r;
   }
 

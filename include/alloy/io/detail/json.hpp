@@ -10,9 +10,9 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <set>
 #include <string>
 #include <string_view>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -265,7 +265,7 @@ class Parser {
   template <class OnMember>
   void parse_members(int depth, OnMember&& on_member) {
     ++pos_;  // '{'
-    std::unordered_set<std::string> seen;
+    std::set<std::string> seen;
     skip_whitespace();
     if (!at_end() && peek() == '}') {
       ++pos_;
