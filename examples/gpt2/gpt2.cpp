@@ -1,6 +1,7 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--steps N] [--batch B] [--seq T] [--lr X]
+//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--steps N] [--batch B] [--seq
+//              T] [--lr X]
 //              [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
@@ -28,7 +29,8 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
-               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] [--steps N] "
+               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans "
+               "FILE] [--steps N] "
                "[--batch B] [--seq "
                "T] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
@@ -58,7 +60,10 @@ gpt2::Options parse(int argc, char** argv) {
       o.recompute_gelu = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
-    else if (a == "--steps")
+    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
+      o.gemm_plans = value();
+      o.timed_gemm = true;
+    } else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--batch")
       o.batch = std::strtoull(value().c_str(), nullptr, 10);

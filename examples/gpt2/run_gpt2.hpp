@@ -25,6 +25,7 @@ struct Options {
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
   bool timed_gemm = false;      // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
+  std::string gemm_plans;       // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
   float lr = 0;  // 0: the size's default
@@ -108,7 +109,8 @@ typename Trainer::Config trainer_config(const Options& o) {
           .max_grad_norm = 1.0f,
           .seed = o.seed,
           .micro_batches = o.accumulate,
-          .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic};
+          .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
+          .gemm_plans_file = o.gemm_plans};
 }
 
 // Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss

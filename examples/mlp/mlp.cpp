@@ -1,5 +1,6 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
-//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] [--steps N]
+//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] [--gemm-plans FILE]
+//   [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]
@@ -22,13 +23,13 @@
 namespace {
 
 [[noreturn]] void usage(const char* why) {
-  std::fprintf(
-      stderr,
-      "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] "
-      "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
-      "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
-      "[--eval-input PATH --eval-output PATH]\n",
-      why);
+  std::fprintf(stderr,
+               "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
+               "[--timed-gemm] [--gemm-plans FILE] "
+               "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
+               "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
+               "[--eval-input PATH --eval-output PATH]\n",
+               why);
   std::exit(2);
 }
 
@@ -49,7 +50,10 @@ mlp::Options parse(int argc, char** argv) {
       o.checkpointing = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
-    else if (a == "--steps")
+    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
+      o.gemm_plans = value();
+      o.timed_gemm = true;
+    } else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--size")
       o.size = value();

@@ -18,6 +18,7 @@ struct Options {
   int accumulate = 1;
   bool checkpointing = false;
   bool timed_gemm = false;  // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
+  std::string gemm_plans;   // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = 200;
   std::string size;
   std::size_t rows = 0;
@@ -100,7 +101,8 @@ int run(const Options& o, Shape shape) {
                    .max_grad_norm = 1.0f,
                    .seed = 1,
                    .micro_batches = o.accumulate,
-                   .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic});
+                   .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
+                   .gemm_plans_file = o.gemm_plans});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();

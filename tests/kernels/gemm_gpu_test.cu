@@ -8,6 +8,7 @@
 //   GELU outputs at least 5e-4: cuBLASLt may evaluate tanh with the hardware approximation
 //     (relative error up to 2^-11), where the Host uses std::tanh.
 #include "../support/gemm_operands.hpp"
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 #include "../support/values.hpp"
 
@@ -21,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <limits>
 #include <random>
 #include <set>
@@ -433,6 +435,111 @@ TYPED_TEST(CudaGemm, TimedTuningMatchesHostAndAddsOnce) {
   run({.transa = yes, .epilogue = Epilogue::bias_grad});
   EXPECT_EQ(handle.cached_plans(), problems);
   EXPECT_EQ(handle.timed_plans(), timed);
+}
+
+// GemmTuning::timed with a plans file: the first handle times each problem and writes its choice;
+// a second handle reading the file runs those algorithms untimed, with the same bits; a file
+// recorded under another identity is not used and is replaced; a file that does not parse, a
+// directory that does not exist, and a file without timed tuning are refused at construction.
+TYPED_TEST(CudaGemm, TimedPlansKeptInAFileAreReusedBitForBit) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using T = storage_t<TypeParam>;
+  const TempDir dir("alloy_gemm_plans");
+  const std::string file = (dir / "plans.txt").string();
+  const GemmCase shapes[] = {{.m = 1031, .n = 768, .k = 520},
+                             {.m = 2047, .n = 1024, .k = 264, .epilogue = Epilogue::bias},
+                             {.transa = yes, .m = 768, .n = 512, .k = 4100, .epilogue = Epilogue::bias_grad}};
+  std::vector<GemmOperands<TypeParam>> inputs;
+  for (const GemmCase& s : shapes) {
+    std::mt19937_64 rng(seed + s.m);
+    inputs.emplace_back(s, rng);
+  }
+  // Every output of each problem, as handle h computes it.
+  const auto outputs = [&](GemmHandle& h) {
+    std::vector<std::vector<T>> out;
+    for (auto& x : inputs) {
+      DeviceOperands<TypeParam> d(x, Cuda{});
+      alloy::gemm(Cuda{}, h, d.args(x));
+      out.push_back(alloy::to_host(d.c));
+      out.push_back(alloy::to_host(d.bias_grad));
+    }
+    return out;
+  };
+  const auto timed = [&] {
+    return GemmHandle(Cuda{}, GemmHandle::default_workspace_bytes, alloy::GemmTuning::timed, file);
+  };
+  const auto recorded = [&] {
+    const auto bytes = read_all(file);
+    return alloy::detail::parse_gemm_plans(std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()),
+                                           file);
+  };
+
+  GemmHandle first = timed();
+  EXPECT_FALSE(first.plans_file_foreign());
+  EXPECT_FALSE(std::filesystem::exists(file)) << "written before anything was timed";
+  const auto first_out = outputs(first);
+  EXPECT_EQ(first.loaded_plans(), 0u);
+  const auto kept = recorded();
+  EXPECT_EQ(kept.identity, first.identity());
+  EXPECT_EQ(kept.plans.size(), std::size(shapes)) << "one plan per problem";
+
+  GemmHandle second = timed();
+  const auto second_out = outputs(second);
+  EXPECT_EQ(second.loaded_plans(), std::size(shapes));
+  EXPECT_EQ(second.timed_plans(), 0u) << "a problem in the file was timed again";
+  ASSERT_EQ(second_out.size(), first_out.size());
+  for (std::size_t i = 0; i < first_out.size(); ++i) {
+    ASSERT_EQ(second_out[i].size(), first_out[i].size());
+    for (std::size_t e = 0; e < first_out[i].size(); ++e) {
+      ASSERT_EQ(bits_of(second_out[i][e]), bits_of(first_out[i][e])) << "output " << i << ", element " << e;
+    }
+  }
+  for (std::size_t i = 0; i < inputs.size(); ++i) {  // and the loaded plans compute the products
+    DeviceOperands<TypeParam> d(inputs[i], Cuda{});
+    expect_cuda_matches_host(second, inputs[i], d);
+  }
+
+  // Recorded elsewhere: not used, then replaced by this run's plans.
+  auto foreign = kept;
+  foreign.identity = "another device";
+  {
+    const std::string text = alloy::detail::format_gemm_plans(foreign);
+    std::FILE* f = std::fopen(file.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fwrite(text.data(), 1, text.size(), f);
+    std::fclose(f);
+  }
+  GemmHandle third = timed();
+  EXPECT_TRUE(third.plans_file_foreign());
+  (void)outputs(third);
+  EXPECT_EQ(third.loaded_plans(), 0u);
+  EXPECT_EQ(recorded().identity, third.identity());
+  EXPECT_EQ(recorded().plans.size(), std::size(shapes));
+
+  const auto refused = [&](auto make, const std::string& expected) {
+    try {
+      (void)make();
+      ADD_FAILURE() << "accepted; expected an error with: " << expected;
+    } catch (const alloy::error& e) {
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  };
+  {
+    std::FILE* f = std::fopen(file.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fputs("alloy-gemm-plans 1\nidentity x\nplan 1 2\n", f);
+    std::fclose(f);
+  }
+  refused(timed, "gemm plans file '" + file + "', line 3");
+  refused([&] { return GemmHandle(Cuda{}, GemmHandle::default_workspace_bytes, alloy::GemmTuning::heuristic, file); },
+          "needs GemmTuning::timed");
+  refused(
+      [&] {
+        return GemmHandle(Cuda{}, GemmHandle::default_workspace_bytes, alloy::GemmTuning::timed,
+                          (dir / "missing" / "plans.txt").string());
+      },
+      "no directory");
 }
 
 // Views into an arena or a workspace start on 16-byte boundaries, or on any element boundary

@@ -2,9 +2,14 @@
 // the Host run on the same data.
 #include "../../examples/mlp/residual_mlp.hpp"
 #include "../optim/reference.hpp"
+#include "../support/temp_dir.hpp"
 #include "../support/test_support.hpp"
 
 #include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -35,6 +40,38 @@ TEST(GpuResidualMlp, CheckpointingGivesTheSameBitsOnTheDevice) {
   // keeps only GELU's input per block, so the saving is smaller than the blocks' count suggests
   // (0.52 at this shape on the H200 at 5dc06d4).
   EXPECT_LT(recomputed->memory().activations_peak, kept->memory().activations_peak * 3 / 4);
+}
+
+// Config::gemm_plans_file: a second run reading the file the first one wrote runs the same
+// cuBLASLt algorithms, so it repeats the first run bit for bit; without timed tuning the file is
+// refused at construction.
+TEST(GpuResidualMlp, GemmPlansFileReproducesATimedRunBitForBit) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Precision<bf16, fp32_master>, Accumulate<2>, AdamW<>, Cuda>;
+  const mlp::Shape shape{128, 256, 3, 100, 512};
+  const test::TempDir dir("alloy_trainer_plans");
+  const std::string file = (dir / "gemm_plans.txt").string();
+  const auto run = [&] {
+    Tr trainer(mlp::ResidualMlp(shape),
+               {.max_grad_norm = 1.0f, .seed = seed, .gemm_tuning = GemmTuning::timed, .gemm_plans_file = file});
+    const mlp::TeacherTask task(shape, seed);
+    std::mt19937_64 rng(seed + 1);
+    std::vector<double> norms;
+    for (int s = 0; s < 4; ++s) norms.push_back(trainer.step([&] { return task.batch(rng); }).grad_norm);
+    return std::make_pair(norms, test::snapshot(trainer.store()));
+  };
+  const auto first = run();
+  ASSERT_TRUE(std::filesystem::exists(file)) << "the timed plans were not written";
+  const auto second = run();
+  EXPECT_EQ(first.first, second.first);
+  EXPECT_EQ(first.second, second.second);
+  try {
+    Tr refused(mlp::ResidualMlp(shape), {.seed = seed, .gemm_plans_file = file});
+    ADD_FAILURE() << "a plans file without timed tuning was accepted";
+  } catch (const alloy::error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs gemm_tuning = GemmTuning::timed"), std::string::npos) << e.what();
+  }
 }
 
 template <class P>

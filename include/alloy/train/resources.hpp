@@ -8,10 +8,12 @@
 #pragma once
 
 #include <alloy/backend/tags.hpp>
+#include <alloy/error.hpp>
 #include <alloy/kernels/gemm_args.hpp>
 
 #include <concepts>
 #include <memory>
+#include <string>
 #include <utility>
 
 namespace alloy {
@@ -19,7 +21,7 @@ namespace alloy {
 template <backend B>
 class BackendResources {
  public:
-  explicit BackendResources(B = {}, GemmTuning = GemmTuning::heuristic) {}
+  explicit BackendResources(B = {}, GemmTuning = GemmTuning::heuristic, std::string = {}) {}
 };
 
 #if ALLOY_HAS_CUDA_RUNTIME
@@ -36,7 +38,15 @@ struct GemmHandleDeleter {
 template <>
 class BackendResources<Cuda> {
  public:
-  explicit BackendResources(Cuda be = {}, GemmTuning tuning = GemmTuning::heuristic) : be_(be), tuning_(tuning) {}
+  // plans_file: GemmHandle's (timed choices kept across runs); refused here, at construction,
+  // without GemmTuning::timed.
+  explicit BackendResources(Cuda be = {}, GemmTuning tuning = GemmTuning::heuristic, std::string plans_file = {})
+      : be_(be), tuning_(tuning), plans_file_(std::move(plans_file)) {
+    if (!plans_file_.empty() && tuning_ != GemmTuning::timed) {
+      throw error("Trainer: gemm_plans_file '" + plans_file_ +
+                  "' keeps timed choices of cuBLASLt algorithms; it needs gemm_tuning = GemmTuning::timed");
+    }
+  }
   // The handle stays where it is on the heap: a move hands it over.
   BackendResources(BackendResources&&) noexcept = default;
   BackendResources& operator=(BackendResources&&) noexcept = default;
@@ -47,7 +57,7 @@ class BackendResources<Cuda> {
   Handle& gemm() {
     if (!gemm_) {
       gemm_ = std::unique_ptr<GemmHandle, detail::GemmHandleDeleter>(
-          new Handle(be_, Handle::default_workspace_bytes, tuning_),
+          new Handle(be_, Handle::default_workspace_bytes, tuning_, plans_file_),
           detail::GemmHandleDeleter{[](GemmHandle* h) { delete static_cast<Handle*>(h); }});
     }
     return *static_cast<Handle*>(gemm_.get());
@@ -56,6 +66,7 @@ class BackendResources<Cuda> {
  private:
   Cuda be_;
   GemmTuning tuning_;
+  std::string plans_file_;
   std::unique_ptr<GemmHandle, detail::GemmHandleDeleter> gemm_;
 };
 #endif

@@ -175,6 +175,13 @@ class Trainer {
     // the heuristic's (the same bits run after run), or timed, the fastest of its 8 candidates
     // on the product's first call (a few percent faster; the last bits may change between runs).
     GemmTuning gemm_tuning = GemmTuning::heuristic;
+    // Cuda, with gemm_tuning = timed: a file that keeps the timed choices across runs (as a
+    // timing cache). Problems it holds for this device, cuBLASLt version and workspace are not
+    // timed again, and run the recorded algorithms: the same bits as the run that recorded them,
+    // so a resumed or repeated run reproduces it. Problems timed in this run are added to it as
+    // they are timed (the file replaced atomically). Empty: none. Refused at construction
+    // without timed tuning; a file that does not parse is an error naming its line.
+    std::string gemm_plans_file = {};
     // DataParallel with a LayeredModel: the gradients are all-reduced in buckets of consecutive
     // blocks holding at least this many bytes (of the arena the optimizer reads), each as soon as
     // the step's last backward of its blocks is done, overlapping the blocks below (as DDP's
@@ -205,7 +212,7 @@ class Trainer {
                (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1, shard_of(comm)),
         step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
         workspace_(be, tracker_.get()),
-        resources_(be, config.gemm_tuning),
+        resources_(be, config.gemm_tuning, config.gemm_plans_file),
         // Two input slots overlap a micro-batch's uploads with the previous one's compute; with
         // one micro-batch per step, one does the same (memory/input_uploads.hpp says why).
         uploads_(be, tracker_.get(),

@@ -12,15 +12,22 @@
 #include <alloy/backend/tags.hpp>
 #include <alloy/cublas_error.hpp>
 #include <alloy/error.hpp>
+#include <alloy/io/atomic_file.hpp>
+#include <alloy/kernels/detail/gemm_plans.hpp>
 #include <alloy/kernels/gemm_args.hpp>
 
 #include <cublasLt.h>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -80,20 +87,6 @@ inline std::uint32_t alignment_of(const void* p) {
   while (alignment > 1 && address % alignment != 0) alignment /= 2;
   return alignment;
 }
-
-// Everything cuBLASLt's choice of algorithm depends on.
-struct GemmPlanKey {
-  int data_type;
-  int compute_type;
-  Transpose transa;
-  Transpose transb;
-  std::size_t m, n, k, lda, ldb, ldc, ld_pre_activation;
-  Epilogue epilogue;
-  bool keeps_pre_activation;
-  std::uint32_t align_a, align_b, align_c, align_c_in, align_vector, align_pre_activation;
-
-  auto operator<=>(const GemmPlanKey&) const = default;
-};
 
 // The matrix beta scales: cuBLASLt's C.
 template <class Compute>
@@ -266,14 +259,25 @@ class GemmHandle {
   // Plans kept before the cache starts over: far more shapes than a model has.
   static constexpr std::size_t max_cached_plans = 1024;
 
+  // plans_file (GemmTuning::timed only): where timed choices are kept across runs. The plans it
+  // holds for this device, cuBLASLt version and workspace size are used instead of timing (the
+  // same algorithms, hence the same bits, as the run that timed them); each problem timed here is
+  // added to it at once (the file is replaced atomically). A file recorded elsewhere is not used,
+  // and is replaced by this run's plans; one that does not parse is an error naming its line.
   explicit GemmHandle(Cuda be = {}, std::size_t workspace_bytes = default_workspace_bytes,
-                      GemmTuning tuning = GemmTuning::heuristic)
-      : workspace_(workspace_bytes, be), last_stream_(be.stream), tuning_(tuning) {
+                      GemmTuning tuning = GemmTuning::heuristic, std::string plans_file = {})
+      : workspace_(workspace_bytes, be), last_stream_(be.stream), tuning_(tuning), plans_file_(std::move(plans_file)) {
+    if (!plans_file_.empty() && tuning_ != GemmTuning::timed) {
+      throw error("GemmHandle: the gemm plans file '" + plans_file_ +
+                  "' keeps timed choices; it needs GemmTuning::timed (the heuristic's choice is the same run after "
+                  "run without one)");
+    }
     ALLOY_CUDA_CHECK(cudaGetDevice(&device_));
     cublasLtHandle_t handle = nullptr;
     ALLOY_CUBLAS_CHECK(cublasLtCreate(&handle));
     handle_.reset(handle);
     stream_switch_ = make_cuda_event();
+    if (!plans_file_.empty()) read_plans_file();
   }
 
   GemmHandle(GemmHandle&&) noexcept = default;
@@ -299,6 +303,13 @@ class GemmHandle {
   // heuristic's first.
   std::size_t timed_plans() const noexcept { return timed_plans_; }
   std::size_t retuned_plans() const noexcept { return retuned_plans_; }
+  // With a plans file: the problems whose plan came from it, untimed; whether the file was
+  // recorded on another device, cuBLASLt version or workspace size (so none of it is used); and
+  // the running identity its first lines must carry.
+  const std::string& plans_file() const noexcept { return plans_file_; }
+  std::size_t loaded_plans() const noexcept { return loaded_plans_; }
+  bool plans_file_foreign() const noexcept { return plans_file_foreign_; }
+  const std::string& identity() const noexcept { return identity_; }
 
  private:
   template <class Compute>
@@ -315,7 +326,69 @@ class GemmHandle {
     if (tuning_ == GemmTuning::heuristic || adds_to_output) {
       return plans_.emplace(key, detail::make_plan(handle_.get(), g, workspace_.bytes())).first->second;
     }
-    return plans_.emplace(key, timed_plan(g, stream)).first->second;
+    if (const auto kept = recorded_.find(key); kept != recorded_.end()) {
+      detail::GemmCandidates c = detail::heuristic_algos(handle_.get(), g, workspace_.bytes(), 0);
+      std::memcpy(c.plan.algo.data, kept->second.data(), sizeof(c.plan.algo.data));
+      cublasLtMatmulHeuristicResult_t checked{};
+      if (cublasLtMatmulAlgoCheck(handle_.get(), c.plan.desc.get(), c.plan.lt_a.get(), c.plan.lt_b.get(),
+                                  c.plan.lt_c.get(), c.plan.lt_c.get(), &c.plan.algo,
+                                  &checked) == CUBLAS_STATUS_SUCCESS &&
+          checked.workspaceSize <= workspace_.bytes()) {
+        ++loaded_plans_;
+        return plans_.emplace(key, std::move(c.plan)).first->second;
+      }
+      // cuBLASLt refuses the kept algorithm for this problem: timed again, and replaced below.
+    }
+    detail::GemmPlan& plan = plans_.emplace(key, timed_plan(g, stream)).first->second;
+    if (!plans_file_.empty()) {
+      detail::GemmAlgoWords words{};
+      std::memcpy(words.data(), plan.algo.data, sizeof(plan.algo.data));
+      recorded_[key] = words;
+      write_plans_file();
+    }
+    return plan;
+  }
+
+  void read_plans_file() {
+    cudaDeviceProp p{};
+    ALLOY_CUDA_CHECK(cudaGetDeviceProperties(&p, device_));
+    identity_ = std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
+                std::to_string(p.multiProcessorCount) + " SMs, cuBLASLt " + std::to_string(cublasLtGetVersion()) +
+                ", workspace " + std::to_string(workspace_.bytes()) + " bytes";
+    const std::filesystem::path path(plans_file_);
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) {
+      const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+      if (!std::filesystem::is_directory(dir, ec)) {
+        throw error("GemmHandle: the gemm plans file '" + plans_file_ + "' cannot be written: no directory '" +
+                    dir.string() + "'");
+      }
+      return;  // made when the first problem is timed
+    }
+    std::string text;
+    {
+      const std::unique_ptr<std::FILE, int (*)(std::FILE*)> in(std::fopen(plans_file_.c_str(), "rb"), &std::fclose);
+      char chunk[4096];
+      std::size_t got = 0;
+      while (in && (got = std::fread(chunk, 1, sizeof chunk, in.get())) > 0) text.append(chunk, got);
+      if (!in || std::ferror(in.get())) {
+        throw error("GemmHandle: cannot read the gemm plans file '" + plans_file_ +
+                    "': " + std::system_category().message(errno));
+      }
+    }
+    detail::GemmPlansFile f = detail::parse_gemm_plans(text, plans_file_);
+    if (f.identity == identity_) {
+      recorded_ = std::move(f.plans);
+    } else {
+      plans_file_foreign_ = true;
+    }
+  }
+
+  void write_plans_file() const {
+    const std::string text = detail::format_gemm_plans({identity_, recorded_});
+    write_file_atomically(plans_file_, [&](FileWriter& out) {
+      out.write(std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()));
+    });
   }
 
   // The fastest of the heuristic's candidates: each launched once, then timed over 3 launches;
@@ -377,6 +450,10 @@ class GemmHandle {
   detail::Event timing_start_, timing_end_;  // GemmTuning::timed, made on first use
   std::size_t timed_plans_ = 0, retuned_plans_ = 0;
   std::map<detail::GemmPlanKey, detail::GemmPlan> plans_;
+  std::string plans_file_, identity_;                              // GemmTuning::timed with a plans file
+  std::map<detail::GemmPlanKey, detail::GemmAlgoWords> recorded_;  // the file's plans and this run's
+  std::size_t loaded_plans_ = 0;
+  bool plans_file_foreign_ = false;
 };
 
 // The product on the backend's stream, asynchronously. Pointers are device memory.
