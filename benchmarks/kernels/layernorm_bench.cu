@@ -1,7 +1,7 @@
 // LayerNorm forward and backward at the residual MLP's shape (8192 rows of 1024, bf16), against a
-// device-to-device copy of the same bytes; and the backward pass's kernels for rows of 32 V
-// vectors (detail::LayerNormBackwardKernel) side by side, at the MLP's shape and at GPT-2 124M's
-// (16384 rows of 768: batch 16 x 1024 tokens), with and without dx_add. Bytes are DRAM traffic at
+// device-to-device copy of the same bytes; and the backward pass at GPT-2 124M's shape (16384 rows
+// of 768: batch 16 x 1024 tokens), with and without dx_add. Both backward shapes are rows of 32 V
+// vectors, which take detail::layernorm_backward_lane_columns_kernel. Bytes are DRAM traffic at
 // one touch per array:
 //   forward   reads x, writes y (2 bytes each per element) and 8 bytes of mean and rstd per row
 //   backward  reads dy and x (and dx_add), writes dx, reads mean and rstd; plus its partial sums:
@@ -15,11 +15,6 @@ namespace {
 using alloy::bf16;
 using alloy::Buffer;
 using alloy::Cuda;
-
-using Kernel = alloy::detail::LayerNormBackwardKernel;
-constexpr Kernel shared_sums = Kernel::shared_sums, shared_sums_no_prefetch = Kernel::shared_sums_no_prefetch,
-                 shared_sums_prefetch_dx_add = Kernel::shared_sums_prefetch_dx_add,
-                 register_sums = Kernel::register_sums;
 
 constexpr std::size_t mlp_rows = 8192, mlp_cols = 1024;
 
@@ -52,12 +47,6 @@ struct LayerNormArrays {
     alloy::layernorm_backward(Cuda{}, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(), dx.data(),
                               dgamma.data(), dbeta.data(), rows, cols, true, scratch.data(),
                               add ? dx_add.data() : nullptr);
-  }
-  template <Kernel K>
-  void backward_using(bool add) {
-    alloy::detail::layernorm_backward_using<K>(Cuda{}, dy.data(), x.data(), gamma.data(), mean.data(), rstd.data(),
-                                               dx.data(), dgamma.data(), dbeta.data(), rows, cols, true, scratch.data(),
-                                               add ? dx_add.data() : nullptr);
   }
 };
 
@@ -94,15 +83,16 @@ void BM_LayerNormBackwardWithDxAddBf16_8192x1024(benchmark::State& state) {
   alloy::bench::report_bytes(state, 4 * element_bytes + 8.0 * mlp_rows + partial_bytes);
 }
 
-// The backward pass on Rows x Cols with kernel K (dx_add when Add).
-template <std::size_t Rows, std::size_t Cols, Kernel K, bool Add>
-void BM_LayerNormBackwardKernelBf16(benchmark::State& state) {
+// The backward pass at GPT-2 124M's shape (dx_add when Add, as its blocks call it).
+template <bool Add>
+void BM_LayerNormBackwardBf16_16384x768(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LayerNormArrays a(Rows, Cols);
-  alloy::bench::time_with_events(state, [&] { a.backward_using<K>(Add); });
-  const double elements = double(Rows) * Cols * sizeof(bf16);
-  const double partials = 2.0 * alloy::layernorm_backward_scratch_floats(Rows, Cols) * sizeof(float);
-  alloy::bench::report_bytes(state, (Add ? 4 : 3) * elements + 8.0 * Rows + partials);
+  constexpr std::size_t rows = 16384, cols = 768;
+  LayerNormArrays a(rows, cols);
+  alloy::bench::time_with_events(state, [&] { a.backward(Add); });
+  const double elements = double(rows) * cols * sizeof(bf16);
+  const double partials = 2.0 * alloy::layernorm_backward_scratch_floats(rows, cols) * sizeof(float);
+  alloy::bench::report_bytes(state, (Add ? 4 : 3) * elements + 8.0 * rows + partials);
 }
 
 #define ALLOY_BANDWIDTH_BENCHMARK(fn) \
@@ -125,18 +115,8 @@ ALLOY_BANDWIDTH_BENCHMARK(BM_CopyBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormForwardBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormBackwardBf16_8192x1024);
 ALLOY_BANDWIDTH_BENCHMARK(BM_LayerNormBackwardWithDxAddBf16_8192x1024);
-
-// GPT-2 124M's shape (with dx_add, as its blocks call it, and without), then the MLP's.
-#define ALLOY_LAYERNORM_BACKWARD_KERNELS(rows, cols, add)                                                       \
-  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, register_sums, add);           \
-  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums, add);             \
-  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums_no_prefetch, add); \
-  ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardKernelBf16, rows, cols, shared_sums_prefetch_dx_add, add)
-
-ALLOY_LAYERNORM_BACKWARD_KERNELS(16384, 768, true);
-ALLOY_LAYERNORM_BACKWARD_KERNELS(16384, 768, false);
-ALLOY_LAYERNORM_BACKWARD_KERNELS(8192, 1024, true);
-ALLOY_LAYERNORM_BACKWARD_KERNELS(8192, 1024, false);
+ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardBf16_16384x768, true);
+ALLOY_BANDWIDTH_BENCHMARK_TEMPLATE(BM_LayerNormBackwardBf16_16384x768, false);
 
 }  // namespace
 

@@ -159,8 +159,6 @@ struct LayerNormData {
 // nothing, with dx written over dy (over_dy).
 enum class DxAdd { none, apart, in_place, over_dy };
 
-using Kernel = alloy::detail::LayerNormBackwardKernel;
-
 // Every array of one LayerNorm forward and backward, on both backends.
 template <class T>
 struct LayerNormTwins {
@@ -204,8 +202,6 @@ struct LayerNormTwins {
                               : add == DxAdd::apart                       ? dx_add.host()
                                                                           : dx.host());
   }
-  // K: the backward kernel on rows of 32 V vectors (layernorm_backward's is the default).
-  template <Kernel K = alloy::detail::layernorm_backward_kernel>
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
                              rows, cols, eps);
@@ -213,14 +209,8 @@ struct LayerNormTwins {
     const T* const add_to = add == DxAdd::none || add == DxAdd::over_dy ? nullptr
                             : add == DxAdd::apart                       ? dx_add.device()
                                                                         : dx.device();
-    if constexpr (K == alloy::detail::layernorm_backward_kernel) {
-      alloy::layernorm_backward(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
-                                dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to);
-    } else {
-      alloy::detail::layernorm_backward_using<K>(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(),
-                                                 dx.device(), dgamma.device(), dbeta.device(), rows, cols, accumulate,
-                                                 scratch.data(), add_to);
-    }
+    alloy::layernorm_backward(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
+                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to);
     alloy::synchronize(be);
   }
 };
@@ -230,22 +220,21 @@ struct LayerNormTwins {
 //   mean: mean|x|    rstd: rstd    y: m |gamma| + |beta|
 //   dx: rstd (|g| + |A| + m |B|) + |xhat| rstd mean(|g| m)
 //   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
-template <class T, Kernel K = alloy::detail::layernorm_backward_kernel>
+template <class T>
 void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
                                         DxAdd add = DxAdd::none) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
                (add == DxAdd::apart      ? ", adding dx_add"
                 : add == DxAdd::in_place ? ", adding dx in place"
                 : add == DxAdd::over_dy  ? ", dx written over dy"
-                                         : "") +
-               ", backward kernel " + std::to_string(int(K)));
+                                         : ""));
   std::mt19937_64 rng(seed);
   const LayerNormData<T> d(s, rng);
   LayerNormTwins<T> t(s, d, accumulate, be, add);
   const float eps = 1e-5f;
   t.run_host(eps, accumulate);
   try {
-    t.template run_cuda<K>(be, eps, accumulate);
+    t.run_cuda(be, eps, accumulate);
   } catch (const alloy::error& e) {
     ADD_FAILURE() << e.what();
     return;
@@ -334,33 +323,26 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardAddsDxAddLikeHost) {
   }
 }
 
-// Every backward kernel for rows of 32 V vectors (V = 1..4, from a 16-byte boundary or 8
-// elements past it) gives the Host's bits: overwriting without dx_add, accumulating with dx_add
-// apart and in place. 3000 rows: 256 parts of 12 rows, the last ones empty, 1 or 2 rows per warp;
-// 8 rows: fewer rows than warps.
-template <class T, Kernel K>
-void expect_lane_columns_kernel_matches_host(std::uint64_t seed) {
+// The backward kernel for rows of 32 V vectors (V = 1..4, from a 16-byte boundary or 8 elements
+// past it) gives the Host's bits: overwriting without dx_add, accumulating with dx_add apart and
+// in place. 3000 rows: 256 parts of 12 rows, the last ones empty, 1 or 2 rows per warp; 8 rows:
+// fewer rows than warps.
+TYPED_TEST(CudaRowKernels, LayerNormBackwardLaneColumnsKernelMatchesHost) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
   constexpr std::size_t L = alloy::detail::row_vector_lanes<T>;
   for (std::size_t v = 1; v <= std::size_t(alloy::detail::layernorm_max_backward_lane_vectors); ++v) {
     const std::size_t cols = 32 * L * v;
-    expect_layernorm_cuda_matches_host<T, K>({3000, cols}, seed + cols, false, Cuda{}, DxAdd::none);
-    expect_layernorm_cuda_matches_host<T, K>({3000, cols, 8, 8}, seed + cols + 1, true, Cuda{}, DxAdd::apart);
-    expect_layernorm_cuda_matches_host<T, K>({3000, cols}, seed + cols + 2, true, Cuda{}, DxAdd::in_place);
-    expect_layernorm_cuda_matches_host<T, K>({8, cols}, seed + cols + 3, false, Cuda{}, DxAdd::apart);
+    expect_layernorm_cuda_matches_host<T>({3000, cols}, seed + cols, false, Cuda{}, DxAdd::none);
+    expect_layernorm_cuda_matches_host<T>({3000, cols, 8, 8}, seed + cols + 1, true, Cuda{}, DxAdd::apart);
+    expect_layernorm_cuda_matches_host<T>({3000, cols}, seed + cols + 2, true, Cuda{}, DxAdd::in_place);
+    expect_layernorm_cuda_matches_host<T>({8, cols}, seed + cols + 3, false, Cuda{}, DxAdd::apart);
   }
 }
 
-TYPED_TEST(CudaRowKernels, LayerNormBackwardLaneColumnsKernelsMatchHost) {
-  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
-  ALLOY_SEEDED(seed);
-  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums>(seed);
-  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_no_prefetch>(seed);
-  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::shared_sums_prefetch_dx_add>(seed);
-  expect_lane_columns_kernel_matches_host<TypeParam, Kernel::register_sums>(seed);
-}
-
-// dx written over dy (a Sequential's LayerNorm whose dy nothing reads afterwards): the register,
-// shared-memory, scratch and scalar paths, as the Host gives them (whose in-place bits equal its
+// dx written over dy (a Sequential's LayerNorm whose dy nothing reads afterwards): the lane-columns
+// (rows in registers), shared-memory, scratch and scalar paths, as the Host gives them (whose in-place bits equal its
 // separate dx: row_kernels_test.cpp).
 TYPED_TEST(CudaRowKernels, LayerNormBackwardWritesDxOverDyLikeHost) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();

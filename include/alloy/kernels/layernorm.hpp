@@ -47,25 +47,9 @@ inline constexpr std::size_t layernorm_part_shared_bytes = 64 * 1024;  // per-wa
 inline constexpr std::size_t layernorm_max_part_warps = 8;
 inline constexpr std::size_t layernorm_final_slots = 8;  // the final pass: part p into slot p % 8
 inline constexpr int layernorm_max_lane_columns = 32;    // forward lane columns: 32 columns of x per lane
-// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x, and of the next row's)
-// stays within 128 registers without spilling (with the column sums in shared memory; within 255
-// with them in registers, LayerNormBackwardKernel::register_sums).
+// Backward lane columns: 4 vectors per lane (64 bytes each of dy and x) stays within 128
+// registers without spilling, with each warp's column sums in shared memory.
 inline constexpr int layernorm_max_backward_lane_vectors = 4;
-
-// The Cuda kernel the backward pass runs on rows of exactly 32 V whole vectors (V <= 4), all
-// with the same order of fp32 operations, hence the same bits:
-//   shared_sums                  each warp's column sums in shared memory, the warp's next row's
-//                                dy and x loaded while it works on this one
-//   shared_sums_no_prefetch      the same, loading each row's dy and x when it starts on it (the
-//                                default)
-//   shared_sums_prefetch_dx_add  the same, prefetching the next row's dx_add too
-//   register_sums                each lane's column sums in registers (1 block of 8 warps per SM)
-// layernorm_backward runs layernorm_backward_kernel; detail::layernorm_backward_using<K> runs K,
-// for benchmarks and tests to compare them.
-enum class LayerNormBackwardKernel { shared_sums, shared_sums_no_prefetch, shared_sums_prefetch_dx_add, register_sums };
-// The one layernorm_backward runs: on the H200 (2026-12-02) no prefetch was as fast as the others
-// or faster at GPT-2's and the MLP's rows, with and without dx_add (docs/benchmarks.md, session 9).
-inline constexpr LayerNormBackwardKernel layernorm_backward_kernel = LayerNormBackwardKernel::shared_sums_no_prefetch;
 
 // Floats between one warp's dgamma sums and its dbeta sums in shared memory: cols rounded up to
 // whole 32-float rows of banks, so the swizzle below stays inside them.
@@ -77,7 +61,7 @@ ALLOY_HOST_DEVICE constexpr std::size_t layernorm_sums_stride(std::size_t cols) 
 // consecutive threads still read consecutive columns' sums from distinct banks.
 ALLOY_HOST_DEVICE constexpr std::size_t layernorm_swizzle(std::size_t c) { return c ^ ((c >> 5) & 7); }
 
-// Where column c's sum lives within a warp's sums in layernorm_backward_shared_sums_kernel: a
+// Where column c's sum lives within a warp's sums in layernorm_backward_lane_columns_kernel: a
 // lane's L columns of a vector are L / 4 chunks of 4 floats, which it reads and writes 16 bytes
 // at a time. A 16-byte access by a warp is served a quarter warp (8 lanes) at a time, conflict
 // free when those 8 lanes touch 8 distinct 16-byte columns of banks (of 8). With L = 4 they do;
@@ -392,9 +376,7 @@ void layernorm_forward_on(Host, const LayerNormForward<T>& a) {
 }
 
 // The Host reference: the Cuda kernels' parts, warps and reduction orders, replayed in loops.
-// (K, the Cuda kernel for rows of 32 V vectors, changes nothing here: every choice gives the
-// same bits.)
-template <LayerNormBackwardKernel K = layernorm_backward_kernel, class T, class G>
+template <class T, class G>
 void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   const T *dy = a.dy, *x = a.x, *gamma = a.gamma;
   const float *mean = a.mean, *rstd = a.rstd;
@@ -503,16 +485,18 @@ __global__ void __launch_bounds__(layernorm_block, 4) layernorm_forward_lane_col
 }
 
 // The end of a part: the sum over its warps, in warp order, of their column sums (`sums`, each
-// warp's dgamma sums then dbeta sums, `stride` floats apart, swizzled or not) into the part's
-// 2 cols floats of partials. When sums is that slice itself (one warp, unswizzled), each thread
-// reads the element it then writes.
-__device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, std::size_t warps, std::size_t stride,
-                                                      bool swizzled, std::size_t cols, float* part_partials) {
-  for (std::size_t i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
-    const std::size_t half = i < cols ? 0 : 1, c = i - half * cols;
-    const std::size_t at = half * stride + (swizzled ? layernorm_swizzle(c) : c);
+// warp's dgamma sums then dbeta sums, `stride` floats apart, column c's at sums_at(c) within
+// them) into the part's 2 cols floats of partials. I is the caller's index type (unsigned where
+// the kernel knows cols is small). When sums is that slice itself (one warp, unswizzled), each
+// thread reads the element it then writes.
+template <class I, class SumsAt>
+__device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, I warps, I stride, const SumsAt& sums_at,
+                                                      I cols, float* part_partials) {
+  for (I i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
+    const I half = i < cols ? 0 : 1, c = i - half * cols;
+    const I at = half * stride + sums_at(c);
     float part = 0.0f;
-    for (std::size_t w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * stride + at]);
+    for (I w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * stride + at]);
     part_partials[i] = part;
   }
 }
@@ -554,107 +538,9 @@ __global__ void __launch_bounds__(layernorm_part_block)
                             warp_size);
   }
   __syncthreads();
-  layernorm_fold_part(sums, warps, stride, sums_in_shared, cols, part_partials);
-}
-
-// LayerNormBackwardKernel::register_sums. One block of 8 warps per part, on rows of exactly 32 V
-// vectors from a 16-byte boundary. A warp per row: it loads dy and x (and dx_add) once, all V
-// vectors per lane in flight together, keeps them in registers for both passes, and each lane
-// keeps its V L columns of gamma and of the column sums in registers across its rows. At the end
-// each warp stores its sums to shared memory (swizzled: no bank conflicts) and the part folds
-// them as above. DRAM: as above, with one pass over dy and x instead of two. Up to 255 registers
-// a thread: one block per SM.
-template <class T, class G, int V, bool Add>
-__global__ void __launch_bounds__(layernorm_part_block)
-    layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
-  constexpr int L = row_vector_lanes<T>;
-  extern __shared__ float shared_sums[];
-  const std::size_t cols = a.cols;  // a multiple of 32 L, so its own sums stride
-  const std::size_t warps = blockDim.x / warp_size;
-  const std::size_t warp = threadIdx.x / warp_size;
-  const unsigned lane = threadIdx.x % warp_size;
-
-  float sum_dgamma[V][L], sum_dbeta[V][L];
-  ALLOY_UNROLL
-  for (int k = 0; k < V; ++k) {
-    ALLOY_UNROLL
-    for (int l = 0; l < L; ++l) sum_dgamma[k][l] = sum_dbeta[k][l] = 0.0f;
-  }
-
-  const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
-  const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
-  // dy and x of the warp's next row are loaded while it works on this one: 2 rows in flight.
-  T next_dy[V][L], next_x[V][L];
-  const auto load_row = [&](std::size_t r) {
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      load_run<L>(a.dy + r * cols + (lane + warp_size * k) * L, next_dy[k]);
-      load_run<L>(a.x + r * cols + (lane + warp_size * k) * L, next_x[k]);
-    }
-  };
-  if (first + warp < end) load_row(first + warp);
-  for (std::size_t r = first + warp; r < end; r += warps) {
-    const std::size_t row = r * cols;
-    const float m = a.mean[r], rs = a.rstd[r];
-    T dyv[V][L], xv[V][L], gv[V][L], addv[V][L];
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      ALLOY_UNROLL
-      for (int l = 0; l < L; ++l) dyv[k][l] = next_dy[k][l], xv[k][l] = next_x[k][l];
-    }
-    if (r + warps < end) load_row(r + warps);
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      load_run<L>(a.gamma + (lane + warp_size * k) * L, gv[k]);
-      if constexpr (Add) load_run<L>(a.dx_add + row + (lane + warp_size * k) * L, addv[k]);
-    }
-    FloatPair lane_sums{0.0f, 0.0f};
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) layernorm_run_gradient_sums(dyv[k], xv[k], gv[k], m, rs, lane_sums);
-    const FloatPair totals = warp_allreduce(lane_sums, FloatPairSum{});
-    const float mean_g = layernorm_mean(totals.first, cols), mean_gx = layernorm_mean(totals.second, cols);
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      T dxv[L];
-      float dgamma_terms[L], dbeta_terms[L];
-      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
-                             dbeta_terms);
-      store_run<L>(a.dx + row + (lane + warp_size * k) * L, dxv);
-      ALLOY_UNROLL
-      for (int l = 0; l < L; ++l) {
-        sum_dgamma[k][l] = fp::add(sum_dgamma[k][l], dgamma_terms[l]);
-        sum_dbeta[k][l] = fp::add(sum_dbeta[k][l], dbeta_terms[l]);
-      }
-    }
-  }
-
-  float* mine = shared_sums + warp * 2 * cols;
-  ALLOY_UNROLL
-  for (int k = 0; k < V; ++k) {
-    ALLOY_UNROLL
-    for (int l = 0; l < L; ++l) {
-      const std::size_t c = layernorm_swizzle((lane + warp_size * k) * L + l);
-      mine[c] = sum_dgamma[k][l];
-      mine[cols + c] = sum_dbeta[k][l];
-    }
-  }
-  __syncthreads();
-  layernorm_fold_part(shared_sums, warps, cols, true, cols, partials + std::size_t(blockIdx.x) * 2 * cols);
-}
-
-// The end of a part for layernorm_backward_shared_sums_kernel: as layernorm_fold_part, with the
-// warps' sums 2 cols floats apart and laid out by layernorm_lane_sums_at. Consecutive threads
-// read a permutation of 32 consecutive floats: no bank conflicts.
-template <int L>
-__device__ ALLOY_FORCEINLINE void layernorm_fold_lane_sums(const float* sums, unsigned warps, unsigned cols,
-                                                           float* part_partials) {
-  for (unsigned i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
-    const unsigned half = i < cols ? 0 : 1, c = i - half * cols;
-    const unsigned at = half * cols + layernorm_lane_sums_at<L>(c);
-    float part = 0.0f;
-    for (unsigned w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * cols + at]);
-    part_partials[i] = part;
-  }
+  layernorm_fold_part(
+      sums, warps, stride, [=](std::size_t c) { return sums_in_shared ? layernorm_swizzle(c) : c; }, cols,
+      part_partials);
 }
 
 // v, through an empty asm the compiler cannot see through: it must treat the result as a new
@@ -676,26 +562,22 @@ __device__ ALLOY_FORCEINLINE void layernorm_opaque_run(T (&v)[W]) {
   memcpy(v, words, sizeof(words));
 }
 
-// How many of a warp's next rows' arrays layernorm_backward_shared_sums_kernel loads while it
-// works on its current row.
-enum class LayerNormPrefetch { none, dy_x, dy_x_add };
-
-// layernorm_backward_lane_columns_kernel's work, in the same order of fp32 operations (hence the
-// same bits), with each warp's column sums in shared memory instead of registers: each lane adds
-// a row's terms to its own columns' sums (16-byte read and write, layernorm_lane_sums_at), which
-// only it touches until the fold. That frees 2 V L registers per thread, and the second pass
-// converts dy and x again instead of keeping the first pass's floats: at most 128 registers, so
-// 2 blocks of 8 warps fit on an SM (up to 256 parts, one block each: one wave on 132 SMs instead
-// of two). Shared memory: 8 warps x 2 cols floats, 48 KiB for 768 bf16 columns, 64 KiB for 1024.
-// Prefetch: which of the warp's next row's arrays are loaded while it works on this one.
-template <class T, class G, int V, bool Add, LayerNormPrefetch Prefetch>
+// The backward pass on rows of exactly 32 V vectors from a 16-byte boundary. One block of 8
+// warps per part, a warp per row: each lane loads its V vectors of the row's dy and x (all in
+// flight together) when it starts on the row and keeps them in registers for both passes. Each
+// warp's column sums live in its own slice of shared memory, where each lane adds a row's terms
+// to its own columns' sums (16-byte read and write, layernorm_lane_sums_at), which only it
+// touches until the fold. The second pass converts dy and x again instead of keeping the first
+// pass's floats live across the row's reduction: at most 128 registers, so 2 blocks of 8 warps
+// fit on an SM (up to 256 parts, one block each: one wave on 132 SMs). DRAM: as
+// layernorm_backward_rows_kernel's, reading dy and x once instead of twice. Shared memory: 8
+// warps x 2 cols floats, 48 KiB for 768 bf16 columns, 64 KiB for 1024.
+template <class T, class G, int V, bool Add>
 __global__ void __launch_bounds__(layernorm_part_block, 2)
-    layernorm_backward_shared_sums_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
+    layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
   constexpr int L = row_vector_lanes<T>;
   constexpr unsigned cols = warp_size * V * L;  // the kernel's precondition: cols is 32 V L
   constexpr int chunks = L / 4;                 // 16-byte chunks of column sums per vector
-  constexpr bool prefetch_x = Prefetch != LayerNormPrefetch::none;
-  constexpr bool prefetch_add = Add && Prefetch == LayerNormPrefetch::dy_x_add;
   extern __shared__ float4 shared_sums4[];
   float* const shared_sums = reinterpret_cast<float*>(shared_sums4);
   const unsigned warps = blockDim.x / warp_size;
@@ -716,43 +598,19 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
   const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
   const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
   const auto column = [&](int k) { return (lane + warp_size * k) * L; };
-  T next_dy[V][L], next_x[V][L], next_add[V][L];
-  const auto load_row = [&](std::size_t r) {
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      load_run<L>(a.dy + r * cols + column(k), next_dy[k]);
-      load_run<L>(a.x + r * cols + column(k), next_x[k]);
-      if constexpr (prefetch_add) load_run<L>(a.dx_add + r * cols + column(k), next_add[k]);
-    }
-  };
-  if constexpr (prefetch_x) {
-    if (first + warp < end) load_row(first + warp);
-  }
   for (std::size_t r = first + warp; r < end; r += warps) {
     const std::size_t row = r * cols;
     const float m = a.mean[r], rs = a.rstd[r];
     T dyv[V][L], xv[V][L], gv[V][L], addv[V][L];
-    if constexpr (prefetch_x) {
-      ALLOY_UNROLL
-      for (int k = 0; k < V; ++k) {
-        ALLOY_UNROLL
-        for (int l = 0; l < L; ++l) {
-          dyv[k][l] = next_dy[k][l], xv[k][l] = next_x[k][l];
-          if constexpr (prefetch_add) addv[k][l] = next_add[k][l];
-        }
-      }
-      if (r + warps < end) load_row(r + warps);
-    } else {
-      ALLOY_UNROLL
-      for (int k = 0; k < V; ++k) {
-        load_run<L>(a.dy + row + column(k), dyv[k]);
-        load_run<L>(a.x + row + column(k), xv[k]);
-      }
+    ALLOY_UNROLL
+    for (int k = 0; k < V; ++k) {
+      load_run<L>(a.dy + row + column(k), dyv[k]);
+      load_run<L>(a.x + row + column(k), xv[k]);
     }
     ALLOY_UNROLL
     for (int k = 0; k < V; ++k) {
       load_run<L>(a.gamma + column(k), gv[k]);
-      if constexpr (Add && !prefetch_add) load_run<L>(a.dx_add + row + column(k), addv[k]);
+      if constexpr (Add) load_run<L>(a.dx_add + row + column(k), addv[k]);
     }
     FloatPair lane_sums{0.0f, 0.0f};
     ALLOY_UNROLL
@@ -787,7 +645,10 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
     }
   }
   __syncthreads();
-  layernorm_fold_lane_sums<L>(shared_sums, warps, cols, partials + std::size_t(blockIdx.x) * 2 * cols);
+  // Consecutive threads read a permutation of 32 consecutive floats: no bank conflicts.
+  layernorm_fold_part(
+      shared_sums, warps, cols, [](unsigned c) { return layernorm_lane_sums_at<L>(c); }, cols,
+      partials + std::size_t(blockIdx.x) * 2 * cols);
 }
 
 // 32 parameter-gradient elements per block: warp w sums parts w, w + 8, w + 16... in order (its
@@ -856,20 +717,7 @@ void layernorm_allow_shared_bytes(Kernel* kernel, std::size_t shared_bytes) {
   }
 }
 
-template <LayerNormBackwardKernel K, class T, class G, int V, bool Add>
-constexpr auto layernorm_backward_lane_columns_kernel_of() {
-  if constexpr (K == LayerNormBackwardKernel::register_sums) {
-    return &layernorm_backward_lane_columns_kernel<T, G, V, Add>;
-  } else {
-    constexpr LayerNormPrefetch prefetch =
-        K == LayerNormBackwardKernel::shared_sums_no_prefetch       ? LayerNormPrefetch::none
-        : K == LayerNormBackwardKernel::shared_sums_prefetch_dx_add ? LayerNormPrefetch::dy_x_add
-                                                                    : LayerNormPrefetch::dy_x;
-    return &layernorm_backward_shared_sums_kernel<T, G, V, Add, prefetch>;
-  }
-}
-
-template <LayerNormBackwardKernel K = layernorm_backward_kernel, class T, class G>
+template <class T, class G>
 void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scratch) {
   const std::size_t rows = a.rows, cols = a.cols;
   const std::size_t parts = layernorm_parts(rows, cols);
@@ -883,8 +731,8 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
       const std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
       layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
         constexpr int V = decltype(v)::value;
-        auto* kernel = a.dx_add ? layernorm_backward_lane_columns_kernel_of<K, T, G, V, true>()
-                                : layernorm_backward_lane_columns_kernel_of<K, T, G, V, false>();
+        auto* kernel = a.dx_add ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
+                                : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
         layernorm_allow_shared_bytes(kernel, shared_bytes);
         kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
             a, rows_per_part, scratch);
@@ -937,13 +785,19 @@ void layernorm_forward(B be, const T* x, const T* gamma, const T* beta, T* y, fl
   detail::layernorm_forward_on(be, a);
 }
 
-namespace detail {
-
-// layernorm_backward with kernel K on rows of 32 V vectors (LayerNormBackwardKernel).
-template <LayerNormBackwardKernel K, class T, class G, class B>
-void layernorm_backward_using(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd,
-                              T* dx, G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate,
-                              float* scratch, std::type_identity_t<const T*> dx_add = nullptr) {
+// dx (overwritten), dgamma and dbeta (overwritten, or added to when `accumulate`) from dy and the
+// forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
+// fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
+// + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
+// LayerNorm passes the gradient arriving on the skip path. dx may also be dy itself: every path
+// reads a row's dy (each lane its own elements, the same ones in both walks) before it writes
+// that row's dx, and no element is read after it is written. On Cuda `scratch` is device memory of
+// layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
+// Host backend ignores it.
+template <class T, class G, class B>
+void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
+                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
+                        std::type_identity_t<const T*> dx_add = nullptr) {
   static_assert(backend<B>, "layernorm_backward: B must be alloy::Host or alloy::Cuda");
   static_assert(detail::row_dtype<T>, "layernorm_backward<T, G>: T must be float, bf16 or fp16");
   static_assert(detail::row_dtype<G>, "layernorm_backward<T, G>: G must be float, bf16 or fp16");
@@ -963,26 +817,7 @@ void layernorm_backward_using(B be, const T* dy, const T* x, const T* gamma, con
                                           accumulate,
                                           detail::layernorm_vectorizable(cols, dy, x, gamma, dx, dx_add)};
   detail::check_layernorm_backward(a, scratch, std::is_same_v<B, Host> ? false : rows > 0);
-  detail::layernorm_backward_on<K>(be, a, scratch);
-}
-
-}  // namespace detail
-
-// dx (overwritten), dgamma and dbeta (overwritten, or added to when `accumulate`) from dy and the
-// forward pass's x, gamma, mean and rstd. G is the parameter gradients' dtype (float, bf16 or
-// fp16). When dx_add is not null (rows x cols, like dx; it may be dx itself), dx = LayerNorm's dx
-// + dx_add, added in fp32 and rounded once: a residual block whose inner path starts with
-// LayerNorm passes the gradient arriving on the skip path. dx may also be dy itself: every path
-// reads a row's dy (each lane its own elements, the same ones in both walks) before it writes
-// that row's dx, and no element is read after it is written. On Cuda `scratch` is device memory of
-// layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
-// Host backend ignores it.
-template <class T, class G, class B>
-void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
-                        G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
-                        std::type_identity_t<const T*> dx_add = nullptr) {
-  detail::layernorm_backward_using<detail::layernorm_backward_kernel>(be, dy, x, gamma, mean, rstd, dx, dgamma, dbeta,
-                                                                      rows, cols, accumulate, scratch, dx_add);
+  detail::layernorm_backward_on(be, a, scratch);
 }
 
 }  // namespace alloy
