@@ -583,6 +583,211 @@ TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyWithPaddingIgnoredRowsAndInPlaceMa
   }
 }
 
+// ---- softmax cross-entropy: the register kernel and the two-read kernel ----
+
+using alloy::detail::SoftmaxKernel;
+
+// `rows` rows of `classes` columns, the first `real` of them classes; logits `logits_offset` and
+// dlogits `grad_offset` elements past a 256-byte boundary, or dlogits written over the logits
+// (`in_place`); `kernel` is the kernel the shape must take. Odd class counts start each row at
+// another 16-byte phase, so over 8 rows every head length and many tail lengths occur.
+struct KernelCase {
+  std::size_t rows, classes, real;
+  std::size_t logits_offset, grad_offset;
+  bool in_place;
+  SoftmaxKernel kernel;
+};
+
+std::string describe(const char* dtype, const KernelCase& s) {
+  return std::string(dtype) + " rows=" + std::to_string(s.rows) + " classes=" + std::to_string(s.real) + " of " +
+         std::to_string(s.classes) + " columns, offsets " + std::to_string(s.logits_offset) + "/" +
+         (s.in_place ? std::string("in place") : std::to_string(s.grad_offset)) + ", " +
+         (s.kernel == SoftmaxKernel::registers ? "register kernel" : "two-read kernel");
+}
+
+// The shapes, per dtype: the largest row the register kernel holds is 256 x 25 vectors and a
+// tail (51207 bf16 or fp16 classes, 25603 float); GPT-2's padded rows take it in bf16 and fp16
+// and fall back in float. On the H200 (132 multiprocessors) 300 rows are not a multiple of the
+// register kernel's grid (2 blocks per multiprocessor), 1100 not of the two-read kernel's (8).
+template <class T>
+std::vector<KernelCase> kernel_cases() {
+  constexpr auto registers = SoftmaxKernel::registers, two_reads = SoftmaxKernel::two_reads;
+  constexpr std::size_t lanes = alloy::detail::row_vector_lanes<T>;
+  constexpr std::size_t most =
+      std::size_t(alloy::detail::softmax_block) * alloy::detail::softmax_register_vectors * lanes + lanes - 1;
+  const SoftmaxKernel gpt2 = sizeof(T) == 2 ? registers : two_reads;
+  return {{300, 1, 1, 0, 0, false, registers},
+          {300, 7, 7, 1, 1, false, registers},
+          {300, 9, 9, 3, 3, true, registers},
+          {1100, 29, 29, 0, 0, false, registers},
+          {37, 1000, 997, 1, 1, true, registers},
+          {37, 4099, 4099, 2, 2, false, registers},
+          {9, most, most, 0, 0, false, registers},
+          {9, most, most, 1, 1, true, registers},
+          {300, 50304, 50257, 0, 0, true, gpt2},
+          {64, 50304, 50257, 0, 0, false, gpt2},
+          {9, most + 1, most + 1, 0, 0, false, two_reads},
+          {9, most + 1, most + 1, 3, 3, true, two_reads},
+          {37, 1000, 1000, 1, 0, false, two_reads}};  // logits and dlogits not equally aligned
+}
+
+// One run's arrays on both backends: NaN in the padding columns (never read), targets with
+// ignored rows (-1, the ignore index) and invalid ones (NaN rows), grad_scale loss_scale / rows.
+template <class T>
+struct KernelRun {
+  KernelCase shape;
+  Twin<T> logits, dlogits;
+  Twin<std::int32_t> targets;
+  Twin<float> loss;
+  float grad_scale;
+
+  KernelRun(const KernelCase& s, const std::vector<T>& x, const std::vector<std::int32_t>& t)
+      : shape(s),
+        logits(x, s.logits_offset),
+        dlogits(std::vector<T>(s.in_place ? 0 : x.size(), poison<T>()), s.grad_offset),
+        targets(t, 0),
+        loss(std::vector<float>(s.rows, poison<float>()), 0),
+        grad_scale(1024.0f / static_cast<float>(s.rows)) {}
+
+  T* host_dlogits() { return shape.in_place ? logits.host() : dlogits.host(); }
+  T* device_dlogits() { return shape.in_place ? logits.device() : dlogits.device(); }
+  std::vector<T> host_gradient() const { return (shape.in_place ? logits : dlogits).host_values(); }
+  std::vector<T> cuda_gradient() const { return (shape.in_place ? logits : dlogits).device_values("dlogits"); }
+  alloy::SoftmaxCrossEntropyOptions options() const { return {.real_classes = shape.real, .ignore_index = -1}; }
+
+  void run_host() {
+    alloy::softmax_cross_entropy(Host{}, static_cast<const T*>(logits.host()), targets.host(), shape.rows,
+                                 shape.classes, loss.host(), host_dlogits(), grad_scale, options());
+  }
+  void run_cuda() {  // as a caller does: the library picks the kernel
+    alloy::softmax_cross_entropy(Cuda{}, static_cast<const T*>(logits.device()), targets.device(), shape.rows,
+                                 shape.classes, loss.device(), device_dlogits(), grad_scale, options());
+    alloy::synchronize(Cuda{});
+  }
+  void run_cuda(SoftmaxKernel kernel) {  // the named kernel, with the arguments softmax_cross_entropy builds
+    const T* x = logits.device();
+    T* dx = device_dlogits();
+    const alloy::detail::SoftmaxCrossEntropy<T> a{x,
+                                                  targets.device(),
+                                                  shape.rows,
+                                                  shape.classes,
+                                                  shape.real,
+                                                  loss.device(),
+                                                  dx,
+                                                  grad_scale,
+                                                  -1,
+                                                  true,
+                                                  alloy::detail::same_alignment(x, dx)};
+    alloy::detail::launch_softmax_cross_entropy(Cuda{}, a, kernel);
+    alloy::synchronize(Cuda{});
+  }
+};
+
+template <class T>
+std::vector<T> padded_logits(const KernelCase& s, std::mt19937_64& rng) {
+  auto x = normal<T>(s.rows * s.classes, 0.0, 3.0, rng);
+  for (std::size_t r = 0; r < s.rows; ++r) {
+    for (std::size_t c = s.real; c < s.classes; ++c)
+      x[r * s.classes + c] = alloy::round_nearest<T>(std::numeric_limits<float>::quiet_NaN());
+  }
+  return x;
+}
+
+// Random targets but for seven rows: five spread over the first rows - 2 ignored (-1) or invalid
+// (real, -7, INT_MIN), the one before last invalid (INT_MAX), the last ignored (past the grid's
+// first pass where rows exceed the grid).
+std::vector<std::int32_t> targets_with_ignored_and_invalid(const KernelCase& s, std::mt19937_64& rng) {
+  auto t = random_targets(s.rows, s.real, rng);
+  const std::int32_t real = static_cast<std::int32_t>(s.real);
+  std::size_t k = 0;
+  for (const std::int32_t odd : {-1, real, -7, std::numeric_limits<std::int32_t>::min(), -1}) {
+    t[k++ * (s.rows - 2) / 5 + 1] = odd;
+  }
+  t[s.rows - 2] = std::numeric_limits<std::int32_t>::max();
+  t[s.rows - 1] = -1;
+  return t;
+}
+
+// The kernel a case's arrays take on Cuda, as softmax_cross_entropy decides it.
+template <class T>
+SoftmaxKernel kernel_taken(KernelRun<T>& run) {
+  return alloy::detail::softmax_kernel_for<T>(run.shape.real,
+                                              alloy::detail::same_alignment(run.logits.device(), run.device_dlogits()));
+}
+
+// Cuda against the Host within the tolerances at the top; ignored rows a loss and gradient of
+// exactly 0, invalid rows NaN, padding columns exactly 0.
+template <class T>
+void expect_matches_host(KernelRun<T>& run, const std::vector<float>& cuda_loss, const std::vector<T>& cuda_dlogits) {
+  const KernelCase& s = run.shape;
+  const auto host_loss = run.loss.host_values();
+  const auto host_dlogits = run.host_gradient();
+  const auto targets = run.targets.host_values();
+  Compare loss_check("row_loss"), grad_check("dlogits");
+  for (std::size_t r = 0; r < s.rows; ++r) {
+    const std::int32_t t = targets[r];
+    const bool ignored = t == -1, valid = t >= 0 && std::size_t(t) < s.real;
+    if (ignored) EXPECT_EQ(bits_of(cuda_loss[r]), bits_of(0.0f)) << "row " << r;
+    if (!ignored && !valid) EXPECT_TRUE(std::isnan(cuda_loss[r])) << "row " << r << ", target " << t;
+    if (valid) loss_check.expect(cuda_loss[r], host_loss[r], 1.0 + std::fabs(host_loss[r]), r);
+    for (std::size_t c = 0; c < s.classes; ++c) {
+      const std::size_t i = r * s.classes + c;
+      if (ignored || c >= s.real) {
+        ASSERT_EQ(bits_of(cuda_dlogits[i]), bits_of(alloy::round_nearest<T>(0.0f))) << "row " << r << ", column " << c;
+      } else if (!valid) {
+        ASSERT_TRUE(std::isnan(value(cuda_dlogits[i]))) << "row " << r << ", column " << c;
+      } else {
+        const double onehot = c == std::size_t(t) ? 1.0 : 0.0;
+        const double p = std::fabs(value(host_dlogits[i]) / run.grad_scale + onehot);
+        grad_check.expect(cuda_dlogits[i], host_dlogits[i], std::fabs(run.grad_scale) * std::max(p + onehot, 1e-6), i);
+      }
+    }
+  }
+}
+
+// Every shape takes the kernel it should (a test that fails if the choice silently changes), and
+// the library's call gives the Host's values within tolerance. Where that is the register kernel,
+// the two-read kernel on the same inputs must give the same bits: the same operations in the
+// same order. (Against the Host only the tolerance holds: the device's exp2f and logf are not
+// the host's.)
+TYPED_TEST(CudaRowKernels, SoftmaxCrossEntropyRegisterKernelGivesTheTwoReadKernelsBits) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const KernelCase& s : kernel_cases<T>()) {
+    SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+    std::mt19937_64 rng(seed + s.classes + s.logits_offset);
+    const auto x = padded_logits<T>(s, rng);
+    const auto targets = targets_with_ignored_and_invalid(s, rng);
+    KernelRun<T> library(s, x, targets), two_reads(s, x, targets);
+    ASSERT_EQ(kernel_taken(library), s.kernel);
+    library.run_host();
+    library.run_cuda();
+    const auto cuda_loss = library.loss.device_values("row_loss");
+    const auto cuda_dlogits = library.cuda_gradient();
+    expect_matches_host(library, cuda_loss, cuda_dlogits);
+    if (s.kernel == SoftmaxKernel::registers) {
+      two_reads.run_cuda(SoftmaxKernel::two_reads);
+      expect_same_bits(cuda_loss, two_reads.loss.device_values("row_loss"), "row_loss");
+      expect_same_bits(cuda_dlogits, two_reads.cuda_gradient(), "dlogits");
+    }
+  }
+}
+
+// Asking for the register kernel with a row it cannot hold is an error, not a wrong answer
+// (checked on the host, before anything is launched).
+TEST(CudaRowKernelsArguments, RegisterKernelRefusesRowsItCannotHold) {
+  const std::size_t classes = 51208;  // 6401 bf16 vectors: one more than 256 threads x 25
+  const alloy::detail::SoftmaxCrossEntropy<bf16> a{nullptr, nullptr, 1,  classes, classes, nullptr,
+                                                   nullptr, 1.0f,    -1, false,   true};
+  try {
+    alloy::detail::launch_softmax_cross_entropy(Cuda{}, a, SoftmaxKernel::registers);
+    ADD_FAILURE() << "a row of " << classes << " bf16 classes was launched on the register kernel";
+  } catch (const alloy::error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not fit the register kernel"), std::string::npos) << e.what();
+  }
+}
+
 // Everything ordered on a caller's non-blocking stream: buffers, kernels, scratch.
 TEST(CudaRowKernelsStreams, RunOnTheCallersStream) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
