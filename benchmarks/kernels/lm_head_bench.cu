@@ -4,15 +4,8 @@
 //                      cross-entropy row kernel (in place) and the dy and dW products. TFLOP/s
 //                      counts the three products (3 x 2 x 16384 x 768 x 50304 = 3.8 TFLOP).
 //   LmHeadProducts     the same three products alone, in chunks of 8192: the cuBLASLt floor.
-//   LmHeadRowKernel    softmax_cross_entropy alone on one chunk of 8192 rows, in place, as the
-//                      head calls it (the register kernel in bf16: reads the logits once, writes
-//                      them once). bytes/s counts one read and one write of the chunk (1.65 GB),
-//                      the floor, here and in LmHeadRowKernels.
-//   LmHeadRowKernels/registers:r  the same chunk through the kernel named by hand: r = 0 the
-//                      two-read kernel (reads the logits twice), r = 1 the register kernel (once),
-//                      each with the grid the library gives it; one run compares them.
-//   LmHeadRowKernelBlocksPerSm/n  the two-read kernel with n blocks per multiprocessor; bytes/s
-//                      counts the three transfers it makes (two reads, one write).
+//   LmHeadRowKernel    the row kernel alone on one chunk of 8192 rows (reads the logits twice,
+//                      writes them once); .../BlocksPerSm/n with n blocks per multiprocessor.
 //   EmbeddingForward   x = wte[token] + wpe[t], with what the host does per micro-batch (checking
 //                      the ids, grouping rows by token) and the ids' upload from pageable memory on
 //                      the compute stream (a trainer's input pipeline overlaps that copy).
@@ -151,62 +144,43 @@ void BM_LmHeadProducts(benchmark::State& state) {
   report_flops(state, head_flops);
 }
 
-// One chunk of GPT-2's logits and targets, and a saved copy to restore the logits from (the
-// gradient is written over them).
-struct LogitsChunk {
-  static constexpr std::size_t chunk = 8192;
-  static constexpr double floor_bytes = 2.0 * chunk * padded * sizeof(bf16);  // one read, one write
-  Buffer<bf16, Cuda> logits{chunk * padded}, saved{chunk * padded};
-  Buffer<float, Cuda> loss{chunk};
-  Buffer<std::int32_t, Cuda> targets{chunk};
-
-  LogitsChunk() {
-    const auto t = zipf_tokens(chunk, 4);
-    alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
-    fill_random(saved, 5, 4.0f);
-  }
-  void restore() {
-    ALLOY_CUDA_CHECK(
-        cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
-  }
-  alloy::detail::SoftmaxCrossEntropy<bf16> arguments() {
-    return {logits.data(), targets.data(), chunk, padded, vocab, loss.data(),
-            logits.data(), 1.0f / rows,    -1,    true,   true};
-  }
-};
-
 void BM_LmHeadRowKernel(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LogitsChunk c;
+  constexpr std::size_t chunk = 8192;
+  Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
+  Buffer<float, Cuda> loss(chunk);
+  Buffer<std::int32_t, Cuda> targets(chunk);
+  const auto t = zipf_tokens(chunk, 4);
+  alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
+  fill_random(saved, 5, 4.0f);
   alloy::bench::time_with_events(
       state,
       [&] {
-        alloy::softmax_cross_entropy(Cuda{}, static_cast<const bf16*>(c.logits.data()), c.targets.data(), c.chunk,
-                                     padded, c.loss.data(), c.logits.data(), 1.0f / rows, {.real_classes = vocab});
+        alloy::softmax_cross_entropy(Cuda{}, static_cast<const bf16*>(logits.data()), targets.data(), chunk, padded,
+                                     loss.data(), logits.data(), 1.0f / rows, {.real_classes = vocab});
       },
-      [&] { c.restore(); });  // fresh logits each time: the gradient was written over them
-  alloy::bench::report_bytes(state, LogitsChunk::floor_bytes);
+      [&] {  // fresh logits each time: the gradient was written over them
+        ALLOY_CUDA_CHECK(
+            cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
+      });
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
-void BM_LmHeadRowKernels(benchmark::State& state) {
-  if (alloy::bench::skip_without_device(state)) return;
-  LogitsChunk c;
-  const auto args = c.arguments();
-  const auto kernel =
-      state.range(0) ? alloy::detail::SoftmaxKernel::registers : alloy::detail::SoftmaxKernel::two_reads;
-  alloy::bench::time_with_events(
-      state, [&] { alloy::detail::launch_softmax_cross_entropy(Cuda{}, args, kernel); }, [&] { c.restore(); });
-  alloy::bench::report_bytes(state, LogitsChunk::floor_bytes);
-}
-
-// The two-read kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
+// The row kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
 // up to 8): fewer rows in flight at once (a row is 100 KB) let the second read of each row come
 // from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins decides the
 // library's grid for rows this long.
 void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  LogitsChunk c;
-  const auto args = c.arguments();
+  constexpr std::size_t chunk = 8192;
+  Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
+  Buffer<float, Cuda> loss(chunk);
+  Buffer<std::int32_t, Cuda> targets(chunk);
+  const auto t = zipf_tokens(chunk, 4);
+  alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
+  fill_random(saved, 5, 4.0f);
+  const alloy::detail::SoftmaxCrossEntropy<bf16> args{logits.data(), targets.data(), chunk, padded, vocab, loss.data(),
+                                                      logits.data(), 1.0f / rows,    -1,    true,   true};
   const int grid = alloy::current_device_sm_count() * static_cast<int>(state.range(0));
   alloy::bench::time_with_events(
       state,
@@ -214,8 +188,11 @@ void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
         alloy::detail::softmax_cross_entropy_kernel<<<grid, alloy::detail::softmax_block>>>(args);
         ALLOY_CUDA_CHECK_LAUNCH();
       },
-      [&] { c.restore(); });
-  alloy::bench::report_bytes(state, 3.0 * c.chunk * padded * sizeof(bf16));
+      [&] {
+        ALLOY_CUDA_CHECK(
+            cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
+      });
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
 void BM_EmbeddingForward(benchmark::State& state) {
@@ -259,7 +236,6 @@ void BM_TokenGroupsBuild(benchmark::State& state) {
 BENCHMARK(BM_LmHead)->Arg(4096)->Arg(8192)->Arg(16384)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadProducts)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadRowKernel)->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_LmHeadRowKernels)->ArgName("registers")->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LmHeadRowKernelBlocksPerSm)->DenseRange(1, 8)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingForward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingBackward)->UseManualTime()->Unit(benchmark::kMicrosecond);

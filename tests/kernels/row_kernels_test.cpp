@@ -913,33 +913,6 @@ TYPED_TEST(RowKernels, SoftmaxCrossEntropyInPlaceGivesTheSameBits) {
   for (std::size_t i = 0; i < logits.size(); ++i) ASSERT_EQ(bits_of(logits[i]), bits_of(dlogits[i])) << i;
 }
 
-// Which Cuda kernel a row takes is the host's choice, so it is tested here (the GPU tests assert
-// it per shape too): the register kernel up to 256 threads x 25 vectors of 16 bytes, GPT-2's
-// vocabulary in bf16 and fp16 included; the two-read kernel past that and for rows not split
-// into vectors (logits and dlogits at different 16-byte phases).
-using alloy::detail::softmax_kernel_for;
-using alloy::detail::SoftmaxKernel;
-
-TEST(SoftmaxCrossEntropyKernelChoice, GptTwoRowsInBf16AndFp16TakeTheRegisterKernel) {
-  EXPECT_EQ(softmax_kernel_for<bf16>(50257, true), SoftmaxKernel::registers);
-  EXPECT_EQ(softmax_kernel_for<fp16>(50257, true), SoftmaxKernel::registers);
-  EXPECT_EQ(softmax_kernel_for<float>(50257, true), SoftmaxKernel::two_reads);
-}
-
-TEST(SoftmaxCrossEntropyKernelChoice, TheRegisterKernelHoldsTwentyFiveVectorsAThread) {
-  for (std::size_t classes : {std::size_t(1), std::size_t(7), std::size_t(51207)}) {
-    EXPECT_EQ(softmax_kernel_for<bf16>(classes, true), SoftmaxKernel::registers) << classes;
-  }
-  EXPECT_EQ(softmax_kernel_for<bf16>(51208, true), SoftmaxKernel::two_reads);
-  EXPECT_EQ(softmax_kernel_for<float>(25603, true), SoftmaxKernel::registers);
-  EXPECT_EQ(softmax_kernel_for<float>(25604, true), SoftmaxKernel::two_reads);
-}
-
-TEST(SoftmaxCrossEntropyKernelChoice, RowsNotSplitIntoVectorsTakeTheTwoReadKernel) {
-  EXPECT_EQ(softmax_kernel_for<bf16>(1000, false), SoftmaxKernel::two_reads);
-  EXPECT_EQ(softmax_kernel_for<float>(7, false), SoftmaxKernel::two_reads);
-}
-
 TEST(SoftmaxCrossEntropyArguments, PaddingAndIgnoreIndexMustMakeSense) {
   std::vector<float> logits(40), loss(4);
   std::vector<std::int32_t> targets(4);

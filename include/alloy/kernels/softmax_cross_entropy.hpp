@@ -24,12 +24,7 @@
 // over its elements, rescaling its sum when a vector raises its maximum; the threads' pairs are
 // then combined in a fixed order. A second pass writes dlogits. Both backends run the same
 // per-thread code and the same combination order (the Host replays a block of 256 threads), and
-// differ only in their exp2f/logf, so results are deterministic for given inputs and alignment.
-// On Cuda, a row whose 16-byte vectors give each of the 256 threads at most
-// softmax_register_vectors of them (bf16 and fp16 rows up to 51207 classes, float up to 25603:
-// GPT-2's vocabulary in bf16) is read once, into registers, and the gradient written from them;
-// longer rows, and rows whose logits and dlogits are not equally aligned, are read twice. Both
-// kernels perform the same operations in the same order, so they give the same bits.
+// differ only in their expf/logf, so results are deterministic for given inputs and alignment.
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -41,7 +36,6 @@
 #include <alloy/numeric/math.hpp>
 #include <alloy/numeric/rounding.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -88,20 +82,6 @@ struct CombineMaxSum {
   }
 };
 
-// One run of W consecutive elements added to a thread's (max, sum): the step both kernels and the
-// Host take, so their per-thread sums are the same operations in the same order.
-template <int W, class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE MaxSum add_run(MaxSum acc, const T (&v)[W]) {
-  float m = acc.max;
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
-  if (m == negative_infinity) return acc;
-  float sum = rescaled_sum(acc, m);
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
-  return {m, sum};
-}
-
 // Thread `thread` of `threads`: (max, sum of exp(x - max)) over its share of the row.
 template <class T>
 ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, std::size_t thread,
@@ -111,24 +91,20 @@ ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, s
     constexpr int W = decltype(run)::value;
     T v[W];
     load_run<W>(x + first, v);
-    acc = add_run(acc, v);
+    float m = acc.max;
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
+    if (m == negative_infinity) return;
+    float sum = rescaled_sum(acc, m);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
+    acc = {m, sum};
   });
   return acc;
 }
 
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float cross_entropy_loss(MaxSum total, float target_logit) {
   return fp::add(log_of(total.sum), fp::sub(total.max, target_logit));
-}
-
-// dlogits of one run but the target's: softmax * grad_scale, inv_sum = 1 / total.sum.
-template <int W, class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void gradient_run(const T (&v)[W], T (&d)[W], float max, float inv_sum,
-                                                      float grad_scale) {
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) {
-    const float p = fp::mul(softmax_exp(fp::sub(to_float(v[l]), max)), inv_sum);
-    d[l] = round_nearest<T>(fp::mul(p, grad_scale));
-  }
 }
 
 // Thread `thread` of `threads` writes its share of dlogits = softmax * grad_scale, the target's
@@ -143,7 +119,11 @@ ALLOY_HOST_DEVICE void softmax_thread_gradient(const RowSplit& s, const T* x, T*
     constexpr int W = decltype(run)::value;
     T v[W], d[W];
     load_run<W>(x + first, v);
-    gradient_run(v, d, total.max, inv_sum, grad_scale);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) {
+      const float p = fp::mul(softmax_exp(fp::sub(to_float(v[l]), total.max)), inv_sum);
+      d[l] = round_nearest<T>(fp::mul(p, grad_scale));
+    }
     store_run<W>(dx + first, d);
   });
 }
@@ -171,24 +151,6 @@ struct SoftmaxCrossEntropy {
   bool ignores;  // whether ignore_index is in use
   bool vectorized;
 };
-
-// The most 16-byte vectors of a row one thread of the register kernel holds: 25 x 16 bytes is
-// 100 registers, what two blocks of 256 threads per multiprocessor leave room for (128 a thread).
-// 25 x 256 vectors hold GPT-2's 50257 classes in bf16 (6282 vectors).
-inline constexpr int softmax_register_vectors = 25;
-
-// The Cuda kernel a row takes: `registers` reads it once into registers, `two_reads` walks it
-// twice (rows longer than the registers hold, and rows not split into vectors).
-enum class SoftmaxKernel { registers, two_reads };
-
-// A row of `real_classes` classes split into vectors (its logits and dlogits equally aligned)
-// has at most real_classes / lanes vectors, the count of a row that starts on a 16-byte boundary.
-template <class T>
-constexpr SoftmaxKernel softmax_kernel_for(std::size_t real_classes, bool vectorized) {
-  constexpr std::size_t lanes = row_vector_lanes<T>;
-  const bool fits = real_classes / lanes <= std::size_t(softmax_block) * softmax_register_vectors;
-  return vectorized && lanes > 1 && fits ? SoftmaxKernel::registers : SoftmaxKernel::two_reads;
-}
 
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool valid_target(std::int32_t t, std::size_t classes) {
   return t >= 0 && static_cast<std::size_t>(t) < classes;
@@ -266,110 +228,11 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
   }
 }
 
-// Blocks of the register kernel a multiprocessor holds: its __launch_bounds__, which cap it at
-// 128 registers a thread, and its grid per multiprocessor.
-inline constexpr int softmax_register_blocks_per_sm = 2;
-
-// The same values as softmax_cross_entropy_kernel with one read of the logits: a block per row,
-// each thread's share of a vectorized row (at most one head element, at most MaxVectors vectors,
-// at most one tail element: a head or tail is shorter than a vector) loaded into registers at
-// once, so a thread has all its 16-byte loads in flight; (max, sum) taken over them in
-// for_each_run's order; dlogits written from them. Per element: reads sizeof(T) once and, with
-// dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and writes the loss (4 bytes).
-// Registers cannot be indexed at run time, so the loops are unrolled over MaxVectors and each
-// step tests the thread's count.
-template <class T, int MaxVectors>
-__global__ void __launch_bounds__(softmax_block, softmax_register_blocks_per_sm)
-    softmax_cross_entropy_registers_kernel(SoftmaxCrossEntropy<T> a) {
-  constexpr int L = row_vector_lanes<T>;
-  static_assert(L > 1 && L < softmax_block, "a head and a tail must be one element a thread at most");
-  __shared__ MaxSum warp_totals[softmax_block / warp_size];
-  const std::size_t thread = threadIdx.x;
-  for (std::size_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    const T* x = a.logits + r * a.classes;
-    T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
-    const std::int32_t t = a.targets[r];
-    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {  // the same for the whole block
-      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
-      if (thread == 0) a.row_loss[r] = fill;
-      if (dx) {
-        for (std::size_t c = thread; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(fill);
-      }
-      continue;
-    }
-    const float target_logit = to_float(x[t]);  // before block_allreduce's barrier, so before any write
-    const RowSplit s = split_row(x, a.real_classes, true);
-    const std::size_t tail = s.head + s.vectors * L + thread;
-    const bool has_head = thread < s.head, has_tail = tail < s.length;
-    const int count = thread < s.vectors ? int((s.vectors - thread + softmax_block - 1) / softmax_block) : 0;
-    const std::size_t first = s.head + thread * L;  // the thread's vector i starts at first + i * 256 L
-    T head[1], last[1], v[MaxVectors][L];
-    if (has_head) head[0] = x[thread];
-    ALLOY_UNROLL
-    for (int i = 0; i < MaxVectors; ++i) {
-      if (i < count) load_run<L>(x + first + std::size_t(i) * softmax_block * L, v[i]);
-    }
-    if (has_tail) last[0] = x[tail];
-
-    MaxSum acc = empty_max_sum();
-    if (has_head) acc = add_run(acc, head);
-    ALLOY_UNROLL
-    for (int i = 0; i < MaxVectors; ++i) {
-      if (i < count) acc = add_run(acc, v[i]);
-    }
-    if (has_tail) acc = add_run(acc, last);
-    const MaxSum total = block_allreduce<softmax_block>(acc, CombineMaxSum{}, warp_totals);
-    if (thread == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
-    if (dx) {
-      const float inv_sum = fp::div(1.0f, total.sum);
-      if (has_head) {
-        T d[1];
-        gradient_run(head, d, total.max, inv_sum, a.grad_scale);
-        dx[thread] = d[0];
-      }
-      ALLOY_UNROLL
-      for (int i = 0; i < MaxVectors; ++i) {
-        if (i < count) {
-          T d[L];
-          gradient_run(v[i], d, total.max, inv_sum, a.grad_scale);
-          store_run<L>(dx + first + std::size_t(i) * softmax_block * L, d);
-        }
-      }
-      if (has_tail) {
-        T d[1];
-        gradient_run(last, d, total.max, inv_sum, a.grad_scale);
-        dx[tail] = d[0];
-      }
-      for (std::size_t c = a.real_classes + thread; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(0.0f);
-    }
-    __syncthreads();  // warp_totals is read by every thread before the next row writes it; dx[t] is written
-    if (dx && thread == 0) dx[t] = softmax_target_gradient<T>(target_logit, total, a.grad_scale);
-  }
-}
-
-// Launches `kernel` for `a`: softmax_cross_entropy_on picks it with softmax_kernel_for; tests
-// and benchmarks name it.
-template <class T>
-void launch_softmax_cross_entropy(Cuda be, const SoftmaxCrossEntropy<T>& a, SoftmaxKernel kernel) {
-  if (kernel == SoftmaxKernel::registers) {
-    if (softmax_kernel_for<T>(a.real_classes, a.vectorized) != SoftmaxKernel::registers) {
-      throw error("softmax_cross_entropy: a row of " + std::to_string(a.real_classes) +
-                  " classes does not fit the register kernel");
-    }
-    if (a.rows == 0) return;
-    const int grid = static_cast<int>(
-        std::min<std::size_t>(a.rows, std::size_t(current_device_sm_count()) * softmax_register_blocks_per_sm));
-    softmax_cross_entropy_registers_kernel<T, softmax_register_vectors><<<grid, softmax_block, 0, be.stream>>>(a);
-  } else {
-    if (a.rows == 0) return;
-    softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
-  }
-  ALLOY_CUDA_CHECK_LAUNCH();
-}
-
 template <class T>
 void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
-  launch_softmax_cross_entropy(be, a, softmax_kernel_for<T>(a.real_classes, a.vectorized));
+  if (a.rows == 0) return;
+  softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
+  ALLOY_CUDA_CHECK_LAUNCH();
 }
 
 #endif  // ALLOY_HAS_CUDA_KERNELS
