@@ -1,5 +1,6 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
 //   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] [--gemm-plans FILE]
+//   [--keep-gelu N]
 //   [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
@@ -25,7 +26,7 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--timed-gemm] [--gemm-plans FILE] "
+               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] "
                "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
                "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
                "[--eval-input PATH --eval-output PATH]\n",
@@ -57,6 +58,8 @@ mlp::Options parse(int argc, char** argv) {
       o.steps = std::atoi(value().c_str());
     else if (a == "--size")
       o.size = value();
+    else if (a == "--keep-gelu")  // the first N blocks keep GELU's output for backward
+      o.keep_gelu = std::strtoull(value().c_str(), nullptr, 10);
     else if (a == "--rows")
       o.rows = std::strtoull(value().c_str(), nullptr, 10);
     else if (a == "--save")
@@ -107,6 +110,10 @@ int main(int argc, char** argv) {
   mlp::Shape shape;
   if (o.size == "full" || (o.size.empty() && gpu)) shape = {1024, 1024, 8, 1000, 8192};
   if (o.rows) shape.rows = o.rows;
+  if (o.keep_gelu > shape.blocks)
+    usage(("--keep-gelu " + std::to_string(o.keep_gelu) + ": the model has " + std::to_string(shape.blocks) + " blocks")
+              .c_str());
+  shape.keep_gelu = o.keep_gelu;
   try {
     if (!gpu && !o.host) std::printf("no CUDA device: running on the Host backend\n");
     return with_precision(o, shape, gpu);

@@ -18,6 +18,9 @@ namespace mlp {
 
 struct Shape {
   std::size_t inputs = 64, width = 64, blocks = 2, classes = 10, rows = 256;
+  // How many blocks, the first ones, keep GELU's output for backward instead of recomputing it
+  // there (nn::GeluOptions::keep_output): 4 x width values a row more activation memory each.
+  std::size_t keep_gelu = 0;
 };
 
 // Features in pinned host memory (alloy::pinned_vector): the trainer's input pipeline copies them
@@ -77,7 +80,8 @@ inline std::vector<Block> blocks(const Shape& s) {
   for (std::size_t i = 0; i < s.blocks; ++i) {
     const std::string p = "blocks." + std::to_string(i) + ".";
     b.emplace_back(nn::Sequential(nn::LayerNorm(p + "norm", s.width), nn::Linear(p + "up", s.width, 4 * s.width),
-                                  nn::Gelu{}, nn::Linear(p + "down", 4 * s.width, s.width)));
+                                  nn::Gelu(nn::GeluOptions{.keep_output = i < s.keep_gelu}),
+                                  nn::Linear(p + "down", 4 * s.width, s.width)));
   }
   return b;
 }

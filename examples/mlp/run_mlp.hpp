@@ -22,6 +22,7 @@ struct Options {
   int steps = 200;
   std::string size;
   std::size_t rows = 0;
+  std::size_t keep_gelu = 0;  // --keep-gelu N: the first N blocks keep GELU's output (Shape::keep_gelu)
   std::string save, resume, csv = "mlp_loss.csv";
   bool host = false;
   // Weights in and out (PyTorch interop): imported after --resume and before training, exported
@@ -113,10 +114,11 @@ int run(const Options& o, Shape shape) {
     std::printf("imported weights from %s\n", o.import_weights.c_str());
   }
   std::printf(
-      "residual MLP on %s, %s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters\n",
+      "residual MLP on %s, %s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters%s\n",
       Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
       o.timed_gemm ? " + timed GEMM algorithms" : "", shape.inputs, shape.width, shape.blocks, shape.classes,
-      o.accumulate, shape.rows, trainer.store().layout().numel());
+      o.accumulate, shape.rows, trainer.store().layout().numel(),
+      shape.keep_gelu ? (", GELU's output kept in " + std::to_string(shape.keep_gelu) + " blocks").c_str() : "");
   std::ofstream csv(o.csv);
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";
   alloy::StepReport first{}, last{};

@@ -82,6 +82,24 @@ TEST(ResidualMlp, CheckpointingGivesTheSameBitsWithLessActivationMemory) {
   EXPECT_LT(b, a * 3 / 4);
 }
 
+// Shape::keep_gelu: blocks that keep GELU's output skip its recomputation in backward. In fp32
+// the kept output is the recomputed one, so training gives the same bits; each kept block holds
+// its 4 x width values a row until backward, so the activation peak grows by exactly that.
+TEST(ResidualMlp, KeepingGelusOutputGivesTheSameBitsInFp32ForItsMemory) {
+  ALLOY_SEEDED(seed);
+  mlp::Shape shape{12, 16, 3, 5, 40};
+  auto [recomputing, r1] = train<Precision<alloy::fp32>, Host>(seed, 4, shape);
+  shape.keep_gelu = 2;
+  auto [keeping, r2] = train<Precision<alloy::fp32>, Host>(seed, 4, shape);
+  for (int s = 0; s < 4; ++s) {
+    EXPECT_EQ(r1[s].loss, r2[s].loss) << "step " << s;
+    EXPECT_EQ(r1[s].grad_norm, r2[s].grad_norm) << "step " << s;
+  }
+  EXPECT_EQ(test::snapshot(recomputing->store()), test::snapshot(keeping->store()));
+  const std::size_t h = (shape.rows * 4 * shape.width * sizeof(float) + 255) / 256 * 256;
+  EXPECT_EQ(keeping->memory().activations_peak, recomputing->memory().activations_peak + 2 * h);
+}
+
 // The activation peak under Checkpointing, allocation by allocation. With u = rows x width in
 // bf16, n blocks and hidden = 4 width, what is live at the peak (the last block's backward, its
 // recomputation and its forward all reach it) is the n blocks' kept inputs, the gradient arriving
