@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <random>
 #include <string>
@@ -110,7 +111,13 @@ TEST(Reliability, FaultSoakSkipsEveryPoisonedStepAndConverges) {
       name = trainer.store().registry().specs()[static_cast<std::size_t>(b.param)].name;
     }
     const auto before = poisoned ? test::snapshot(trainer.store()) : std::vector<std::uint8_t>{};
-    const StepReport r = trainer.step(std::span<const FaultyBatch>(batches));
+    StepReport r;
+    try {
+      r = trainer.step(std::span<const FaultyBatch>(batches));
+    } catch (const std::exception& e) {  // with the step, the faults so far and the seed (SCOPED_TRACE)
+      FAIL() << "step " << s << (poisoned ? " (poisoned)" : "") << " threw after " << faults << " faults, the scale at "
+             << expected_scale << ": " << e.what();
+    }
     ASSERT_EQ(r.loss_scale, expected_scale) << "step " << s;
     if (poisoned) {
       ++faults;
