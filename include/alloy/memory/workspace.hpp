@@ -6,12 +6,21 @@
 // current); at the next reset the blocks are merged into one of the peak size, so steady state is
 // one allocation, no frees and nothing skipped. Reuse is safe on Cuda because all of a
 // micro-batch's work is ordered on one stream.
+//
+// On Cuda, where the device and driver manage virtual memory, the workspace is instead one range
+// of addresses that grows in place (backend/cuda/growing_range.hpp): no second block, nothing
+// skipped, nothing to merge, so the first steps hold no more than the peak (rounded up to the
+// mapping granularity, 2 MiB on the H200) where the blocks' sum could reach twice it.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
+#include <alloy/backend/cuda/growing_range.hpp>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace alloy {
@@ -34,6 +43,18 @@ class Workspace {
   template <class T>
   T* allocate(std::size_t n) {
     const std::size_t bytes = std::max<std::size_t>(alignment, (n * sizeof(T) + alignment - 1) / alignment * alignment);
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (grows_in_place()) {
+        range_->grow_to(top_.offset + bytes);  // throws, changing nothing, when the device is full
+        std::byte* p = range_->data() + top_.offset;
+        top_.offset += bytes;
+        top_.used += bytes;
+        peak_ = std::max(peak_, top_.used);
+        return reinterpret_cast<T*>(p);
+      }
+    }
+#endif
     while (top_.block < blocks_.size() && top_.offset + bytes > blocks_[top_.block].size()) {
       // The rest of this block is skipped. It does not count as used: one block of the peak, as
       // reset() makes, holds the same allocations with nothing skipped.
@@ -58,6 +79,14 @@ class Workspace {
   // for memory this workspace does not hold).
   bool keeps(const Mark& m, const void* p, std::size_t bytes) const noexcept {
     const auto at = reinterpret_cast<std::uintptr_t>(p);
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (range_) {
+        const auto base = reinterpret_cast<std::uintptr_t>(range_->data());
+        return at >= base && at - base <= m.offset && bytes <= m.offset - (at - base);
+      }
+    }
+#endif
     for (std::size_t i = 0; i < blocks_.size() && i <= m.block; ++i) {
       const auto base = reinterpret_cast<std::uintptr_t>(blocks_[i].data());
       const std::size_t limit = i < m.block ? blocks_[i].size() : m.offset;
@@ -82,6 +111,11 @@ class Workspace {
   std::size_t peak_bytes() const noexcept { return peak_; }
   void reset_peak() noexcept { peak_ = top_.used; }
   std::size_t reserved_bytes() const noexcept {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (range_) return range_->size();
+    }
+#endif
     std::size_t total = 0;
     for (const auto& b : blocks_) total += b.size();
     return total;
@@ -89,9 +123,31 @@ class Workspace {
 
   static constexpr std::size_t alignment = 256;
 
+  // Cuda: whether this workspace is one range growing in place (decided at its first allocation:
+  // where the device supports it and ALLOY_WORKSPACE_BLOCKS is not set in the environment).
+  bool grows_in_place() {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (!decided_) {
+        decided_ = true;
+        if (blocks_.empty() && std::getenv("ALLOY_WORKSPACE_BLOCKS") == nullptr &&
+            detail::GrowingDeviceRange::supported()) {
+          range_ = std::make_unique<detail::GrowingDeviceRange>(be_, tracker_);
+        }
+      }
+      return range_ != nullptr;
+    }
+#endif
+    return false;
+  }
+
  private:
   B be_;
   MemoryTracker* tracker_;
+#if ALLOY_HAS_CUDA_RUNTIME
+  std::unique_ptr<detail::GrowingDeviceRange> range_;  // Cuda, where supported: replaces blocks_
+  bool decided_ = false;
+#endif
   std::vector<Buffer<std::byte, B>> blocks_;
   Mark top_{};
   std::size_t peak_ = 0;

@@ -515,8 +515,9 @@ class Trainer {
   }
 
   // Starts a new window for memory().backend.peak_bytes at what the trainer holds now (after
-  // warm-up, as torch.cuda.reset_peak_memory_stats: the first step also holds the workspace's
-  // growth, merged into one block at the next micro-batch).
+  // warm-up, as torch.cuda.reset_peak_memory_stats. On Cuda the workspace grows in place where
+  // the device manages virtual memory, so the first step peaks no higher than the next; elsewhere
+  // the first step also holds the workspace's growth, merged into one block at the next micro-batch).
   void reset_memory_peak() noexcept { tracker_->reset_peak(); }
 
   // Waits until everything the trainer queued has finished on the device (step() returns with its
