@@ -27,7 +27,6 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -372,8 +371,7 @@ class GemmHandle {
       std::size_t got = 0;
       while (in && (got = std::fread(chunk, 1, sizeof chunk, in.get())) > 0) text.append(chunk, got);
       if (!in || std::ferror(in.get())) {
-        throw error("GemmHandle: cannot read the gemm plans file '" + plans_file_ +
-                    "': " + std::system_category().message(errno));
+        throw error("GemmHandle: cannot read the gemm plans file '" + plans_file_ + "': " + detail::errno_text(errno));
       }
     }
     detail::GemmPlansFile f = detail::parse_gemm_plans(text, plans_file_);
