@@ -163,14 +163,13 @@ void BM_LmHeadRowKernel(benchmark::State& state) {
         ALLOY_CUDA_CHECK(
             cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
       });
-  // On Hopper these rows go to the cluster kernel: the logits read once and the gradient written.
-  alloy::bench::report_bytes(state, 2.0 * chunk * padded * sizeof(bf16));
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
-// The block kernel (a row per block, the logits read twice: the path before Hopper) launched by hand with `range(0)`
-// blocks per multiprocessor (the library launches up to 8): fewer rows in flight at once (a row is 100 KB) let the
-// second read of each row come from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins
-// decides the library's grid for rows this long.
+// The row kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
+// up to 8): fewer rows in flight at once (a row is 100 KB) let the second read of each row come
+// from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins decides the
+// library's grid for rows this long.
 void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
   constexpr std::size_t chunk = 8192;

@@ -390,16 +390,10 @@ std::string describe(const char* dtype, const LossCase& s) {
          (s.spread > 0 ? " logits ~ N(0, " + std::to_string(s.spread) + ")" : " logits in +-80");
 }
 
-// Rows of 16384 classes and more (8192 for float) go to a cluster of blocks on Hopper: odd counts
-// there, a misaligned one, the largest a cluster takes for 16-bit rows (131072), fewer rows than
-// resident clusters.
 const LossCase loss_cases[] = {{37, 29},
                                {37, 1000},
                                {37, 1},
                                {256, 50257},
-                               {37, 20011, 3, 3},
-                               {9, 131072},
-                               {3, 16385, 5, 5},
                                {64, 32000, 1, 1},
                                {64, 32000, 1, 0},
                                {64, 50257, 3, 3},

@@ -636,12 +636,12 @@ RowSoftmax row_softmax(const T* x, std::size_t classes, std::int32_t target) {
 }
 
 // Bounds. A thread's sum of exp(x - max) takes up to (classes / 256 + 24) additions and, with
-// the 12 combination steps after (rows of 16384 classes and more, 8192 for float, split over a
-// cluster of 2048 threads: classes / 2048 + 24 and 19, fewer in all), each term passes through up to (runs + 13) exp
-// evaluations and multiplications (runs = classes / 256 + 3), each off by u plus exp's error. The arguments of those
-// exps (x - m, then m_old - m_new as the maximum grows) add up to max - x for each term, and each is rounded within u
-// of itself, then multiplied by log2(e) for exp2 (another u of itself), so term x is off by a further 4u (max - x)
-// relative: weighted by the terms, 4u spread with spread = sum of p (max - x). So
+// the 12 combination steps after, each term passes through up to (runs + 13) exp evaluations and
+// multiplications (runs = classes / 256 + 3), each off by u plus exp's error. The arguments of
+// those exps (x - m, then m_old - m_new as the maximum grows) add up to max - x for each term,
+// and each is rounded within u of itself, then multiplied by log2(e) for exp2 (another u of
+// itself), so term x is off by a further 4u (max - x) relative: weighted by the terms, 4u spread
+// with spread = sum of p (max - x). So
 //   eps_s = (runs + 13)(u + e_exp) + 4u spread + (classes / 256 + 37) u,
 //   loss:   2 (eps_s + 4u |log sum| + u |max - x[t]| + u |loss|),
 //   p = exp(x - max) / sum within eps_p = 2u |x - max| + e_exp + eps_s + 2u relative, and

@@ -23,10 +23,8 @@
 // One pass finds the maximum and the sum together: each thread keeps (max, sum of exp(x - max))
 // over its elements, rescaling its sum when a vector raises its maximum; the threads' pairs are
 // then combined in a fixed order. A second pass writes dlogits. Both backends run the same
-// per-thread code and the same combination order (the Host replays a block of 256 threads, or for
-// rows of many classes the cluster of 8 such blocks that shares a row on Hopper and keeps it in
-// registers, reading the logits once), and differ only in their expf/logf, so results are
-// deterministic for given inputs and alignment.
+// per-thread code and the same combination order (the Host replays a block of 256 threads), and
+// differ only in their expf/logf, so results are deterministic for given inputs and alignment.
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -38,7 +36,6 @@
 #include <alloy/numeric/math.hpp>
 #include <alloy/numeric/rounding.hpp>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -85,20 +82,6 @@ struct CombineMaxSum {
   }
 };
 
-// acc extended by one run of W elements: its maximum raised first, then the run's terms added
-// in order.
-template <int W, class T>
-ALLOY_HOST_DEVICE ALLOY_FORCEINLINE MaxSum softmax_run_max_sum(MaxSum acc, const T (&v)[W]) {
-  float m = acc.max;
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
-  if (m == negative_infinity) return acc;
-  float sum = rescaled_sum(acc, m);
-  ALLOY_UNROLL
-  for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
-  return {m, sum};
-}
-
 // Thread `thread` of `threads`: (max, sum of exp(x - max)) over its share of the row.
 template <class T>
 ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, std::size_t thread,
@@ -108,43 +91,16 @@ ALLOY_HOST_DEVICE MaxSum softmax_thread_max_sum(const RowSplit& s, const T* x, s
     constexpr int W = decltype(run)::value;
     T v[W];
     load_run<W>(x + first, v);
-    acc = softmax_run_max_sum<W>(acc, v);
+    float m = acc.max;
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) m = Max{}(m, to_float(v[l]));
+    if (m == negative_infinity) return;
+    float sum = rescaled_sum(acc, m);
+    ALLOY_UNROLL
+    for (int l = 0; l < W; ++l) sum = fp::add(sum, softmax_exp(fp::sub(to_float(v[l]), m)));
+    acc = {m, sum};
   });
   return acc;
-}
-
-// Rows of many classes go to a cluster of blocks on Hopper (softmax_cross_entropy_cluster_kernel):
-// 8 blocks of softmax_block threads share a row, 2048 threads, each holding its elements in
-// registers between the two passes, so the logits are read once. Taken when a row has at least one
-// and at most softmax_cluster_max_vectors 16-byte vectors per thread: 16384 to 131072 classes of
-// bf16 or fp16, 8192 to 65536 of float (GPT-2's 50257 in either). A function of the sizes alone, so
-// the Host replays the same split.
-inline constexpr int softmax_cluster_blocks = 8;
-inline constexpr int softmax_cluster_threads = softmax_cluster_blocks * softmax_block;
-inline constexpr int softmax_cluster_max_vectors = 8;
-
-template <class T>
-constexpr bool softmax_rows_in_cluster(std::size_t real_classes, bool vectorized) {
-  constexpr std::size_t lanes = row_vector_lanes<T>;
-  return vectorized && lanes > 1 && real_classes >= softmax_cluster_threads * lanes &&
-         real_classes <= std::size_t(softmax_cluster_threads) * softmax_cluster_max_vectors * lanes;
-}
-
-// The row's (max, sum) as the cluster kernel combines it: each block's 256 threads as
-// block_allreduce does (thread b 256 + i of 2048 is block b's thread i), then the 8 block totals
-// folded left in rank order.
-template <class T>
-MaxSum softmax_cluster_replay(const RowSplit& s, const T* x) {
-  MaxSum total{};
-  for (int b = 0; b < softmax_cluster_blocks; ++b) {
-    MaxSum threads[softmax_block];
-    for (int i = 0; i < softmax_block; ++i) {
-      threads[i] = softmax_thread_max_sum(s, x, std::size_t(b) * softmax_block + i, softmax_cluster_threads);
-    }
-    const MaxSum block = block_replay(threads, CombineMaxSum{});
-    total = b == 0 ? block : CombineMaxSum{}(total, block);
-  }
-  return total;
 }
 
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE float cross_entropy_loss(MaxSum total, float target_logit) {
@@ -205,8 +161,7 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool ignored_row(const SoftmaxCrossEntropy<T
   return a.ignores && t == a.ignore_index;
 }
 
-// The Host reference: plain loops replaying a 256-thread block per row, or the cluster's 8 blocks
-// where the Cuda path gives a row to a cluster.
+// The Host reference: plain loops replaying a 256-thread block per row.
 template <class T>
 void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
   for (std::size_t r = 0; r < a.rows; ++r) {
@@ -222,14 +177,9 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
       continue;
     }
     const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    MaxSum total{};
-    if (softmax_rows_in_cluster<T>(a.real_classes, a.vectorized)) {
-      total = softmax_cluster_replay(s, x);
-    } else {
-      MaxSum threads[softmax_block];
-      for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
-      total = block_replay(threads, CombineMaxSum{});
-    }
+    MaxSum threads[softmax_block];
+    for (int i = 0; i < softmax_block; ++i) threads[i] = softmax_thread_max_sum(s, x, i, softmax_block);
+    const MaxSum total = block_replay(threads, CombineMaxSum{});
     a.row_loss[r] = cross_entropy_loss(total, to_float(x[t]));
     if (dx) {
       const float target_logit = to_float(x[t]);
@@ -278,155 +228,9 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
   }
 }
 
-// A cluster of softmax_cluster_blocks blocks per row (softmax_rows_in_cluster): thread b 256 + i
-// (block rank b) loads its runs of the row, the same runs as for_each_run's thread of 2048 (at most
-// one head element, softmax_cluster_max_vectors vectors, one tail element), into registers; its
-// (max, sum) as softmax_thread_max_sum; the block's total through block_allreduce into shared
-// memory; after a cluster barrier every thread folds the 8 blocks' totals in rank order from
-// distributed shared memory and writes its elements' gradients from the registers. Per element:
-// reads the logit once and writes sizeof(T). The block totals alternate between two slots, so one
-// barrier per row orders both the reads of a row's totals before the writes of the row after next
-// and, with dlogits == logits, every thread's read of the target logit before any write.
-template <class T>
-__global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_cluster_kernel(SoftmaxCrossEntropy<T> a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int L = row_vector_lanes<T>;
-  constexpr int V = softmax_cluster_max_vectors;
-  constexpr std::size_t threads = softmax_cluster_threads;
-  __shared__ MaxSum warp_totals[softmax_block / warp_size];
-  __shared__ MaxSum block_totals[2];
-  const unsigned rank = __clusterRelativeBlockRank();
-  const std::size_t thread = std::size_t(rank) * softmax_block + threadIdx.x;
-  const std::size_t clusters = gridDim.x / softmax_cluster_blocks;
-  int slot = 0;
-  for (std::size_t r = blockIdx.x / softmax_cluster_blocks; r < a.rows; r += clusters) {
-    const T* x = a.logits + r * a.classes;
-    T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
-    const std::int32_t t = a.targets[r];
-    if (ignored_row(a, t) || !valid_target(t, a.real_classes)) {  // the same for the whole cluster
-      const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
-      if (thread == 0) a.row_loss[r] = fill;
-      if (dx) {
-        for (std::size_t c = thread; c < a.classes; c += threads) dx[c] = round_nearest<T>(fill);
-      }
-      continue;
-    }
-    const float target_logit = to_float(x[t]);
-    const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    const std::size_t tail = s.head + s.vectors * L;
-    const bool has_head = thread < s.head, has_tail = tail + thread < s.length;
-    T head[1], tail_value[1], v[V][L];
-    if (has_head) head[0] = x[thread];
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      if (thread + k * threads < s.vectors) load_run<L>(x + s.head + (thread + k * threads) * L, v[k]);
-    }
-    if (has_tail) tail_value[0] = x[tail + thread];
-    MaxSum acc = empty_max_sum();
-    if (has_head) acc = softmax_run_max_sum<1>(acc, head);
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      if (thread + k * threads < s.vectors) acc = softmax_run_max_sum<L>(acc, v[k]);
-    }
-    if (has_tail) acc = softmax_run_max_sum<1>(acc, tail_value);
-    const MaxSum block = block_allreduce<softmax_block>(acc, CombineMaxSum{}, warp_totals);
-    if (threadIdx.x == 0) block_totals[slot] = block;
-    __cluster_barrier_arrive();
-    __cluster_barrier_wait();
-    MaxSum total = *static_cast<const MaxSum*>(__cluster_map_shared_rank(&block_totals[slot], 0));
-    ALLOY_UNROLL
-    for (int b = 1; b < softmax_cluster_blocks; ++b) {
-      total = CombineMaxSum{}(total, *static_cast<const MaxSum*>(__cluster_map_shared_rank(&block_totals[slot], b)));
-    }
-    slot ^= 1;
-    if (thread == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
-    if (!dx) continue;
-    // softmax_thread_gradient's operations on the registers; the target's element as
-    // softmax_target_gradient, by the thread that holds it.
-    const float inv_sum = fp::div(1.0f, total.sum);
-    const auto gradient = [&](const T& value) {
-      const float p = fp::mul(softmax_exp(fp::sub(to_float(value), total.max)), inv_sum);
-      return round_nearest<T>(fp::mul(p, a.grad_scale));
-    };
-    const T target_gradient = softmax_target_gradient<T>(target_logit, total, a.grad_scale);
-    const std::size_t target = static_cast<std::size_t>(t);
-    if (has_head) dx[thread] = thread == target ? target_gradient : gradient(head[0]);
-    ALLOY_UNROLL
-    for (int k = 0; k < V; ++k) {
-      const std::size_t first = s.head + (thread + k * threads) * L;
-      if (thread + k * threads >= s.vectors) continue;
-      T d[L];
-      ALLOY_UNROLL
-      for (int l = 0; l < L; ++l) d[l] = gradient(v[k][l]);
-      if (target - first < std::size_t(L)) d[target - first] = target_gradient;
-      store_run<L>(dx + first, d);
-    }
-    if (has_tail) dx[tail + thread] = tail + thread == target ? target_gradient : gradient(tail_value[0]);
-    for (std::size_t c = a.real_classes + thread; c < a.classes; c += threads) dx[c] = round_nearest<T>(0.0f);
-  }
-  // A block's shared memory must outlive the other blocks' reads of it.
-  __cluster_barrier_arrive();
-  __cluster_barrier_wait();
-#else
-  (void)a;
-  __trap();  // launched only where the kernel was compiled for sm_90 or later (see below)
-#endif
-}
-
-// Whether this binary holds the cluster kernel for the current device (compiled for sm_90 or
-// later: a build for older architectures only runs on Hopper through their PTX, without it), and
-// how many clusters of it stay resident at once (0: none).
-template <class T>
-int softmax_resident_clusters() {
-  static const int clusters = [] {
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, softmax_cross_entropy_cluster_kernel<T>) != cudaSuccess ||
-        attributes.binaryVersion < 90) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(softmax_cluster_blocks * current_device_sm_count());
-    config.blockDim = dim3(softmax_block);
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = softmax_cluster_blocks;
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, softmax_cross_entropy_cluster_kernel<T>, &config) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    return n;
-  }();
-  return clusters;
-}
-
 template <class T>
 void softmax_cross_entropy_on(Cuda be, const SoftmaxCrossEntropy<T>& a) {
   if (a.rows == 0) return;
-  if (softmax_rows_in_cluster<T>(a.real_classes, a.vectorized)) {
-    if (const int resident = softmax_resident_clusters<T>(); resident > 0) {
-      const std::size_t clusters = std::min<std::size_t>(a.rows, static_cast<std::size_t>(resident));
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(clusters * softmax_cluster_blocks));
-      config.blockDim = dim3(softmax_block);
-      config.stream = be.stream;
-      cudaLaunchAttribute cluster{};
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = softmax_cluster_blocks;
-      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-      config.attrs = &cluster;
-      config.numAttrs = 1;
-      ALLOY_CUDA_CHECK(cudaLaunchKernelEx(&config, softmax_cross_entropy_cluster_kernel<T>, a));
-      return;
-    }
-    // Before Hopper (or without its code in this binary): the block kernel, whose combination
-    // order differs from the Host's replay of the cluster for these rows (within the tests'
-    // tolerances, as every Cuda result; deterministic still).
-  }
   softmax_cross_entropy_kernel<<<grid_for(a.rows, 1), softmax_block, 0, be.stream>>>(a);  // a row per block at a time
   ALLOY_CUDA_CHECK_LAUNCH();
 }
