@@ -443,32 +443,6 @@ TYPED_TEST(HostGemm, LinearForwardAndBackwardFollowTheDocumentedMapping) {
 
 // ---- tf32 ----
 
-// gemm_pre_activation on the Host: the plain product's C is, bit for bit, the pre-activation the
-// GELU product keeps (with and without a bias), at an odd size.
-TYPED_TEST(HostGemm, PreActivationProductGivesTheGeluProductsBits) {
-  ALLOY_SEEDED(seed);
-  for (Epilogue e : {Epilogue::bias_gelu_tanh, Epilogue::gelu_tanh}) {
-    std::mt19937_64 rng(seed);
-    const GemmCase s{.transb = Transpose::yes, .m = 37, .n = 24, .k = 19, .epilogue = e, .keep_pre_activation = true};
-    GemmOperands<TypeParam> x(s, rng);
-    auto gelu = x;
-    alloy::gemm(Host{}, gelu.args());
-    auto plain = x;
-    GemmArgs<TypeParam> g = plain.args();
-    g.epilogue = e == Epilogue::bias_gelu_tanh ? Epilogue::bias : Epilogue::none;
-    g.c = plain.pre_activation.data();
-    g.ldc = plain.ldp;
-    g.pre_activation = nullptr;
-    g.ld_pre_activation = 0;
-    EXPECT_TRUE(alloy::gemm_pre_activation(Host{}, g));
-    for (std::size_t i = 0; i < plain.pre_activation.size(); ++i) {
-      ASSERT_EQ(bits_of(plain.pre_activation[i]), bits_of(gelu.pre_activation[i])) << "element " << i;
-    }
-    g.beta = 1.0f;
-    EXPECT_THROW((void)alloy::gemm_pre_activation(Host{}, g), alloy::error) << "beta: no GELU product adds to C";
-  }
-}
-
 TEST(HostGemmTf32, RoundsEachMultiplierInputToNearestEven) {
   // Rows of A: above the halfway point (rounds up), exactly halfway with an even neighbour
   // below (rounds down), exactly halfway with an odd one below (rounds up).

@@ -282,42 +282,5 @@ void check_gemm_args(const GemmArgs<Compute>& g) {
   }
 }
 
-// gemm_pre_activation's product: C = op(A) op(B) (+ bias), to be the bits of GELU's input as the
-// same product under GELU's epilogue writes it. So: Epilogue::bias or none, beta 0, no c_in, no
-// pre_activation of its own, and ldc a multiple of 8 (C is stored as that product's
-// pre_activation would be).
-template <class Compute>
-void check_pre_activation_args(const GemmArgs<Compute>& g) {
-  check_gemm_args(g);
-  const std::string where = std::string("gemm_pre_activation<") + numeric_traits<Compute>::name + ">: ";
-  if (g.epilogue != Epilogue::bias && g.epilogue != Epilogue::none) {
-    throw error(where + "the epilogue is " + name_of(g.epilogue) +
-                "; GELU's input comes from Epilogue::bias (bias_gelu_tanh's) or none (gelu_tanh's)");
-  }
-  if (g.beta != 0.0f || g.c_in != nullptr) {
-    throw error(where + "beta = " + std::to_string(g.beta) + (g.c_in ? " with c_in" : "") +
-                "; the GELU products it matches add nothing to their output (beta 0, no c_in)");
-  }
-  if (g.pre_activation != nullptr) {
-    throw error(where + "pre_activation is set; C itself is the pre-activation");
-  }
-  if (g.ldc % 8 != 0) {
-    throw error(where + "ldc = " + std::to_string(g.ldc) +
-                " is not a multiple of 8: no GELU product keeps its input in that layout (cuBLASLt's rule)");
-  }
-}
-
-// The GELU product whose pre-activation gemm_pre_activation's g reproduces: the same problem
-// under bias_gelu_tanh (gelu_tanh without a bias), keeping its input in C's place and layout.
-// For plans only (its output and its pre-activation are one matrix): never launched.
-template <class Compute>
-GemmArgs<Compute> gelu_product_of(const GemmArgs<Compute>& g) {
-  GemmArgs<Compute> gelu = g;
-  gelu.epilogue = g.epilogue == Epilogue::bias ? Epilogue::bias_gelu_tanh : Epilogue::gelu_tanh;
-  gelu.pre_activation = g.c;
-  gelu.ld_pre_activation = g.ldc;
-  return gelu;
-}
-
 }  // namespace detail
 }  // namespace alloy

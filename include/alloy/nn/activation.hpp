@@ -42,23 +42,6 @@ void gemm(Ctx& ctx, const GemmArgs<gemm_compute_t<Ctx>>& args) {
   }
 }
 
-// gemm_pre_activation on the context's backend: false (nothing run) where the Cuda gemm cannot
-// promise the GELU product's bits.
-template <class Ctx>
-bool gemm_pre_activation(Ctx& ctx, const GemmArgs<gemm_compute_t<Ctx>>& args) {
-  using B = typename Ctx::backend_type;
-  if constexpr (std::is_same_v<B, Host>) {
-    (void)ctx;
-    return alloy::gemm_pre_activation(Host{}, args);
-  } else {
-#if ALLOY_HAS_CUDA_RUNTIME
-    return alloy::gemm_pre_activation(ctx.backend(), ctx.resources().gemm(), args);
-#else
-    return false;
-#endif
-  }
-}
-
 // c = a + b (in float, rounded once).
 template <class T>
 struct AddElements {

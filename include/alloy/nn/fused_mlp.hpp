@@ -81,21 +81,21 @@ Activation<T> mlp_forward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activa
 }
 
 // What backward needs of mlp_forward, without its output: the recomputation of a checkpointed
-// segment's last block (train/recompute.hpp), where nothing reads y. Down's product, half of the
-// block's forward, does not run at all: its backward reads only the pre-activation (h is
-// recomputed from it) and dy. Up's product runs without GELU's output, as the plain product with
-// the GELU product's algorithm (Linear::pre_activation_into: the bits of forward's pre-activation,
-// 30 us less a block at the residual MLP's size); where the backend cannot promise those bits, and
-// with GeluOptions::keep_output (h is kept), as in mlp_forward.
+// segment's last block (train/recompute.hpp), where nothing reads y. Up's product runs as in
+// mlp_forward (same arguments, so the same cuBLASLt plan and the same bits of the pre-activation);
+// down's product, half of the block's forward, does not run at all: its backward reads only the
+// pre-activation (h is recomputed from it) and dy.
+// Up's product with the plain bias epilogue (the pre-activation as its output, no GELU output)
+// would save about 30 us more per block (d5526ac: Checkpointing 1.131x instead of 1.176x of the
+// step), and gave GELU_AUX's bits at the sizes tested on the H200; but cuBLASLt chooses its kernel
+// per epilogue and shape, so the equality would be measured, not built in, and recomputation
+// promises the same bits. Kept as the same product until the plain product can be given the
+// GELU_AUX plan's algorithm.
 template <class Ctx, class T = value_t<Ctx>>
 void mlp_forward_for_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> x) {
   const std::size_t hidden = up.out_features(x.cols);
   check_width("Linear", down.name(), down.in_features(), hidden);
   T* pre = ctx.template allocate<T>(x.rows * hidden);
-  if (!gelu.options().keep_output && up.pre_activation_into(ctx, x, pre)) {
-    gelu.keep_pre_activation(static_cast<const T*>(pre), true);
-    return;
-  }
   const auto mark = ctx.workspace().mark();
   T* h = ctx.template allocate<T>(x.rows * hidden);  // the epilogue's GELU output, unread unless kept
   up.forward_into(ctx, x, h, {}, pre);

@@ -100,20 +100,25 @@ class Linear {
                   " x " + std::to_string(residual.cols) + ", the output " + std::to_string(x.rows) + " x " +
                   std::to_string(out_));
     }
-    detail::gemm(ctx, forward_args(ctx, x, y, residual, pre_activation));
-  }
-
-  // pre (rows x out, packed) = x W^T + b, bit for bit the pre-activation that forward_into(ctx, x,
-  // y, {}, pre) keeps, without GELU's output: the recomputation of a checkpointed up product
-  // (nn/fused_mlp.hpp), about 30 us a block cheaper at the residual MLP's size than the GELU
-  // product. Keeps x for backward, as forward does. False, with nothing run, where the backend
-  // cannot promise those bits (gemm_pre_activation): run forward_into with GELU's output then.
-  template <class Ctx, class T = detail::value_t<Ctx>>
-  bool pre_activation_into(Ctx& ctx, Activation<const T> x, T* pre) {
-    detail::check_width("Linear", name_, in_, x.cols);
-    if (!detail::gemm_pre_activation(ctx, forward_args(ctx, x, pre, {}, static_cast<T*>(nullptr)))) return false;
-    x_ = x;
-    return true;
+    const bool gelu = pre_activation != nullptr;
+    detail::gemm(ctx, {.transa = Transpose::no,
+                       .transb = Transpose::yes,
+                       .m = x.rows,
+                       .n = out_,
+                       .k = in_,
+                       .a = x.data,
+                       .lda = in_,
+                       .b = ctx.param(weight_).data,
+                       .ldb = in_,
+                       .c = y,
+                       .ldc = out_,
+                       .c_in = residual.data,
+                       .beta = residual.data != nullptr ? 1.0f : 0.0f,
+                       .epilogue = has_bias_ ? (gelu ? Epilogue::bias_gelu_tanh : Epilogue::bias)
+                                             : (gelu ? Epilogue::gelu_tanh : Epilogue::none),
+                       .bias = has_bias_ ? ctx.param(bias_).data : nullptr,
+                       .pre_activation = pre_activation,
+                       .ld_pre_activation = gelu ? out_ : 0});
   }
 
   // dx = dy W (rows x in, new in the workspace). With pre_activation (GELU's input before this
@@ -197,31 +202,6 @@ class Linear {
   }
 
  private:
-  // The forward product's arguments: y = act(x W^T + b + residual), GELU when pre_activation is given.
-  template <class Ctx, class T = detail::value_t<Ctx>>
-  GemmArgs<detail::gemm_compute_t<Ctx>> forward_args(Ctx& ctx, Activation<const T> x, T* y,
-                                                     Activation<const T> residual, T* pre_activation) const {
-    const bool gelu = pre_activation != nullptr;
-    return {.transa = Transpose::no,
-            .transb = Transpose::yes,
-            .m = x.rows,
-            .n = out_,
-            .k = in_,
-            .a = x.data,
-            .lda = in_,
-            .b = ctx.param(weight_).data,
-            .ldb = in_,
-            .c = y,
-            .ldc = out_,
-            .c_in = residual.data,
-            .beta = residual.data != nullptr ? 1.0f : 0.0f,
-            .epilogue = has_bias_ ? (gelu ? Epilogue::bias_gelu_tanh : Epilogue::bias)
-                                  : (gelu ? Epilogue::gelu_tanh : Epilogue::none),
-            .bias = has_bias_ ? ctx.param(bias_).data : nullptr,
-            .pre_activation = pre_activation,
-            .ld_pre_activation = gelu ? out_ : 0};
-  }
-
   // dW = dy^T x (written, or added when gradients accumulate), with `epilogue` writing db.
   template <class Ctx, class T = detail::value_t<Ctx>>
   void weight_product(Ctx& ctx, Activation<const T> dy, const T* x, Epilogue epilogue, T* db) {

@@ -26,7 +26,6 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -314,49 +313,6 @@ class GemmHandle {
  private:
   template <class Compute>
   friend void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g);
-  template <class Compute>
-  friend bool gemm_pre_activation(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g);
-
-  // The plan that runs g (Epilogue::bias or none) with the algorithm of the same problem under
-  // GELU's epilogue keeping its input (detail::gelu_product_of(g)): the same main loop, so C gets
-  // the bits that product writes as its pre-activation. Null when that cannot be promised: under
-  // timed tuning the GELU product has not been planned on this handle (its choice is not known),
-  // or cuBLASLt refuses its algorithm for g's epilogue.
-  template <class Compute>
-  detail::GemmPlan* pre_activation_plan_for(const GemmArgs<Compute>& g) {
-    const detail::GemmPlanKey key = detail::plan_key(g);
-    if (auto found = pre_activation_plans_.find(key); found != pre_activation_plans_.end()) {
-      return found->second ? &*found->second : nullptr;
-    }
-    const GemmArgs<Compute> gelu = detail::gelu_product_of(g);
-    const detail::GemmPlanKey gelu_key = detail::plan_key(gelu);
-    const cublasLtMatmulAlgo_t* algo = nullptr;
-    if (auto found = plans_.find(gelu_key); found != plans_.end()) {
-      algo = &found->second.algo;
-    } else if (tuning_ == GemmTuning::heuristic) {
-      // The heuristic's choice depends on the problem alone: the one the GELU product gets.
-      if (plans_.size() >= max_cached_plans) clear_plans();
-      algo = &plans_.emplace(gelu_key, detail::make_plan(handle_.get(), gelu, workspace_.bytes())).first->second.algo;
-    } else {
-      return nullptr;  // not remembered: the GELU product's first call will time it
-    }
-    detail::GemmCandidates c = detail::heuristic_algos(handle_.get(), g, workspace_.bytes(), 0);
-    c.plan.algo = *algo;
-    cublasLtMatmulHeuristicResult_t checked{};
-    const bool runs = cublasLtMatmulAlgoCheck(handle_.get(), c.plan.desc.get(), c.plan.lt_a.get(), c.plan.lt_b.get(),
-                                              c.plan.lt_c.get(), c.plan.lt_c.get(), &c.plan.algo,
-                                              &checked) == CUBLAS_STATUS_SUCCESS &&
-                      checked.workspaceSize <= workspace_.bytes();
-    // A refusal is remembered too: cuBLASLt answers the same for the same problem.
-    auto& kept = pre_activation_plans_[key];
-    if (runs) kept = std::move(c.plan);
-    return kept ? &*kept : nullptr;
-  }
-
-  void clear_plans() {
-    plans_.clear();
-    pre_activation_plans_.clear();
-  }
 
   // The plan for g's problem, made on first use (on `stream`, where the call runs: the timed
   // choice runs the candidates there, after the work that writes g's inputs).
@@ -364,7 +320,7 @@ class GemmHandle {
   detail::GemmPlan& plan_for(const GemmArgs<Compute>& g, cudaStream_t stream) {
     const detail::GemmPlanKey key = detail::plan_key(g);
     if (auto found = plans_.find(key); found != plans_.end()) return found->second;
-    if (plans_.size() >= max_cached_plans) clear_plans();
+    if (plans_.size() >= max_cached_plans) plans_.clear();
     const bool adds_to_output = g.beta != 0.0f && detail::c_in_of(g) == g.c;
     if (tuning_ == GemmTuning::heuristic || adds_to_output) {
       return plans_.emplace(key, detail::make_plan(handle_.get(), g, workspace_.bytes())).first->second;
@@ -492,8 +448,6 @@ class GemmHandle {
   detail::Event timing_start_, timing_end_;  // GemmTuning::timed, made on first use
   std::size_t timed_plans_ = 0, retuned_plans_ = 0;
   std::map<detail::GemmPlanKey, detail::GemmPlan> plans_;
-  // gemm_pre_activation's plans, by the plain product's problem (empty: cuBLASLt refused the algorithm).
-  std::map<detail::GemmPlanKey, std::optional<detail::GemmPlan>> pre_activation_plans_;
   std::string plans_file_, identity_;                              // GemmTuning::timed with a plans file
   std::map<detail::GemmPlanKey, detail::GemmAlgoWords> recorded_;  // the file's plans and this run's
   std::size_t loaded_plans_ = 0;
@@ -516,33 +470,6 @@ void gemm(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
   ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan.desc.get(), &g.alpha, g.b, plan.lt_a.get(), g.a,
                                     plan.lt_b.get(), &g.beta, detail::c_in_of(g), plan.lt_c.get(), g.c, plan.lt_c.get(),
                                     &plan.algo, handle.workspace_.data(), handle.workspace_.bytes(), be.stream));
-}
-
-// The product g (Epilogue::bias or none, beta 0) with C bit for bit the pre-activation that the
-// same product under GELU's epilogue (bias_gelu_tanh or gelu_tanh, keeping its input) writes,
-// without GELU's output: the recomputation of a checkpointed up product, whose forward ran with
-// GELU. cuBLASLt picks its kernel per epilogue, so g runs with the GELU product's algorithm (the
-// same tiles and main loop; the epilogues then round the same fp32 sum plus bias). Returns false,
-// having launched nothing, when it cannot promise that (GemmHandle::pre_activation_plan_for):
-// run the GELU product itself then.
-template <class Compute>
-bool gemm_pre_activation(Cuda be, GemmHandle& handle, const GemmArgs<Compute>& g) {
-  detail::check_pre_activation_args(g);
-  int device = 0;
-  ALLOY_CUDA_CHECK(cudaGetDevice(&device));
-  if (device != handle.device()) {
-    throw error("gemm: the GemmHandle belongs to device " + std::to_string(handle.device()) + " but device " +
-                std::to_string(device) + " is current");
-  }
-  detail::GemmPlan* plan = handle.pre_activation_plan_for(g);
-  if (plan == nullptr) return false;
-  handle.enter_stream(be.stream);
-  detail::set_epilogue_pointers(plan->desc.get(), g);
-  ALLOY_CUBLAS_CHECK(cublasLtMatmul(handle.handle_.get(), plan->desc.get(), &g.alpha, g.b, plan->lt_a.get(), g.a,
-                                    plan->lt_b.get(), &g.beta, detail::c_in_of(g), plan->lt_c.get(), g.c,
-                                    plan->lt_c.get(), &plan->algo, handle.workspace_.data(), handle.workspace_.bytes(),
-                                    be.stream));
-  return true;
 }
 
 }  // namespace alloy

@@ -101,13 +101,4 @@ void gemm(Host, const GemmArgs<Compute>& g) {
   }
 }
 
-// gemm_pre_activation on the Host: the loop computes C before any epilogue the same way for every
-// epilogue, so g's C is the pre-activation the GELU product would keep. Always runs.
-template <class Compute>
-bool gemm_pre_activation(Host, const GemmArgs<Compute>& g) {
-  detail::check_pre_activation_args(g);
-  gemm(Host{}, g);
-  return true;
-}
-
 }  // namespace alloy
