@@ -1,8 +1,7 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--steps N] [--batch B] [--seq
-//              T] [--lr X]
-//              [--accumulate N]
+//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE]
+//              [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
 //              [--data-parallel [--ranks N] [--id-dir DIR]]
@@ -29,10 +28,8 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
-               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans "
-               "FILE] [--steps N] "
-               "[--batch B] [--seq "
-               "T] [--lr X] "
+               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
+               "[--gemm-plans FILE] [--steps N] [--batch B] [--seq T] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
                "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
                "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",

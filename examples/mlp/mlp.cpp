@@ -1,7 +1,6 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
-//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm] [--gemm-plans FILE]
-//   [--keep-gelu N]
-//   [--steps N]
+//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm]
+//             [--gemm-plans FILE] [--keep-gelu N] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]

@@ -78,19 +78,18 @@ class Workspace {
   // Whether the bytes [p, p + bytes) were allocated before m, so release(m) keeps them (false
   // for memory this workspace does not hold).
   bool keeps(const Mark& m, const void* p, std::size_t bytes) const noexcept {
-    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    // Whether [p, p + bytes) lies within the first `limit` bytes from `start`.
+    const auto within = [at = reinterpret_cast<std::uintptr_t>(p), bytes](const std::byte* start, std::size_t limit) {
+      const auto base = reinterpret_cast<std::uintptr_t>(start);
+      return at >= base && at - base <= limit && bytes <= limit - (at - base);
+    };
 #if ALLOY_HAS_CUDA_RUNTIME
     if constexpr (std::is_same_v<B, Cuda>) {
-      if (range_) {
-        const auto base = reinterpret_cast<std::uintptr_t>(range_->data());
-        return at >= base && at - base <= m.offset && bytes <= m.offset - (at - base);
-      }
+      if (range_) return within(range_->data(), m.offset);
     }
 #endif
     for (std::size_t i = 0; i < blocks_.size() && i <= m.block; ++i) {
-      const auto base = reinterpret_cast<std::uintptr_t>(blocks_[i].data());
-      const std::size_t limit = i < m.block ? blocks_[i].size() : m.offset;
-      if (at >= base && at - base <= limit && bytes <= limit - (at - base)) return true;
+      if (within(blocks_[i].data(), i < m.block ? blocks_[i].size() : m.offset)) return true;
     }
     return false;
   }
@@ -145,8 +144,12 @@ class Workspace {
   B be_;
   MemoryTracker* tracker_;
 #if ALLOY_HAS_CUDA_RUNTIME
-  std::unique_ptr<detail::GrowingDeviceRange> range_;  // Cuda, where supported: replaces blocks_
-  bool decided_ = false;
+  // Cuda, where supported: the range that replaces blocks_ (nothing on other backends).
+  struct NoRange {};
+  static constexpr bool can_grow_in_place = std::is_same_v<B, Cuda>;
+  [[no_unique_address]] std::conditional_t<can_grow_in_place, std::unique_ptr<detail::GrowingDeviceRange>, NoRange>
+      range_;
+  [[no_unique_address]] std::conditional_t<can_grow_in_place, bool, NoRange> decided_{};
 #endif
   std::vector<Buffer<std::byte, B>> blocks_;
   Mark top_{};
