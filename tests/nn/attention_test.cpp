@@ -453,6 +453,24 @@ TEST(Gpt2Block, ForwardForBackwardGivesTheSameGradientsWithoutTheOutput) {
                                                         seed);
 }
 
+// A GPT-2 block's dx lies where its forward began (its first LayerNorm's output): the attention's
+// c_attn writes its dx over that input, LayerNorm's backward over that, and the trainer keeps it
+// there without a copy (train/recompute.hpp's move_down). The same gradients as ever: the other
+// tests of this file compare them.
+TEST(Gpt2Block, DxLiesWhereTheBlocksForwardBegan) {
+  ALLOY_SEEDED(seed);
+  const Shape s{2, 37, 48, 3};
+  std::mt19937_64 rng(seed);
+  const auto x = test::random_values<bf16>(s.rows() * s.channels, rng);
+  const auto dy = test::random_values<bf16>(s.rows() * s.channels, rng);
+  const auto where = [&](auto block) {
+    return test::run_block<Precision<bf16>, Host>(block, x, dy, s.rows(), s.channels, seed).dx_where_forward_began;
+  };
+  EXPECT_TRUE(where(nn::gpt2_block("h.0", s.channels, s.heads, s.seq, 2, 0.25f)));
+  const nn::GeluOptions keep{.keep_output = true};
+  EXPECT_TRUE(where(nn::gpt2_block("h.0", s.channels, s.heads, s.seq, 2, 0.25f, keep)));
+}
+
 // A small GPT-like LayeredModel for the trainer: features -> Linear -> GPT-2 blocks -> LayerNorm
 // -> Linear -> softmax cross-entropy (the embedding and tied head are another issue's).
 struct TinyGptBatch {

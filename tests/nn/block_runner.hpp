@@ -41,6 +41,7 @@ struct BlockRun {
   std::map<std::string, std::vector<T>> grads;  // per parameter name
   std::size_t bytes_after_forward = 0;          // workspace in use once forward returned
   std::size_t peak_bytes = 0;                   // workspace peak over forward and backward
+  bool dx_where_forward_began = false;          // backward's dx lies where forward's first allocation did
 };
 
 // Runs `block` forward on x (rows x width) and backward from dy, with the parameters the store
@@ -75,6 +76,9 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   BlockRun<T> run;
   const Activation<const T> x_in(x_buffer.data(), rows, width);
   Activation<T> y{nullptr, rows, block.out_features(width)};
+  const auto begin = ws.mark();
+  const void* forward_began = ws.template allocate<std::byte>(1);
+  ws.release(begin);
   if (for_backward) {
     if constexpr (requires { block.forward_for_backward(ctx, x_in); }) {
       block.forward_for_backward(ctx, x_in);
@@ -88,6 +92,7 @@ BlockRun<T> run_block(Block& block, const std::vector<T>& x, const std::vector<T
   const auto dx = block.backward(ctx, Activation<const T>(dy_buffer.data(), y.rows, y.cols));
   synchronize(B{});
   run.peak_bytes = ws.peak_bytes();
+  run.dx_where_forward_began = static_cast<const void*>(dx.data) == forward_began;
   const auto copy_out = [](const T* p, std::size_t n) {
     Buffer<T, B> out(n);
     for_each_n(B{}, n, alloy::detail::CopyActivation<T>{}, in(p), alloy::out(out.data()));

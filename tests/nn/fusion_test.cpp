@@ -143,6 +143,30 @@ TEST(FusedMlp, ForwardForBackwardSkipsTheLastProductAndKeepsTheBits) {
   expect_forward_for_backward_keeps_the_bits<Precision<bf16>>(linear_end(), linear_end(), seed, true);
 }
 
+// A block that starts with a LayerNorm leaves its dx where its forward began (the LayerNorm's
+// output, dead by then): the next layer writes its dx over its input, LayerNorm's backward writes
+// over that, and the trainer keeps dx there without copying it (train/recompute.hpp's move_down).
+// The fused MLP block, the one keeping GELU's output, the layers one by one, and a LayerNorm then a
+// Linear; a block without a first LayerNorm gives no such promise.
+TEST(FusedMlp, DxLiesWhereTheBlocksForwardBegan) {
+  ALLOY_SEEDED(seed);
+  const auto where = [&](auto block) {
+    using P = Precision<bf16>;
+    std::mt19937_64 rng(seed);
+    const auto x = test::random_values<bf16>(rows * width, rng);
+    const auto dy = test::random_values<bf16>(rows * width, rng);
+    return test::run_block<P, Host>(block, x, dy, rows, width, seed).dx_where_forward_began;
+  };
+  EXPECT_TRUE(where(fused_block()));
+  EXPECT_TRUE(where(keeping_block()));
+  EXPECT_TRUE(where(separate_block()));
+  using LinearEnd = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear>>;
+  EXPECT_TRUE(where(LinearEnd(nn::Sequential(nn::LayerNorm("norm", width), nn::Linear("l", width, width)))));
+  using NoNorm = nn::Residual<nn::Sequential<nn::Linear, nn::Gelu, nn::Linear>>;
+  EXPECT_FALSE(where(
+      NoNorm(nn::Sequential(nn::Linear("up", width, 4 * width), nn::Gelu(), nn::Linear("down", 4 * width, width)))));
+}
+
 // With accumulate_grads, every gradient, the two bias gradients the epilogues write included, is
 // added to what the store held.
 TEST(FusedMlp, AccumulatingAddsEveryGradientToWhatIsThere) {

@@ -113,6 +113,19 @@ class CausalSelfAttention {
   // ctx.accumulate_grads()).
   template <class Ctx>
   Activation<detail::value_t<Ctx>> backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
+    return backward_to(ctx, dy, false);
+  }
+
+  // As backward, with dx written over the input forward saw (c_attn's Linear::backward_over_input):
+  // for a caller that knows nothing reads that input again (a Sequential whose LayerNorm produced it).
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward_over_input(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy) {
+    return backward_to(ctx, dy, true);
+  }
+
+ private:
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> backward_to(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy, bool over_input) {
     using T = detail::value_t<Ctx>;
     using Compute = typename Ctx::compute_type;
     if (qkv_ == nullptr) throw error("CausalSelfAttention '" + name_ + "': backward before forward");
@@ -145,9 +158,11 @@ class CausalSelfAttention {
                                                                      .grad_strides = fwd.qkv_strides,
                                                                      .scratch = scratch});
     ctx.workspace().release(mark);
+    if (over_input) return c_attn_.backward_over_input(ctx, Activation<const T>(dqkv));
     return c_attn_.backward(ctx, Activation<const T>(dqkv));
   }
 
+ public:
   // The kernel's arguments for `batch` sequences in compute dtype Compute (a precision's
   // compute_type: tf32 for float storage with tf32 math): q, k, v the column blocks of qkv (rows x
   // 3 channels), out (rows x channels) and lse. Forward runs exactly these (tests ask

@@ -131,8 +131,12 @@ struct GeluGradientInPlace {
 // the last time: dx (rows x in) goes where the pre-activation was (rows x hidden) when it fits,
 // instead of into a buffer of its own (one rows x in buffer fewer at the block's backward peak;
 // the stream orders the write after that read).
+// With over_input (the caller knows nothing reads up's input again: a Sequential's LayerNorm
+// produced it), dx goes over that input instead (Linear::backward_over_input).
 template <class Ctx, class T = value_t<Ctx>>
-Activation<T> up_backward(Ctx& ctx, Linear& up, Activation<const std::type_identity_t<T>> d_pre, const T* pre) {
+Activation<T> up_backward(Ctx& ctx, Linear& up, Activation<const std::type_identity_t<T>> d_pre, const T* pre,
+                          bool over_input) {
+  if (over_input) return up.backward_over_input(ctx, d_pre);
   if (up.in_features() > up.out_features(0)) return up.backward(ctx, d_pre, true);
   return up.backward_into(ctx, d_pre, true, const_cast<T*>(pre));
 }
@@ -140,7 +144,8 @@ Activation<T> up_backward(Ctx& ctx, Linear& up, Activation<const std::type_ident
 // The backward of mlp_forward, from dy (the gradient of y, and of the residual's share of it,
 // which Residual adds itself). Returns dx.
 template <class Ctx, class T = value_t<Ctx>>
-Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy) {
+Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activation<const T> dy,
+                           bool over_input = false) {
   // Measured on the H200 (8192 x 1024 -> 4096, bf16, cuBLASLt 13.0, alloy_bench_mlp_gemm at
   // 990ef1e): down's input-gradient product takes 113 us plain and 138 us with the dGELU epilogue,
   // where GELU's gradient as an element-wise pass took 60 us more; so dPre comes out of the
@@ -170,7 +175,7 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
       for_each_n(ctx.backend(), dh.size(), GeluGradientInPlace<T>{}, in(pre), inout(dh.data));
       d_pre = dh;
     }
-    return up_backward(ctx, up, d_pre, pre);
+    return up_backward(ctx, up, d_pre, pre, over_input);
   }
   if constexpr (epilogue_dgelu) {
     {
@@ -190,7 +195,7 @@ Activation<T> mlp_backward(Ctx& ctx, Linear& up, Gelu& gelu, Linear& down, Activ
     ctx.workspace().release(mark);
     d_pre = dh;
   }
-  return up_backward(ctx, up, d_pre, pre);
+  return up_backward(ctx, up, d_pre, pre, over_input);
 }
 
 }  // namespace alloy::nn::detail

@@ -28,9 +28,12 @@ class LayerNorm {
     detail::check_width("LayerNorm", name_, features_, x.cols);
     x_ = x.data;
     rows_ = x.rows;
+    // The output first: a block that starts with this LayerNorm then begins with it, and its
+    // backward can leave dx there (the next layer's backward_over_input, Sequential), where the
+    // trainer wants it, instead of copying it down.
+    auto y = detail::allocate(ctx, x.rows, x.cols);
     mean_ = ctx.template allocate<float>(x.rows);
     rstd_ = ctx.template allocate<float>(x.rows);
-    auto y = detail::allocate(ctx, x.rows, x.cols);
     layernorm_forward(ctx.backend(), x.data, ctx.param(gamma_).data, ctx.param(beta_).data, y.data, mean_, rstd_,
                       x.rows, x.cols, eps_);
     return y;

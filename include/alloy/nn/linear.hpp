@@ -77,6 +77,17 @@ class Linear {
     return g;
   }
 
+  // As backward, with dx written over the input forward saw, once the weight gradient has read it
+  // (the stream orders the two products): for a caller that knows nothing reads that input again
+  // and that it is packed (rows x in), such as a Sequential whose LayerNorm produced it. No buffer
+  // of its own, and dx lies where the input did.
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  Activation<T> backward_over_input(Ctx& ctx, Activation<const T> dy) {
+    T* x = const_cast<T*>(static_cast<const T*>(x_.data));
+    weight_gradient(ctx, dy, static_cast<const T*>(x), has_bias_);
+    return input_gradient_into(ctx, dy, x);
+  }
+
   // Forward without the product: keeps x for backward's weight gradient, as forward does (the
   // recomputation of a block whose output nothing reads, train/recompute.hpp).
   template <class Ctx>

@@ -167,8 +167,21 @@ class Sequential {
       if constexpr (I >= 3 && layer_is<I - 3, Linear>() && layer_is<I - 2, Gelu>() && layer_is<I - 1, Linear>()) {
         auto& gelu = std::get<I - 2>(layers_);
         if (gelu.backward_in_next_product()) {
+          // Up's input is a LayerNorm's output when the triple follows one: dx goes over it.
+          constexpr bool over_input = I == 4 && layer_is<0, LayerNorm>();
           return backward_to<I - 3, true>(
-              ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d), add);
+              ctx, detail::mlp_backward(ctx, std::get<I - 3>(layers_), gelu, std::get<I - 1>(layers_), d, over_input),
+              add);
+        }
+      }
+      // A layer after a first LayerNorm that can write its dx over its input (LayerNorm's output,
+      // which nothing else reads): LayerNorm's backward then writes over that too, so the
+      // Sequential's dx lies where its forward began (a block's dx is then where the trainer keeps
+      // it, with no copy).
+      if constexpr (I == 2 && layer_is<0, LayerNorm>()) {
+        auto& next = std::get<1>(layers_);
+        if constexpr (requires { next.backward_over_input(ctx, d); }) {
+          return backward_to<1, true>(ctx, next.backward_over_input(ctx, d), add);
         }
       }
       if constexpr (I == 1 && layer_is<0, LayerNorm>()) {
