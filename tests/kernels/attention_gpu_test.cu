@@ -543,4 +543,17 @@ TEST(CudaAttentionArguments, BackwardWithoutScratchNamesIt) {
                   "= 60 floats");
 }
 
+// head_dim 64 in bf16 and fp16 runs wgmma where this test's device code was compiled for sm_90a
+// (CMAKE_CUDA_ARCHITECTURES 90a: alloy_gpu_tests) and mma.sync where it was compiled for sm_90
+// (alloy_gpu_tests_sm90, which builds this file again): the tests above then cover both paths.
+#ifndef ALLOY_TEST_EXPECT_WGMMA
+#error "tests/CMakeLists.txt defines ALLOY_TEST_EXPECT_WGMMA: 1 for device code compiled for sm_90a, 0 otherwise"
+#endif
+TEST(CudaAttentionPath, HeadDim64RunsTheKernelsCompiledForThisArchitecture) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  int device = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  EXPECT_EQ(alloy::detail::flash_wgmma_compiled(device), ALLOY_TEST_EXPECT_WGMMA != 0);
+}
+
 }  // namespace

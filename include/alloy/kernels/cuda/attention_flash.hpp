@@ -36,6 +36,7 @@
 #include <alloy/backend/tags.hpp>
 #include <alloy/kernels/attention_args.hpp>
 #include <alloy/kernels/cuda/attention_flash_common.hpp>
+#include <alloy/kernels/cuda/attention_flash_wgmma.hpp>
 #include <alloy/kernels/detail/attention_rows.hpp>
 
 #include <cstddef>
@@ -176,7 +177,7 @@ __device__ ALLOY_FORCEINLINE void flash_stage_rows(unsigned char* tile, const fl
 // ---- Forward ----
 
 template <class T, int D, int MTiles>
-__global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionArgs<T> a, float scale_log2) {
+__device__ ALLOY_FORCEINLINE void flash_forward_mma(const AttentionArgs<T>& a, float scale_log2) {
   extern __shared__ __align__(128) unsigned char attention_shared[];
   constexpr int Bc = attention_key_block;
   constexpr int warp_rows = 16 * MTiles;
@@ -360,8 +361,8 @@ __global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionA
 // ---- Backward: dq (and delta) ----
 
 template <class T, int D, int Bc>
-__global__ void __launch_bounds__(flash_threads)
-    flash_backward_dq_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+__device__ ALLOY_FORCEINLINE void flash_backward_dq_mma(const AttentionBackwardArgs<T>& a, float scale,
+                                                        float scale_log2) {
   extern __shared__ __align__(128) unsigned char attention_shared[];
   constexpr int Br = flash_warps * 16;
   constexpr int KD = D / 16, NK = Bc / 8, ND = D / 8;
@@ -510,8 +511,8 @@ __global__ void __launch_bounds__(flash_threads)
 // ---- Backward: dk and dv ----
 
 template <class T, int D, int Bq>
-__global__ void __launch_bounds__(flash_threads)
-    flash_backward_dkdv_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+__device__ ALLOY_FORCEINLINE void flash_backward_dkdv_mma(const AttentionBackwardArgs<T>& a, float scale,
+                                                          float scale_log2) {
   extern __shared__ __align__(128) unsigned char attention_shared[];
   constexpr int Bc = flash_warps * 16;
   constexpr int KD = D / 16, NQ = Bq / 8, ND = D / 8;
@@ -642,6 +643,492 @@ __global__ void __launch_bounds__(flash_threads)
                                          seq, lane);
   flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared + v_offset,
                                          warp * 16, 16, k0, seq, lane);
+}
+
+// ---- Hopper: the same three kernels on wgmma (head_dim 64, sm_90a) ----
+// The block's warpgroup multiplies 64 rows at a time (attention_flash_wgmma.hpp): in each m-block
+// of 64 rows warp w holds rows 16 w + g and 16 w + g + 8, and Q, K, V and dO are read by wgmma
+// from the swizzled tiles in place, without ldmatrix. The tiles, the online softmax, the masks
+// and the order of every sum over keys or queries are those of the mma.sync kernels above; what
+// a warp skipped alone (a tile all of whose keys follow its rows) the warpgroup now skips only for
+// a whole m-block, and the masks zero the rest.
+
+#if ALLOY_FLASH_WGMMA
+
+// The dynamic shared memory of the wgmma kernels: tiles on 1024-byte boundaries (the 128-byte
+// swizzle's repeating pattern), checked once per block.
+__device__ ALLOY_FORCEINLINE std::uint32_t flash_wgmma_shared(const unsigned char* shared) {
+  const std::uint32_t base = flash_shared_address(shared);
+  if (base % 1024 != 0) __trap();
+  return base;
+}
+
+template <class T, int MTiles>
+__device__ ALLOY_FORCEINLINE void flash_forward_wgmma(const AttentionArgs<T>& a, float scale_log2) {
+  extern __shared__ __align__(1024) unsigned char attention_shared_wgmma[];
+  constexpr int D = 64, Bc = attention_key_block;
+  static_assert(Bc == 64, "flash_forward_wgmma: key tiles of 64 (one m64n64 S per m-block)");
+  constexpr int Br = 64 * MTiles, NK = Bc / 8, ND = D / 8;
+  constexpr std::uint32_t row_bytes = D * sizeof(T), kv_bytes = Bc * row_bytes;
+  const std::uint32_t q_tile = flash_wgmma_shared(attention_shared_wgmma);
+  const std::uint32_t k_tiles = q_tile + Br * row_bytes;
+  const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
+
+  const int seq = static_cast<int>(a.seq);
+  const std::size_t heads_total = a.batch * a.heads;
+  const int query_tiles = (seq + Br - 1) / Br;
+  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);  // longest rows first
+  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const AttentionStrides& in = a.qkv_strides;
+  const T* q = a.q + b * in.batch + h * in.head;
+  const T* k = a.k + b * in.batch + h * in.head;
+  const T* v = a.v + b * in.batch + h * in.head;
+  const int q0 = qb * Br;
+  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
+  const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
+
+  flash_load_tile<Br, D>(q_tile, q, in.row, q0, seq);
+  flash_load_tile<Bc, D>(k_tiles, k, in.row, 0, seq);
+  flash_load_tile<Bc, D>(v_tiles, v, in.row, 0, seq);
+  flash_commit();
+
+  float o[MTiles][ND][4];
+  float row_max[MTiles][2], row_sum[MTiles][2];
+  ALLOY_UNROLL
+  for (int mt = 0; mt < MTiles; ++mt) {
+    ALLOY_UNROLL
+    for (int n = 0; n < ND; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    row_max[mt][0] = row_max[mt][1] = attention_negative_infinity;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
+
+  for (int j = 0; j < key_tiles; ++j) {
+    flash_wait_all();
+    wgmma_fence_shared();
+    __syncthreads();  // tile j is in; every wgmma of tile j - 1 is done, its buffers refill now
+    if (j + 1 < key_tiles) {
+      const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
+      flash_load_tile<Bc, D>(k_tiles + next, k, in.row, (j + 1) * Bc, seq);
+      flash_load_tile<Bc, D>(v_tiles + next, v, in.row, (j + 1) * Bc, seq);
+      flash_commit();
+    }
+    const int k0 = j * Bc;
+    const std::uint32_t kt = k_tiles + (j & 1) * kv_bytes, vt = v_tiles + (j & 1) * kv_bytes;
+    // The m-blocks that take part (some key of the tile does not follow all of their rows): all
+    // of them but on the last tile, where the first of two may not. Each case is code of its own
+    // without branches around its wgmmas (ptxas adds a fence of its own at such a branch's join).
+    const auto tile = [&](auto first) {
+      constexpr int First = decltype(first)::value;
+      float s[MTiles][NK][4];
+      wgmma_fence();
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) wgmma_rows_by_rows<T>(s[mt], q_tile + mt * 64 * row_bytes, kt);
+      wgmma_commit();
+      wgmma_wait<0>();
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) wgmma_hold(s[mt]);
+
+      std::uint32_t pa[MTiles][NK / 2][4];
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) {
+        const int first_row = q0 + 64 * mt + 16 * warp;
+        if (k0 + Bc - 1 > first_row) {  // some key of the tile follows some row of the warp
+          ALLOY_UNROLL
+          for (int n = 0; n < NK; ++n) {
+            ALLOY_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              if (k0 + 8 * n + 2 * tq + (e & 1) > first_row + g + 8 * (e >> 1))
+                s[mt][n][e] = attention_negative_infinity;
+            }
+          }
+        }
+        ALLOY_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          float tile_max = attention_negative_infinity;
+          ALLOY_UNROLL
+          for (int n = 0; n < NK; ++n) tile_max = fmaxf(tile_max, fmaxf(s[mt][n][2 * half], s[mt][n][2 * half + 1]));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(flash_full_mask, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(flash_full_mask, tile_max, 2));
+          const float next_max = fmaxf(row_max[mt][half], tile_max * scale_log2);
+          const float factor = exp2f(row_max[mt][half] - next_max);
+          row_max[mt][half] = next_max;
+          float sum = row_sum[mt][half] * factor;
+          ALLOY_UNROLL
+          for (int n = 0; n < ND; ++n) {
+            o[mt][n][2 * half] *= factor;
+            o[mt][n][2 * half + 1] *= factor;
+          }
+          ALLOY_UNROLL
+          for (int n = 0; n < NK; ++n) {
+            ALLOY_UNROLL
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const float p = exp2f(fmaf(s[mt][n][e], scale_log2, -next_max));
+              s[mt][n][e] = p;
+              sum += p;
+            }
+          }
+          row_sum[mt][half] = sum;
+        }
+        ALLOY_UNROLL
+        for (int kk = 0; kk < NK / 2; ++kk) flash_a_from_accumulators<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+      }
+      // O += P V, P rounded to T in registers: k-steps of 16 keys, V's rows 2048 bytes apart. The
+      // holds keep the rescaling of O and the packing of P ahead of the fence.
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) {
+        wgmma_hold(o[mt]);
+        ALLOY_UNROLL
+        for (int kk = 0; kk < NK / 2; ++kk) wgmma_hold(pa[mt][kk]);
+      }
+      wgmma_fence();
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) {
+        ALLOY_UNROLL
+        for (int kk = 0; kk < NK / 2; ++kk) wgmma_rs<T>(o[mt], pa[mt][kk], wgmma_descriptor(vt + kk * 16 * row_bytes));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      ALLOY_UNROLL
+      for (int mt = First; mt < MTiles; ++mt) {
+        wgmma_hold(o[mt]);
+        ALLOY_UNROLL
+        for (int kk = 0; kk < NK / 2; ++kk) wgmma_hold(pa[mt][kk]);
+      }
+    };
+    if (k0 <= q0 + 63) {
+      tile(std::integral_constant<int, 0>{});
+    } else {
+      tile(std::integral_constant<int, MTiles - 1>{});
+    }
+  }
+
+  // out = O / sum, staged in the warp's own rows of the Q tile once every wgmma's reads of it are done.
+  __syncthreads();
+  const std::size_t lse_row0 = bh * a.seq;
+  ALLOY_UNROLL
+  for (int mt = 0; mt < MTiles; ++mt) {
+    const int local0 = 64 * mt + 16 * warp;
+    float inverse[2];
+    ALLOY_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      float sum = row_sum[mt][half];
+      sum += __shfl_xor_sync(flash_full_mask, sum, 1);
+      sum += __shfl_xor_sync(flash_full_mask, sum, 2);
+      inverse[half] = 1.0f / sum;
+      const int row = q0 + local0 + g + 8 * half;
+      if (tq == 0 && row < seq && a.lse) a.lse[lse_row0 + row] = row_max[mt][half] * attention_ln2 + logf(sum);
+    }
+    ALLOY_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      ALLOY_UNROLL
+      for (int n = 0; n < ND; ++n) {
+        *reinterpret_cast<std::uint32_t*>(attention_shared_wgmma + flash_offset<D>(local0 + g + 8 * half, n) + 4 * tq) =
+            flash_pack<T>(o[mt][n][2 * half] * inverse[half], o[mt][n][2 * half + 1] * inverse[half]);
+      }
+    }
+  }
+  __syncwarp();
+  T* out = a.out + b * a.out_strides.batch + h * a.out_strides.head;
+  ALLOY_UNROLL
+  for (int mt = 0; mt < MTiles; ++mt) {
+    flash_store_rows<FlashSwizzledRows<D>>(out, a.out_strides.row, attention_shared_wgmma, 64 * mt + 16 * warp, 16, q0,
+                                           seq, lane);
+  }
+}
+
+template <class T, int Bc>
+__device__ ALLOY_FORCEINLINE void flash_backward_dq_wgmma(const AttentionBackwardArgs<T>& a, float scale,
+                                                          float scale_log2) {
+  extern __shared__ __align__(1024) unsigned char attention_shared_wgmma[];
+  constexpr int D = 64, Br = 64, NK = Bc / 8, ND = D / 8;
+  static_assert(Bc == 32 || Bc == 64, "flash_backward_dq_wgmma: key tiles of 32 or 64");
+  constexpr std::uint32_t row_bytes = D * sizeof(T), row_tile_bytes = Br * row_bytes, kv_bytes = Bc * row_bytes;
+  const std::uint32_t q_tile = flash_wgmma_shared(attention_shared_wgmma);
+  const std::uint32_t do_tile = q_tile + row_tile_bytes;
+  const std::uint32_t k_tiles = do_tile + row_tile_bytes;
+  const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
+
+  const int seq = static_cast<int>(a.seq);
+  const std::size_t heads_total = a.batch * a.heads;
+  const int query_tiles = (seq + Br - 1) / Br;
+  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);
+  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
+  const T* q = a.q + b * in.batch + h * in.head;
+  const T* k = a.k + b * in.batch + h * in.head;
+  const T* v = a.v + b * in.batch + h * in.head;
+  const T* out = a.out + b * os.batch + h * os.head;
+  const T* dout = a.dout + b * os.batch + h * os.head;
+  const int q0 = qb * Br;
+  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
+  const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
+  const int warp_row0 = warp * 16;
+  const std::size_t row0 = bh * a.seq;
+
+  flash_load_tile<Br, D>(q_tile, q, in.row, q0, seq);
+  flash_load_tile<Br, D>(do_tile, dout, os.row, q0, seq);
+  flash_load_tile<Bc, D>(k_tiles, k, in.row, 0, seq);
+  flash_load_tile<Bc, D>(v_tiles, v, in.row, 0, seq);
+  flash_commit();
+  flash_wait_all();
+  wgmma_fence_shared();
+  __syncthreads();
+
+  // delta_t = dot(dout_t, out_t) for the warp's 16 rows, as in flash_backward_dq_mma.
+  float delta[2];
+  {
+    const int local = warp_row0 + lane / 2, t = q0 + local;
+    float part = 0.0f;
+    if (t < seq) {
+      ALLOY_UNROLL
+      for (int cc = 0; cc < ND / 2; ++cc) {
+        const int c = (lane & 1) * (ND / 2) + cc;
+        T dov[8], ov[8];
+        const uint4 du =
+            *reinterpret_cast<const uint4*>(attention_shared_wgmma + row_tile_bytes + flash_offset<D>(local, c));
+        const uint4 ou = *reinterpret_cast<const uint4*>(out + std::size_t(t) * os.row + c * 8);
+        memcpy(dov, &du, 16);
+        memcpy(ov, &ou, 16);
+        ALLOY_UNROLL
+        for (int e = 0; e < 8; ++e) part = fmaf(to_float(dov[e]), to_float(ov[e]), part);
+      }
+    }
+    const float total = part + __shfl_xor_sync(flash_full_mask, part, 1);
+    if ((lane & 1) == 0 && t < seq) a.scratch[row0 + t] = total;
+    delta[0] = __shfl_sync(flash_full_mask, total, 2 * g);
+    delta[1] = __shfl_sync(flash_full_mask, total, 2 * g + 16);
+  }
+  float lse_log2[2];
+  ALLOY_UNROLL
+  for (int half = 0; half < 2; ++half) {
+    const int t = q0 + warp_row0 + g + 8 * half;
+    lse_log2[half] = t < seq ? a.lse[row0 + t] * attention_log2e : 0.0f;
+  }
+
+  float dq[ND][4];
+  ALLOY_UNROLL
+  for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+  for (int j = 0; j < key_tiles; ++j) {
+    if (j > 0) {
+      flash_wait_all();
+      wgmma_fence_shared();
+      __syncthreads();
+    }
+    if (j + 1 < key_tiles) {
+      const std::uint32_t next = ((j + 1) & 1) * kv_bytes;
+      flash_load_tile<Bc, D>(k_tiles + next, k, in.row, (j + 1) * Bc, seq);
+      flash_load_tile<Bc, D>(v_tiles + next, v, in.row, (j + 1) * Bc, seq);
+      flash_commit();
+    }
+    const int k0 = j * Bc;
+    const std::uint32_t kt = k_tiles + (j & 1) * kv_bytes, vt = v_tiles + (j & 1) * kv_bytes;
+
+    float s[NK][4], dp[NK][4];
+    wgmma_fence();
+    wgmma_rows_by_rows<T>(s, q_tile, kt);
+    wgmma_rows_by_rows<T>(dp, do_tile, vt);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(s);
+    wgmma_hold(dp);
+    // dS = P (dP - delta) in place of s, P recomputed from lse; 0 where the key follows the row.
+    const bool masking = k0 + Bc - 1 > q0 + warp_row0;
+    ALLOY_UNROLL
+    for (int n = 0; n < NK; ++n) {
+      ALLOY_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int half = e >> 1;
+        float p = exp2f(fmaf(s[n][e], scale_log2, -lse_log2[half]));
+        if (masking && k0 + 8 * n + 2 * tq + (e & 1) > q0 + warp_row0 + g + 8 * half) p = 0.0f;
+        s[n][e] = p * (dp[n][e] - delta[half]);
+      }
+    }
+    // dQ += dS K, dS rounded to T in registers: k-steps of 16 keys.
+    std::uint32_t da[NK / 2][4];
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      flash_a_from_accumulators<T>(da[kk], s[2 * kk], s[2 * kk + 1]);
+      wgmma_hold(da[kk]);
+    }
+    wgmma_fence();
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NK / 2; ++kk) wgmma_rs<T>(dq, da[kk], wgmma_descriptor(kt + kk * 16 * row_bytes));
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(dq);
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NK / 2; ++kk) wgmma_hold(da[kk]);
+  }
+
+  __syncthreads();  // every wgmma's reads of the Q tile are done before its rows are rewritten
+  flash_stage_rows<T, D>(attention_shared_wgmma, dq, warp_row0, scale, lane);
+  __syncwarp();
+  T* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
+  flash_store_rows<FlashSwizzledRows<D>>(dq_out, a.grad_strides.row, attention_shared_wgmma, warp_row0, 16, q0, seq,
+                                         lane);
+}
+
+template <class T, int Bq>
+__device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackwardArgs<T>& a, float scale,
+                                                            float scale_log2) {
+  extern __shared__ __align__(1024) unsigned char attention_shared_wgmma[];
+  constexpr int D = 64, Bc = 64, NQ = Bq / 8, ND = D / 8;
+  static_assert(Bq == 32 || Bq == 64, "flash_backward_dkdv_wgmma: query tiles of 32 or 64");
+  constexpr std::uint32_t row_bytes = D * sizeof(T);
+  constexpr std::uint32_t key_tile_bytes = Bc * row_bytes, query_tile_bytes = Bq * row_bytes;
+  constexpr std::uint32_t v_offset = key_tile_bytes;
+  constexpr std::uint32_t q_offset = 2 * key_tile_bytes;
+  constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
+  constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
+  constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
+  const std::uint32_t base = flash_wgmma_shared(attention_shared_wgmma);
+
+  const int seq = static_cast<int>(a.seq);
+  const std::size_t heads_total = a.batch * a.heads;
+  const int kb = static_cast<int>(blockIdx.x / heads_total);  // the longest columns (first keys) first
+  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
+  const T* q = a.q + b * in.batch + h * in.head;
+  const T* k = a.k + b * in.batch + h * in.head;
+  const T* v = a.v + b * in.batch + h * in.head;
+  const T* dout = a.dout + b * os.batch + h * os.head;
+  const std::size_t row0 = bh * a.seq;
+  const float* lse = a.lse + row0;
+  const float* delta = a.scratch + row0;
+  const int k0 = kb * Bc;
+  const int first_tile = k0 / Bq, last_tile = (seq - 1) / Bq;
+  const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
+  const int warp_key0 = k0 + warp * 16;  // the warp's first key position
+
+  const auto load_query_tile = [&](int tile, int buffer) {
+    flash_load_tile<Bq, D>(base + q_offset + buffer * query_tile_bytes, q, in.row, tile * Bq, seq);
+    flash_load_tile<Bq, D>(base + do_offset + buffer * query_tile_bytes, dout, os.row, tile * Bq, seq);
+    flash_load_floats<Bq>(base + lse_offset + buffer * Bq * 4, lse, tile * Bq, seq);
+    flash_load_floats<Bq>(base + delta_offset + buffer * Bq * 4, delta, tile * Bq, seq);
+  };
+  flash_load_tile<Bc, D>(base, k, in.row, k0, seq);
+  flash_load_tile<Bc, D>(base + v_offset, v, in.row, k0, seq);
+  load_query_tile(first_tile, 0);
+  flash_commit();
+
+  float dk[ND][4], dv[ND][4];
+  ALLOY_UNROLL
+  for (int n = 0; n < ND; ++n) {
+    dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
+    dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
+  }
+
+  for (int i = first_tile; i <= last_tile; ++i) {
+    const int buffer = (i - first_tile) & 1;
+    flash_wait_all();
+    wgmma_fence_shared();
+    __syncthreads();
+    if (i < last_tile) {
+      load_query_tile(i + 1, buffer ^ 1);
+      flash_commit();
+    }
+    const int q0 = i * Bq;
+    const std::uint32_t qt = base + q_offset + buffer * query_tile_bytes;
+    const std::uint32_t dot = base + do_offset + buffer * query_tile_bytes;
+    const float* lse_tile = reinterpret_cast<const float*>(attention_shared_wgmma + lse_offset + buffer * Bq * 4);
+    const float* delta_tile = reinterpret_cast<const float*>(attention_shared_wgmma + delta_offset + buffer * Bq * 4);
+
+    // S^T = K Q^T and dP^T = V dO^T for the block's 64 keys (rows) and the tile's queries (columns).
+    float s[NQ][4], dp[NQ][4];
+    wgmma_fence();
+    wgmma_rows_by_rows<T>(s, base, qt);
+    wgmma_rows_by_rows<T>(dp, base + v_offset, dot);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(s);
+    wgmma_hold(dp);
+    // P^T in place of s, dS^T in place of dp; 0 where the key follows the query or the query is
+    // past the sequence.
+    const bool masking = q0 < warp_key0 + 15 || q0 + Bq > seq;
+    ALLOY_UNROLL
+    for (int n = 0; n < NQ; ++n) {
+      ALLOY_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int column = 8 * n + 2 * tq + (e & 1);
+        const int query = q0 + column, key = warp_key0 + g + 8 * (e >> 1);
+        float p = exp2f(fmaf(s[n][e], scale_log2, -lse_tile[column] * attention_log2e));
+        if (masking && (key > query || query >= seq)) p = 0.0f;
+        dp[n][e] = p * (dp[n][e] - delta_tile[column]);
+        s[n][e] = p;
+      }
+    }
+    // dV += P^T dO and dK += dS^T Q, P^T and dS^T rounded to T in registers: k-steps of 16 queries.
+    std::uint32_t pa[NQ / 2][4], da[NQ / 2][4];
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NQ / 2; ++kk) {
+      flash_a_from_accumulators<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
+      flash_a_from_accumulators<T>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
+      wgmma_hold(pa[kk]);
+      wgmma_hold(da[kk]);
+    }
+    wgmma_fence();
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NQ / 2; ++kk) {
+      wgmma_rs<T>(dv, pa[kk], wgmma_descriptor(dot + kk * 16 * row_bytes));
+      wgmma_rs<T>(dk, da[kk], wgmma_descriptor(qt + kk * 16 * row_bytes));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(dv);
+    wgmma_hold(dk);
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NQ / 2; ++kk) {
+      wgmma_hold(pa[kk]);
+      wgmma_hold(da[kk]);
+    }
+  }
+
+  __syncthreads();  // every wgmma's reads of the K and V tiles are done before their rows are rewritten
+  flash_stage_rows<T, D>(attention_shared_wgmma, dk, warp * 16, scale, lane);
+  flash_stage_rows<T, D>(attention_shared_wgmma + v_offset, dv, warp * 16, 1.0f, lane);
+  __syncwarp();
+  const AttentionStrides& gs = a.grad_strides;
+  flash_store_rows<FlashSwizzledRows<D>>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared_wgmma, warp * 16,
+                                         16, k0, seq, lane);
+  flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared_wgmma + v_offset,
+                                         warp * 16, 16, k0, seq, lane);
+}
+
+#endif  // ALLOY_FLASH_WGMMA
+
+// ---- The kernels: wgmma where it was compiled in (sm_90a) for head_dim 64, mma.sync otherwise ----
+
+template <class T, int D, int MTiles>
+__global__ void __launch_bounds__(flash_threads) flash_forward_kernel(AttentionArgs<T> a, float scale_log2) {
+#if ALLOY_FLASH_WGMMA
+  if constexpr (D == 64)
+    flash_forward_wgmma<T, MTiles>(a, scale_log2);
+  else
+#endif
+    flash_forward_mma<T, D, MTiles>(a, scale_log2);
+}
+
+template <class T, int D, int Bc>
+__global__ void __launch_bounds__(flash_threads)
+    flash_backward_dq_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+#if ALLOY_FLASH_WGMMA
+  if constexpr (D == 64)
+    flash_backward_dq_wgmma<T, Bc>(a, scale, scale_log2);
+  else
+#endif
+    flash_backward_dq_mma<T, D, Bc>(a, scale, scale_log2);
+}
+
+template <class T, int D, int Bq>
+__global__ void __launch_bounds__(flash_threads)
+    flash_backward_dkdv_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
+#if ALLOY_FLASH_WGMMA
+  if constexpr (D == 64)
+    flash_backward_dkdv_wgmma<T, Bq>(a, scale, scale_log2);
+  else
+#endif
+    flash_backward_dkdv_mma<T, D, Bq>(a, scale, scale_log2);
 }
 
 // ---- Launches ----
