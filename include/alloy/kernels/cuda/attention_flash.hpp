@@ -20,6 +20,10 @@
 //  dk, dv   a block per (key tile of 64, batch * head), 16 keys per warp, after the dq kernel:
 //           per query tile (64, or 32) S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and
 //           dK += dS^T Q with P^T and dS^T in registers, lse and delta from shared memory.
+// On sm_90a (device code compiled for CMAKE_CUDA_ARCHITECTURES 90a) the three kernels for head_dim
+// 64 run Hopper's warpgroup MMA instead (attention_flash_wgmma.hpp, the "Hopper" section below):
+// the same blocks, tiles and sums, Q, K, V and dO read by wgmma from the same swizzled tiles, and
+// each block's softmax arithmetic overlapping its own products in flight.
 // dq and dk/dv are separate kernels so that each output element is summed by one thread in a
 // fixed order: no atomics, the same bits every run. The price is computing S and dP twice (7
 // products where FlashAttention-2's atomic dq needs 5). Outputs are staged through shared memory
@@ -719,18 +723,22 @@ __device__ ALLOY_FORCEINLINE void flash_forward_wgmma(const AttentionArgs<T>& a,
     // without branches around its wgmmas (ptxas adds a fence of its own at such a branch's join).
     const auto tile = [&](auto first) {
       constexpr int First = decltype(first)::value;
+      // S of every m-block, a commit group each; then per m-block: wait for its S (the later
+      // groups may still run: MTiles - 1 - First of them, S of the next blocks or P V of the
+      // previous), its softmax, and its O += P V, so that one block's softmax overlaps the
+      // tensor cores' work on the other.
       float s[MTiles][NK][4];
+      std::uint32_t pa[MTiles][NK / 2][4];
       wgmma_fence();
       ALLOY_UNROLL
-      for (int mt = First; mt < MTiles; ++mt) wgmma_rows_by_rows<T>(s[mt], q_tile + mt * 64 * row_bytes, kt);
-      wgmma_commit();
-      wgmma_wait<0>();
-      ALLOY_UNROLL
-      for (int mt = First; mt < MTiles; ++mt) wgmma_hold(s[mt]);
-
-      std::uint32_t pa[MTiles][NK / 2][4];
+      for (int mt = First; mt < MTiles; ++mt) {
+        wgmma_rows_by_rows<T>(s[mt], q_tile + mt * 64 * row_bytes, kt);
+        wgmma_commit();
+      }
       ALLOY_UNROLL
       for (int mt = First; mt < MTiles; ++mt) {
+        wgmma_wait<MTiles - 1 - First>();
+        wgmma_hold(s[mt]);
         const int first_row = q0 + 64 * mt + 16 * warp;
         if (k0 + Bc - 1 > first_row) {  // some key of the tile follows some row of the warp
           ALLOY_UNROLL
@@ -769,24 +777,19 @@ __device__ ALLOY_FORCEINLINE void flash_forward_wgmma(const AttentionArgs<T>& a,
           }
           row_sum[mt][half] = sum;
         }
+        // O += P V, P rounded to T in registers: k-steps of 16 keys, V's rows 2048 bytes apart.
+        // The holds keep the rescaling of O and the packing of P ahead of the fence.
         ALLOY_UNROLL
-        for (int kk = 0; kk < NK / 2; ++kk) flash_a_from_accumulators<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
-      }
-      // O += P V, P rounded to T in registers: k-steps of 16 keys, V's rows 2048 bytes apart. The
-      // holds keep the rescaling of O and the packing of P ahead of the fence.
-      ALLOY_UNROLL
-      for (int mt = First; mt < MTiles; ++mt) {
+        for (int kk = 0; kk < NK / 2; ++kk) {
+          flash_a_from_accumulators<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+          wgmma_hold(pa[mt][kk]);
+        }
         wgmma_hold(o[mt]);
-        ALLOY_UNROLL
-        for (int kk = 0; kk < NK / 2; ++kk) wgmma_hold(pa[mt][kk]);
-      }
-      wgmma_fence();
-      ALLOY_UNROLL
-      for (int mt = First; mt < MTiles; ++mt) {
+        wgmma_fence();
         ALLOY_UNROLL
         for (int kk = 0; kk < NK / 2; ++kk) wgmma_rs<T>(o[mt], pa[mt][kk], wgmma_descriptor(vt + kk * 16 * row_bytes));
+        wgmma_commit();
       }
-      wgmma_commit();
       wgmma_wait<0>();
       ALLOY_UNROLL
       for (int mt = First; mt < MTiles; ++mt) {
@@ -924,25 +927,32 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_wgmma(const AttentionBackwar
     const int k0 = j * Bc;
     const std::uint32_t kt = k_tiles + (j & 1) * kv_bytes, vt = v_tiles + (j & 1) * kv_bytes;
 
+    // S and dP, a commit group each: P is recomputed from lse while dP is still on the tensor cores.
     float s[NK][4], dp[NK][4];
     wgmma_fence();
     wgmma_rows_by_rows<T>(s, q_tile, kt);
+    wgmma_commit();
     wgmma_rows_by_rows<T>(dp, do_tile, vt);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     wgmma_hold(s);
-    wgmma_hold(dp);
-    // dS = P (dP - delta) in place of s, P recomputed from lse; 0 where the key follows the row.
+    // P in place of s, 0 where the key follows the row; then dS = P (dP - delta) in its place.
     const bool masking = k0 + Bc - 1 > q0 + warp_row0;
     ALLOY_UNROLL
     for (int n = 0; n < NK; ++n) {
       ALLOY_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int half = e >> 1;
-        float p = exp2f(fmaf(s[n][e], scale_log2, -lse_log2[half]));
-        if (masking && k0 + 8 * n + 2 * tq + (e & 1) > q0 + warp_row0 + g + 8 * half) p = 0.0f;
-        s[n][e] = p * (dp[n][e] - delta[half]);
+        const float p = exp2f(fmaf(s[n][e], scale_log2, -lse_log2[half]));
+        s[n][e] = masking && k0 + 8 * n + 2 * tq + (e & 1) > q0 + warp_row0 + g + 8 * half ? 0.0f : p;
       }
+    }
+    wgmma_wait<0>();
+    wgmma_hold(dp);
+    ALLOY_UNROLL
+    for (int n = 0; n < NK; ++n) {
+      ALLOY_UNROLL
+      for (int e = 0; e < 4; ++e) s[n][e] *= dp[n][e] - delta[e >> 1];
     }
     // dQ += dS K, dS rounded to T in registers: k-steps of 16 keys.
     std::uint32_t da[NK / 2][4];
@@ -1035,16 +1045,17 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
     const float* delta_tile = reinterpret_cast<const float*>(attention_shared_wgmma + delta_offset + buffer * Bq * 4);
 
     // S^T = K Q^T and dP^T = V dO^T for the block's 64 keys (rows) and the tile's queries (columns).
+    // Four commit groups in flight by turns: S^T, dP^T, then dV += P^T dO once P^T is in
+    // registers (while dP^T may still run), then dK += dS^T Q (while dV runs).
     float s[NQ][4], dp[NQ][4];
     wgmma_fence();
     wgmma_rows_by_rows<T>(s, base, qt);
+    wgmma_commit();
     wgmma_rows_by_rows<T>(dp, base + v_offset, dot);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     wgmma_hold(s);
-    wgmma_hold(dp);
-    // P^T in place of s, dS^T in place of dp; 0 where the key follows the query or the query is
-    // past the sequence.
+    // P^T in place of s; 0 where the key follows the query or the query is past the sequence.
     const bool masking = q0 < warp_key0 + 15 || q0 + Bq > seq;
     ALLOY_UNROLL
     for (int n = 0; n < NQ; ++n) {
@@ -1052,27 +1063,37 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
       for (int e = 0; e < 4; ++e) {
         const int column = 8 * n + 2 * tq + (e & 1);
         const int query = q0 + column, key = warp_key0 + g + 8 * (e >> 1);
-        float p = exp2f(fmaf(s[n][e], scale_log2, -lse_tile[column] * attention_log2e));
-        if (masking && (key > query || query >= seq)) p = 0.0f;
-        dp[n][e] = p * (dp[n][e] - delta_tile[column]);
-        s[n][e] = p;
+        const float p = exp2f(fmaf(s[n][e], scale_log2, -lse_tile[column] * attention_log2e));
+        s[n][e] = masking && (key > query || query >= seq) ? 0.0f : p;
       }
     }
-    // dV += P^T dO and dK += dS^T Q, P^T and dS^T rounded to T in registers: k-steps of 16 queries.
+    // dV += P^T dO, P^T rounded to T in registers: k-steps of 16 queries, dO's rows 2048 bytes apart.
     std::uint32_t pa[NQ / 2][4], da[NQ / 2][4];
     ALLOY_UNROLL
     for (int kk = 0; kk < NQ / 2; ++kk) {
       flash_a_from_accumulators<T>(pa[kk], s[2 * kk], s[2 * kk + 1]);
-      flash_a_from_accumulators<T>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
       wgmma_hold(pa[kk]);
+    }
+    wgmma_fence();
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NQ / 2; ++kk) wgmma_rs<T>(dv, pa[kk], wgmma_descriptor(dot + kk * 16 * row_bytes));
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T is in; dV may still run
+    wgmma_hold(dp);
+    // dS^T = P^T (dP^T - delta) in place of dp, then dK += dS^T Q.
+    ALLOY_UNROLL
+    for (int n = 0; n < NQ; ++n) {
+      ALLOY_UNROLL
+      for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta_tile[8 * n + 2 * tq + (e & 1)]);
+    }
+    ALLOY_UNROLL
+    for (int kk = 0; kk < NQ / 2; ++kk) {
+      flash_a_from_accumulators<T>(da[kk], dp[2 * kk], dp[2 * kk + 1]);
       wgmma_hold(da[kk]);
     }
     wgmma_fence();
     ALLOY_UNROLL
-    for (int kk = 0; kk < NQ / 2; ++kk) {
-      wgmma_rs<T>(dv, pa[kk], wgmma_descriptor(dot + kk * 16 * row_bytes));
-      wgmma_rs<T>(dk, da[kk], wgmma_descriptor(qt + kk * 16 * row_bytes));
-    }
+    for (int kk = 0; kk < NQ / 2; ++kk) wgmma_rs<T>(dk, da[kk], wgmma_descriptor(qt + kk * 16 * row_bytes));
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(dv);
@@ -1120,8 +1141,16 @@ __global__ void __launch_bounds__(flash_threads)
     flash_backward_dq_mma<T, D, Bc>(a, scale, scale_log2);
 }
 
+// The blocks per multiprocessor dk/dv is compiled for: on wgmma (head_dim 64) three, which holds it
+// to 168 registers (it needs about 180 left alone, and 2 blocks of 4 warps then leave the tensor
+// cores idle while both wait on their softmax arithmetic); otherwise what its registers allow.
+template <int D>
+constexpr int flash_dkdv_min_blocks() {
+  return ALLOY_FLASH_WGMMA && D == 64 ? 3 : 1;
+}
+
 template <class T, int D, int Bq>
-__global__ void __launch_bounds__(flash_threads)
+__global__ void __launch_bounds__(flash_threads, flash_dkdv_min_blocks<D>())
     flash_backward_dkdv_kernel(AttentionBackwardArgs<T> a, float scale, float scale_log2) {
 #if ALLOY_FLASH_WGMMA
   if constexpr (D == 64)
