@@ -6,7 +6,9 @@ definitions of ldmatrix.m8n8.x4(.trans).b16 and mma.m16n8k16 (A row-major, B col
 accumulators). It multiplies small integer matrices through them exactly as each attention
 kernel does (forward S = Q K^T and O = P V; dq's dP = dO V^T and dQ = dS K; dk/dv's S^T = K Q^T
 and dV = P^T dO) and checks each product and the staged output rows, and that no ldmatrix phase
-has a shared-memory bank conflict. It checks the composition, not the hardware: run it after
+has a shared-memory bank conflict; and that the wgmma kernels' descriptors (head_dim 64), read
+through the PTX ISA's canonical 128-byte-swizzle layouts, name the same elements of those tiles.
+It checks the composition, not the hardware: run it after
 changing any of those helpers, which it mirrors by hand. No dependencies: python3
 scripts/attention_fragments.py"""
 import random
@@ -166,3 +168,36 @@ for D in (64, 128):
                     groups = {(addrs[8 * i + r] % 128) // 16 for r in range(8)}
                     assert len(groups) == 8, (D, pattern, row0, kk, i)
 print("ok no bank conflicts in any ldmatrix phase")
+
+# wgmma (attention_flash_wgmma.hpp, head_dim 64): the PTX ISA's canonical 128-byte-swizzle layouts,
+# addressed through the kernels' descriptors, must name the same elements as the tiles flash_offset
+# placed. In 16-bit elements (T = 8 to a 16-byte chunk), before the swizzle:
+#   K-major   ((8,m),(T,2k)) : ((8T,SBO),(1,T))    element (row, k) of an m64 x k16 operand
+#   MN-major  ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) element (k, n) of a k16 x n64 operand
+# then Swizzle<3,4,3> on the byte address (bits 4-6 ^= bits 7-9), the start address included: so
+# the tile must begin on a 1024-byte boundary, and a K-major k-step may advance the start by 32.
+def descriptor(start, lbo=16, sbo=1024):  # wgmma_descriptor
+    return ((start & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (1 << 62)
+def swizzle128(addr): return addr ^ (((addr >> 7) & 7) << 4)
+def wgmma_k_major(desc, row, k):
+    start, sbo = (desc & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    assert desc >> 62 == 1
+    return swizzle128(start + (row % 8) * 128 + (row // 8) * sbo + 2 * k)
+def wgmma_mn_major(desc, k, n):
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    return swizzle128(start + 2 * (n % 64) + (n // 64) * lbo + (k % 8) * 128 + (k // 8) * sbo)
+def tile_address(base, row, col): return base + offset(64, row, col // 8) + 2 * (col % 8)
+for base in (0, 16384, 40960):  # tiles at 1024-byte boundaries, as in the kernels' shared memory
+    for mt in range(2):  # S = Q K^T: A = 64 rows of the Q tile from m-block mt, k-steps of 16
+        for kk in range(4):
+            d = descriptor(base + mt * 64 * 128 + 32 * kk)
+            assert all(wgmma_k_major(d, r, k) == tile_address(base, 64 * mt + r, 16 * kk + k)
+                       for r in range(64) for k in range(16)), (base, mt, kk)
+    for kk in range(4):  # O += P V: B = V's rows 16 kk.. as K, head dimensions as N
+        d = descriptor(base + kk * 16 * 128)
+        assert all(wgmma_mn_major(d, k, n) == tile_address(base, 16 * kk + k, n)
+                   for k in range(16) for n in range(64)), (base, kk)
+print("ok wgmma descriptors name the swizzled tiles' elements (K-major and MN-major, head_dim 64)")
+# And a tile that does not begin on a 1024-byte boundary would not (flash_wgmma_shared traps on it).
+assert not all(wgmma_k_major(descriptor(512), r, 0) == tile_address(512, r, 0) for r in range(64))
+print("ok a tile off the 1024-byte boundary is caught")
