@@ -514,47 +514,91 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_mma(const AttentionBackwardA
 
 // ---- Backward: dk and dv ----
 
+// What a dk/dv block works on, on either path (mma.sync, wgmma): its batch and head, its Bc keys
+// from k0, the query tiles it visits (first_tile..last_tile), and its shared memory from `base`:
+// the K tile, the V tile, then two buffers each of Q, dO, lse and delta, refilled in turn.
+template <class T, int D, int Bq>
+struct FlashDkdvBlock {
+  static constexpr int Bc = flash_warps * 16;
+  static constexpr std::uint32_t key_tile_bytes = Bc * D * sizeof(T), query_tile_bytes = Bq * D * sizeof(T);
+  static constexpr std::uint32_t v_offset = key_tile_bytes;
+  static constexpr std::uint32_t q_offset = 2 * key_tile_bytes;
+  static constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
+  static constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
+  static constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
+
+  const AttentionBackwardArgs<T>& a;
+  std::uint32_t base;
+  int seq;
+  std::size_t b, h;
+  const T *q, *k, *v, *dout;
+  const float *lse, *delta;
+  int k0, first_tile, last_tile;
+
+  __device__ ALLOY_FORCEINLINE FlashDkdvBlock(const AttentionBackwardArgs<T>& args, std::uint32_t shared)
+      : a(args), base(shared), seq(static_cast<int>(args.seq)) {
+    const std::size_t heads_total = a.batch * a.heads;
+    const int kb = static_cast<int>(blockIdx.x / heads_total);  // the longest columns (first keys) first
+    const std::size_t bh = blockIdx.x % heads_total;
+    b = bh / a.heads, h = bh % a.heads;
+    const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
+    q = a.q + b * in.batch + h * in.head;
+    k = a.k + b * in.batch + h * in.head;
+    v = a.v + b * in.batch + h * in.head;
+    dout = a.dout + b * os.batch + h * os.head;
+    const std::size_t row0 = bh * a.seq;
+    lse = a.lse + row0;
+    delta = a.scratch + row0;
+    k0 = kb * Bc;
+    first_tile = k0 / Bq, last_tile = (seq - 1) / Bq;
+  }
+
+  // Query tile `tile`'s Q, dO, lse and delta into buffer `buffer`.
+  __device__ ALLOY_FORCEINLINE void load_query_tile(int tile, int buffer) const {
+    flash_load_tile<Bq, D>(base + q_offset + buffer * query_tile_bytes, q, a.qkv_strides.row, tile * Bq, seq);
+    flash_load_tile<Bq, D>(base + do_offset + buffer * query_tile_bytes, dout, a.out_strides.row, tile * Bq, seq);
+    flash_load_floats<Bq>(base + lse_offset + buffer * Bq * 4, lse, tile * Bq, seq);
+    flash_load_floats<Bq>(base + delta_offset + buffer * Bq * 4, delta, tile * Bq, seq);
+  }
+
+  // The block's K and V and the first query tile, one commit group.
+  __device__ ALLOY_FORCEINLINE void load_keys_and_first_queries() const {
+    flash_load_tile<Bc, D>(base, k, a.qkv_strides.row, k0, seq);
+    flash_load_tile<Bc, D>(base + v_offset, v, a.qkv_strides.row, k0, seq);
+    load_query_tile(first_tile, 0);
+    flash_commit();
+  }
+
+  // dK (times scale) and dV, staged in the warp's own rows of the K and V tiles (`shared` is the
+  // block's shared memory; every read of those rows must be done), then written as whole rows.
+  __device__ ALLOY_FORCEINLINE void store(unsigned char* shared, const float (&dk)[D / 8][4],
+                                          const float (&dv)[D / 8][4], float scale, int warp, int lane) const {
+    flash_stage_rows<T, D>(shared, dk, warp * 16, scale, lane);
+    flash_stage_rows<T, D>(shared + v_offset, dv, warp * 16, 1.0f, lane);
+    __syncwarp();
+    const AttentionStrides& gs = a.grad_strides;
+    flash_store_rows<FlashSwizzledRows<D>>(a.dk + b * gs.batch + h * gs.head, gs.row, shared, warp * 16, 16, k0, seq,
+                                           lane);
+    flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, shared + v_offset, warp * 16, 16,
+                                           k0, seq, lane);
+  }
+};
+
 template <class T, int D, int Bq>
 __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_mma(const AttentionBackwardArgs<T>& a, float scale,
                                                           float scale_log2) {
   extern __shared__ __align__(128) unsigned char attention_shared[];
-  constexpr int Bc = flash_warps * 16;
   constexpr int KD = D / 16, NQ = Bq / 8, ND = D / 8;
-  constexpr std::uint32_t key_tile_bytes = Bc * D * sizeof(T), query_tile_bytes = Bq * D * sizeof(T);
-  constexpr std::uint32_t v_offset = key_tile_bytes;
-  constexpr std::uint32_t q_offset = 2 * key_tile_bytes;
-  constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
-  constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
-  constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
-  const std::uint32_t base = flash_shared_address(attention_shared);
-
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int kb = static_cast<int>(blockIdx.x / heads_total);  // the longest columns (first keys) first
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
-  const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
-  const T* dout = a.dout + b * os.batch + h * os.head;
-  const std::size_t row0 = bh * a.seq;
-  const float* lse = a.lse + row0;
-  const float* delta = a.scratch + row0;
-  const int k0 = kb * Bc;
-  const int first_tile = k0 / Bq, last_tile = (seq - 1) / Bq;
+  using Block = FlashDkdvBlock<T, D, Bq>;
+  constexpr std::uint32_t v_offset = Block::v_offset, q_offset = Block::q_offset, do_offset = Block::do_offset;
+  constexpr std::uint32_t lse_offset = Block::lse_offset, delta_offset = Block::delta_offset;
+  constexpr std::uint32_t query_tile_bytes = Block::query_tile_bytes;
+  const Block block(a, flash_shared_address(attention_shared));
+  const std::uint32_t base = block.base;
+  const int seq = block.seq, k0 = block.k0, first_tile = block.first_tile, last_tile = block.last_tile;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_key0 = k0 + warp * 16;  // the warp's first key position
-
-  const auto load_query_tile = [&](int tile, int buffer) {
-    flash_load_tile<Bq, D>(base + q_offset + buffer * query_tile_bytes, q, in.row, tile * Bq, seq);
-    flash_load_tile<Bq, D>(base + do_offset + buffer * query_tile_bytes, dout, os.row, tile * Bq, seq);
-    flash_load_floats<Bq>(base + lse_offset + buffer * Bq * 4, lse, tile * Bq, seq);
-    flash_load_floats<Bq>(base + delta_offset + buffer * Bq * 4, delta, tile * Bq, seq);
-  };
-  flash_load_tile<Bc, D>(base, k, in.row, k0, seq);
-  flash_load_tile<Bc, D>(base + v_offset, v, in.row, k0, seq);
-  load_query_tile(first_tile, 0);
-  flash_commit();
+  block.load_keys_and_first_queries();
 
   float dk[ND][4], dv[ND][4];
   ALLOY_UNROLL
@@ -568,7 +612,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_mma(const AttentionBackwar
     flash_wait_all();
     __syncthreads();
     if (i < last_tile) {
-      load_query_tile(i + 1, buffer ^ 1);
+      block.load_query_tile(i + 1, buffer ^ 1);
       flash_commit();
     }
     const int q0 = i * Bq;
@@ -639,14 +683,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_mma(const AttentionBackwar
   // last ldmatrix of those rows comes before any lane's write: racecheck reported the write-after-
   // read between lanes of one warp without this __syncwarp (H200, 2026-12-02).
   __syncwarp();
-  flash_stage_rows<T, D>(attention_shared, dk, warp * 16, scale, lane);
-  flash_stage_rows<T, D>(attention_shared + v_offset, dv, warp * 16, 1.0f, lane);
-  __syncwarp();
-  const AttentionStrides& gs = a.grad_strides;
-  flash_store_rows<FlashSwizzledRows<D>>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared, warp * 16, 16, k0,
-                                         seq, lane);
-  flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared + v_offset,
-                                         warp * 16, 16, k0, seq, lane);
+  block.store(attention_shared, dk, dv, scale, warp, lane);
 }
 
 // ---- Hopper: the same three kernels on wgmma (head_dim 64, sm_90a) ----
@@ -983,44 +1020,19 @@ template <class T, int Bq>
 __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackwardArgs<T>& a, float scale,
                                                             float scale_log2) {
   extern __shared__ __align__(1024) unsigned char attention_shared_wgmma[];
-  constexpr int D = 64, Bc = 64, NQ = Bq / 8, ND = D / 8;
+  constexpr int D = 64, NQ = Bq / 8, ND = D / 8;
   static_assert(Bq == 32 || Bq == 64, "flash_backward_dkdv_wgmma: query tiles of 32 or 64");
   constexpr std::uint32_t row_bytes = D * sizeof(T);
-  constexpr std::uint32_t key_tile_bytes = Bc * row_bytes, query_tile_bytes = Bq * row_bytes;
-  constexpr std::uint32_t v_offset = key_tile_bytes;
-  constexpr std::uint32_t q_offset = 2 * key_tile_bytes;
-  constexpr std::uint32_t do_offset = q_offset + 2 * query_tile_bytes;
-  constexpr std::uint32_t lse_offset = do_offset + 2 * query_tile_bytes;
-  constexpr std::uint32_t delta_offset = lse_offset + 2 * Bq * sizeof(float);
-  const std::uint32_t base = flash_wgmma_shared(attention_shared_wgmma);
-
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int kb = static_cast<int>(blockIdx.x / heads_total);  // the longest columns (first keys) first
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
-  const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
-  const T* dout = a.dout + b * os.batch + h * os.head;
-  const std::size_t row0 = bh * a.seq;
-  const float* lse = a.lse + row0;
-  const float* delta = a.scratch + row0;
-  const int k0 = kb * Bc;
-  const int first_tile = k0 / Bq, last_tile = (seq - 1) / Bq;
+  using Block = FlashDkdvBlock<T, D, Bq>;
+  constexpr std::uint32_t v_offset = Block::v_offset, q_offset = Block::q_offset, do_offset = Block::do_offset;
+  constexpr std::uint32_t lse_offset = Block::lse_offset, delta_offset = Block::delta_offset;
+  constexpr std::uint32_t query_tile_bytes = Block::query_tile_bytes;
+  const Block block(a, flash_wgmma_shared(attention_shared_wgmma));
+  const std::uint32_t base = block.base;
+  const int seq = block.seq, k0 = block.k0, first_tile = block.first_tile, last_tile = block.last_tile;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_key0 = k0 + warp * 16;  // the warp's first key position
-
-  const auto load_query_tile = [&](int tile, int buffer) {
-    flash_load_tile<Bq, D>(base + q_offset + buffer * query_tile_bytes, q, in.row, tile * Bq, seq);
-    flash_load_tile<Bq, D>(base + do_offset + buffer * query_tile_bytes, dout, os.row, tile * Bq, seq);
-    flash_load_floats<Bq>(base + lse_offset + buffer * Bq * 4, lse, tile * Bq, seq);
-    flash_load_floats<Bq>(base + delta_offset + buffer * Bq * 4, delta, tile * Bq, seq);
-  };
-  flash_load_tile<Bc, D>(base, k, in.row, k0, seq);
-  flash_load_tile<Bc, D>(base + v_offset, v, in.row, k0, seq);
-  load_query_tile(first_tile, 0);
-  flash_commit();
+  block.load_keys_and_first_queries();
 
   float dk[ND][4], dv[ND][4];
   ALLOY_UNROLL
@@ -1035,7 +1047,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
     wgmma_fence_shared();
     __syncthreads();
     if (i < last_tile) {
-      load_query_tile(i + 1, buffer ^ 1);
+      block.load_query_tile(i + 1, buffer ^ 1);
       flash_commit();
     }
     const int q0 = i * Bq;
@@ -1106,14 +1118,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
   }
 
   __syncthreads();  // every wgmma's reads of the K and V tiles are done before their rows are rewritten
-  flash_stage_rows<T, D>(attention_shared_wgmma, dk, warp * 16, scale, lane);
-  flash_stage_rows<T, D>(attention_shared_wgmma + v_offset, dv, warp * 16, 1.0f, lane);
-  __syncwarp();
-  const AttentionStrides& gs = a.grad_strides;
-  flash_store_rows<FlashSwizzledRows<D>>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared_wgmma, warp * 16,
-                                         16, k0, seq, lane);
-  flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared_wgmma + v_offset,
-                                         warp * 16, 16, k0, seq, lane);
+  block.store(attention_shared_wgmma, dk, dv, scale, warp, lane);
 }
 
 #endif  // ALLOY_FLASH_WGMMA
