@@ -1,6 +1,6 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE]
+//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--graph]
 //              [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
@@ -29,7 +29,7 @@ namespace {
   std::fprintf(stderr,
                "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
                "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
-               "[--gemm-plans FILE] [--steps N] [--batch B] [--seq T] [--lr X] "
+               "[--gemm-plans FILE] [--graph] [--steps N] [--batch B] [--seq T] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
                "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
                "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",
@@ -57,6 +57,8 @@ gpt2::Options parse(int argc, char** argv) {
       o.recompute_gelu = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
+    else if (a == "--graph")  // each step captured as a CUDA graph and replayed
+      o.graph = true;
     else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
       o.gemm_plans = value();
       o.timed_gemm = true;

@@ -85,20 +85,28 @@ class Gpt2 {
 
   std::vector<nn::Gpt2Block>& layers() noexcept { return blocks_; }
 
-  // A batch of the wrong shape is refused here, before anything is copied or launched.
+  // The micro-batch's host part (alloy/train/model.hpp): a batch of the wrong shape is refused
+  // here, before anything is copied or launched; the tokens (grouped for the embedding's backward)
+  // and the targets go up through the trainer's input pipeline.
   template <class Ctx>
-  auto input(Ctx& ctx, const Batch& b) {
+  void stage(Ctx& ctx, const Batch& b) {
     check(b);
-    return embed_.forward(ctx, b.tokens, config_.seq);
+    embed_.stage(ctx, b.tokens, config_.seq);
+    targets_ = lm_head_.stage_targets(ctx, b.targets);
+  }
+
+  template <class Ctx>
+  auto input(Ctx& ctx, const Batch&) {
+    return embed_.forward(ctx);
   }
 
   // ln_f forward, the tied head forward and backward (loss and its gradient in one pass over
   // chunks of rows), ln_f backward: the loss and d(loss * scale) / (the blocks' output).
   template <class Ctx>
-  auto head(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> y, const Batch& b) {
+  auto head(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> y, const Batch&) {
     using T = nn::detail::value_t<Ctx>;
     const auto x = ln_f_.forward(ctx, y);
-    const auto [loss, dx] = lm_head_.forward_backward(ctx, alloy::Activation<const T>(x), b.targets);
+    const auto [loss, dx] = lm_head_.forward_backward(ctx, alloy::Activation<const T>(x), targets_);
     return std::make_pair(loss, ln_f_.backward(ctx, alloy::Activation<const T>(dx)));
   }
 
@@ -107,9 +115,11 @@ class Gpt2 {
     embed_.backward(ctx, dx);
   }
 
-  // The same micro-batch driven by hand (tests): recomputes every ctx.checkpoint_every() blocks.
+  // The same micro-batch driven by hand (tests): stages it and recomputes every
+  // ctx.checkpoint_every() blocks.
   template <class Ctx>
   float forward_backward(Ctx& ctx, const Batch& b) {
+    stage(ctx, b);
     return alloy::run_layered(ctx, *this, b, ctx.checkpoint_every(), kept_);
   }
 
@@ -149,6 +159,7 @@ class Gpt2 {
   nn::LayerNorm ln_f_;
   nn::LmHead lm_head_;
   alloy::KeptInputs kept_;
+  nn::LmHead::Targets targets_;  // this micro-batch's, uploaded by stage()
 };
 
 }  // namespace gpt2

@@ -25,6 +25,7 @@ struct Options {
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
   bool timed_gemm = false;      // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
+  bool graph = false;           // Cuda: each step captured as a CUDA graph and replayed (Config::graph)
   std::string gemm_plans;       // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
@@ -110,7 +111,8 @@ typename Trainer::Config trainer_config(const Options& o) {
           .seed = o.seed,
           .micro_batches = o.accumulate,
           .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
-          .gemm_plans_file = o.gemm_plans};
+          .gemm_plans_file = o.gemm_plans,
+          .graph = o.graph};
 }
 
 // Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss
@@ -141,12 +143,12 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
   }
   if (speaks)
     std::printf(
-        "GPT-2 on %s, %s%s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
+        "GPT-2 on %s, %s%s%s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
         "%zu parameters; data: %s\n",
         Backend::name, o.precision.c_str(),
         o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""),
-        o.timed_gemm ? " + timed GEMM algorithms" : "", c.dim, c.layers, c.heads, c.vocab, c.padded_vocab, o.accumulate,
-        o.batch, c.seq, params,
+        o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph ? " + CUDA graph" : "", c.dim, c.layers, c.heads,
+        c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
         data.is_random()
             ? "random tokens"
             : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")
@@ -215,6 +217,14 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         who.world > 1 ? " (rank 0)" : "", mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / double(params),
         mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
         std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
+    if constexpr (requires { trainer.graph_stats(); }) {
+      if (o.graph) {
+        const auto& g = trainer.graph_stats();
+        std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
+                    static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
+                    static_cast<unsigned long long>(g.eager));
+      }
+    }
     std::printf("loss curve: %s\n", o.csv.c_str());
   }
   if (o.sample_tokens > 0 && !data.is_random() && speaks) {

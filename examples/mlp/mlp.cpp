@@ -1,6 +1,6 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
 //   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm]
-//             [--gemm-plans FILE] [--keep-gelu N] [--steps N]
+//             [--gemm-plans FILE] [--keep-gelu N] [--graph] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]
@@ -25,7 +25,7 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] "
+               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] [--graph] "
                "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
                "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
                "[--eval-input PATH --eval-output PATH]\n",
@@ -50,6 +50,8 @@ mlp::Options parse(int argc, char** argv) {
       o.checkpointing = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
+    else if (a == "--graph")  // each step captured as a CUDA graph and replayed
+      o.graph = true;
     else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
       o.gemm_plans = value();
       o.timed_gemm = true;

@@ -123,15 +123,22 @@ class ResidualMlp {
     return {logits, loss_.forward_backward(ctx, logits, targets).first};
   }
 
-  // A batch of the wrong shape is refused here, before anything is copied or launched.
+  // The micro-batch's host part (alloy/train/model.hpp): a batch of the wrong shape is refused
+  // here, before anything is copied or launched; the features and labels go up through the
+  // trainer's input pipeline, and forward reads them there.
+  template <class Ctx>
+  void stage(Ctx& ctx, const Batch& b) {
+    check(b);
+    features_ = nn::upload_float_features(ctx, b.x, shape_.inputs);
+    targets_ = nn::upload_targets(ctx, b.label, shape_.classes);
+  }
+
   // The features' compute-dtype copy, which the embedding's weight gradient reads at the very end
   // of backward, is not kept from forward: input_backward converts the uploaded floats again (they
   // stay valid for the micro-batch). Its rows x width output goes below the copy, which is given
   // back at once, so the copy is not live at the step's peak.
   template <class Ctx>
-  auto input(Ctx& ctx, const Batch& b) {
-    check(b);
-    features_ = nn::upload_float_features(ctx, b.x, shape_.inputs);
+  auto input(Ctx& ctx, const Batch&) {
     const auto y = nn::detail::allocate(ctx, features_.rows, shape_.width);
     const auto mark = ctx.workspace().mark();
     embed_.forward_into(ctx, alloy::Activation<const nn::detail::value_t<Ctx>>(nn::features_as(ctx, features_)),
@@ -141,10 +148,9 @@ class ResidualMlp {
   }
 
   template <class Ctx>
-  auto head(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> y, const Batch& b) {
-    const auto* targets = nn::upload_targets(ctx, b.label, shape_.classes);
+  auto head(Ctx& ctx, alloy::Activation<const nn::detail::value_t<Ctx>> y, const Batch&) {
     const auto logits = head_.forward(ctx, final_norm_.forward(ctx, y));
-    const auto [loss, dlogits] = loss_.forward_backward(ctx, logits, targets);
+    const auto [loss, dlogits] = loss_.forward_backward(ctx, logits, targets_);
     return std::make_pair(loss, final_norm_.backward(ctx, head_.backward(ctx, dlogits)));
   }
 
@@ -156,9 +162,11 @@ class ResidualMlp {
     embed_.weight_gradient(ctx, dx, static_cast<const nn::detail::value_t<Ctx>*>(x.data), embed_.has_bias());
   }
 
-  // The same micro-batch driven by hand (tests): recomputes every ctx.checkpoint_every() blocks.
+  // The same micro-batch driven by hand (tests): stages it and recomputes every
+  // ctx.checkpoint_every() blocks.
   template <class Ctx>
   float forward_backward(Ctx& ctx, const Batch& b) {
+    stage(ctx, b);
     return alloy::run_layered(ctx, *this, b, ctx.checkpoint_every(), kept_);
   }
 
@@ -178,7 +186,8 @@ class ResidualMlp {
   nn::Linear head_;
   nn::SoftmaxCrossEntropy loss_;
   alloy::KeptInputs kept_;
-  alloy::Activation<const float> features_;  // this micro-batch's, uploaded by input()
+  alloy::Activation<const float> features_;  // this micro-batch's, uploaded by stage()
+  const std::int32_t* targets_ = nullptr;    // the same
 };
 
 }  // namespace mlp

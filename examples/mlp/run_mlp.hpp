@@ -18,6 +18,7 @@ struct Options {
   int accumulate = 1;
   bool checkpointing = false;
   bool timed_gemm = false;  // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
+  bool graph = false;       // Cuda: each step captured as a CUDA graph and replayed (Config::graph)
   std::string gemm_plans;   // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = 200;
   std::string size;
@@ -90,11 +91,14 @@ int run(const Options& o, Shape shape) {
   const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 20);
   for (int i = 0; use_pool && i < 16; ++i) pool.push_back(task.batch(rng));
   std::size_t drawn = 0;
-  Batch fresh;
+  // Small batches are drawn fresh, into one buffer per micro-batch of a step: with --graph a step
+  // keeps its batches until it has run.
+  std::vector<Batch> fresh(static_cast<std::size_t>(o.accumulate));
   auto next = [&]() -> const Batch& {
     if (use_pool) return pool[drawn++ % pool.size()];
-    fresh = task.batch(rng);
-    return fresh;
+    Batch& b = fresh[drawn++ % fresh.size()];
+    b = task.batch(rng);
+    return b;
   };
   Trainer trainer(ResidualMlp(shape),
                   {.optimizer = {.weight_decay = 0.01f},
@@ -103,7 +107,8 @@ int run(const Options& o, Shape shape) {
                    .seed = 1,
                    .micro_batches = o.accumulate,
                    .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
-                   .gemm_plans_file = o.gemm_plans});
+                   .gemm_plans_file = o.gemm_plans,
+                   .graph = o.graph});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
@@ -114,10 +119,11 @@ int run(const Options& o, Shape shape) {
     std::printf("imported weights from %s\n", o.import_weights.c_str());
   }
   std::printf(
-      "residual MLP on %s, %s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu parameters%s\n",
+      "residual MLP on %s, %s%s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu "
+      "parameters%s\n",
       Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
-      o.timed_gemm ? " + timed GEMM algorithms" : "", shape.inputs, shape.width, shape.blocks, shape.classes,
-      o.accumulate, shape.rows, trainer.store().layout().numel(),
+      o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph ? " + CUDA graph" : "", shape.inputs, shape.width,
+      shape.blocks, shape.classes, o.accumulate, shape.rows, trainer.store().layout().numel(),
       shape.keep_gelu ? (", GELU's output kept in " + std::to_string(shape.keep_gelu) + " blocks").c_str() : "");
   std::ofstream csv(o.csv);
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";
@@ -168,6 +174,12 @@ int run(const Options& o, Shape shape) {
       mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
       mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
       std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
+  if (o.graph) {
+    const auto& g = trainer.graph_stats();
+    std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
+                static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
+                static_cast<unsigned long long>(g.eager));
+  }
   std::printf("loss curve: %s\n", o.csv.c_str());
   return last.loss < first.loss ? 0 : 1;
 }

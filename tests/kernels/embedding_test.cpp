@@ -41,7 +41,9 @@ TEST(TokenGroups, EveryRowOnceBySegmentsOfAtMost32) {
   for (std::size_t r = 0; r < rows; ++r) by_token[tokens[r]].push_back(std::int32_t(r));
   std::map<std::int32_t, std::vector<std::int32_t>> seen;
   std::size_t slots = 0;
-  for (std::size_t s = 0; s < g.segment_count; ++s) {
+  ASSERT_LE(g.segments_in_use(), g.segment_count);
+  ASSERT_LE(g.merges_in_use(), g.merge_count);
+  for (std::size_t s = 0; s < g.segments_in_use(); ++s) {
     const std::int32_t* seg = g.segments + 4 * s;
     EXPECT_LE(seg[2] - seg[1], 32);
     EXPECT_GT(seg[2] - seg[1], 0);
@@ -54,15 +56,16 @@ TEST(TokenGroups, EveryRowOnceBySegmentsOfAtMost32) {
     slots += merged;
   }
   EXPECT_EQ(seen, by_token) << "every row once, ascending within its token";
-  EXPECT_EQ(g.partial_slots, slots);
-  ASSERT_EQ(g.merge_count, 1u);
+  EXPECT_LE(slots, g.partial_slots) << "the scratch has room for every merged segment";
+  ASSERT_EQ(g.merges_in_use(), 1u);
   EXPECT_EQ(g.merges[0], 5);
   EXPECT_EQ(g.merges[2], std::int32_t((by_token[5].size() + 31) / 32));
 }
 
 // A TokenGroups reused from batch to batch (as an Embedding does; its segment scratch only
-// grows) gives what a fresh one gives: a large batch, then smaller ones with tokens of exactly 32
-// and 33 rows (one segment; two merged), every row of one token, and a batch of one row. The
+// grows) gives what a fresh one gives, in every part in use (the room past them keeps what it
+// held, and nothing reads it), and a view's sizes depend on the row count alone: a large batch, then smaller ones with
+// tokens of exactly 32 and 33 rows (one segment; two merged), every row of one token, and a batch of one row. The
 // segments come in ascending token order.
 TEST(TokenGroups, ReusedForAnotherBatchGivesWhatAFreshOneGives) {
   ALLOY_SEEDED(seed);
@@ -83,23 +86,34 @@ TEST(TokenGroups, ReusedForAnotherBatchGivesWhatAFreshOneGives) {
     TokenGroups fresh;
     fresh.build(tokens, 50257);
     reused.build(tokens, 50257);
-    const auto a = fresh.packed(), b = reused.packed();
-    EXPECT_EQ(std::vector<std::int32_t>(a.begin(), a.end()), std::vector<std::int32_t>(b.begin(), b.end()));
+    ASSERT_EQ(fresh.packed().size(), reused.packed().size());
+    const auto f = fresh.view(fresh.packed().data());
     const auto g = reused.view(reused.packed().data());
-    for (std::size_t s = 1; s < g.segment_count; ++s) {
+    ASSERT_EQ(f.segments_in_use(), g.segments_in_use());
+    ASSERT_EQ(f.merges_in_use(), g.merges_in_use());
+    const auto in_use = [](const alloy::TokenGroupsView& v) {
+      std::vector<std::int32_t> out(v.rows_by_token, v.rows_by_token + v.rows);
+      out.insert(out.end(), v.segments, v.segments + 4 * v.segments_in_use());
+      out.insert(out.end(), v.merges, v.merges + 3 * v.merges_in_use());
+      return out;
+    };
+    EXPECT_EQ(in_use(f), in_use(g));
+    EXPECT_EQ(g.segment_count, alloy::token_group_segment_room(tokens.size()));
+    EXPECT_EQ(g.merge_count, alloy::token_group_merge_room(tokens.size()));
+    for (std::size_t s = 1; s < g.segments_in_use(); ++s) {
       EXPECT_LE(g.segments[4 * (s - 1)], g.segments[4 * s]) << "segment " << s;
       EXPECT_EQ(g.segments[4 * (s - 1) + 2], g.segments[4 * s + 1]) << "segments tile the rows, segment " << s;
     }
-    EXPECT_EQ(g.segments[4 * (g.segment_count - 1) + 2], std::int32_t(tokens.size()));
+    EXPECT_EQ(g.segments[4 * (g.segments_in_use() - 1) + 2], std::int32_t(tokens.size()));
   }
   // The edges batch: token 0 (1 row), token 1 (33 rows: two merged segments), token 3 (32 rows: one).
   TokenGroups edge_groups;
   edge_groups.build(batches[2], 50257);
   const auto g = edge_groups.view(edge_groups.packed().data());
-  ASSERT_EQ(g.segment_count, 4u);
+  ASSERT_EQ(g.segments_in_use(), 4u);
   EXPECT_EQ(std::vector<std::int32_t>(g.segments, g.segments + 16),
             (std::vector<std::int32_t>{0, 0, 1, -1, 1, 1, 33, 0, 1, 33, 34, 1, 3, 34, 66, -1}));
-  ASSERT_EQ(g.merge_count, 1u);
+  ASSERT_EQ(g.merges_in_use(), 1u);
   EXPECT_EQ(std::vector<std::int32_t>(g.merges, g.merges + 3), (std::vector<std::int32_t>{1, 0, 2}));
 }
 
@@ -150,7 +164,7 @@ TYPED_TEST(EmbeddingKernels, BackwardMatchesFloat64Sums) {
   TokenGroups groups;
   groups.build(tokens, vocab);
   const auto g = groups.view(groups.packed().data());
-  ASSERT_GT(g.merge_count, 0u);
+  ASSERT_GT(g.merges_in_use(), 0u);
   std::vector<float> scratch(alloy::embedding_token_backward_scratch_floats(g, dim));
   const double bound = std::is_same_v<T, float> ? 1e-5 : 1e-2;  // fp32 sums of <= 200 terms, one rounding to T
   for (bool accumulate : {false, true}) {

@@ -42,18 +42,35 @@ inline constexpr std::size_t embedding_segment_rows = 32;
 
 // A micro-batch's rows grouped by token, as the backward kernels read them: three int32 arrays,
 // on the host or the device.
+//
+// The arrays have room for any grouping of `rows` rows (segments, merges and scratch slots at
+// most as many as the rows allow), and the counts in use follow them (`in_use`): the sizes of the
+// upload, of the scratch and of every launch depend on the row count alone, so a step captured as
+// a CUDA graph stays valid for any tokens of the same count.
 struct TokenGroupsView {
   const std::int32_t* rows_by_token = nullptr;  // every row, by token, rows ascending within a token
   const std::int32_t* segments = nullptr;       // 4 per segment: token, begin, end (in rows_by_token), slot or -1
   const std::int32_t* merges = nullptr;         // 3 per token of several segments: token, first slot, slots
+  const std::int32_t* in_use = nullptr;         // segments and merges in use: 2 int32, where the kernels read them
   std::size_t rows = 0;
-  std::size_t segment_count = 0;
-  std::size_t merge_count = 0;
-  std::size_t partial_slots = 0;  // segment sums kept in scratch: one per segment of a merged token
+  std::size_t segment_count = 0;  // room for this many segments
+  std::size_t merge_count = 0;    // room for this many merges
+  std::size_t partial_slots = 0;  // room for this many segment sums kept in scratch (one per segment of a merged token)
+
+  ALLOY_HOST_DEVICE std::size_t segments_in_use() const { return std::size_t(in_use[0]); }
+  ALLOY_HOST_DEVICE std::size_t merges_in_use() const { return std::size_t(in_use[1]); }
 };
 
+// Room for a grouping of `rows` rows: every segment holds a row at least, a merged token more
+// than embedding_segment_rows, and its slots are its segments.
+inline std::size_t token_group_segment_room(std::size_t rows) { return rows; }
+inline std::size_t token_group_merge_room(std::size_t rows) { return rows / (embedding_segment_rows + 1); }
+inline std::size_t token_group_slot_room(std::size_t rows) {
+  return rows / embedding_segment_rows + token_group_merge_room(rows);
+}
+
 // Builds the grouping on the host, into one packed int32 array (one upload): rows_by_token, then
-// the segments, then the merges.
+// room for the segments, then room for the merges, then the two counts in use.
 class TokenGroups {
  public:
   // Groups rows 0 .. tokens.size() - 1 by token id; every id must lie in [0, vocab).
@@ -99,28 +116,35 @@ class TokenGroups {
       n += end > begin ? 1 : 0;
     }
 
-    packed_.resize(rows);
-    for (std::size_t r = 0; r < rows; ++r) packed_[counts_[std::size_t(tokens[r])]++] = static_cast<std::int32_t>(r);
     rows_ = rows;
-    segment_count_ = n;
-    merge_count_ = merges_.size() / 3;
-    partial_slots_ = std::size_t(slots);
-    packed_.insert(packed_.end(), segments_.begin(), segments_.begin() + std::ptrdiff_t(4 * n));
-    packed_.insert(packed_.end(), merges_.begin(), merges_.end());
+    const std::size_t segment_room = token_group_segment_room(rows), merge_room = token_group_merge_room(rows);
+    // The room past what is in use keeps whatever it held: nothing reads it.
+    packed_.resize(rows + 4 * segment_room + 3 * merge_room + 2);
+    for (std::size_t r = 0; r < rows; ++r) packed_[counts_[std::size_t(tokens[r])]++] = static_cast<std::int32_t>(r);
+    std::copy(segments_.begin(), segments_.begin() + std::ptrdiff_t(4 * n), packed_.begin() + std::ptrdiff_t(rows));
+    std::copy(merges_.begin(), merges_.end(), packed_.begin() + std::ptrdiff_t(rows + 4 * segment_room));
+    packed_[packed_.size() - 2] = static_cast<std::int32_t>(n);
+    packed_[packed_.size() - 1] = static_cast<std::int32_t>(merges_.size() / 3);
   }
 
   std::span<const std::int32_t> packed() const noexcept { return packed_; }
-  std::size_t partial_slots() const noexcept { return partial_slots_; }
 
   // The groups read from `packed`: packed().data() itself, or a device copy of packed().
   TokenGroupsView view(const std::int32_t* packed) const noexcept {
-    return {packed,       packed + rows_, packed + rows_ + 4 * segment_count_, rows_, segment_count_,
-            merge_count_, partial_slots_};
+    const std::size_t segment_room = token_group_segment_room(rows_), merge_room = token_group_merge_room(rows_);
+    return {packed,
+            packed + rows_,
+            packed + rows_ + 4 * segment_room,
+            packed + rows_ + 4 * segment_room + 3 * merge_room,
+            rows_,
+            segment_room,
+            merge_room,
+            token_group_slot_room(rows_)};
   }
 
  private:
-  std::vector<std::int32_t> packed_, segments_, merges_, counts_;  // segments_: scratch, its first 4 segment_count_
-  std::size_t rows_ = 0, segment_count_ = 0, merge_count_ = 0, partial_slots_ = 0;
+  std::vector<std::int32_t> packed_, segments_, merges_, counts_;  // segments_: scratch, its first 4 n in use
+  std::size_t rows_ = 0;
 };
 
 namespace detail {
@@ -266,10 +290,10 @@ void embedding_forward_on(Host, const EmbeddingForward<T>& a) {
 
 template <class T>
 void embedding_token_backward_on(Host, const EmbeddingBackward<T>& a, const TokenGroupsView& g, float* partials) {
-  for (std::size_t s = 0; s < g.segment_count; ++s) {
+  for (std::size_t s = 0; s < g.segments_in_use(); ++s) {
     for (std::size_t c = 0; c < a.dim; ++c) embedding_segment<1>(a, g, s, c, partials);
   }
-  for (std::size_t m = 0; m < g.merge_count; ++m) {
+  for (std::size_t m = 0; m < g.merges_in_use(); ++m) {
     for (std::size_t c = 0; c < a.dim; ++c) embedding_merge<1>(a, g, m, c, partials);
   }
 }
@@ -309,13 +333,13 @@ __device__ ALLOY_FORCEINLINE void embedding_warp_items(std::size_t items, std::s
   }
 }
 
-// A warp per (segment, 32 L columns). Per element of dx: read once (sizeof(T)); per gradient row
-// of a single-segment token: read and written once; per segment of a merged token: 4 bytes
-// written per column.
+// A warp per (segment, 32 L columns), launched for the room and reading the count in use. Per element of dx: read once
+// (sizeof(T)); per gradient row of a single-segment token: read and written once; per segment of a merged token: 4
+// bytes written per column.
 template <int L, class T>
 __global__ void __launch_bounds__(cuda_block)
     embedding_segments_kernel(EmbeddingBackward<T> a, TokenGroupsView g, float* partials) {
-  embedding_warp_items<L>(g.segment_count, a.dim,
+  embedding_warp_items<L>(g.segments_in_use(), a.dim,
                           [&](std::size_t s, std::size_t col) { embedding_segment<L>(a, g, s, col, partials); });
 }
 
@@ -324,7 +348,7 @@ __global__ void __launch_bounds__(cuda_block)
 template <int L, class T>
 __global__ void __launch_bounds__(cuda_block)
     embedding_merges_kernel(EmbeddingBackward<T> a, TokenGroupsView g, const float* partials) {
-  embedding_warp_items<L>(g.merge_count, a.dim,
+  embedding_warp_items<L>(g.merges_in_use(), a.dim,
                           [&](std::size_t m, std::size_t col) { embedding_merge<L>(a, g, m, col, partials); });
 }
 

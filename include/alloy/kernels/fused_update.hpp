@@ -26,6 +26,14 @@
 
 namespace alloy::detail {
 
+// What changes from one step to the next in a pass-2 launch: the rule's scalars (the learning
+// rate, the bias corrections of step t) and the first random index.
+template <class Rule>
+struct StepVarying {
+  Rule rule;
+  std::uint64_t stream;
+};
+
 // Everything one pass-2 launch needs besides the arenas.
 template <class Rule>
 struct UpdateScalars {
@@ -38,7 +46,27 @@ struct UpdateScalars {
   // (device memory on Cuda): its grad_mult replaces the one above, and skip leaves every arena
   // bit-identical (the gradient accumulator is not cleared either).
   const StepDecision* decision = nullptr;
+  // Null: rule and stream as above. Otherwise this step's, in the backend's memory, read by the
+  // launch in their place (OptimizerStep's device path: a step replayed from a CUDA graph keeps
+  // its launch arguments, so what changes every step is read where the host wrote it).
+  const StepVarying<Rule>* varying = nullptr;
 };
+
+// The scalars a launch behind a decision uses: the decision's grad_mult and the step's varying
+// part where they are given. False: the decision skips the step.
+template <class Rule>
+ALLOY_HOST_DEVICE ALLOY_FORCEINLINE bool take_step_scalars(UpdateScalars<Rule>& s) {
+  if (s.decision) {
+    const StepDecision d = *s.decision;
+    if (d.skip) return false;
+    s.grad_mult = d.grad_mult;
+  }
+  if (s.varying) {
+    s.rule = s.varying->rule;
+    s.stream = s.varying->stream;
+  }
+  return true;
+}
 
 // State values in fp32 or bf16 (bf16 written with stochastic rounding).
 template <class S>
@@ -109,11 +137,8 @@ auto state_access(const Arenas& a, std::index_sequence<K...>) {
 // lanes would be stored unset.) Per element it reads and writes what for_each_indexed_n would,
 // plus the 8-byte decision once per thread.
 template <int L, class F, class... W>
-__global__ void __launch_bounds__(cuda_block)
-    decided_update_kernel(const StepDecision* decision, std::size_t n, F f, W... w) {
-  const StepDecision d = *decision;
-  if (d.skip) return;
-  f.s.grad_mult = d.grad_mult;
+__global__ void __launch_bounds__(cuda_block) decided_update_kernel(std::size_t n, F f, W... w) {
+  if (!take_step_scalars(f.s)) return;
   using Seq = std::index_sequence_for<W...>;
   const std::size_t vectors = n / L;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
@@ -129,13 +154,13 @@ __global__ void __launch_bounds__(cuda_block)
 }
 
 template <class F, class... W>
-void launch_decided_update(Cuda be, const StepDecision* decision, std::size_t n, F f, W... w) {
+void launch_decided_update(Cuda be, std::size_t n, F f, W... w) {
   if (n == 0) return;
   constexpr int L = vector_lanes<W...>();
   if (L > 1 && all_aligned(16, w...)) {
-    decided_update_kernel<L><<<grid_for(n / L), cuda_block, 0, be.stream>>>(decision, n, f, w...);
+    decided_update_kernel<L><<<grid_for(n / L), cuda_block, 0, be.stream>>>(n, f, w...);
   } else {
-    decided_update_kernel<1><<<grid_for(n), cuda_block, 0, be.stream>>>(decision, n, f, w...);
+    decided_update_kernel<1><<<grid_for(n), cuda_block, 0, be.stream>>>(n, f, w...);
   }
   ALLOY_CUDA_CHECK_LAUNCH();
 }
@@ -155,13 +180,12 @@ enum class UpdateDecision {
 template <UpdateDecision D = UpdateDecision::at_run_time, class B, class F, class... W>
 void run_update(B be, std::size_t n, F f, W... w) {
   if constexpr (D != UpdateDecision::none) {
-    if (const StepDecision* d = f.s.decision) {
+    if (f.s.decision) {
       if constexpr (std::is_same_v<B, Host>) {
-        if (d->skip) return;
-        f.s.grad_mult = d->grad_mult;
+        if (!take_step_scalars(f.s)) return;
       } else {
 #if ALLOY_HAS_CUDA_KERNELS
-        launch_decided_update(be, d, n, f, w...);
+        launch_decided_update(be, n, f, w...);
 #endif
         return;
       }

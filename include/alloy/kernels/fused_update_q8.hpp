@@ -74,10 +74,7 @@ template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int S
 void fused_update_q8(Host, const UpdateArenas<Param, Grad, std::uint8_t, Slots>& a,
                      const UpdateScalars<Rule>& scalars) {
   UpdateScalars<Rule> s = scalars;  // with the decision's grad_mult, where there is one
-  if (s.decision) {
-    if (s.decision->skip) return;
-    s.grad_mult = s.decision->grad_mult;
-  }
+  if (!take_step_scalars(s)) return;
   std::vector<float> values(static_cast<std::size_t>(Slots) * QBlock);
   for (std::size_t q = 0; q * QBlock < a.n; ++q) {
     float old_absmax[Slots], new_absmax[Slots] = {};
@@ -142,11 +139,7 @@ struct SlotMaximaMax {
 template <int QBlock, bool ClearGrad, class Rule, class Param, class Grad, int Slots>
 __global__ void __launch_bounds__(cuda_block)
     fused_update_q8_kernel(UpdateArenas<Param, Grad, std::uint8_t, Slots> a, UpdateScalars<Rule> s) {
-  if (s.decision) {  // a skipped step returns before reading anything
-    const StepDecision d = *s.decision;
-    if (d.skip) return;
-    s.grad_mult = d.grad_mult;
-  }
+  if (!take_step_scalars(s)) return;  // a skipped step returns before reading anything
   constexpr int threads_per_q = QBlock / q8_lanes;
   constexpr int groups = cuda_block / threads_per_q;
   static_assert(threads_per_q == warp_size || threads_per_q == cuda_block, "q8 block must be 256 or 2048");

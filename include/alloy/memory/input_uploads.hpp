@@ -18,6 +18,13 @@
 // is done. The trainer takes one when a step is one micro-batch: its step() returns only after
 // reading the gradient norm, which the device computes after that micro-batch's backward, so the
 // next step's copies find the slot free and start at once, as with two, for half the memory.
+//
+// A step replayed as a CUDA graph (the trainer's Config::graph) reads every micro-batch's inputs
+// at the addresses it was captured with: the trainer then gives micro-batch i slot i
+// (begin_micro_batch_in), stages them all before the replay (set_staging: the compute stream is
+// not told to wait for each copy; the trainer orders the replay after all of them), and compares
+// the step's signature (each upload's slot, address and size, and what note() adds) with the
+// captured one. While forward runs (close()), an upload is an error: a replay does not run it.
 #pragma once
 
 #include <alloy/backend/buffer.hpp>
@@ -28,6 +35,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <span>
@@ -46,6 +54,7 @@ class InputUploads<Host> {
  public:
   explicit InputUploads(Host = {}, MemoryTracker* = nullptr, int = 2) {}
   void begin_micro_batch() {}
+  void note(std::uint64_t) {}
   void end_micro_batch() {}
   void abandon_micro_batch() noexcept {}
   template <class T>
@@ -84,18 +93,24 @@ class InputUploads<Cuda> {
 
  public:
   explicit InputUploads(Cuda compute = {}, MemoryTracker* tracker = nullptr, int slots = 2)
-      : compute_(compute), tracker_(tracker), slots_in_use_(slots) {
-    if (slots != 1 && slots != 2) {
-      throw error("InputUploads: " + std::to_string(slots) +
-                  " slots; 1 (no overlap with the previous micro-batch) or 2");
-    }
+      : compute_(compute), tracker_(tracker) {
+    if (slots < 1) throw error("InputUploads: " + std::to_string(slots) + " slots; at least 1");
     copy_ = make_cuda_stream();
-    for (auto& slot : slots_) {
+    use_slots(slots);
+    ready_ = make_cuda_event();
+  }
+
+  // At least n slots from the next micro-batch on (the round robin of begin_micro_batch() takes n).
+  void use_slots(int n) {
+    while (slots_.size() < static_cast<std::size_t>(n)) {
+      Slot& slot = slots_.emplace_back();
       slot.copied = make_cuda_event();
       slot.consumed = make_cuda_event();
     }
-    ready_ = make_cuda_event();
+    slots_in_use_ = n;
+    if (current_ >= n) current_ = -1;
   }
+  int slots() const noexcept { return slots_in_use_; }
 
   InputUploads(InputUploads&&) noexcept = default;
   InputUploads& operator=(InputUploads&&) noexcept = default;
@@ -108,9 +123,15 @@ class InputUploads<Cuda> {
   // Starts a micro-batch: takes the next slot, once the copies that last filled it (two
   // micro-batches ago, or the last one with a single slot) are done on the host's side and its
   // last reader is done on the device's.
-  void begin_micro_batch() {
-    current_ = (current_ + 1) % slots_in_use_;
-    Slot& s = slots_[current_];
+  void begin_micro_batch() { begin_micro_batch_in((current_ + 1) % slots_in_use_); }
+
+  // The same in slot `slot` (< slots()).
+  void begin_micro_batch_in(int slot) {
+    if (slot < 0 || slot >= slots_in_use_) {
+      throw error("InputUploads: slot " + std::to_string(slot) + " of " + std::to_string(slots_in_use_));
+    }
+    current_ = slot;
+    Slot& s = slots_[static_cast<std::size_t>(current_)];
     ALLOY_CUDA_CHECK(cudaEventSynchronize(s.copied.get()));  // staging free to refill
     if (s.consumed_recorded) ALLOY_CUDA_CHECK(cudaStreamWaitEvent(copy_.get(), s.consumed.get(), 0));
     if (s.device.size() > 1 || s.peak > capacity(s)) {
@@ -128,11 +149,42 @@ class InputUploads<Cuda> {
   // Ends the micro-batch: the compute stream has queued everything that reads the slot. Returns
   // once the copies from the caller's pinned memory are done, so the batch may be freed.
   void end_micro_batch() {
-    Slot& s = slots_[current_];
-    ALLOY_CUDA_CHECK(cudaEventRecord(s.consumed.get(), compute_.stream));
+    Slot& s = slots_[static_cast<std::size_t>(current_)];
+    record_for_waiters(s.consumed.get(), compute_.stream);  // by the graph each replay, when captured
     s.consumed_recorded = true;
+    end_staging();
+  }
+
+  // The current micro-batch's uploads are all queued, and its compute is not (a step staged ahead
+  // of its replay; end_micro_batch() marks the slot read when the replay has been queued).
+  // Returns once the copies from the caller's pinned memory are done.
+  void end_staging() {
+    const Slot& s = slots_[static_cast<std::size_t>(current_)];
     if (s.direct) ALLOY_CUDA_CHECK(cudaEventSynchronize(s.copied.get()));
   }
+
+  // Staging ahead of a replay (on) or uploads the compute stream waits for one by one (off, as
+  // always). On: each upload and note() is added to signature(), and the compute stream waits for
+  // nothing until compute_waits_for_staged() or host_waits_for_staged().
+  void set_staging(bool on) {
+    staging_ = on;
+    signature_.clear();
+  }
+  const std::vector<std::uint64_t>& signature() const noexcept { return signature_; }
+  // A value of the micro-batch that the device work depends on other than through the uploaded
+  // bytes (a count, a shape the sizes do not give), for the signature.
+  void note(std::uint64_t value) {
+    if (staging_) signature_.insert(signature_.end(), {~std::uint64_t(0), value});
+  }
+  // The compute stream waits for every staged copy (outside a capture: the replay is queued after).
+  void compute_waits_for_staged() {
+    ALLOY_CUDA_CHECK(cudaEventRecord(ready_.get(), copy_.get()));
+    ALLOY_CUDA_CHECK(cudaStreamWaitEvent(compute_.stream, ready_.get(), 0));
+  }
+  // The host waits for every staged copy (the capture of a step reads them where they are).
+  void host_waits_for_staged() { ALLOY_CUDA_CHECK(cudaStreamSynchronize(copy_.get())); }
+  // While closed, upload() throws: forward must not upload when its step is captured and replayed.
+  void close(bool closed) noexcept { closed_ = closed; }
 
   // A micro-batch that threw: its queued copies may still read the caller's memory, which is
   // about to go away; wait for them.
@@ -146,7 +198,12 @@ class InputUploads<Cuda> {
   const T* upload(std::span<const T> src) {
     static_assert(std::is_trivially_copyable_v<T>, "InputUploads::upload<T>: T must be trivially copyable");
     if (current_ < 0) throw error("InputUploads::upload: called outside a micro-batch (begin_micro_batch first)");
-    Slot& s = slots_[current_];
+    if (closed_) {
+      throw error(
+          "InputUploads::upload: an upload during forward in a step captured as a CUDA graph (Trainer::Config::graph), "
+          "which a replay would not repeat; upload the micro-batch's inputs in the model's stage(ctx, batch)");
+    }
+    Slot& s = slots_[static_cast<std::size_t>(current_)];
     const std::size_t bytes = src.size_bytes();
     std::byte* dst = take_device(s, bytes);
     if (bytes == 0) return reinterpret_cast<const T*>(dst);
@@ -160,7 +217,12 @@ class InputUploads<Cuda> {
     }
     ALLOY_CUDA_CHECK(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyHostToDevice, copy_.get()));
     ALLOY_CUDA_CHECK(cudaEventRecord(s.copied.get(), copy_.get()));
-    ALLOY_CUDA_CHECK(cudaStreamWaitEvent(compute_.stream, s.copied.get(), 0));
+    if (staging_) {
+      signature_.insert(signature_.end(),
+                        {std::uint64_t(current_), reinterpret_cast<std::uintptr_t>(dst), std::uint64_t(bytes)});
+    } else {
+      ALLOY_CUDA_CHECK(cudaStreamWaitEvent(compute_.stream, s.copied.get(), 0));
+    }
     return reinterpret_cast<const T*>(dst);
   }
 
@@ -170,7 +232,11 @@ class InputUploads<Cuda> {
     for (const auto& s : slots_) n += capacity(s);
     return n;
   }
-  std::size_t staging_bytes() const noexcept { return slots_[0].staging_size + slots_[1].staging_size; }
+  std::size_t staging_bytes() const noexcept {
+    std::size_t n = 0;
+    for (const auto& s : slots_) n += s.staging_size;
+    return n;
+  }
 
  private:
   static constexpr std::size_t alignment = 256;
@@ -226,9 +292,11 @@ class InputUploads<Cuda> {
   MemoryTracker* tracker_;
   CudaStream copy_;
   int slots_in_use_ = 2;
-  Slot slots_[2];
+  std::vector<Slot> slots_;
   Event ready_;
   int current_ = -1;
+  bool staging_ = false, closed_ = false;
+  std::vector<std::uint64_t> signature_;
 };
 
 #endif  // ALLOY_HAS_CUDA_RUNTIME

@@ -122,6 +122,18 @@ class Workspace {
 
   static constexpr std::size_t alignment = 256;
 
+  // Where the allocations of a micro-batch begin, and whether that stays put: the range's base
+  // (it grows in place), or the one block's; 0 while a step has more than one block (merged at the
+  // next reset). A step captured as a CUDA graph keeps these addresses.
+  std::uintptr_t base_address() const noexcept {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<B, Cuda>) {
+      if (range_) return reinterpret_cast<std::uintptr_t>(range_->data());
+    }
+#endif
+    return blocks_.size() == 1 ? reinterpret_cast<std::uintptr_t>(blocks_[0].data()) : 0;
+  }
+
   // Cuda: whether this workspace is one range growing in place (decided at its first allocation:
   // where the device supports it and ALLOY_WORKSPACE_BLOCKS is not set in the environment).
   bool grows_in_place() {

@@ -87,6 +87,16 @@ class Embedding {
   template <class Ctx, class R>
   requires detail::contiguous_of<R, std::int32_t> Activation<detail::value_t<Ctx>> forward(
       Ctx& ctx, const R& tokens, std::size_t sequence_length) {
+    stage(ctx, tokens, sequence_length);
+    return forward(ctx);
+  }
+
+  // forward's host part (a model's stage(), alloy/train/model.hpp): checks the tokens, groups them
+  // by token for backward and uploads the ids and the groups, whose sizes depend on the row count
+  // alone; the sequence length is noted for a step replayed as a CUDA graph.
+  template <class Ctx, class R>
+  requires detail::contiguous_of<R, std::int32_t>
+  void stage(Ctx& ctx, const R& tokens, std::size_t sequence_length) {
     const std::span<const std::int32_t> ids(std::ranges::data(tokens), std::ranges::size(tokens));
     const std::string who = "Embedding '" + token_name_ + "'";
     if (ids.empty() || sequence_length == 0 || ids.size() % sequence_length != 0) {
@@ -103,6 +113,13 @@ class Embedding {
     groups_view_ = groups_.view(detail::upload_raw(ctx, groups_.packed()));
     rows_ = ids.size();
     sequence_length_ = sequence_length;
+    if (auto* uploads = ctx.uploads()) uploads->note(sequence_length);
+  }
+
+  // forward of the tokens staged last.
+  template <class Ctx>
+  Activation<detail::value_t<Ctx>> forward(Ctx& ctx) {
+    if (tokens_ == nullptr) throw error("Embedding '" + token_name_ + "': forward(ctx) before any stage()");
     auto x = detail::allocate(ctx, rows_, config_.dim);
     embedding_forward(ctx.backend(), tokens_, ctx.param(wte_).data, has_positions() ? ctx.param(wpe_).data : nullptr,
                       x.data, rows_, config_.dim, sequence_length_);

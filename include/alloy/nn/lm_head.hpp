@@ -112,6 +112,35 @@ class LmHead {
   template <class Ctx, class R>
   requires detail::contiguous_of<R, std::int32_t> std::pair<Loss, Activation<detail::value_t<Ctx>>> forward_backward(
       Ctx& ctx, Activation<const detail::value_t<Ctx>> y, const R& targets) {
+    return run(ctx, y, stage_targets(ctx, targets), true);
+  }
+
+  // Targets checked and uploaded ahead of forward (a model's stage(), alloy/train/model.hpp).
+  struct Targets {
+    const std::int32_t* device = nullptr;  // rows ids in the backend's memory
+    std::size_t rows = 0;
+    std::size_t counted = 0;  // the rows that are not ignore_index: the mean's divisor
+  };
+
+  // Checks and uploads the targets; the count of rows that are not ignored (the loss's divisor,
+  // a launch argument) is noted for a step replayed as a CUDA graph.
+  template <class Ctx, class R>
+  requires detail::contiguous_of<R, std::int32_t> Targets stage_targets(Ctx& ctx, const R& targets) {
+    const std::string who = "LmHead '" + name_ + "'";
+    const std::span<const std::int32_t> t(std::ranges::data(targets), std::ranges::size(targets));
+    const std::size_t counted = detail::check_indices(t, config_.vocab, who, "target", config_.ignore_index);
+    if (counted == 0) {
+      throw error(who + ": every one of the " + std::to_string(t.size()) + " targets is the ignore index " +
+                  std::to_string(config_.ignore_index) + "; the mean loss of no rows is undefined");
+    }
+    if (auto* uploads = ctx.uploads()) uploads->note(counted);
+    return {detail::upload_raw(ctx, t), t.size(), counted};
+  }
+
+  // forward_backward on staged targets.
+  template <class Ctx>
+  std::pair<Loss, Activation<detail::value_t<Ctx>>> forward_backward(Ctx& ctx, Activation<const detail::value_t<Ctx>> y,
+                                                                     const Targets& targets) {
     return run(ctx, y, targets, true);
   }
 
@@ -119,7 +148,7 @@ class LmHead {
   template <class Ctx, class R>
   requires detail::contiguous_of<R, std::int32_t> Loss loss(Ctx& ctx, Activation<const detail::value_t<Ctx>> y,
                                                             const R& targets) {
-    return run(ctx, y, targets, false).first;
+    return run(ctx, y, stage_targets(ctx, targets), false).first;
   }
 
   // The logits y W^T alone, rows x padded_vocab in the compute dtype, in ctx's workspace (for
@@ -144,20 +173,15 @@ class LmHead {
   }
 
  private:
-  template <class Ctx, class R, class T = detail::value_t<Ctx>>
-  std::pair<Loss, Activation<T>> run(Ctx& ctx, Activation<const T> y, const R& targets, bool gradient) {
-    const std::string who = "LmHead '" + name_ + "'";
+  template <class Ctx, class T = detail::value_t<Ctx>>
+  std::pair<Loss, Activation<T>> run(Ctx& ctx, Activation<const T> y, const Targets& targets, bool gradient) {
     detail::check_width("LmHead", name_, config_.dim, y.cols);
-    const std::span<const std::int32_t> t(std::ranges::data(targets), std::ranges::size(targets));
-    if (t.size() != y.rows) {
-      throw error(who + ": " + std::to_string(t.size()) + " targets for " + std::to_string(y.rows) + " rows");
+    if (targets.rows != y.rows) {
+      throw error("LmHead '" + name_ + "': " + std::to_string(targets.rows) + " targets for " + std::to_string(y.rows) +
+                  " rows");
     }
-    const std::size_t counted = detail::check_indices(t, config_.vocab, who, "target", config_.ignore_index);
-    if (counted == 0) {
-      throw error(who + ": every one of the " + std::to_string(t.size()) + " targets is the ignore index " +
-                  std::to_string(config_.ignore_index) + "; the mean loss of no rows is undefined");
-    }
-    const std::int32_t* device_targets = detail::upload_raw(ctx, t);
+    const std::int32_t* device_targets = targets.device;
+    const std::size_t counted = targets.counted;
     const Activation<T> dy = gradient ? detail::allocate(ctx, y.rows, config_.dim) : Activation<T>{};
     float* row_loss = ctx.template allocate<float>(y.rows);
     chunks(ctx, y, device_targets, row_loss, dy.data, ctx.loss_scale() / static_cast<float>(counted));

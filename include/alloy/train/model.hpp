@@ -126,6 +126,23 @@ concept has_input_backward = has_batch_type<M> &&
   m.input_backward(ctx, dx, b);
 };
 
+// Optional, for either level: the micro-batch's host part, apart from its device work.
+//
+//   template <class Ctx> void stage(Ctx&, const batch_type&);
+//
+// stage checks the batch and uploads every byte of it that the device reads (through ctx's input
+// pipeline: nn::upload_*, or ctx.uploads()->upload), keeping the device pointers for forward; the
+// trainer calls it before each micro-batch's forward_backward (or input), with the same batch.
+// Forward then uploads nothing. A batch value that reaches a launch other than through uploaded
+// bytes (a count, a shape the upload sizes do not tell) is given to ctx.uploads()->note(value).
+// That split is what Trainer::Config::graph needs: a step captured as a CUDA graph is replayed
+// after stage() alone has run for the new batches, into the same input slots, as long as every
+// upload's size and every noted value repeat.
+template <class M, class Ctx>
+concept has_stage = has_batch_type<M> && requires(M& m, Ctx& ctx, const typename M::batch_type& b) {
+  m.stage(ctx, b);
+};
+
 template <class M, class Ctx>
 concept LayeredModel = has_batch_type<M> && declares_parameters<M> && layer_blocks_run_forward<M, Ctx> &&
     layer_blocks_run_backward<M, Ctx> && has_input<M, Ctx> && has_head<M, Ctx>;

@@ -45,6 +45,7 @@
 
 #if ALLOY_HAS_CUDA_RUNTIME
 #include <alloy/backend/cuda/handles.hpp>
+#include <alloy/backend/pinned.hpp>
 #endif
 
 #include <algorithm>
@@ -103,11 +104,32 @@ struct StepConfig {
 
 template <class P, class O, backend B, int MicroBatches = 1>
 class OptimizerStep {
+  // Where this step's gradients are, as accumulate() left them.
+  enum class Gradients {
+    caller_owned,  // no accumulate() since the last step: the optimizer's gradients, as the caller left them
+    accumulating,  // accumulate() ran, but not for the last micro-batch: the accumulator, not summed
+    summed,        // the last micro-batch summed into the accumulator, with the squares
+    compute,       // one micro-batch: the compute-dtype gradients, the accumulator unused
+  };
+
  public:
   using store_type = ParamStore<P, O, B, MicroBatches>;
   using scaler_type = typename P::scaler_type;
   using config_type = StepConfig<O, scaler_type>;
 
+ private:
+  template <class Opt>
+  struct VaryingOf {
+    using type = std::byte;  // Adafactor: its scalars are per tensor, computed on the host
+  };
+  template <class Opt>
+  requires requires { typename Opt::rule_type; }
+  struct VaryingOf<Opt> {
+    using type = detail::StepVarying<typename Opt::rule_type>;
+  };
+  using varying_type = typename VaryingOf<O>::type;
+
+ public:
   explicit OptimizerStep(config_type config = {}, B be = {}) : config_(config), be_(be) {
     scale_.scale = scaler_type::initial_scale(config_.scaler);
     if constexpr (scaler_type::dynamic) scale_ = initial_loss_scale_state(config_.scaler);
@@ -116,6 +138,10 @@ class OptimizerStep {
       workspace_ = Buffer<std::byte, Cuda>(reduce_workspace_bytes<float>(be), be);
       sum_ = Buffer<float, Cuda>(1, be);
       decision_ = Buffer<detail::StepDecision, Cuda>(1, be);
+      if constexpr (decides_on_device) {
+        device_varying_ = Buffer<varying_type, Cuda>(1, be);
+        host_varying_.resize(1);
+      }
       sum_ready_ = make_cuda_event();
       void* pinned = nullptr;  // the runtime's C signature: clang as the host compiler sees no typed overload
       ALLOY_CUDA_CHECK(cudaMallocHost(&pinned, sizeof(float)));
@@ -147,6 +173,8 @@ class OptimizerStep {
         sum_(std::move(other.sum_)),
         partials_(std::move(other.partials_)),
         decision_(std::move(other.decision_)),
+        device_varying_(std::move(other.device_varying_)),
+        host_varying_(std::move(other.host_varying_)),
         sum_ready_(std::move(other.sum_ready_)),
         host_sum_(std::exchange(other.host_sum_, nullptr))
 #endif
@@ -168,6 +196,8 @@ class OptimizerStep {
     sum_ = std::move(other.sum_);
     partials_ = std::move(other.partials_);
     decision_ = std::move(other.decision_);
+    device_varying_ = std::move(other.device_varying_);
+    host_varying_ = std::move(other.host_varying_);
     sum_ready_ = std::move(other.sum_ready_);
     if (host_sum_) (void)cudaFreeHost(host_sum_);
     host_sum_ = std::exchange(other.host_sum_, nullptr);
@@ -276,30 +306,107 @@ class OptimizerStep {
   // combined value, the same on every rank.
   template <class Replicas>
   StepStats step(store_type& store, const StepOptions& options, const Replicas& replicas) {
+    check(options);
+    if constexpr (decides_on_device && std::is_same_v<Replicas, detail::SingleReplica>) {
+      set_rate(store, options.lr);
+      return finish_update(store, options, queue_update(store, options.max_grad_norm));
+    } else {
+      const Gradients source = grads_;
+      if constexpr (store_type::has_accumulator) {
+        if (source != Gradients::compute) require_accumulator(store);
+      }
+      const double sum_sq =
+          replicas.sum(source == Gradients::summed ? summed_squares()
+                       : source == Gradients::compute
+                           ? sum_of_squares(store.grads_arena().data() + store.shard_begin(), store.shard_elements())
+                           : grad_sum_of_squares(store));
+      return conclude<false>(store, options, source, sum_sq, replicas);
+    }
+  }
+
+  // Cuda, one replica, a fused optimizer (every optimizer but Adafactor): step() in three parts,
+  // so that a trainer can capture the device's part into a CUDA graph and replay it
+  // (train/trainer.hpp, Config::graph). Nothing the device part launches takes an argument that
+  // changes from step to step at a fixed loss scale: the rate, the bias corrections and the
+  // random stream's start are read from device memory, where the step's copy puts what
+  // set_rate() wrote.
+  static constexpr bool decides_on_device = !std::is_same_v<B, Host> && !is_adafactor_v<O>;
+
+  // What queue_update() queued, for finish_update().
+  class QueuedUpdate {
+    friend class OptimizerStep;
+    Gradients source_ = Gradients::caller_owned;
+  };
+
+  // Host only: this step's rate and step number (steps() + 1) into the pinned scalars that the
+  // next queued (or replayed) update's first copy reads. Call it after the previous step's
+  // finish_update(), which waited past that copy.
+  void set_rate(store_type& store, float lr) requires decides_on_device {
+    check({lr, 0.0f});
+    const std::uint64_t t = step_ + 1;
+    host_varying_[0] = {O::rule(config_.optimizer, lr, t), t * store.layout().tensors_end() + store.shard_begin()};
+  }
+
+  // The device's part, queued on the stream and waiting for nothing: the varying scalars' copy,
+  // pass 1 where accumulate() did not sum the squares, the decision, the sum's copy back (an
+  // event the host waits on: recorded by the graph when captured), and pass 2 behind the decision.
+  QueuedUpdate queue_update(store_type& store, float max_grad_norm) requires decides_on_device {
+    check({0.0f, max_grad_norm});
+    QueuedUpdate q;
+    q.source_ = grads_;
+    if constexpr (store_type::has_accumulator) {
+      if (q.source_ != Gradients::compute) require_accumulator(store);
+    }
+#if ALLOY_HAS_CUDA_KERNELS
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(device_varying_.data(), host_varying_.data(), sizeof(varying_type),
+                                     cudaMemcpyHostToDevice, be_.stream));
+    if (q.source_ == Gradients::compute) {
+      sum_of_squares_async(store.grads_arena().data() + store.shard_begin(), store.shard_elements());
+    } else if (q.source_ != Gradients::summed) {
+      sum_of_squares_async(store.optimizer_grads() + store.shard_begin(), store.shard_elements());
+    }
+    detail::decide_step_async(be_, sum_.data(), max_grad_norm, scale_.scale, decision_.data());
+    ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
+    record_for_waiters(sum_ready_.get(), be_.stream);
+    // The rate and t given here are placeholders: the launch reads this step's from device_varying_.
+    apply<detail::UpdateDecision::on_device>(store, q.source_, 0.0f, 0.0f, 0, decision_.data(), device_varying_.data());
+#else
+    static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
+    (void)store;
+#endif
+    grads_ = Gradients::caller_owned;
+    return q;
+  }
+
+  // The host's part: waits for the sum's copy (not for pass 2) and makes the device's decision
+  // again from the same float, for the counters, the scaler and the report.
+  StepStats finish_update(store_type& store, const StepOptions& options, QueuedUpdate q) requires decides_on_device {
+#if ALLOY_HAS_CUDA_RUNTIME
+    ALLOY_CUDA_CHECK(cudaEventSynchronize(sum_ready_.get()));
+    const double sum_sq = *host_sum_;
+#else
+    const double sum_sq = 0.0;
+#endif
+    return conclude<true>(store, options, q.source_, sum_sq, detail::SingleReplica{});
+  }
+
+ private:
+  static void check(const StepOptions& options) {
     if (!(options.lr >= 0.0f) || !std::isfinite(options.lr)) {
       throw error("OptimizerStep::step: learning rate " + std::to_string(options.lr) + " is not a finite value >= 0");
     }
     if (!(options.max_grad_norm >= 0.0f)) {
       throw error("OptimizerStep::step: max_grad_norm " + std::to_string(options.max_grad_norm) + " is negative");
     }
+  }
+
+  // The step from its sum of squares: the decision (the device's, made again, where OnDevice: pass
+  // 2 is queued already), the scaler, the counters, and on the host's path pass 2.
+  template <bool OnDevice, class Replicas>
+  StepStats conclude(store_type& store, const StepOptions& options, Gradients source, double sum_sq,
+                     const Replicas& replicas) {
     StepStats stats;
     stats.loss_scale = scale_.scale;
-    const Gradients source = grads_;
-    if constexpr (store_type::has_accumulator) {
-      if (source != Gradients::compute) require_accumulator(store);
-    }
-    constexpr bool decide_on_device =
-        !std::is_same_v<B, Host> && !is_adafactor_v<O> && std::is_same_v<Replicas, detail::SingleReplica>;
-    double sum_sq = 0.0;
-    if constexpr (decide_on_device) {
-      sum_sq = decide_and_update_on_device(store, source, options);
-    } else {
-      sum_sq =
-          replicas.sum(source == Gradients::summed ? summed_squares()
-                       : source == Gradients::compute
-                           ? sum_of_squares(store.grads_arena().data() + store.shard_begin(), store.shard_elements())
-                           : grad_sum_of_squares(store));
-    }
     const bool non_finite = !std::isfinite(sum_sq);
     stats.grad_norm = detail::grad_norm_of(sum_sq);
 
@@ -331,7 +438,7 @@ class OptimizerStep {
     } else {
       stats.clip_coefficient = detail::clip_coefficient_of(options.max_grad_norm, stats.grad_norm);
       ++step_;
-      if constexpr (!decide_on_device) {
+      if constexpr (!OnDevice) {
         apply<detail::UpdateDecision::none>(store, source, options.lr,
                                             detail::grad_mult_of(stats.clip_coefficient, scale_.scale), step_, nullptr);
       }
@@ -343,15 +450,6 @@ class OptimizerStep {
     stats.overflows = scale_.overflows;
     return stats;
   }
-
- private:
-  // Where this step's gradients are, as accumulate() left them.
-  enum class Gradients {
-    caller_owned,  // no accumulate() since the last step: the optimizer's gradients, as the caller left them
-    accumulating,  // accumulate() ran, but not for the last micro-batch: the accumulator, not summed
-    summed,        // the last micro-batch summed into the accumulator, with the squares
-    compute,       // one micro-batch: the compute-dtype gradients, the accumulator unused
-  };
 
   template <class G>
   double sum_of_squares(const G* g, std::size_t n) {
@@ -378,32 +476,6 @@ class OptimizerStep {
     grad_sum_of_squares_async(be_, g, n, 1.0f / scale_.scale, workspace_.data(), workspace_.size(), sum_.data());
   }
 #endif
-
-  // Cuda, one replica, a fused optimizer: pass 1 where accumulate() did not sum the squares, the
-  // decision on the device, the sum's copy back and pass 2 behind the decision are all queued
-  // before the host waits, for the copy alone. Pass 2 runs as step step_ + 1 (its bias
-  // corrections and random stream), as the host path does after counting the step; a skipped
-  // step leaves the arenas and the accumulator as they were and the scalars unused. Returns the
-  // sum, for the host's own (identical) decision and its bookkeeping.
-  double decide_and_update_on_device(store_type& store, Gradients source, const StepOptions& options) {
-#if ALLOY_HAS_CUDA_KERNELS
-    if (source == Gradients::compute) {
-      sum_of_squares_async(store.grads_arena().data() + store.shard_begin(), store.shard_elements());
-    } else if (source != Gradients::summed) {
-      sum_of_squares_async(store.optimizer_grads() + store.shard_begin(), store.shard_elements());
-    }
-    detail::decide_step_async(be_, sum_.data(), options.max_grad_norm, scale_.scale, decision_.data());
-    ALLOY_CUDA_CHECK(cudaMemcpyAsync(host_sum_, sum_.data(), sizeof(float), cudaMemcpyDeviceToHost, be_.stream));
-    ALLOY_CUDA_CHECK(cudaEventRecord(sum_ready_.get(), be_.stream));
-    apply<detail::UpdateDecision::on_device>(store, source, options.lr, 0.0f, step_ + 1, decision_.data());
-    ALLOY_CUDA_CHECK(cudaEventSynchronize(sum_ready_.get()));
-    return *host_sum_;
-#else
-    static_assert(std::is_same_v<B, Host>, "OptimizerStep<..., Cuda>: compile this translation unit with nvcc");
-    (void)store, (void)source, (void)options;
-    return 0.0;
-#endif
-  }
 
   static void require_accumulator(const store_type& store) {
     if (!store.accumulator_allocated()) {
@@ -461,8 +533,8 @@ class OptimizerStep {
   // only). D and the master copy are known here, so only the kernels of this path are compiled.
   template <detail::UpdateDecision D>
   void apply(store_type& store, Gradients source, float lr, float grad_mult, std::uint64_t t,
-             const detail::StepDecision* decision) {
-    const Update u{lr, grad_mult, t, decision};
+             const detail::StepDecision* decision, const void* varying = nullptr) {
+    const Update u{lr, grad_mult, t, decision, varying};
     if constexpr (store_type::has_accumulator) {
       auto* acc = store.accumulator_arena().data();
       if (source == Gradients::compute) {
@@ -482,6 +554,7 @@ class OptimizerStep {
     float grad_mult;
     std::uint64_t t;
     const detail::StepDecision* decision;
+    const void* varying;  // null, or this step's detail::StepVarying<O::rule_type> in device memory
   };
 
   // Clear: zero the accumulator `grads` as it is read (the caller-owned accumulator).
@@ -543,7 +616,8 @@ class OptimizerStep {
                                         .seed = config_.seed,
                                         .stream = u.t * n + begin,
                                         .stochastic_params = config_.param_rounding == Rounding::stochastic,
-                                        .decision = u.decision};
+                                        .decision = u.decision,
+                                        .varying = static_cast<const detail::StepVarying<Rule>*>(u.varying)};
     if constexpr (store_type::state_policy::quantized) {
       detail::fused_update_q8<static_cast<int>(store_type::quant_block), Clear>(be_, a, s);
     } else {
@@ -565,7 +639,10 @@ class OptimizerStep {
   Buffer<float, Cuda> sum_;
   Buffer<float, Cuda> partials_;                 // accumulate(): one partial sum per 16,384 elements
   Buffer<detail::StepDecision, Cuda> decision_;  // the device's decision, read by pass 2
-  CudaEvent sum_ready_;                          // the sum's copy into host_sum_ is done
+  // decides_on_device: the step's varying scalars, written by set_rate(), copied by queue_update()
+  Buffer<varying_type, Cuda> device_varying_;
+  pinned_vector<varying_type> host_varying_;
+  CudaEvent sum_ready_;  // the sum's copy into host_sum_ is done
   float* host_sum_ = nullptr;
 #endif
 };

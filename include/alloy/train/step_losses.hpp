@@ -57,10 +57,26 @@ class StepLosses {
       if (any_on_device_) {
         ALLOY_CUDA_CHECK(cudaMemcpyAsync(pinned_.data(), device_.data(), host_.size() * sizeof(float),
                                          cudaMemcpyDeviceToHost, be_.stream));
-        ALLOY_CUDA_CHECK(cudaEventRecord(fetched_.get(), be_.stream));
+        record_for_waiters(fetched_.get(), be_.stream);
       }
     }
 #endif
+  }
+
+  // Whether every micro-batch's loss so far is on the device (a step captured as a CUDA graph
+  // needs that: a float the host got during capture would be the same in every replay).
+  bool all_on_device() const noexcept {
+    for (bool d : on_device_)
+      if (!d) return false;
+    return !on_device_.empty();
+  }
+
+  // A replayed step (a CUDA graph of record() and fetch() for `micro_batches` device losses):
+  // mean() reads what the replay copies back.
+  void replayed(int micro_batches) {
+    begin(micro_batches);
+    on_device_.assign(host_.size(), true);
+    any_on_device_ = true;
   }
 
   // The mean of the micro-batch losses, summed in order in double; waits for fetch()'s copy.

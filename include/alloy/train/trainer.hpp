@@ -33,11 +33,13 @@
 #include <alloy/train/policies.hpp>
 #include <alloy/train/recompute.hpp>
 #include <alloy/train/schedule.hpp>
+#include <alloy/train/step_graph.hpp>
 #include <alloy/train/step_losses.hpp>
 #include <alloy/train/weights.hpp>
 
 #include <time.h>  // clock_gettime: POSIX, as the file code (io/atomic_file.hpp)
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -74,6 +76,16 @@ struct StepReport {
   std::uint64_t skipped_steps = 0;
   std::uint64_t overflows = 0;
   double seconds = 0.0;  // wall time until step() returned (the update may still be running)
+  // Config::graph: the step ran as a replay of a captured CUDA graph (false for a step that ran
+  // its launches one by one, the capturing step included).
+  bool replayed = false;
+};
+
+// Config::graph: how the trainer's steps ran.
+struct GraphStats {
+  std::uint64_t captures = 0;  // steps captured (each replayed at once, as its own step)
+  std::uint64_t replays = 0;   // steps replayed from a graph captured earlier
+  std::uint64_t eager = 0;     // steps that ran their launches one by one (a new key: see train/step_graph.hpp)
 };
 
 struct TrainerMemory {
@@ -128,6 +140,12 @@ class Trainer {
   // start while backward runs (train/gradient_buckets.hpp); ZeroRedundancy's reduce-scatter and
   // any other model reduce the whole arena after backward.
   static constexpr bool reduces_in_buckets = data_parallel && !shards_state && layered;
+  // The model's stage(ctx, batch) (train/model.hpp): its host part, called before each micro-batch.
+  static constexpr bool stages = has_stage<M, context_type>;
+  // Config::graph is possible: Cuda, one replica, an optimizer whose step is decided on the device
+  // (every one but Adafactor), and a model that stages its inputs.
+  static constexpr bool can_replay_graphs =
+      !std::is_same_v<backend_type, Host> && !data_parallel && step_type::decides_on_device && stages;
 
   static_assert(runs_forward_backward<M, context_type> || has_layers<M>,
                 "Trainer<Model>: the model needs `float forward_backward(Ctx&, const batch_type&)` returning the "
@@ -187,6 +205,15 @@ class Trainer {
     // the step's last backward of its blocks is done, overlapping the blocks below (as DDP's
     // bucket_cap_mb). 0: one all-reduce of the whole arena after backward. Every rank must agree.
     std::size_t gradient_bucket_bytes = std::size_t(25) << 20;
+    // Cuda: capture a whole step (every micro-batch's forward and backward, the accumulation, the
+    // optimizer's passes) as a CUDA graph and replay it while the step's shapes repeat, instead of
+    // launching its kernels one by one: the device no longer waits between dependent kernels for
+    // the host's launches. Needs a model with stage(ctx, batch) (train/model.hpp), one replica and
+    // an optimizer other than Adafactor; refused at construction otherwise. A step whose key
+    // (micro-batches, loss scale, each upload's size and slot, the workspace) is new runs eagerly,
+    // the next with the same key is captured, and later ones replay it (StepReport::replayed,
+    // graph_stats()). Each micro-batch gets its own input slot. The same bits as without.
+    bool graph = false;
   };
 
   explicit Trainer(M model, Config config = {}, backend_type be = {}) : Trainer(std::move(model), config, nullptr, be) {
@@ -232,6 +259,13 @@ class Trainer {
                   numeric_traits<compute_type>::name + " gradients and no fp32 accumulator would sum them in " +
                   numeric_traits<compute_type>::name + "; use Accumulate<N> with N > 1");
     }
+    if (config_.graph) {
+      if constexpr (can_replay_graphs) {
+        uploads_.use_slots(micro_batches_);  // micro-batch i in slot i: a replay reads them where they were captured
+      } else {
+        throw error(graph_refusal());
+      }
+    }
     if constexpr (data_parallel) {
       static_assert(std::is_same_v<typename communicator_type::backend_type, backend_type>,
                     "DataParallel<Comm>: the communicator runs on another backend than the trainer "
@@ -275,6 +309,8 @@ class Trainer {
     attempted_ = other.attempted_;
     kept_ = std::move(other.kept_);
     buckets_ = std::move(other.buckets_);
+    graph_ = std::move(other.graph_);
+    graph_stats_ = other.graph_stats_;
     return *this;
   }
 
@@ -282,6 +318,11 @@ class Trainer {
   // a batch_type, or an input iterator (advanced once per micro-batch).
   template <class Source>
   StepReport step(Source&& source) {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (can_replay_graphs) {
+      if (config_.graph) return step_with_graph(source);
+    }
+#endif
     const std::int64_t start = detail::steady_nanoseconds();
     const float lr = config_.schedule.lr_at(attempted_);
     const float scale = step_.loss_scale();
@@ -302,7 +343,9 @@ class Trainer {
       try {
         // Nothing here waits for the device: the loss stays there (see backend/loss.hpp) and the
         // next micro-batch's uploads overlap this one's compute.
-        losses_.record(mb, forward_backward(ctx, next_batch(source)));
+        decltype(auto) batch = next_batch(source);
+        if constexpr (stages) model_.stage(ctx, batch);
+        losses_.record(mb, forward_backward(ctx, batch));
       } catch (...) {
         uploads_.abandon_micro_batch();
         throw;
@@ -339,19 +382,7 @@ class Trainer {
       s = step_.step(store_, {lr, config_.max_grad_norm});
     }
     ++attempted_;
-    StepReport r;
-    r.loss = data_parallel ? loss : losses_.mean();
-    r.grad_norm = s.grad_norm;
-    r.lr = lr;
-    r.loss_scale = s.loss_scale;
-    r.skipped = s.skipped;
-    r.first_non_finite = s.first_non_finite;
-    r.step = attempted_;
-    r.applied_steps = s.step;
-    r.skipped_steps = s.skipped_steps;
-    r.overflows = s.overflows;
-    r.seconds = static_cast<double>(detail::steady_nanoseconds() - start) / 1e9;
-    return r;
+    return report(s, lr, data_parallel ? loss : losses_.mean(), start);
   }
 
   // Exactly micro_batches() batches.
@@ -531,6 +562,8 @@ class Trainer {
   std::uint64_t steps() const noexcept { return attempted_; }
   int micro_batches() const noexcept { return micro_batches_; }
   float loss_scale() const noexcept { return step_.loss_scale(); }
+  // Config::graph: steps captured, replayed and run eagerly so far.
+  const GraphStats& graph_stats() const noexcept { return graph_stats_; }
   // The number of replicas (1 without DataParallel) and this one's communicator.
   int world_size() const noexcept {
     if constexpr (data_parallel) {
@@ -602,6 +635,204 @@ class Trainer {
       log(where + "the loss scaler's state brought within this trainer's scaler configuration:" + fitted);
     return report;
   }
+
+  StepReport report(const StepStats& s, float lr, float loss, std::int64_t start) const {
+    StepReport r;
+    r.loss = loss;
+    r.grad_norm = s.grad_norm;
+    r.lr = lr;
+    r.loss_scale = s.loss_scale;
+    r.skipped = s.skipped;
+    r.first_non_finite = s.first_non_finite;
+    r.step = attempted_;
+    r.applied_steps = s.step;
+    r.skipped_steps = s.skipped_steps;
+    r.overflows = s.overflows;
+    r.seconds = static_cast<double>(detail::steady_nanoseconds() - start) / 1e9;
+    return r;
+  }
+
+  // Why Config::graph cannot be had with these policies and this model.
+  static std::string graph_refusal() {
+    std::string why = "Trainer: Config::graph (a step captured as a CUDA graph and replayed) needs";
+    if constexpr (std::is_same_v<backend_type, Host>) return why + " the Cuda backend; this trainer runs on Host";
+    if constexpr (data_parallel) return why + " one replica; this trainer is DataParallel";
+    if constexpr (!step_type::decides_on_device) {
+      return why + " an optimizer whose step is decided on the device; Adafactor's per-tensor scalars are the host's";
+    }
+    return why +
+           " the model's `template <class Ctx> void stage(Ctx&, const batch_type&)`: its host part (checks and "
+           "uploads), which a replay runs for each new batch without its forward (see alloy/train/model.hpp)";
+  }
+
+  context_type make_context(int mb, float seed_scale) {
+    return context_type(store_, workspace_, seed_scale, !store_type::has_accumulator && mb > 0, mb, micro_batches_,
+                        attempted_, policies::checkpointing::every, &resources_, &uploads_, nullptr);
+  }
+
+  // The batches of one step, kept until its micro-batches have run: references where the source
+  // hands out references (a container's iterator), the values themselves where it returns them.
+  template <class Ref>
+  struct HeldBatches {
+    using batch_type = typename M::batch_type;
+    static constexpr bool by_reference = std::is_lvalue_reference_v<Ref>;
+    std::vector<std::conditional_t<by_reference, const batch_type*, std::remove_cvref_t<Ref>>> items;
+    const batch_type& add(Ref&& b) {
+      if constexpr (by_reference) {
+        items.push_back(&b);
+        return *items.back();
+      } else {
+        items.push_back(std::move(b));
+        return items.back();
+      }
+    }
+    const batch_type& operator[](std::size_t i) const {
+      if constexpr (by_reference) {
+        return *items[i];
+      } else {
+        return items[i];
+      }
+    }
+  };
+
+#if ALLOY_HAS_CUDA_RUNTIME
+  // Config::graph (Cuda): the step's batches are staged first, each micro-batch into its own input
+  // slot; their signature with the micro-batch count, the loss scale and the workspace makes the
+  // step's key. The graph of that key is replayed; without one, a key seen on the previous step is
+  // captured and launched (the previous step made the plans, the workspace and the slots it
+  // needs), and a new key runs eagerly. Either way stage() ran once more per micro-batch before
+  // its forward when there are several (the model keeps only the last staged batch's pointers).
+  template <class Source>
+  StepReport step_with_graph(Source& source) {
+    const std::int64_t start = detail::steady_nanoseconds();
+    const float lr = config_.schedule.lr_at(attempted_);
+    const float scale = step_.loss_scale();
+    step_.set_rate(store_, lr);
+    const float seed_scale = scale / static_cast<float>(micro_batches_);
+
+    using Ref = decltype(next_batch(source));
+    HeldBatches<Ref> batches;
+    batches.items.reserve(static_cast<std::size_t>(micro_batches_));
+    uploads_.set_staging(true);
+    struct StagingOff {
+      InputUploads<backend_type>& u;
+      ~StagingOff() {
+        u.close(false);
+        u.set_staging(false);
+      }
+    } staging_off{uploads_};
+    for (int mb = 0; mb < micro_batches_; ++mb) {
+      context_type ctx = make_context(mb, seed_scale);
+      uploads_.begin_micro_batch_in(mb);
+      try {
+        model_.stage(ctx, batches.add(next_batch(source)));
+      } catch (...) {
+        uploads_.abandon_micro_batch();
+        throw;
+      }
+      uploads_.end_staging();
+    }
+    if constexpr (HeldBatches<Ref>::by_reference) {
+      // A step that is not replayed stages each batch again before its forward: they must all
+      // still be there, distinct.
+      for (std::size_t i = 1; i < batches.items.size(); ++i) {
+        for (std::size_t j = 0; j < i; ++j) {
+          if (batches.items[i] == batches.items[j]) {
+            throw error("Trainer: Config::graph with " + std::to_string(micro_batches_) +
+                        " micro-batches: the source returned the same batch object for micro-batches " +
+                        std::to_string(j) + " and " + std::to_string(i) +
+                        "; a step keeps its batches until it has run (a container's iterator, or a callable "
+                        "returning batches by value, or references to distinct batches). Nothing was launched");
+          }
+        }
+      }
+    }
+    std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), std::bit_cast<std::uint32_t>(scale),
+                                      workspace_.base_address()};
+    key.insert(key.end(), uploads_.signature().begin(), uploads_.signature().end());
+
+    typename step_type::QueuedUpdate queued;
+    bool replayed = false;
+    if (graph_.exec && key == graph_.key) {
+      uploads_.compute_waits_for_staged();
+      losses_.replayed(micro_batches_);
+      ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
+      queued = graph_.queued;
+      replayed = true;
+      ++graph_stats_.replays;
+    } else {
+      graph_.exec.reset();
+      const bool capture = key == graph_.last_key;
+      graph_.last_key = key;
+      if (capture) {
+        const MemoryStats before = tracker_->stats();
+        CudaGraph graph;
+        try {
+          StreamCapture capturing(be_.stream);
+          queued = run_staged(batches, seed_scale, true);
+          graph = capturing.end();
+        } catch (const std::exception& e) {
+          throw error(std::string("Trainer: Config::graph: the capture of the step as a CUDA graph failed: ") +
+                      e.what() + ". Nothing of this step ran");
+        }
+        const MemoryStats after = tracker_->stats();
+        if (after.allocations != before.allocations || after.current_bytes != before.current_bytes) {
+          throw error("Trainer: Config::graph: memory was allocated while the step was captured as a CUDA graph (" +
+                      std::to_string(after.current_bytes) + " bytes held, " + std::to_string(before.current_bytes) +
+                      " before); the step's launches must allocate the same as the step before. Nothing of this "
+                      "step ran");
+        }
+        if (!losses_.all_on_device()) {
+          throw error(
+              "Trainer: Config::graph: the model's loss is a host float, which a replayed step would repeat; return "
+              "the device alloy::Loss (nn::SoftmaxCrossEntropy, nn::LmHead do). Nothing of this step ran");
+        }
+        graph_.exec = instantiate(graph);
+        graph_.key = std::move(key);
+        graph_.queued = queued;
+        ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
+        ++graph_stats_.captures;
+      } else {
+        queued = run_staged(batches, seed_scale, false);
+        ++graph_stats_.eager;
+      }
+    }
+    const StepStats s = step_.finish_update(store_, {lr, config_.max_grad_norm}, queued);
+    ++attempted_;
+    StepReport r = report(s, lr, losses_.mean(), start);
+    r.replayed = replayed;
+    return r;
+  }
+
+  // The micro-batches of a staged step, launched (or captured: then nothing waits on the host for
+  // the device, and the copies are waited for by the host, before the capture reads the slots).
+  template <class Held>
+  typename step_type::QueuedUpdate run_staged(const Held& batches, float seed_scale, bool capturing) {
+    losses_.begin(micro_batches_);
+    for (int mb = 0; mb < micro_batches_; ++mb) {
+      workspace_.reset();
+      context_type ctx = make_context(mb, seed_scale);
+      const auto& batch = batches[static_cast<std::size_t>(mb)];
+      if (micro_batches_ > 1) {  // one micro-batch: the model holds its staged inputs already
+        uploads_.begin_micro_batch_in(mb);
+        model_.stage(ctx, batch);
+        uploads_.end_staging();
+      }
+      if (capturing) {
+        uploads_.host_waits_for_staged();
+      } else {
+        uploads_.compute_waits_for_staged();
+      }
+      uploads_.close(true);
+      losses_.record(mb, forward_backward(ctx, batch));
+      uploads_.close(false);
+      uploads_.end_micro_batch();
+      step_.accumulate(store_, mb, micro_batches_, true);
+    }
+    losses_.fetch();
+    return step_.queue_update(store_, config_.max_grad_norm);
+  }
+#endif
 
   // ZeroRedundancy: this rank's share of the arenas; every other trainer: the whole.
   static ArenaShard shard_of(communicator_type* comm) {
@@ -683,6 +914,20 @@ class Trainer {
   [[no_unique_address]] std::conditional_t<reduces_in_buckets,
                                            detail::GradientBuckets<communicator_type, store_type, step_type>, NoBuckets>
       buckets_;
+#if ALLOY_HAS_CUDA_RUNTIME
+  struct GraphState {
+    CudaGraphExec exec;                   // the captured step, while its key repeats
+    std::vector<std::uint64_t> key;       // its key
+    std::vector<std::uint64_t> last_key;  // the previous step's key
+    typename step_type::QueuedUpdate queued;
+  };
+  struct NoGraph {};
+  [[no_unique_address]] std::conditional_t<can_replay_graphs, GraphState, NoGraph> graph_;
+#else
+  struct NoGraph {};
+  [[no_unique_address]] NoGraph graph_;
+#endif
+  GraphStats graph_stats_;
 };
 
 }  // namespace alloy

@@ -39,6 +39,25 @@ inline CudaStream make_cuda_stream() {
   return CudaStream(s);
 }
 
+// Whether work queued on `stream` is being captured into a CUDA graph (not run) now.
+inline bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  ALLOY_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Records `event` on `stream` for someone outside the stream to wait on (the host, or another
+// stream). While the stream is captured into a CUDA graph, a plain record only orders the graph's
+// own nodes; an external record puts a node in the graph that records the event each time the
+// graph runs.
+inline void record_for_waiters(cudaEvent_t event, cudaStream_t stream) {
+  if (capturing(stream)) {
+    ALLOY_CUDA_CHECK(cudaEventRecordWithFlags(event, stream, cudaEventRecordExternal));
+  } else {
+    ALLOY_CUDA_CHECK(cudaEventRecord(event, stream));
+  }
+}
+
 }  // namespace alloy
 
 #endif  // ALLOY_HAS_CUDA_RUNTIME

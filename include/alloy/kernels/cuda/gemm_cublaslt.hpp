@@ -395,6 +395,12 @@ class GemmHandle {
   detail::GemmPlan timed_plan(const GemmArgs<Compute>& g, cudaStream_t stream) {
     detail::GemmCandidates c = detail::heuristic_algos(handle_.get(), g, workspace_.bytes(), gemm_timed_candidates);
     if (c.results.size() <= 1) return detail::make_plan(handle_.get(), g, workspace_.bytes());
+    if (capturing(stream)) {
+      throw error("GemmTuning::timed: a product first seen (" + std::to_string(g.m) + " x " + std::to_string(g.n) +
+                  " x " + std::to_string(g.k) +
+                  ") while its stream is captured as a CUDA graph, where nothing runs to be timed; run a step with "
+                  "the same shapes before capturing");
+    }
     if (!timing_start_) {
       cudaEvent_t e = nullptr;
       ALLOY_CUDA_CHECK(cudaEventCreate(&e));

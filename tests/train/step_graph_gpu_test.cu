@@ -1,0 +1,281 @@
+// Config::graph: a step captured as a CUDA graph and replayed gives the bits of the same steps
+// run eagerly (the losses, every parameter, the optimizer state), through a changing learning
+// rate, accumulation, skipped steps and a changing loss scale, Checkpointing, q8 state and
+// batches whose shape changes; what a replay cannot repeat is refused with an error that names
+// it, and leaves the trainer as it was.
+#include "../../examples/mlp/residual_mlp.hpp"
+#include "../support/test_support.hpp"
+
+#include <alloy/alloy.hpp>
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+// A model without stage(): Config::graph is refused at construction, naming what is missing.
+namespace step_graph_test {
+struct NoStage {
+  using batch_type = mlp::Batch;
+  alloy::nn::Linear layer{"layer", 4, 4};
+  void declare(alloy::ParamRegistry& r) { layer.declare(r); }
+  template <class Ctx>
+  alloy::Loss forward_backward(Ctx&, const batch_type&) {
+    return alloy::Loss(0.0f);
+  }
+};
+}  // namespace step_graph_test
+
+namespace {
+
+using namespace alloy;
+
+using Bf16 = Precision<bf16, fp32_master>;
+
+template <class Store>
+std::vector<std::byte> bytes_of(Store& store) {
+  std::vector<std::byte> out;
+  const auto add = [&](const auto& arena) {
+    const auto h = to_host(arena);
+    const auto* p = reinterpret_cast<const std::byte*>(h.data());
+    out.insert(out.end(), p, p + h.size() * sizeof(h[0]));
+  };
+  add(store.params_arena());
+  if constexpr (Store::has_master) add(store.master_arena());
+  for (int k = 0; k < Store::slots; ++k) add(store.state_arena(k));
+  return out;
+}
+
+std::vector<mlp::Batch> make_batches(const mlp::Shape& s, std::uint64_t seed, int count) {
+  const mlp::TeacherTask task(s, seed);
+  std::mt19937_64 rng(seed + 1);
+  std::vector<mlp::Batch> out;
+  for (int i = 0; i < count; ++i) out.push_back(task.batch(rng));
+  return out;
+}
+
+template <class Tr>
+typename Tr::Config config_of(int micro_batches, bool graph, std::uint64_t seed) {
+  typename Tr::Config c{.schedule = LrSchedule::warmup_cosine(3e-3f, 3, 12), .max_grad_norm = 0.5f, .seed = seed};
+  c.micro_batches = micro_batches;
+  c.graph = graph;
+  return c;
+}
+
+// The same batches through an eager trainer and a graph trainer: every report and, at the end,
+// every byte of the arenas agree. `batch_of(step, micro_batch)` picks each batch.
+template <class Tr, class Pick>
+GraphStats run_both(const mlp::Shape& shape, int micro_batches, int steps, Pick batch_of,
+                    typename Tr::Config eager_config, typename Tr::Config graph_config) {
+  Tr eager(mlp::ResidualMlp(shape), eager_config);
+  Tr graphed(mlp::ResidualMlp(shape), graph_config);
+  for (int s = 0; s < steps; ++s) {
+    int mb = 0;
+    int mb2 = 0;
+    const StepReport a = eager.step([&]() -> const mlp::Batch& { return batch_of(s, mb++); });
+    const StepReport b = graphed.step([&]() -> const mlp::Batch& { return batch_of(s, mb2++); });
+    EXPECT_EQ(mb, micro_batches);
+    EXPECT_EQ(mb2, micro_batches);
+    EXPECT_EQ(a.loss, b.loss) << "step " << s;
+    EXPECT_EQ(a.grad_norm, b.grad_norm) << "step " << s;
+    EXPECT_EQ(a.lr, b.lr) << "step " << s;
+    EXPECT_EQ(a.skipped, b.skipped) << "step " << s;
+    EXPECT_EQ(a.loss_scale, b.loss_scale) << "step " << s;
+    EXPECT_EQ(a.applied_steps, b.applied_steps) << "step " << s;
+    EXPECT_FALSE(a.replayed);
+  }
+  eager.synchronize();
+  graphed.synchronize();
+  EXPECT_TRUE(bytes_of(eager.store()) == bytes_of(graphed.store())) << "the arenas differ after " << steps << " steps";
+  EXPECT_EQ(eager.graph_stats().replays, 0u);
+  return graphed.graph_stats();
+}
+
+TEST(GpuStepGraph, ReplaysGiveTheEagerStepsBitsThroughAChangingRate) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<3>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 3, 10, 96};
+  for (int n : {1, 3}) {
+    SCOPED_TRACE(std::to_string(n) + " micro-batches");
+    const auto batches = make_batches(shape, seed, 3 * n);
+    const auto pick = [&](int s, int mb) -> const mlp::Batch& {
+      return batches[std::size_t(s * n + mb) % batches.size()];
+    };
+    const GraphStats g = run_both<Tr>(shape, n, 8, pick, config_of<Tr>(n, false, seed), config_of<Tr>(n, true, seed));
+    // The first step runs eagerly (a new key), the second is captured, the rest replay it.
+    EXPECT_EQ(g.eager, 1u);
+    EXPECT_EQ(g.captures, 1u);
+    EXPECT_EQ(g.replays, 6u);
+  }
+}
+
+TEST(GpuStepGraph, ReportsWhichStepsReplayed) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<3>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  const auto batches = make_batches(shape, seed, 4);
+  Tr t(mlp::ResidualMlp(shape), config_of<Tr>(1, true, seed));
+  std::size_t i = 0;
+  std::vector<bool> replayed;
+  for (int s = 0; s < 5; ++s)
+    replayed.push_back(t.step([&]() -> const mlp::Batch& { return batches[i++ % 4]; }).replayed);
+  EXPECT_EQ(replayed, (std::vector<bool>{false, false, true, true, true}));
+}
+
+TEST(GpuStepGraph, ABatchOfAnotherShapeRunsEagerlyAndIsCapturedAgain) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<3>, AdamW<>, Cuda>;
+  const mlp::Shape big{48, 64, 3, 10, 96};
+  mlp::Shape small = big;
+  small.rows = 37;
+  const auto a = make_batches(big, seed, 4), b = make_batches(small, seed + 7, 4);
+  // Steps 0-3 of 96 rows, 4-6 of 37, 7-9 of 96 again: both shapes share one model's parameters.
+  const auto pick = [&](int s, int) -> const mlp::Batch& {
+    return (s >= 4 && s < 7) ? b[std::size_t(s) % b.size()] : a[std::size_t(s) % a.size()];
+  };
+  const GraphStats g = run_both<Tr>(big, 1, 10, pick, config_of<Tr>(1, false, seed), config_of<Tr>(1, true, seed));
+  // 96: eager, capture, replay x2; 37: eager, capture, replay; 96: eager, capture, replay.
+  EXPECT_EQ(g.eager, 3u);
+  EXPECT_EQ(g.captures, 3u);
+  EXPECT_EQ(g.replays, 4u);
+}
+
+TEST(GpuStepGraph, SkippedStepsAndAChangingLossScaleKeepTheBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Precision<fp16, fp32_master>, Accumulate<2>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  const auto batches = make_batches(shape, seed, 6);
+  const auto pick = [&](int s, int mb) -> const mlp::Batch& { return batches[std::size_t(2 * s + mb) % 6]; };
+  // A scale that overflows fp16 at first (skipped steps, backing off) and grows every 3 steps.
+  auto cfg = [&](bool graph) {
+    auto c = config_of<Tr>(2, graph, seed);
+    c.scaler.init_scale = 16777216.0f;  // 2^24, its largest
+    c.scaler.growth_interval = 3;
+    return c;
+  };
+  const GraphStats g = run_both<Tr>(shape, 2, 14, pick, cfg(false), cfg(true));
+  EXPECT_GT(g.replays, 0u);
+  EXPECT_GT(g.captures, 1u);  // a new scale is a new key
+}
+
+TEST(GpuStepGraph, CheckpointingAndQ8StateKeepTheBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  const mlp::Shape shape{48, 64, 4, 10, 96};
+  const auto batches = make_batches(shape, seed, 6);
+  const auto pick = [&](int s, int mb) -> const mlp::Batch& { return batches[std::size_t(2 * s + mb) % 6]; };
+  {
+    SCOPED_TRACE("Checkpointing");
+    using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<2>, AdamW<>, Cuda, Checkpointing>;
+    const GraphStats g = run_both<Tr>(shape, 2, 6, pick, config_of<Tr>(2, false, seed), config_of<Tr>(2, true, seed));
+    EXPECT_EQ(g.replays, 4u);
+  }
+  {
+    SCOPED_TRACE("q8 state");
+    using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<2>, AdamW<State<q8>>, Cuda>;
+    const GraphStats g = run_both<Tr>(shape, 2, 6, pick, config_of<Tr>(2, false, seed), config_of<Tr>(2, true, seed));
+    EXPECT_EQ(g.replays, 4u);
+  }
+}
+
+// A model that stages its batch but also uploads in forward: a replay would not repeat that.
+struct UploadsInForward : mlp::ResidualMlp {
+  using mlp::ResidualMlp::ResidualMlp;
+  template <class Ctx>
+  auto input(Ctx& ctx, const mlp::Batch& b) {
+    (void)nn::upload_targets(ctx, b.label, 10);
+    return mlp::ResidualMlp::input(ctx, b);
+  }
+};
+
+// A model that waits for its stream inside forward: a capture cannot hold that.
+struct SynchronizesInForward : mlp::ResidualMlp {
+  using mlp::ResidualMlp::ResidualMlp;
+  template <class Ctx>
+  auto input(Ctx& ctx, const mlp::Batch& b) {
+    auto y = mlp::ResidualMlp::input(ctx, b);
+    ALLOY_CUDA_CHECK(cudaStreamSynchronize(ctx.backend().stream));
+    return y;
+  }
+};
+
+template <class Model>
+void expect_refused_leaving_the_trainer_as_it_was(const std::string& needle, std::uint64_t seed) {
+  using Tr = Trainer<Model, Bf16, Accumulate<2>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  const auto batches = make_batches(shape, seed, 2);
+  Tr t(Model(shape), config_of<Tr>(1, true, seed));
+  std::size_t i = 0;
+  const auto next = [&]() -> const mlp::Batch& { return batches[i++ % 2]; };
+  try {
+    (void)t.step(next);  // eager: a forward that uploads is refused here already
+    t.synchronize();
+    const auto before = bytes_of(t.store());
+    const auto steps = t.steps();
+    try {
+      (void)t.step(next);  // captured
+      ADD_FAILURE() << "the capture was not refused";
+    } catch (const error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      t.synchronize();
+      EXPECT_EQ(t.steps(), steps);
+      EXPECT_TRUE(bytes_of(t.store()) == before);
+    }
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+  // The trainer still trains without a graph's help afterwards.
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+TEST(GpuStepGraph, AnUploadInForwardIsRefused) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_refused_leaving_the_trainer_as_it_was<UploadsInForward>("stage(ctx, batch)", seed);
+}
+
+TEST(GpuStepGraph, ASynchronizationInForwardFailsTheCaptureAndChangesNothing) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_refused_leaving_the_trainer_as_it_was<SynchronizesInForward>("capture of the step", seed);
+}
+
+TEST(GpuStepGraph, TheSameBatchObjectForTwoMicroBatchesIsRefused) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<3>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  const mlp::TeacherTask task(shape, seed);
+  std::mt19937_64 rng(seed);
+  mlp::Batch reused;
+  Tr t(mlp::ResidualMlp(shape), config_of<Tr>(3, true, seed));
+  try {
+    (void)t.step([&]() -> const mlp::Batch& {
+      reused = task.batch(rng);
+      return reused;
+    });
+    ADD_FAILURE() << "not refused";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("same batch object"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(t.steps(), 0u);
+}
+
+TEST(GpuStepGraph, AModelWithoutStageIsRefusedAtConstruction) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  using step_graph_test::NoStage;
+  using Tr = Trainer<NoStage, Bf16, AdamW<>, Cuda>;
+  try {
+    Tr t(NoStage{}, {.graph = true});
+    ADD_FAILURE() << "not refused";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("void stage(Ctx&, const batch_type&)"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
