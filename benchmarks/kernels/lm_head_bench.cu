@@ -227,8 +227,8 @@ void BM_TokenGroupsBuild(benchmark::State& state) {
     groups.build(tokens, vocab);
     benchmark::DoNotOptimize(groups.packed().data());
   }
-  state.counters["segments"] = double(groups.view(groups.packed().data()).segment_count);
-  state.counters["partial slots"] = double(groups.partial_slots());
+  state.counters["segments"] = double(groups.view(groups.packed().data()).segments_in_use());
+  state.counters["merged tokens"] = double(groups.view(groups.packed().data()).merges_in_use());
 }
 
 }  // namespace
