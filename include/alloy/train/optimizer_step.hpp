@@ -343,8 +343,12 @@ class OptimizerStep {
   // finish_update(), which waited past that copy.
   void set_rate(store_type& store, float lr) requires decides_on_device {
     check({lr, 0.0f});
+#if ALLOY_HAS_CUDA_RUNTIME
     const std::uint64_t t = step_ + 1;
     host_varying_[0] = {O::rule(config_.optimizer, lr, t), t * store.layout().tensors_end() + store.shard_begin()};
+#else
+    (void)store;
+#endif
   }
 
   // The device's part, queued on the stream and waiting for nothing: the varying scalars' copy,
