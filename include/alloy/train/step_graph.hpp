@@ -3,8 +3,8 @@
 // The trainer captures one whole step, every micro-batch's forward and backward, the accumulation
 // and the optimizer's device part, on the compute stream (relaxed capture: nothing runs; other
 // streams and host calls work as usual), instantiates it once and replays it while the step's
-// key repeats: the micro-batch count, the loss scale, the workspace's address and each upload's
-// slot, address and size (memory/input_uploads.hpp). What changes every step is not in the
+// key repeats: the micro-batch count, the loss scale and each upload's slot, address and size
+// (memory/input_uploads.hpp), with the workspace where it was. What changes every step is not in the
 // graph's launch arguments: the inputs are copied into the slots before the replay, and the
 // optimizer reads its rate and step number from device memory (train/optimizer_step.hpp).
 #pragma once

@@ -144,6 +144,12 @@ class Trainer {
   static constexpr bool stages = has_stage<M, context_type>;
   // Config::graph is possible: Cuda, one replica, an optimizer whose step is decided on the device
   // (every one but Adafactor), and a model that stages its inputs.
+  // A stream of the trainer's own (Config::graph on the legacy default stream), or nothing.
+#if ALLOY_HAS_CUDA_RUNTIME
+  using OwnStream = std::conditional_t<std::is_same_v<backend_type, Cuda>, CudaStream, std::nullptr_t>;
+#else
+  using OwnStream = std::nullptr_t;
+#endif
   static constexpr bool can_replay_graphs =
       !std::is_same_v<backend_type, Host> && !data_parallel && step_type::decides_on_device && stages;
 
@@ -210,7 +216,7 @@ class Trainer {
     // launching its kernels one by one: the device no longer waits between dependent kernels for
     // the host's launches. Needs a model with stage(ctx, batch) (train/model.hpp), one replica and
     // an optimizer other than Adafactor; refused at construction otherwise. A step whose key
-    // (micro-batches, loss scale, each upload's size and slot, the workspace) is new runs eagerly,
+    // (micro-batches, loss scale, each upload's size and slot) is new runs eagerly,
     // the next with the same key is captured, and later ones replay it (StepReport::replayed,
     // graph_stats()). Each micro-batch gets its own input slot. The same bits as without.
     bool graph = false;
@@ -230,21 +236,22 @@ class Trainer {
   }
 
  private:
-  Trainer(M model, Config config, communicator_type* comm, backend_type be)
-      : model_(std::move(model)),
+  Trainer(M model, Config config, communicator_type* comm, backend_type given)
+      : own_stream_(own_stream_for(config, given)),
+        model_(std::move(model)),
         config_(config),
-        be_(be),
+        be_(on_own_stream(given)),
         // The accumulator only where more than one micro-batch makes a step.
-        store_(declared(model_), be, config.seed, tracker_.get(),
+        store_(declared(model_), be_, config.seed, tracker_.get(),
                (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1, shard_of(comm)),
-        step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be),
-        workspace_(be, tracker_.get()),
-        resources_(be, config.gemm_tuning, config.gemm_plans_file),
+        step_({config.optimizer, config.scaler, config.param_rounding, config.seed}, be_),
+        workspace_(be_, tracker_.get()),
+        resources_(be_, config.gemm_tuning, config.gemm_plans_file),
         // Two input slots overlap a micro-batch's uploads with the previous one's compute; with
         // one micro-batch per step, one does the same (memory/input_uploads.hpp says why).
-        uploads_(be, tracker_.get(),
+        uploads_(be_, tracker_.get(),
                  (config.micro_batches == 0 ? accumulation_steps : config.micro_batches) > 1 ? 2 : 1),
-        losses_(be, tracker_.get()),
+        losses_(be_, tracker_.get()),
         micro_batches_(config.micro_batches == 0 ? accumulation_steps : config.micro_batches),
         comm_(comm) {
     static_assert(std::is_same_v<backend_type, Host> || ALLOY_HAS_CUDA_KERNELS,
@@ -311,6 +318,7 @@ class Trainer {
     buckets_ = std::move(other.buckets_);
     graph_ = std::move(other.graph_);
     graph_stats_ = other.graph_stats_;
+    own_stream_ = std::move(other.own_stream_);  // last: the memory above was given back on it
     return *this;
   }
 
@@ -636,6 +644,27 @@ class Trainer {
     return report;
   }
 
+  static OwnStream own_stream_for([[maybe_unused]] const Config& config, [[maybe_unused]] backend_type given) {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<backend_type, Cuda>) {
+      if (config.graph && given.stream == nullptr) {
+        cudaStream_t s = nullptr;
+        ALLOY_CUDA_CHECK(cudaStreamCreate(&s));  // blocking: ordered with the legacy default stream
+        return CudaStream(s);
+      }
+    }
+#endif
+    return OwnStream{};
+  }
+  backend_type on_own_stream(backend_type given) const {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (std::is_same_v<backend_type, Cuda>) {
+      if (own_stream_) given.stream = own_stream_.get();
+    }
+#endif
+    return given;
+  }
+
   StepReport report(const StepStats& s, float lr, float loss, std::int64_t start) const {
     StepReport r;
     r.loss = loss;
@@ -697,11 +726,10 @@ class Trainer {
 
 #if ALLOY_HAS_CUDA_RUNTIME
   // Config::graph (Cuda): the step's batches are staged first, each micro-batch into its own input
-  // slot; their signature with the micro-batch count, the loss scale and the workspace makes the
-  // step's key. The graph of that key is replayed; without one, a key seen on the previous step is
-  // captured and launched (the previous step made the plans, the workspace and the slots it
-  // needs), and a new key runs eagerly. Either way stage() ran once more per micro-batch before
-  // its forward when there are several (the model keeps only the last staged batch's pointers).
+  // slot; their signature with the micro-batch count and the loss scale makes the step's key. The graph of that key is
+  // replayed; without one, a key seen on the previous step is captured and launched (the previous step made the plans,
+  // the workspace and the slots it needs), and a new key runs eagerly. Either way stage() ran once more per micro-batch
+  // before its forward when there are several (the model keeps only the last staged batch's pointers).
   template <class Source>
   StepReport step_with_graph(Source& source) {
     const std::int64_t start = detail::steady_nanoseconds();
@@ -747,13 +775,14 @@ class Trainer {
         }
       }
     }
-    std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), std::bit_cast<std::uint32_t>(scale),
-                                      workspace_.base_address()};
+    std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), std::bit_cast<std::uint32_t>(scale)};
     key.insert(key.end(), uploads_.signature().begin(), uploads_.signature().end());
 
     typename step_type::QueuedUpdate queued;
     bool replayed = false;
-    if (graph_.exec && key == graph_.key) {
+    // The workspace holds still while a graph is kept (only a step that is not replayed runs
+    // forward, and such a step drops the graph): its address is checked, not part of the key.
+    if (graph_.exec && key == graph_.key && workspace_.base_address() == graph_.workspace) {
       uploads_.compute_waits_for_staged();
       losses_.replayed(micro_batches_);
       ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
@@ -789,6 +818,7 @@ class Trainer {
         }
         graph_.exec = instantiate(graph);
         graph_.key = std::move(key);
+        graph_.workspace = workspace_.base_address();
         graph_.queued = queued;
         ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
         ++graph_stats_.captures;
@@ -896,6 +926,9 @@ class Trainer {
     }
   }
 
+  // Config::graph on the legacy default stream, which cannot be captured: a stream of the
+  // trainer's own, which (as the default stream's other users expect) synchronizes with it.
+  OwnStream own_stream_;
   M model_;
   Config config_;
   backend_type be_;
@@ -919,6 +952,7 @@ class Trainer {
     CudaGraphExec exec;                   // the captured step, while its key repeats
     std::vector<std::uint64_t> key;       // its key
     std::vector<std::uint64_t> last_key;  // the previous step's key
+    std::uintptr_t workspace = 0;         // the workspace's base when captured
     typename step_type::QueuedUpdate queued;
   };
   struct NoGraph {};
