@@ -158,6 +158,50 @@ TEST(Trainer, OneMicroBatchPerStepAllocatesNoAccumulator) {
   EXPECT_MENTIONS(test::message_of([&] { one.optimizer().accumulate(one.store(), 0, 2); }), "built without one");
 }
 
+// A model with stage() (train/model.hpp): the trainer stages each micro-batch right before its
+// forward_backward, with the same batch.
+struct StagedStudent : StudentMlp {
+  StagedStudent() : StudentMlp(in, hid, out) {}
+  std::vector<std::string>* log = nullptr;
+  const Batch* staged = nullptr;
+  template <class Ctx>
+  void stage(Ctx&, const Batch& b) {
+    staged = &b;
+    log->push_back("stage " + std::to_string(b.x.size()));
+  }
+  template <class Ctx>
+  float forward_backward(Ctx& ctx, const Batch& b) {
+    log->push_back(staged == &b ? "forward of the staged batch" : "forward of another batch");
+    return StudentMlp::forward_backward(ctx, b);
+  }
+};
+
+TEST(Trainer, StagesEachMicroBatchRightBeforeItsForward) {
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<StagedStudent, Precision<bf16, fp32_master>, Accumulate<3>, AdamW<>, Host>;
+  std::vector<std::string> log;
+  StagedStudent model;
+  model.log = &log;
+  Tr trainer(std::move(model), {.seed = seed});
+  const teacher::Teacher t(in, hid, out, seed);
+  std::mt19937_64 rng(seed);
+  const std::vector<Batch> batches = {t.batch(5, rng), t.batch(6, rng), t.batch(7, rng)};
+  (void)trainer.step(std::span<const Batch>(batches));
+  const std::vector<std::string> want = {"stage 80",  "forward of the staged batch",
+                                         "stage 96",  "forward of the staged batch",
+                                         "stage 112", "forward of the staged batch"};
+  EXPECT_EQ(log, want);
+}
+
+TEST(Trainer, AStepGraphIsRefusedOnTheHostBackend) {
+  using Tr = Trainer<StagedStudent, Precision<bf16, fp32_master>, AdamW<>, Host>;
+  static_assert(!Tr::can_replay_graphs);
+  std::vector<std::string> log;
+  StagedStudent model;
+  model.log = &log;
+  EXPECT_MENTIONS(test::message_of([&] { Tr trainer(std::move(model), {.graph = true}); }), "needs the Cuda backend");
+}
+
 TEST(Trainer, RejectsTheWrongNumberOfBatches) {
   Trainer<StudentMlp, Precision<fp32>, Accumulate<3>, Host> trainer(StudentMlp(in, hid, out));
   std::vector<Batch> two(2);
