@@ -39,10 +39,10 @@
 
 #include <time.h>  // clock_gettime: POSIX, as the file code (io/atomic_file.hpp)
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <iterator>
@@ -775,7 +775,9 @@ class Trainer {
         }
       }
     }
-    std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), std::bit_cast<std::uint32_t>(scale)};
+    std::uint32_t scale_bits = 0;
+    std::memcpy(&scale_bits, &scale, sizeof scale_bits);  // not std::bit_cast: <bit> is 4.6K lines in every TU
+    std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), scale_bits};
     key.insert(key.end(), uploads_.signature().begin(), uploads_.signature().end());
 
     typename step_type::QueuedUpdate queued;
