@@ -157,11 +157,11 @@ TEST(GpuStepGraph, SkippedStepsAndAChangingLossScaleKeepTheBits) {
   auto cfg = [&](bool graph) {
     auto c = config_of<Tr>(2, graph, seed);
     c.scaler.init_scale = 16777216.0f;  // 2^24, its largest
-    c.scaler.growth_interval = 2;
+    c.scaler.growth_interval = 4;
     return c;
   };
   std::vector<StepReport> reports;
-  const GraphStats g = run_both<Tr>(shape, 2, 20, pick, cfg(false), cfg(true), &reports);
+  const GraphStats g = run_both<Tr>(shape, 2, 24, pick, cfg(false), cfg(true), &reports);
   std::size_t skipped = 0, scale_changes = 0, replayed_after_a_change = 0;
   for (std::size_t i = 0; i < reports.size(); ++i) {
     skipped += reports[i].skipped;
