@@ -3,6 +3,7 @@
 // rate, accumulation, skipped steps and a changing loss scale, Checkpointing, q8 state and
 // batches whose shape changes; what a replay cannot repeat is refused with an error that names
 // it, and leaves the trainer as it was.
+#include "../../examples/gpt2/gpt2_model.hpp"
 #include "../../examples/mlp/residual_mlp.hpp"
 #include "../support/test_support.hpp"
 
@@ -192,6 +193,48 @@ TEST(GpuStepGraph, CheckpointingAndQ8StateKeepTheBits) {
     const GraphStats g = run_both<Tr>(shape, 2, 6, pick, config_of<Tr>(2, false, seed), config_of<Tr>(2, true, seed));
     EXPECT_EQ(g.replays, 4u);
   }
+}
+
+// GPT-2 (tiny): the embedding's token groups change with every batch while the launches stay;
+// targets left out (ignore_index) change the head's divisor, which is noted: a new key.
+TEST(GpuStepGraph, Gpt2ReplaysThroughChangingTokensAndIgnoredTargets) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<gpt2::Gpt2, Bf16, AdamW<>, Cuda>;
+  const gpt2::Config c{256, 256, 64, 2, 4, 64, true};
+  std::mt19937_64 rng(seed);
+  std::vector<gpt2::Batch> batches(6);
+  for (std::size_t i = 0; i < batches.size(); ++i) {
+    auto& b = batches[i];
+    b.tokens.resize(3 * c.seq);
+    b.targets.resize(3 * c.seq);
+    for (auto& t : b.tokens) t = static_cast<std::int32_t>(rng() % 256);
+    for (auto& t : b.targets) t = static_cast<std::int32_t>(rng() % 256);
+    // Batches 3 and 4 leave out 5 and 17 rows: two new divisors.
+    if (i == 3 || i == 4) {
+      for (std::size_t r = 0; r < (i == 3 ? 5u : 17u); ++r) b.targets[(r * 37) % b.targets.size()] = -1;
+    }
+  }
+  typename Tr::Config cfg{.schedule = LrSchedule::warmup_cosine(1e-3f, 2, 8), .max_grad_norm = 1.0f, .seed = seed};
+  Tr eager(gpt2::Gpt2(c), cfg);
+  cfg.graph = true;
+  Tr graphed(gpt2::Gpt2(c), cfg);
+  std::vector<bool> replayed;
+  for (int s = 0; s < 8; ++s) {
+    const gpt2::Batch& b = batches[std::size_t(s) % batches.size()];
+    const StepReport x = eager.step([&]() -> const gpt2::Batch& { return b; });
+    const StepReport y = graphed.step([&]() -> const gpt2::Batch& { return b; });
+    EXPECT_EQ(x.loss, y.loss) << "step " << s;
+    EXPECT_EQ(x.grad_norm, y.grad_norm) << "step " << s;
+    replayed.push_back(y.replayed);
+  }
+  eager.synchronize();
+  graphed.synchronize();
+  EXPECT_TRUE(bytes_of(eager.store()) == bytes_of(graphed.store()));
+  // 0 eager, 1 captured, 2 replayed; 3 and 4 new divisors, eager; 5 eager (4's key before it);
+  // 6 captured; 7 replayed.
+  EXPECT_EQ(replayed, (std::vector<bool>{false, false, true, false, false, false, false, true}));
+  EXPECT_EQ(graphed.graph_stats().captures, 2u);
 }
 
 // A model that stages its batch but also uploads in forward: a replay would not repeat that.
