@@ -180,6 +180,30 @@ __device__ ALLOY_FORCEINLINE void flash_stage_rows(unsigned char* tile, const fl
 
 // ---- Forward ----
 
+// The query block of a forward or dq launch: its head (blocks of the longest rows first), its
+// first query and how many key tiles of Bc its causal rows reach.
+template <class T, int Br, int Bc>
+struct FlashQueryBlock {
+  int seq;
+  std::size_t bh, b, h;
+  const T *q, *k, *v;
+  int q0, key_tiles;
+
+  template <class Args>
+  __device__ ALLOY_FORCEINLINE explicit FlashQueryBlock(const Args& a) : seq(static_cast<int>(a.seq)) {
+    const std::size_t heads_total = a.batch * a.heads;
+    const int query_tiles = (seq + Br - 1) / Br;
+    const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);
+    bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+    const AttentionStrides& in = a.qkv_strides;
+    q = a.q + b * in.batch + h * in.head;
+    k = a.k + b * in.batch + h * in.head;
+    v = a.v + b * in.batch + h * in.head;
+    q0 = qb * Br;
+    key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
+  }
+};
+
 template <class T, int D, int MTiles>
 __device__ ALLOY_FORCEINLINE void flash_forward_mma(const AttentionArgs<T>& a, float scale_log2) {
   extern __shared__ __align__(128) unsigned char attention_shared[];
@@ -194,17 +218,11 @@ __device__ ALLOY_FORCEINLINE void flash_forward_mma(const AttentionArgs<T>& a, f
   const std::uint32_t k_tiles = q_tile + Br * D * sizeof(T);
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
 
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int query_tiles = (seq + Br - 1) / Br;
-  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);  // longest rows first
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const FlashQueryBlock<T, Br, Bc> block(a);
+  const int seq = block.seq, q0 = block.q0, key_tiles = block.key_tiles;
+  const std::size_t bh = block.bh, b = block.b, h = block.h;
   const AttentionStrides& in = a.qkv_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
-  const int q0 = qb * Br;
-  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
+  const T *q = block.q, *k = block.k, *v = block.v;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_row0 = warp * warp_rows;
   const int warp_last = q0 + warp_row0 + warp_rows - 1;  // the warp's last query position
@@ -376,19 +394,13 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_mma(const AttentionBackwardA
   const std::uint32_t k_tiles = do_tile + row_tile_bytes;
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
 
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int query_tiles = (seq + Br - 1) / Br;
-  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const FlashQueryBlock<T, Br, Bc> block(a);
+  const int seq = block.seq, q0 = block.q0, key_tiles = block.key_tiles;
+  const std::size_t bh = block.bh, b = block.b, h = block.h;
   const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
+  const T *q = block.q, *k = block.k, *v = block.v;
   const T* out = a.out + b * os.batch + h * os.head;
   const T* dout = a.dout + b * os.batch + h * os.head;
-  const int q0 = qb * Br;
-  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_row0 = warp * 16;
   const int warp_last = q0 + warp_row0 + 15;
@@ -715,17 +727,11 @@ __device__ ALLOY_FORCEINLINE void flash_forward_wgmma(const AttentionArgs<T>& a,
   const std::uint32_t k_tiles = q_tile + Br * row_bytes;
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
 
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int query_tiles = (seq + Br - 1) / Br;
-  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);  // longest rows first
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const FlashQueryBlock<T, Br, Bc> block(a);
+  const int seq = block.seq, q0 = block.q0, key_tiles = block.key_tiles;
+  const std::size_t bh = block.bh, b = block.b, h = block.h;
   const AttentionStrides& in = a.qkv_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
-  const int q0 = qb * Br;
-  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
+  const T *q = block.q, *k = block.k, *v = block.v;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
 
   flash_load_tile<Br, D>(q_tile, q, in.row, q0, seq);
@@ -888,19 +894,13 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_wgmma(const AttentionBackwar
   const std::uint32_t k_tiles = do_tile + row_tile_bytes;
   const std::uint32_t v_tiles = k_tiles + 2 * kv_bytes;
 
-  const int seq = static_cast<int>(a.seq);
-  const std::size_t heads_total = a.batch * a.heads;
-  const int query_tiles = (seq + Br - 1) / Br;
-  const int qb = query_tiles - 1 - static_cast<int>(blockIdx.x / heads_total);
-  const std::size_t bh = blockIdx.x % heads_total, b = bh / a.heads, h = bh % a.heads;
+  const FlashQueryBlock<T, Br, Bc> block(a);
+  const int seq = block.seq, q0 = block.q0, key_tiles = block.key_tiles;
+  const std::size_t bh = block.bh, b = block.b, h = block.h;
   const AttentionStrides &in = a.qkv_strides, &os = a.out_strides;
-  const T* q = a.q + b * in.batch + h * in.head;
-  const T* k = a.k + b * in.batch + h * in.head;
-  const T* v = a.v + b * in.batch + h * in.head;
+  const T *q = block.q, *k = block.k, *v = block.v;
   const T* out = a.out + b * os.batch + h * os.head;
   const T* dout = a.dout + b * os.batch + h * os.head;
-  const int q0 = qb * Br;
-  const int key_tiles = ((q0 + Br < seq ? q0 + Br : seq) - 1) / Bc + 1;
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_row0 = warp * 16;
   const std::size_t row0 = bh * a.seq;
