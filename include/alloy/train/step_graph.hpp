@@ -13,27 +13,12 @@
 
 #if ALLOY_HAS_CUDA_RUNTIME
 
+#include <alloy/backend/cuda/handles.hpp>
 #include <alloy/error.hpp>
 
-#include <cstdint>
-#include <memory>
 #include <string>
-#include <type_traits>
-#include <vector>
 
 namespace alloy {
-
-namespace detail {
-struct GraphDeleter {
-  void operator()(cudaGraph_t g) const noexcept { (void)cudaGraphDestroy(g); }
-};
-struct GraphExecDeleter {
-  void operator()(cudaGraphExec_t g) const noexcept { (void)cudaGraphExecDestroy(g); }
-};
-}  // namespace detail
-
-using CudaGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, detail::GraphDeleter>;
-using CudaGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, detail::GraphExecDeleter>;
 
 // Captures what is queued on `stream` between construction and end(). Destroyed without end()
 // (an exception while capturing), it ends the capture and drops what was captured, so the stream

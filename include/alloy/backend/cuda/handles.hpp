@@ -1,5 +1,6 @@
-// Owning handles for CUDA streams and events (std::unique_ptr with a destroying deleter), shared
-// by everything that keeps one: the input pipeline, the GEMM handle, the step's loss read-back.
+// Owning handles for CUDA streams, events and graphs (std::unique_ptr with a destroying deleter),
+// shared by everything that keeps one: the input pipeline, the GEMM handle, the step's loss
+// read-back, the trainer's captured step.
 #pragma once
 
 #include <alloy/config.hpp>
@@ -20,10 +21,19 @@ struct StreamDeleter {
 struct EventDeleter {
   void operator()(cudaEvent_t e) const noexcept { (void)cudaEventDestroy(e); }
 };
+struct GraphDeleter {
+  void operator()(cudaGraph_t g) const noexcept { (void)cudaGraphDestroy(g); }
+};
+struct GraphExecDeleter {
+  void operator()(cudaGraphExec_t g) const noexcept { (void)cudaGraphExecDestroy(g); }
+};
 }  // namespace detail
 
 using CudaStream = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, detail::StreamDeleter>;
 using CudaEvent = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, detail::EventDeleter>;
+// A captured graph and its executable form (train/step_graph.hpp).
+using CudaGraph = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, detail::GraphDeleter>;
+using CudaGraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, detail::GraphExecDeleter>;
 
 // An event for ordering only (no timing: cheaper to record and to wait on).
 inline CudaEvent make_cuda_event() {
