@@ -170,6 +170,49 @@ void BM_LmHeadRowKernel(benchmark::State& state) {
 // up to 8): fewer rows in flight at once (a row is 100 KB) let the second read of each row come
 // from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins decides the
 // library's grid for rows this long.
+// The same rows with range(0) threads sharing each row and range(1) blocks per multiprocessor:
+// more threads per row put as many loads in flight with fewer rows at once, so that the rows in
+// flight (blocks x 100 KB) fit L2 and the second read of each row comes from it.
+template <int Threads>
+void time_row_kernel(benchmark::State& state, int blocks_per_sm) {
+  constexpr std::size_t chunk = 8192;
+  Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
+  Buffer<float, Cuda> loss(chunk);
+  Buffer<std::int32_t, Cuda> targets(chunk);
+  const auto t = zipf_tokens(chunk, 4);
+  alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
+  fill_random(saved, 5, 4.0f);
+  const alloy::detail::SoftmaxCrossEntropy<bf16> args{logits.data(), targets.data(), chunk, padded, vocab, loss.data(),
+                                                      logits.data(), 1.0f / rows,    -1,    true,   true};
+  const int grid = alloy::current_device_sm_count() * blocks_per_sm;
+  alloy::bench::time_with_events(
+      state,
+      [&] {
+        alloy::detail::softmax_cross_entropy_kernel<bf16, Threads><<<grid, Threads>>>(args);
+        ALLOY_CUDA_CHECK_LAUNCH();
+      },
+      [&] {
+        ALLOY_CUDA_CHECK(
+            cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
+      });
+  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
+}
+
+void BM_LmHeadRowKernelThreads(benchmark::State& state) {
+  if (alloy::bench::skip_without_device(state)) return;
+  const int blocks_per_sm = static_cast<int>(state.range(1));
+  switch (state.range(0)) {
+    case 256:
+      return time_row_kernel<256>(state, blocks_per_sm);
+    case 512:
+      return time_row_kernel<512>(state, blocks_per_sm);
+    case 1024:
+      return time_row_kernel<1024>(state, blocks_per_sm);
+    default:
+      state.SkipWithError("threads per row: 256, 512 or 1024");
+  }
+}
+
 void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
   constexpr std::size_t chunk = 8192;
@@ -237,6 +280,12 @@ BENCHMARK(BM_LmHead)->Arg(4096)->Arg(8192)->Arg(16384)->UseManualTime()->Unit(be
 BENCHMARK(BM_LmHeadProducts)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LmHeadRowKernel)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_LmHeadRowKernelBlocksPerSm)->DenseRange(1, 8)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_LmHeadRowKernelThreads)
+    ->ArgsProduct({{256}, {8}})
+    ->ArgsProduct({{512}, {2, 3, 4}})
+    ->ArgsProduct({{1024}, {1, 2}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingForward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_EmbeddingBackward)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_TokenGroupsBuild)->Unit(benchmark::kMicrosecond);

@@ -1,7 +1,7 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
 //              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--graph]
-//              [--steps N] [--batch B] [--seq T] [--lr X] [--accumulate N]
+//              [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
 //              [--data-parallel [--ranks N] [--id-dir DIR]]
@@ -29,7 +29,7 @@ namespace {
   std::fprintf(stderr,
                "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
                "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
-               "[--gemm-plans FILE] [--graph] [--steps N] [--batch B] [--seq T] [--lr X] "
+               "[--gemm-plans FILE] [--graph] [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] "
                "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
                "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
                "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",
@@ -68,6 +68,8 @@ gpt2::Options parse(int argc, char** argv) {
       o.batch = std::strtoull(value().c_str(), nullptr, 10);
     else if (a == "--seq")
       o.seq = std::strtoull(value().c_str(), nullptr, 10);
+    else if (a == "--head-chunk")  // rows of logits the head holds at once
+      o.head_chunk = std::strtoull(value().c_str(), nullptr, 10);
     else if (a == "--lr")
       o.lr = std::strtof(value().c_str(), nullptr);
     else if (a == "--accumulate")
@@ -139,6 +141,7 @@ int main(int argc, char** argv) {
   gpt2::Config c = *preset;
   const bool big = c.dim >= 768;
   if (o.seq) c.seq = o.seq;
+  if (o.head_chunk) c.head_chunk_rows = o.head_chunk;
   c.keep_gelu_output = !o.recompute_gelu;
   if (!o.batch) o.batch = big ? 16 : 8;
   if (o.steps < 0) o.steps = gpu ? (big ? 50 : 300) : (big ? 3 : 150);

@@ -29,16 +29,19 @@ struct Config {
   // The MLPs keep GELU's output for backward (nn::GeluOptions): 4 x dim values per token per
   // block more memory, one element-wise pass less each way. --recompute-gelu turns it off.
   bool keep_gelu_output = true;
+  // Rows of logits the head holds at once (nn::LmHeadConfig::chunk_rows): memory against the
+  // number of products; --head-chunk sets it.
+  std::size_t head_chunk_rows = nn::LmHeadConfig::default_chunk_rows;
 
   std::size_t head_dim() const { return dim / heads; }
 };
 
 // Named sizes: "124M" is GPT-2 small; the others use bytes as tokens (vocab 256).
 inline std::optional<Config> preset(const std::string& name) {
-  if (name == "tiny") return Config{256, 256, 64, 2, 4, 64, true};
-  if (name == "small") return Config{256, 256, 128, 4, 4, 128, true};
-  if (name == "medium") return Config{256, 256, 384, 6, 6, 256, true};
-  if (name == "124M") return Config{50257, 50304, 768, 12, 12, 1024, true};
+  if (name == "tiny") return Config{256, 256, 64, 2, 4, 64};
+  if (name == "small") return Config{256, 256, 128, 4, 4, 128};
+  if (name == "medium") return Config{256, 256, 384, 6, 6, 256};
+  if (name == "124M") return Config{50257, 50304, 768, 12, 12, 1024};
   return std::nullopt;
 }
 
@@ -62,7 +65,8 @@ class Gpt2 {
                 .token_stddev = 0.02f,
                 .position_stddev = 0.02f}),  // Hugging Face's initializer_range for both tables
         ln_f_("transformer.ln_f", c.dim),
-        lm_head_("lm_head", {.vocab = c.vocab, .padded_vocab = c.padded_vocab, .dim = c.dim}) {
+        lm_head_("lm_head",
+                 {.vocab = c.vocab, .padded_vocab = c.padded_vocab, .dim = c.dim, .chunk_rows = c.head_chunk_rows}) {
     if (c.heads == 0 || c.dim % c.heads != 0) {
       throw alloy::error("GPT-2: dim " + std::to_string(c.dim) + " is not a multiple of " + std::to_string(c.heads) +
                          " heads");

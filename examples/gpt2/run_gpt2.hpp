@@ -29,7 +29,8 @@ struct Options {
   std::string gemm_plans;       // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
-  float lr = 0;  // 0: the size's default
+  std::size_t head_chunk = 0;  // rows of logits held at once; 0: the head's default
+  float lr = 0;                // 0: the size's default
   int accumulate = 1;
   std::string backend;  // "host", "cuda" or empty (Cuda when there is a device)
   std::string data;     // a text file (bytes as tokens); empty: alloy's docs

@@ -258,6 +258,18 @@ struct SynchronizesInForward : mlp::ResidualMlp {
   }
 };
 
+// A model that allocates a buffer of its own in forward, every step: eagerly that is allowed; in
+// a capture the allocation is refused at once (the memory would belong to the graph).
+struct AllocatesInForward : mlp::ResidualMlp {
+  using mlp::ResidualMlp::ResidualMlp;
+  template <class Ctx>
+  auto input(Ctx& ctx, const mlp::Batch& b) {
+    scratch = Buffer<float, Cuda>(257, ctx.backend());  // the old one is freed once the new one exists
+    return mlp::ResidualMlp::input(ctx, b);
+  }
+  Buffer<float, Cuda> scratch;
+};
+
 template <class Model>
 void expect_refused_leaving_the_trainer_as_it_was(const std::string& needle, std::uint64_t seed) {
   using Tr = Trainer<Model, Bf16, Accumulate<2>, AdamW<>, Cuda>;
@@ -297,6 +309,12 @@ TEST(GpuStepGraph, ASynchronizationInForwardFailsTheCaptureAndChangesNothing) {
   ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
   ALLOY_SEEDED(seed);
   expect_refused_leaving_the_trainer_as_it_was<SynchronizesInForward>("capture of the step", seed);
+}
+
+TEST(GpuStepGraph, AnAllocationInForwardIsRefusedAsItHappens) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  expect_refused_leaving_the_trainer_as_it_was<AllocatesInForward>("being captured as a CUDA graph", seed);
 }
 
 TEST(GpuStepGraph, TheSameBatchObjectForTwoMicroBatchesIsRefused) {

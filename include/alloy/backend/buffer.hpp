@@ -26,7 +26,19 @@ inline void* allocate_bytes(Host, std::size_t bytes) {
 inline void free_bytes(Host, void* p) noexcept { ::operator delete (p, std::align_val_t{host_alignment}); }
 
 #if ALLOY_HAS_CUDA_RUNTIME
+// Refused on a stream that is being captured as a CUDA graph (Trainer::Config::graph): the
+// memory would belong to the graph, and the buffer would outlive it. (A failed query, as on the
+// legacy stream while another stream captures in global mode, leaves the answer to
+// cudaMallocAsync.)
 inline void* allocate_bytes(Cuda be, std::size_t bytes) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(be.stream, &capture) != cudaSuccess) {
+    (void)cudaGetLastError();
+  } else if (capture != cudaStreamCaptureStatusNone) {
+    throw error("cudaMallocAsync of " + std::to_string(bytes) +
+                " bytes on a stream that is being captured as a CUDA graph: allocate before the capture (with "
+                "Trainer::Config::graph, a step allocates nothing that the step before it did not)");
+  }
   void* p = nullptr;
   const std::string what = "cudaMallocAsync of " + std::to_string(bytes) + " bytes";
   check_cuda(cudaMallocAsync(&p, bytes, be.stream), what.c_str(), __FILE__, __LINE__);

@@ -195,9 +195,11 @@ void softmax_cross_entropy_on(Host, const SoftmaxCrossEntropy<T>& a) {
 // A block per row. Per element: reads the logit twice (the second time from L2 when the row was
 // too large for L1) and, with dlogits, writes sizeof(T). Per row: reads the target (4 bytes) and
 // writes the loss (4 bytes). Padding columns are not read; with dlogits they are written (zeros).
-template <class T>
-__global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(SoftmaxCrossEntropy<T> a) {
-  __shared__ MaxSum warp_totals[softmax_block / warp_size];
+// Block (threads per row) is softmax_block in the library, whose order the Host replays; the
+// benchmarks time others.
+template <class T, int Block = softmax_block>
+__global__ void __launch_bounds__(Block) softmax_cross_entropy_kernel(SoftmaxCrossEntropy<T> a) {
+  __shared__ MaxSum warp_totals[Block / warp_size];
   for (std::size_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     const T* x = a.logits + r * a.classes;
     T* dx = a.dlogits ? a.dlogits + r * a.classes : nullptr;
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
       const float fill = ignored_row(a, t) ? 0.0f : quiet_nan;
       if (threadIdx.x == 0) a.row_loss[r] = fill;
       if (dx) {
-        for (std::size_t c = threadIdx.x; c < a.classes; c += softmax_block) dx[c] = round_nearest<T>(fill);
+        for (std::size_t c = threadIdx.x; c < a.classes; c += Block) dx[c] = round_nearest<T>(fill);
       }
       continue;
     }
@@ -214,12 +216,12 @@ __global__ void __launch_bounds__(softmax_block) softmax_cross_entropy_kernel(So
     // may be x).
     const float target_logit = to_float(x[t]);
     const RowSplit s = split_row(x, a.real_classes, a.vectorized);
-    const MaxSum total = block_allreduce<softmax_block>(softmax_thread_max_sum(s, x, threadIdx.x, softmax_block),
-                                                        CombineMaxSum{}, warp_totals);
+    const MaxSum total =
+        block_allreduce<Block>(softmax_thread_max_sum(s, x, threadIdx.x, Block), CombineMaxSum{}, warp_totals);
     if (threadIdx.x == 0) a.row_loss[r] = cross_entropy_loss(total, target_logit);
     if (dx) {
-      softmax_thread_gradient(s, x, dx, total, a.grad_scale, threadIdx.x, softmax_block);
-      for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += softmax_block) {
+      softmax_thread_gradient(s, x, dx, total, a.grad_scale, threadIdx.x, Block);
+      for (std::size_t c = a.real_classes + threadIdx.x; c < a.classes; c += Block) {
         dx[c] = round_nearest<T>(0.0f);
       }
     }
