@@ -1021,7 +1021,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
                                                             float scale_log2) {
   extern __shared__ __align__(1024) unsigned char attention_shared_wgmma[];
   constexpr int D = 64, NQ = Bq / 8, ND = D / 8;
-  static_assert(Bq == 32 || Bq == 64, "flash_backward_dkdv_wgmma: query tiles of 32 or 64");
+  static_assert(Bq == 64, "flash_backward_dkdv_wgmma: query tiles of 64, one lse or delta value per thread (below)");
   constexpr std::uint32_t row_bytes = D * sizeof(T);
   using Block = FlashDkdvBlock<T, D, Bq>;
   constexpr std::uint32_t v_offset = Block::v_offset, q_offset = Block::q_offset, do_offset = Block::do_offset;
@@ -1033,6 +1033,13 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
   const int lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size, g = lane / 4, tq = lane % 4;
   const int warp_key0 = k0 + warp * 16;  // the warp's first key position
   block.load_keys_and_first_queries();
+  // In the loop, thread t copies row t % Bq of lse (t < Bq) or of delta (the rest: 2 Bq = flash_threads) for the
+  // next query tile, one predicated cp.async a thread. flash_load_floats' loop over threadIdx.x < Bq left a branch
+  // there that ptxas could not prove uniform, and at 168 registers (3 blocks) it then serialized every wgmma (C7520).
+  const int float_row = static_cast<int>(threadIdx.x) % Bq;
+  const bool float_delta = static_cast<int>(threadIdx.x) >= Bq;
+  const float* const float_src = (float_delta ? block.delta : block.lse) + float_row;
+  const std::uint32_t float_tile = base + (float_delta ? delta_offset : lse_offset) + 4 * float_row;
 
   float dk[ND][4], dv[ND][4];
   ALLOY_UNROLL
@@ -1047,7 +1054,12 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dkdv_wgmma(const AttentionBackw
     wgmma_fence_shared();
     __syncthreads();
     if (i < last_tile) {
-      block.load_query_tile(i + 1, buffer ^ 1);
+      // Query tile i + 1 into the other buffer, as block.load_query_tile but for lse and delta (above).
+      const int next = (i + 1) * Bq, other = buffer ^ 1;
+      flash_load_tile<Bq, D>(base + q_offset + other * query_tile_bytes, block.q, a.qkv_strides.row, next, seq);
+      flash_load_tile<Bq, D>(base + do_offset + other * query_tile_bytes, block.dout, a.out_strides.row, next, seq);
+      const bool valid = next + float_row < seq;
+      flash_copy_4(float_tile + other * Bq * 4, valid ? float_src + next : float_src, valid);
       flash_commit();
     }
     const int q0 = i * Bq;
