@@ -1,13 +1,15 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--graph]
+//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--graph | --no-graph]
 //              [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
 //              [--data-parallel [--ranks N] [--id-dir DIR]]
 // On the GPU when there is one (124M, 16 x 1024 tokens per step by default), on the Host backend
 // otherwise (tiny: d 64, 2 layers, 64 positions, bytes as tokens; the loss falls within a minute).
-// Without --data it trains on alloy's own README and docs (nothing is downloaded).
+// Without --data it trains on alloy's own README and docs (nothing is downloaded). On Cuda each
+// step after the first two replays a CUDA graph of the step (Trainer::Config::graph) unless
+// --no-graph (or --data-parallel, whose NCCL calls are not captured) is given.
 //
 // --export writes the weights after training under Hugging Face GPT2LMHeadModel's names and
 // layouts; --import reads such a file before training; --logits-out writes the logits of a batch
@@ -26,14 +28,15 @@
 namespace {
 
 [[noreturn]] void usage(const char* why) {
-  std::fprintf(stderr,
-               "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
-               "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
-               "[--gemm-plans FILE] [--graph] [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] "
-               "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
-               "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
-               "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",
-               why);
+  std::fprintf(
+      stderr,
+      "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
+      "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
+      "[--gemm-plans FILE] [--graph | --no-graph] [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] "
+      "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
+      "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
+      "[--data-parallel [--ranks N (host)] [--id-dir DIR (cuda)]]\n",
+      why);
   std::exit(2);
 }
 
@@ -57,8 +60,10 @@ gpt2::Options parse(int argc, char** argv) {
       o.recompute_gelu = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
-    else if (a == "--graph")  // each step captured as a CUDA graph and replayed
-      o.graph = true;
+    else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
+      o.graph = 1;
+    else if (a == "--no-graph")  // every step launched eagerly
+      o.graph = 0;
     else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
       o.gemm_plans = value();
       o.timed_gemm = true;
@@ -136,6 +141,7 @@ int main(int argc, char** argv) {
   }
   if (o.backend.empty() && !gpu) std::printf("no CUDA device: running on the Host backend\n");
   if (o.size.empty()) o.size = gpu ? "124M" : "tiny";
+  if (o.graph < 0) o.graph = gpu && !o.data_parallel ? 1 : 0;  // NCCL inside a capture is not built
   const auto preset = gpt2::preset(o.size);
   if (!preset) usage(("unknown size " + o.size).c_str());
   gpt2::Config c = *preset;

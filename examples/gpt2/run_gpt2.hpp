@@ -25,7 +25,7 @@ struct Options {
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
   bool timed_gemm = false;      // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
-  bool graph = false;           // Cuda: each step captured as a CUDA graph and replayed (Config::graph)
+  int graph = -1;               // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
   std::string gemm_plans;       // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
@@ -113,7 +113,7 @@ typename Trainer::Config trainer_config(const Options& o) {
           .micro_batches = o.accumulate,
           .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
           .gemm_plans_file = o.gemm_plans,
-          .graph = o.graph};
+          .graph = o.graph == 1};
 }
 
 // Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss
@@ -148,7 +148,7 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         "%zu parameters; data: %s\n",
         Backend::name, o.precision.c_str(),
         o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""),
-        o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph ? " + CUDA graph" : "", c.dim, c.layers, c.heads,
+        o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph == 1 ? " + CUDA graph" : "", c.dim, c.layers, c.heads,
         c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
         data.is_random()
             ? "random tokens"
@@ -219,7 +219,7 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
         std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
     if constexpr (requires { trainer.graph_stats(); }) {
-      if (o.graph) {
+      if (o.graph == 1) {
         const auto& g = trainer.graph_stats();
         std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
                     static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),

@@ -1,11 +1,13 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
 //   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm]
-//             [--gemm-plans FILE] [--keep-gelu N] [--graph] [--steps N]
+//             [--gemm-plans FILE] [--keep-gelu N] [--graph | --no-graph] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]
 // On the GPU when there is one (full size by default: 1024 -> 1024 x 8 blocks -> 1000 classes,
-// 8192 rows), on the Host backend otherwise (small by default).
+// 8192 rows), on the Host backend otherwise (small by default). On Cuda each step after the
+// first two replays a CUDA graph of the step (Trainer::Config::graph); --no-graph launches every
+// step eagerly.
 //
 // Weights move to and from PyTorch (scripts/torch_weights_roundtrip.py): --import-weights sets
 // the parameters from a safetensors file (after --resume, before training); each
@@ -25,7 +27,7 @@ namespace {
 [[noreturn]] void usage(const char* why) {
   std::fprintf(stderr,
                "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] [--graph] "
+               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] [--graph | --no-graph] "
                "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
                "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
                "[--eval-input PATH --eval-output PATH]\n",
@@ -50,8 +52,10 @@ mlp::Options parse(int argc, char** argv) {
       o.checkpointing = true;
     else if (a == "--timed-gemm")
       o.timed_gemm = true;
-    else if (a == "--graph")  // each step captured as a CUDA graph and replayed
-      o.graph = true;
+    else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
+      o.graph = 1;
+    else if (a == "--no-graph")  // every step launched eagerly
+      o.graph = 0;
     else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
       o.gemm_plans = value();
       o.timed_gemm = true;
@@ -103,11 +107,12 @@ int with_precision(const mlp::Options& o, const mlp::Shape& s, bool gpu) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const mlp::Options o = parse(argc, argv);
+  mlp::Options o = parse(argc, argv);
   bool gpu = false;
 #if ALLOY_HAS_CUDA_KERNELS
   gpu = !o.host && alloy::has_cuda_device();
 #endif
+  if (o.graph < 0) o.graph = gpu ? 1 : 0;
   mlp::Shape shape;
   if (o.size == "full" || (o.size.empty() && gpu)) shape = {1024, 1024, 8, 1000, 8192};
   if (o.rows) shape.rows = o.rows;

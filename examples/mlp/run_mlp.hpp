@@ -18,7 +18,7 @@ struct Options {
   int accumulate = 1;
   bool checkpointing = false;
   bool timed_gemm = false;  // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
-  bool graph = false;       // Cuda: each step captured as a CUDA graph and replayed (Config::graph)
+  int graph = -1;           // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
   std::string gemm_plans;   // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = 200;
   std::string size;
@@ -108,7 +108,7 @@ int run(const Options& o, Shape shape) {
                    .micro_batches = o.accumulate,
                    .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
                    .gemm_plans_file = o.gemm_plans,
-                   .graph = o.graph});
+                   .graph = o.graph == 1});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
@@ -122,7 +122,7 @@ int run(const Options& o, Shape shape) {
       "residual MLP on %s, %s%s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu "
       "parameters%s\n",
       Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
-      o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph ? " + CUDA graph" : "", shape.inputs, shape.width,
+      o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph == 1 ? " + CUDA graph" : "", shape.inputs, shape.width,
       shape.blocks, shape.classes, o.accumulate, shape.rows, trainer.store().layout().numel(),
       shape.keep_gelu ? (", GELU's output kept in " + std::to_string(shape.keep_gelu) + " blocks").c_str() : "");
   std::ofstream csv(o.csv);
@@ -174,7 +174,7 @@ int run(const Options& o, Shape shape) {
       mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
       mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
       std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
-  if (o.graph) {
+  if (o.graph == 1) {
     const auto& g = trainer.graph_stats();
     std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
                 static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
