@@ -1,6 +1,7 @@
 // Trains GPT-2 (gpt2_model.hpp) on a text, bytes as tokens, or on random tokens, then samples.
 //   alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] [--precision fp32|tf32|bf16|fp16]
-//              [--checkpointing] [--recompute-gelu] [--timed-gemm] [--gemm-plans FILE] [--graph | --no-graph]
+//              [--checkpointing] [--recompute-gelu] [--timed-gemm | --heuristic-gemm | --timed-gemm-any]
+//              [--gemm-plans FILE] [--graph | --no-graph]
 //              [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] [--accumulate N]
 //              [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE]
 //              [--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S]
@@ -31,7 +32,8 @@ namespace {
   std::fprintf(
       stderr,
       "%s\nusage: alloy_gpt2 [--size tiny|small|medium|124M] [--backend host|cuda] "
-      "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm] "
+      "[--precision fp32|tf32|bf16|fp16] [--checkpointing] [--recompute-gelu] [--timed-gemm | --heuristic-gemm | "
+      "--timed-gemm-any] "
       "[--gemm-plans FILE] [--graph | --no-graph] [--steps N] [--batch B] [--seq T] [--head-chunk ROWS] [--lr X] "
       "[--accumulate N] [--data FILE | --random] [--csv PATH] [--export FILE] [--import FILE] "
       "[--logits-out FILE [--tokens-in FILE]] [--sample N] [--temperature X] [--top-k K] [--seed S] "
@@ -58,15 +60,19 @@ gpt2::Options parse(int argc, char** argv) {
       o.checkpointing = true;
     else if (a == "--recompute-gelu")
       o.recompute_gelu = true;
-    else if (a == "--timed-gemm")
-      o.timed_gemm = true;
+    else if (a == "--timed-gemm")  // the default: cuBLASLt's candidates with the heuristic's bits, timed
+      o.gemm = alloy::GemmTuning::timed;
+    else if (a == "--heuristic-gemm")  // cuBLASLt's heuristic's first choice, untimed
+      o.gemm = alloy::GemmTuning::heuristic;
+    else if (a == "--timed-gemm-any")  // any of cuBLASLt's candidates, timed: the bits can change between runs
+      o.gemm = alloy::GemmTuning::timed_any;
     else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
       o.graph = 1;
     else if (a == "--no-graph")  // every step launched eagerly
       o.graph = 0;
-    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
+    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (with timed tuning)
       o.gemm_plans = value();
-      o.timed_gemm = true;
+      if (o.gemm == alloy::GemmTuning::heuristic) o.gemm = alloy::GemmTuning::timed;
     } else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--batch")

@@ -24,10 +24,12 @@ struct Options {
   std::string size;  // a preset name; empty: 124M on the GPU, tiny on the Host
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
-  bool timed_gemm = false;      // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
-  int graph = -1;               // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
-  std::string gemm_plans;       // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
-  int steps = -1;               // -1: the default for the size and backend
+  // Cuda: how each product's cuBLASLt algorithm is chosen (Trainer::Config::gemm_tuning): timed on
+  // its first call among those that give the heuristic's bits, unless --heuristic-gemm or --timed-gemm-any.
+  alloy::GemmTuning gemm = alloy::GemmTuning::timed;
+  int graph = -1;          // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
+  std::string gemm_plans;  // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
+  int steps = -1;          // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
   std::size_t head_chunk = 0;  // rows of logits held at once; 0: the head's default
   float lr = 0;                // 0: the size's default
@@ -111,7 +113,7 @@ typename Trainer::Config trainer_config(const Options& o) {
           .max_grad_norm = 1.0f,
           .seed = o.seed,
           .micro_batches = o.accumulate,
-          .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
+          .gemm_tuning = o.gemm,
           .gemm_plans_file = o.gemm_plans,
           .graph = o.graph == 1};
 }
@@ -148,8 +150,11 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         "%zu parameters; data: %s\n",
         Backend::name, o.precision.c_str(),
         o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""),
-        o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph == 1 ? " + CUDA graph" : "", c.dim, c.layers, c.heads,
-        c.vocab, c.padded_vocab, o.accumulate, o.batch, c.seq, params,
+        o.gemm == alloy::GemmTuning::timed       ? ""
+        : o.gemm == alloy::GemmTuning::heuristic ? " + heuristic GEMM algorithms"
+                                                 : " + timed GEMM algorithms (any order)",
+        o.graph == 1 ? " + CUDA graph" : "", c.dim, c.layers, c.heads, c.vocab, c.padded_vocab, o.accumulate, o.batch,
+        c.seq, params,
         data.is_random()
             ? "random tokens"
             : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")

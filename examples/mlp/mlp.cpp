@@ -1,6 +1,7 @@
 // Trains the residual MLP (residual_mlp.hpp) on its synthetic task and writes the loss curve.
-//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] [--timed-gemm]
-//             [--gemm-plans FILE] [--keep-gelu N] [--graph | --no-graph] [--steps N]
+//   alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing]
+//             [--timed-gemm | --heuristic-gemm | --timed-gemm-any] [--gemm-plans FILE] [--keep-gelu N]
+//             [--graph | --no-graph] [--steps N]
 //             [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host]
 //             [--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]...
 //             [--eval-input PATH --eval-output PATH]
@@ -25,13 +26,14 @@
 namespace {
 
 [[noreturn]] void usage(const char* why) {
-  std::fprintf(stderr,
-               "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
-               "[--timed-gemm] [--gemm-plans FILE] [--keep-gelu N] [--graph | --no-graph] "
-               "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
-               "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
-               "[--eval-input PATH --eval-output PATH]\n",
-               why);
+  std::fprintf(
+      stderr,
+      "%s\nusage: alloy_mlp [--precision fp32|tf32|bf16|fp16] [--accumulate N] [--checkpointing] "
+      "[--timed-gemm | --heuristic-gemm | --timed-gemm-any] [--gemm-plans FILE] [--keep-gelu N] [--graph | --no-graph] "
+      "[--steps N] [--size small|full] [--rows N] [--save PATH] [--resume PATH] [--csv PATH] [--host] "
+      "[--import-weights PATH] [--export-dtype fp32|bf16|fp16] [--export-weights PATH]... "
+      "[--eval-input PATH --eval-output PATH]\n",
+      why);
   std::exit(2);
 }
 
@@ -50,15 +52,19 @@ mlp::Options parse(int argc, char** argv) {
       o.accumulate = std::atoi(value().c_str());
     else if (a == "--checkpointing")
       o.checkpointing = true;
-    else if (a == "--timed-gemm")
-      o.timed_gemm = true;
+    else if (a == "--timed-gemm")  // the default: cuBLASLt's candidates with the heuristic's bits, timed
+      o.gemm = alloy::GemmTuning::timed;
+    else if (a == "--heuristic-gemm")  // cuBLASLt's heuristic's first choice, untimed
+      o.gemm = alloy::GemmTuning::heuristic;
+    else if (a == "--timed-gemm-any")  // any of cuBLASLt's candidates, timed: the bits can change between runs
+      o.gemm = alloy::GemmTuning::timed_any;
     else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
       o.graph = 1;
     else if (a == "--no-graph")  // every step launched eagerly
       o.graph = 0;
-    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (implies --timed-gemm)
+    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (with timed tuning)
       o.gemm_plans = value();
-      o.timed_gemm = true;
+      if (o.gemm == alloy::GemmTuning::heuristic) o.gemm = alloy::GemmTuning::timed;
     } else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--size")

@@ -17,9 +17,11 @@ struct Options {
   std::string precision = "bf16";
   int accumulate = 1;
   bool checkpointing = false;
-  bool timed_gemm = false;  // Cuda: each product's algorithm timed on its first call (GemmTuning::timed)
-  int graph = -1;           // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
-  std::string gemm_plans;   // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
+  // Cuda: how each product's cuBLASLt algorithm is chosen (Trainer::Config::gemm_tuning): timed on
+  // its first call among those that give the heuristic's bits, unless --heuristic-gemm or --timed-gemm-any.
+  alloy::GemmTuning gemm = alloy::GemmTuning::timed;
+  int graph = -1;          // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
+  std::string gemm_plans;  // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
   int steps = 200;
   std::string size;
   std::size_t rows = 0;
@@ -100,15 +102,14 @@ int run(const Options& o, Shape shape) {
     b = task.batch(rng);
     return b;
   };
-  Trainer trainer(ResidualMlp(shape),
-                  {.optimizer = {.weight_decay = 0.01f},
-                   .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
-                   .max_grad_norm = 1.0f,
-                   .seed = 1,
-                   .micro_batches = o.accumulate,
-                   .gemm_tuning = o.timed_gemm ? alloy::GemmTuning::timed : alloy::GemmTuning::heuristic,
-                   .gemm_plans_file = o.gemm_plans,
-                   .graph = o.graph == 1});
+  Trainer trainer(ResidualMlp(shape), {.optimizer = {.weight_decay = 0.01f},
+                                       .schedule = alloy::LrSchedule::warmup_cosine(2e-3f, o.steps / 10, o.steps),
+                                       .max_grad_norm = 1.0f,
+                                       .seed = 1,
+                                       .micro_batches = o.accumulate,
+                                       .gemm_tuning = o.gemm,
+                                       .gemm_plans_file = o.gemm_plans,
+                                       .graph = o.graph == 1});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
@@ -122,8 +123,11 @@ int run(const Options& o, Shape shape) {
       "residual MLP on %s, %s%s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu "
       "parameters%s\n",
       Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
-      o.timed_gemm ? " + timed GEMM algorithms" : "", o.graph == 1 ? " + CUDA graph" : "", shape.inputs, shape.width,
-      shape.blocks, shape.classes, o.accumulate, shape.rows, trainer.store().layout().numel(),
+      o.gemm == alloy::GemmTuning::timed       ? ""
+      : o.gemm == alloy::GemmTuning::heuristic ? " + heuristic GEMM algorithms"
+                                               : " + timed GEMM algorithms (any order)",
+      o.graph == 1 ? " + CUDA graph" : "", shape.inputs, shape.width, shape.blocks, shape.classes, o.accumulate,
+      shape.rows, trainer.store().layout().numel(),
       shape.keep_gelu ? (", GELU's output kept in " + std::to_string(shape.keep_gelu) + " blocks").c_str() : "");
   std::ofstream csv(o.csv);
   csv << "step,loss,grad_norm,lr,loss_scale,skipped\n";

@@ -437,6 +437,54 @@ TYPED_TEST(CudaGemm, TimedTuningMatchesHostAndAddsOnce) {
   EXPECT_EQ(handle.timed_plans(), timed);
 }
 
+// GemmTuning::timed chooses among the candidates that compute what the heuristic's first choice
+// computes, so every output has the heuristic's bits whichever wins; timed_any may choose another
+// order of the sums (a split K), and stays close to the Host. Shapes at which cuBLASLt offers
+// several algorithms, odd sizes, every kind of epilogue and a separate c_in.
+TYPED_TEST(CudaGemm, TimedTuningGivesTheHeuristicsBits) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using T = storage_t<TypeParam>;
+  const GemmCase shapes[] = {
+      {.m = 2053, .n = 1536, .k = 520},
+      {.m = 1031, .n = 2304, .k = 768, .epilogue = Epilogue::bias},
+      {.m = 1543, .n = 1024, .k = 392, .beta = 1.0f, .epilogue = Epilogue::bias, .separate_c_in = true},
+      {.m = 1029, .n = 3072, .k = 776, .epilogue = Epilogue::bias_gelu_tanh, .keep_pre_activation = true},
+      {.m = 1029, .n = 3072, .k = 768, .epilogue = Epilogue::dgelu_tanh},
+      {.transa = yes, .m = 2304, .n = 768, .k = 4099},
+      {.transa = yes, .m = 777, .n = 520, .k = 6151, .epilogue = Epilogue::bias_grad}};
+  GemmHandle heuristic(Cuda{});
+  GemmHandle timed(Cuda{}, GemmHandle::default_workspace_bytes, alloy::GemmTuning::timed);
+  GemmHandle any(Cuda{}, GemmHandle::default_workspace_bytes, alloy::GemmTuning::timed_any);
+  for (const GemmCase& s : shapes) {
+    SCOPED_TRACE(describe(s));
+    std::mt19937_64 rng(seed + s.m + s.k);
+    GemmOperands<TypeParam> x(s, rng);
+    // Every output, as handle h computes it from x.
+    const auto outputs = [&](GemmHandle& h) {
+      DeviceOperands<TypeParam> d(x, Cuda{});
+      alloy::gemm(Cuda{}, h, d.args(x));
+      return std::array<std::vector<T>, 4>{alloy::to_host(d.c), alloy::to_host(d.pre_activation),
+                                           alloy::to_host(d.bias_grad), alloy::to_host(d.c_in)};
+    };
+    const auto want = outputs(heuristic);
+    const auto got = outputs(timed);
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].size(), want[i].size());
+      std::size_t differ = 0;
+      for (std::size_t e = 0; e < want[i].size(); ++e) differ += bits_of(got[i][e]) != bits_of(want[i][e]);
+      EXPECT_EQ(differ, 0u) << "output " << i << " (c, pre_activation, bias_grad, c_in): elements whose bits differ";
+    }
+    expect_cuda_matches_host<TypeParam>(any, s, seed + s.m + s.k);
+  }
+  EXPECT_GE(timed.timed_plans(), 1u) << "no problem was timed: cuBLASLt offered one algorithm for each";
+  EXPECT_EQ(timed.timed_plans(), any.timed_plans());
+  std::printf(
+      "timed: %zu of %zu problems chose another candidate than the heuristic's first, %zu candidates passed "
+      "over for another order; timed_any: %zu chose another\n",
+      timed.retuned_plans(), timed.timed_plans(), timed.other_order_candidates(), any.retuned_plans());
+}
+
 // GemmTuning::timed with a plans file: the first handle times each problem and writes its choice;
 // a second handle reading the file runs those algorithms untimed, with the same bits; a file
 // recorded under another identity is not used and is replaced; a file that does not parse, a

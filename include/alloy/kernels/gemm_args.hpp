@@ -48,13 +48,21 @@ enum class Transpose { no, yes };
 enum class GemmTuning {
   // cuBLASLt's heuristic's first choice: the same algorithm, hence the same bits, run after run.
   heuristic,
-  // The fastest of the heuristic's first gemm_timed_candidates (8), timed on the problem's first call
-  // (PyTorch's cudnn.benchmark idea): that call waits for the device and runs each candidate
-  // a few times. Which candidate wins can change between runs, and with it the last bits of the
-  // products' results; within a run a problem keeps its algorithm (recomputation gives the same
-  // bits). A product that adds to its own output (beta != 0 with c_in == c) cannot be run more
-  // than once, and keeps the heuristic's choice.
+  // The fastest of those of the heuristic's first gemm_timed_candidates (8) that compute what its
+  // first choice computes, timed on the problem's first call (PyTorch's cudnn.benchmark idea): that
+  // call waits for the device and runs each candidate a few times. A candidate takes part when it
+  // is the first choice's algorithm with the same split-K and reduction scheme (it differs in
+  // tiles, stages, cluster shape or swizzle, which do not change the order of any sum) and its
+  // output on the call's own operands has the first choice's bits (sampled). So the results are
+  // the heuristic's bits whichever candidate wins: run after run, and on every rank. A product
+  // that adds to its own output (beta != 0 with c_in == c) cannot be run more than once, and keeps
+  // the heuristic's choice.
   timed,
+  // As timed, over all the heuristic's first gemm_timed_candidates: split-K and other orders of
+  // the sums too. Which candidate wins can change between runs, and with it the last bits of the
+  // products' results; within a run a problem keeps its algorithm (recomputation gives the same
+  // bits). A plans file (GemmHandle) keeps the choices, and with them the bits, across runs.
+  timed_any,
 };
 
 // What happens to each element v = alpha * (op(A) op(B))[i, j] + beta * C_in[i, j] before it is

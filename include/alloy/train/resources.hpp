@@ -39,12 +39,13 @@ template <>
 class BackendResources<Cuda> {
  public:
   // plans_file: GemmHandle's (timed choices kept across runs); refused here, at construction,
-  // without GemmTuning::timed.
+  // with GemmTuning::heuristic.
   explicit BackendResources(Cuda be = {}, GemmTuning tuning = GemmTuning::heuristic, std::string plans_file = {})
       : be_(be), tuning_(tuning), plans_file_(std::move(plans_file)) {
-    if (!plans_file_.empty() && tuning_ != GemmTuning::timed) {
+    if (!plans_file_.empty() && tuning_ == GemmTuning::heuristic) {
       throw error("Trainer: gemm_plans_file '" + plans_file_ +
-                  "' keeps timed choices of cuBLASLt algorithms; it needs gemm_tuning = GemmTuning::timed");
+                  "' keeps timed choices of cuBLASLt algorithms; it needs gemm_tuning = GemmTuning::timed or "
+                  "timed_any");
     }
   }
   // The handle stays where it is on the heap: a move hands it over.

@@ -242,9 +242,62 @@ GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::siz
   return std::move(candidates.plan);
 }
 
+// What fixes the order of an algorithm's sums: the kernel (cuBLASLt's algorithm id), how K is
+// split and how the splits are reduced. Tiles, stages, cluster shape and swizzle only say which
+// block computes which outputs (GemmTuning::timed; benchmarks/kernels/gemm_algos.cu hashes every
+// candidate's output on two random fillings: on the H200 those that share these three gave the
+// first choice's bits in every product of both examples, and those that did not, did not).
+struct AlgoOrder {
+  std::int32_t id = -1, split_k = -1;
+  std::uint32_t reduction = 0;
+  bool operator==(const AlgoOrder&) const = default;
+};
+
+inline AlgoOrder algo_order(const cublasLtMatmulAlgo_t& algo) {
+  AlgoOrder o;
+  std::size_t written = 0;
+  const auto get = [&](cublasLtMatmulAlgoConfigAttributes_t attribute, auto& value) {
+    return cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof(value), &written) ==
+               CUBLAS_STATUS_SUCCESS &&
+           written == sizeof(value);
+  };
+  if (!get(CUBLASLT_ALGO_CONFIG_ID, o.id) || !get(CUBLASLT_ALGO_CONFIG_SPLITK_NUM, o.split_k) ||
+      !get(CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, o.reduction)) {
+    o.id = -1;  // unknown: matches nothing but itself, and the first choice is always kept
+  }
+  return o;
+}
+
+// Up to 3 x 16 KiB of every output a product writes (C, the kept pre-activation, the bias
+// gradient): their first, middle and last bytes, copied to the host after the stream's work.
+// Two algorithms that sum in different orders differ in most elements of real operands, so
+// equal samples say the candidate computed what the first choice did.
+template <class Compute>
+std::vector<std::byte> output_sample(const GemmArgs<Compute>& g, cudaStream_t stream) {
+  using V = typename GemmArgs<Compute>::value_type;
+  constexpr std::size_t piece = std::size_t(16) << 10;
+  std::vector<std::byte> out;
+  const auto add = [&](const V* p, std::size_t rows, std::size_t cols, std::size_t ld) {
+    if (!p || rows == 0 || cols == 0) return;
+    const std::size_t bytes = ((rows - 1) * ld + cols) * sizeof(V);
+    const std::size_t len = bytes < piece ? bytes : piece;
+    for (const std::size_t at : {std::size_t(0), (bytes - len) / 2 / sizeof(V) * sizeof(V), bytes - len}) {
+      const std::size_t old = out.size();
+      out.resize(old + len);
+      ALLOY_CUDA_CHECK(cudaMemcpyAsync(out.data() + old, reinterpret_cast<const std::byte*>(p) + at, len,
+                                       cudaMemcpyDeviceToHost, stream));
+    }
+  };
+  add(g.c, g.m, g.n, g.ldc);
+  if (applies_gelu(g.epilogue)) add(g.pre_activation, g.m, g.n, g.ld_pre_activation);
+  if (g.bias_grad) add(g.bias_grad, 1, g.epilogue == Epilogue::bias_grad ? g.m : g.n, 0);
+  ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return out;
+}
+
 }  // namespace detail
 
-// GemmTuning::timed: how many of the heuristic's candidates are timed.
+// GemmTuning::timed and timed_any: how many of the heuristic's candidates are timed.
 inline constexpr int gemm_timed_candidates = 8;
 
 // What the Cuda gemm needs across calls: the cuBLASLt handle, a workspace, and one plan
@@ -258,7 +311,7 @@ class GemmHandle {
   // Plans kept before the cache starts over: far more shapes than a model has.
   static constexpr std::size_t max_cached_plans = 1024;
 
-  // plans_file (GemmTuning::timed only): where timed choices are kept across runs. The plans it
+  // plans_file (GemmTuning::timed or timed_any): where timed choices are kept across runs. The plans it
   // holds for this device, cuBLASLt version and workspace size are used instead of timing (the
   // same algorithms, hence the same bits, as the run that timed them); each problem timed here is
   // added to it at once (the file is replaced atomically). A file recorded elsewhere is not used,
@@ -266,10 +319,10 @@ class GemmHandle {
   explicit GemmHandle(Cuda be = {}, std::size_t workspace_bytes = default_workspace_bytes,
                       GemmTuning tuning = GemmTuning::heuristic, std::string plans_file = {})
       : workspace_(workspace_bytes, be), last_stream_(be.stream), tuning_(tuning), plans_file_(std::move(plans_file)) {
-    if (!plans_file_.empty() && tuning_ != GemmTuning::timed) {
+    if (!plans_file_.empty() && tuning_ == GemmTuning::heuristic) {
       throw error("GemmHandle: the gemm plans file '" + plans_file_ +
-                  "' keeps timed choices; it needs GemmTuning::timed (the heuristic's choice is the same run after "
-                  "run without one)");
+                  "' keeps timed choices; it needs GemmTuning::timed or timed_any (the heuristic's choice is the same "
+                  "run after run without one)");
     }
     ALLOY_CUDA_CHECK(cudaGetDevice(&device_));
     cublasLtHandle_t handle = nullptr;
@@ -298,10 +351,12 @@ class GemmHandle {
   std::size_t workspace_bytes() const noexcept { return workspace_.bytes(); }
   int device() const noexcept { return device_; }
   GemmTuning tuning() const noexcept { return tuning_; }
-  // Problems whose algorithm was chosen by timing, and how many of those chose another than the
-  // heuristic's first.
+  // Problems whose algorithm was chosen by timing, how many of those chose another than the
+  // heuristic's first, and (GemmTuning::timed) the candidates passed over for computing in another
+  // order than the first choice or giving other bits.
   std::size_t timed_plans() const noexcept { return timed_plans_; }
   std::size_t retuned_plans() const noexcept { return retuned_plans_; }
+  std::size_t other_order_candidates() const noexcept { return other_order_; }
   // With a plans file: the problems whose plan came from it, untimed; whether the file was
   // recorded on another device, cuBLASLt version or workspace size (so none of it is used); and
   // the running identity its first lines must carry.
@@ -390,7 +445,9 @@ class GemmHandle {
   }
 
   // The fastest of the heuristic's candidates: each launched once, then timed over 3 launches;
-  // ties go to the heuristic's order. A candidate cuBLASLt refuses to launch is passed over.
+  // ties go to the heuristic's order. A candidate cuBLASLt refuses to launch is passed over, and
+  // with GemmTuning::timed so is one of another order than the first choice (algo_order) or whose
+  // output after its first launch differs from the first choice's (output_sample).
   template <class Compute>
   detail::GemmPlan timed_plan(const GemmArgs<Compute>& g, cudaStream_t stream) {
     detail::GemmCandidates c = detail::heuristic_algos(handle_.get(), g, workspace_.bytes(), gemm_timed_candidates);
@@ -413,11 +470,27 @@ class GemmHandle {
                             &g.beta, detail::c_in_of(g), c.plan.lt_c.get(), g.c, c.plan.lt_c.get(), &algo,
                             workspace_.data(), workspace_.bytes(), stream);
     };
+    const bool same_bits = tuning_ == GemmTuning::timed;
+    const detail::AlgoOrder first_order = detail::algo_order(c.results.front().algo);
+    std::vector<std::byte> first_sample;
     std::size_t best = c.results.size();
     float best_ms = 0.0f;
     for (std::size_t i = 0; i < c.results.size(); ++i) {
       const cublasLtMatmulAlgo_t& algo = c.results[i].algo;
+      if (same_bits && i > 0 && (first_sample.empty() || detail::algo_order(algo) != first_order)) {
+        ++other_order_;
+        continue;
+      }
       if (launch(algo) != CUBLAS_STATUS_SUCCESS) continue;
+      if (same_bits) {
+        std::vector<std::byte> sample = detail::output_sample(g, stream);
+        if (i == 0) {
+          first_sample = std::move(sample);
+        } else if (sample != first_sample) {
+          ++other_order_;
+          continue;
+        }
+      }
       ALLOY_CUDA_CHECK(cudaEventRecord(timing_start_.get(), stream));
       bool launched = true;
       for (int r = 0; r < 3 && launched; ++r) launched = launch(algo) == CUBLAS_STATUS_SUCCESS;
@@ -451,10 +524,10 @@ class GemmHandle {
   cudaStream_t last_stream_;
   int device_ = 0;
   GemmTuning tuning_ = GemmTuning::heuristic;
-  detail::Event timing_start_, timing_end_;  // GemmTuning::timed, made on first use
-  std::size_t timed_plans_ = 0, retuned_plans_ = 0;
+  detail::Event timing_start_, timing_end_;  // GemmTuning::timed and timed_any, made on first use
+  std::size_t timed_plans_ = 0, retuned_plans_ = 0, other_order_ = 0;
   std::map<detail::GemmPlanKey, detail::GemmPlan> plans_;
-  std::string plans_file_, identity_;                              // GemmTuning::timed with a plans file
+  std::string plans_file_, identity_;                              // timed tuning with a plans file
   std::map<detail::GemmPlanKey, detail::GemmAlgoWords> recorded_;  // the file's plans and this run's
   std::size_t loaded_plans_ = 0;
   bool plans_file_foreign_ = false;
