@@ -144,7 +144,7 @@ const LayerNormCase layernorm_cases[] = {
 
 template <class T>
 struct LayerNormData {
-  std::vector<T> x, gamma, beta, dy, dgamma0, dbeta0, dx_add;
+  std::vector<T> x, gamma, beta, dy, dgamma0, dbeta0, dx_add, add_sums0;
   LayerNormData(const LayerNormCase& s, std::mt19937_64& rng)
       : x(normal<T>(s.rows * s.cols, 0.5, 2.0, rng)),
         gamma(normal<T>(s.cols, 1.0, 0.5, rng)),
@@ -152,7 +152,8 @@ struct LayerNormData {
         dy(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)),
         dgamma0(normal<T>(s.cols, 0.0, 3.0, rng)),
         dbeta0(normal<T>(s.cols, 0.0, 3.0, rng)),
-        dx_add(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)) {}
+        dx_add(normal<T>(s.rows * s.cols, 0.0, 1.0, rng)),
+        add_sums0(normal<T>(s.cols, 0.0, 3.0, rng)) {}
 };
 
 // What the backward adds to dx: nothing, a separate array, or dx's own contents (in place); or
@@ -162,14 +163,15 @@ enum class DxAdd { none, apart, in_place, over_dy };
 // Every array of one LayerNorm forward and backward, on both backends.
 template <class T>
 struct LayerNormTwins {
-  Twin<T> x, gamma, beta, y, dy, dx, dgamma, dbeta, dx_add;
+  Twin<T> x, gamma, beta, y, dy, dx, dgamma, dbeta, dx_add, add_sums;
   Twin<float> mean, rstd;
   Buffer<float, Cuda> scratch;
   std::size_t rows, cols;
   DxAdd add;
+  bool sums;  // dx_add's column sums asked for (with dx_add apart or in place)
 
   LayerNormTwins(const LayerNormCase& s, const LayerNormData<T>& d, bool accumulate, Cuda be = {},
-                 DxAdd add = DxAdd::none)
+                 DxAdd add = DxAdd::none, bool sums = false)
       : x(d.x, s.row_offset, be),
         gamma(d.gamma, s.param_offset, be),
         beta(d.beta, s.param_offset, be),
@@ -182,12 +184,14 @@ struct LayerNormTwins {
         dgamma(accumulate ? d.dgamma0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         dbeta(accumulate ? d.dbeta0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         dx_add(d.dx_add, s.row_offset, be),
+        add_sums(accumulate ? d.add_sums0 : std::vector<T>(s.cols, poison<T>()), s.param_offset, be),
         mean(std::vector<float>(s.rows, poison<float>()), 0, be),
         rstd(std::vector<float>(s.rows, poison<float>()), 0, be),
         scratch(alloy::layernorm_backward_scratch_floats(s.rows, s.cols), be),
         rows(s.rows),
         cols(s.cols),
-        add(add) {
+        add(add),
+        sums(sums) {
     // NaN everywhere: the kernels must not rely on scratch starting at zero.
     ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
   }
@@ -200,7 +204,8 @@ struct LayerNormTwins {
                               static_cast<float*>(nullptr),
                               add == DxAdd::none || add == DxAdd::over_dy ? nullptr
                               : add == DxAdd::apart                       ? dx_add.host()
-                                                                          : dx.host());
+                                                                          : dx.host(),
+                              sums ? add_sums.host() : nullptr);
   }
   void run_cuda(Cuda be, float eps, bool accumulate) {
     alloy::layernorm_forward(be, x.device(), gamma.device(), beta.device(), y.device(), mean.device(), rstd.device(),
@@ -210,7 +215,8 @@ struct LayerNormTwins {
                             : add == DxAdd::apart                       ? dx_add.device()
                                                                         : dx.device();
     alloy::layernorm_backward(be, dy_in, x.device(), gamma.device(), mean.device(), rstd.device(), dx.device(),
-                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to);
+                              dgamma.device(), dbeta.device(), rows, cols, accumulate, scratch.data(), add_to,
+                              sums ? add_sums.device() : nullptr);
     alloy::synchronize(be);
   }
 };
@@ -222,15 +228,16 @@ struct LayerNormTwins {
 //   dgamma: sum over rows of |dy| m (+ |old dgamma|)    dbeta: sum of |dy| (+ |old dbeta|)
 template <class T>
 void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t seed, bool accumulate, Cuda be = {},
-                                        DxAdd add = DxAdd::none) {
+                                        DxAdd add = DxAdd::none, bool sums = false) {
   SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s) + (accumulate ? " accumulating" : " overwriting") +
                (add == DxAdd::apart      ? ", adding dx_add"
                 : add == DxAdd::in_place ? ", adding dx in place"
                 : add == DxAdd::over_dy  ? ", dx written over dy"
-                                         : ""));
+                                         : "") +
+               (sums ? ", summing its columns" : ""));
   std::mt19937_64 rng(seed);
   const LayerNormData<T> d(s, rng);
-  LayerNormTwins<T> t(s, d, accumulate, be, add);
+  LayerNormTwins<T> t(s, d, accumulate, be, add, sums);
   const float eps = 1e-5f;
   t.run_host(eps, accumulate);
   try {
@@ -252,6 +259,22 @@ void expect_layernorm_cuda_matches_host(const LayerNormCase& s, std::uint64_t se
   expect_same_bits(cuda_dx, dx, "dx (Cuda against Host)");
   expect_same_bits(cuda_dgamma, dgamma, "dgamma (Cuda against Host)");
   expect_same_bits(cuda_dbeta, dbeta, "dbeta (Cuda against Host)");
+  if (sums) {
+    // dx_add's column sums: the Host's bits, and within fp32 summation error of the exact sums
+    // (plus the old values when accumulating), rounded once.
+    const auto host_sums = t.add_sums.host_values();
+    expect_same_bits(t.add_sums.device_values("dx_add's column sums"), host_sums,
+                     "dx_add's column sums (Cuda against Host)");
+    Compare sums_check("dx_add's column sums against exact ones");
+    for (std::size_t c = 0; c < s.cols; ++c) {
+      double exact = accumulate ? value(d.add_sums0[c]) : 0.0, scale = std::fabs(exact);
+      for (std::size_t r = 0; r < s.rows; ++r) {
+        exact += value(d.dx_add[r * s.cols + c]);
+        scale += std::fabs(value(d.dx_add[r * s.cols + c]));
+      }
+      sums_check.expect(host_sums[c], alloy::round_nearest<T>(static_cast<float>(exact)), scale, c);
+    }
+  }
   if (add == DxAdd::apart || add == DxAdd::in_place) return;  // the tolerances below are for LayerNorm's own dx
 
   Compare mean_check("mean"), rstd_check("rstd"), y_check("y"), dx_check("dx"), dgamma_check("dgamma"),
@@ -321,6 +344,27 @@ TYPED_TEST(CudaRowKernels, LayerNormBackwardAddsDxAddLikeHost) {
        {LayerNormCase{37, 29}, LayerNormCase{8192, 1024}, LayerNormCase{64, 768, 1, 1}, LayerNormCase{1000, 5000}}) {
     expect_layernorm_cuda_matches_host<TypeParam>(s, seed + s.cols, true, Cuda{}, DxAdd::in_place);
   }
+}
+
+// dx_add's column sums (a residual block's last projection's bias gradient, nn::Sequential) on
+// every path: the widths of layernorm_cases (scalar and vector rows, sums in 64 KiB, in more, in
+// scratch), the lane-columns kernel's widths (32 V vectors), overwriting and accumulating, dx_add
+// apart and in place.
+TYPED_TEST(CudaRowKernels, LayerNormBackwardSumsDxAddColumnsLikeHost) {
+  using T = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  for (const LayerNormCase& s : layernorm_cases) {
+    expect_layernorm_cuda_matches_host<T>(s, seed + s.cols, false, Cuda{}, DxAdd::apart, true);
+  }
+  constexpr std::size_t L = alloy::detail::row_vector_lanes<T>;
+  for (std::size_t v = 1; v <= std::size_t(alloy::detail::layernorm_max_backward_lane_vectors); ++v) {
+    const std::size_t cols = 32 * L * v;
+    expect_layernorm_cuda_matches_host<T>({3000, cols}, seed + cols, false, Cuda{}, DxAdd::apart, true);
+    expect_layernorm_cuda_matches_host<T>({3001, cols, 8, 8}, seed + cols + 1, true, Cuda{}, DxAdd::in_place, true);
+    expect_layernorm_cuda_matches_host<T>({9, cols}, seed + cols + 2, true, Cuda{}, DxAdd::apart, true);
+  }
+  expect_layernorm_cuda_matches_host<T>({1000, 5000}, seed + 5000, true, Cuda{}, DxAdd::in_place, true);
 }
 
 // The backward kernel for rows of 32 V vectors (V = 1..4, from a 16-byte boundary or 8 elements

@@ -6,6 +6,9 @@
 //   backward  xhat = (x - mean) * rstd,  g = dy * gamma
 //             dx = rstd * (g - sum(g) / cols - xhat * sum(g * xhat) / cols)  [+ dx_add]
 //             dgamma = sum over rows of dy * xhat,  dbeta = sum over rows of dy
+//             [dx_add_sums = sum over rows of dx_add: in a residual block whose inner path starts
+//              with LayerNorm, dx_add is the gradient of the block's output, so these are the
+//              bias gradient of the block's last projection, summed where dx_add is read anyway]
 // The variance takes a second pass over the row (sum of squared deviations from the mean), which
 // stays accurate when |mean| >> std, where E[x^2] - mean^2 cancels.
 //
@@ -17,7 +20,8 @@
 // elements in the same order, so the path changes speed, never bits. dgamma and dbeta are deterministic without
 // atomics: row r belongs to part r / ceil(rows / parts) and, within it, to warp (r - first row) % warps; each warp sums
 // its rows in order per column, each part sums its warps in order into `scratch`, and a final pass sums part p into
-// slot p % 32 in part order, then the 32 slots in order. parts and warps depend only on rows and cols (never on the
+// slot p % 32 in part order, then the 32 slots in order. dx_add's column sums, when asked for, are a third set of
+// column sums in the same order. parts and warps depend only on rows and cols (never on the
 // device), so the bits depend only on the inputs and on the pointers' addresses modulo 16 (which split the rows).
 #pragma once
 
@@ -142,10 +146,14 @@ struct LayerNormBackward {
   const T* dx_add;  // may be null; may be dx itself
   G* dgamma;
   G* dbeta;
+  G* dx_add_sums;  // may be null; needs dx_add: its column sums, written or added as dgamma and dbeta
   std::size_t rows;
   std::size_t cols;
   bool accumulate;
   bool vectorized;
+
+  // Sets of column sums: dgamma's and dbeta's, and dx_add's when asked for.
+  ALLOY_HOST_DEVICE std::size_t sum_sets() const { return dx_add_sums ? 3 : 2; }
 };
 
 struct FloatSum {
@@ -205,19 +213,21 @@ ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_gradient_sums(const T (&d
 }
 
 // The run's dx (plus addv, when `add`, before the one rounding) and its terms of the column sums:
-// dy * xhat for dgamma, dy for dbeta. mean_g = sum(g) / cols, mean_gx = sum(g xhat) / cols.
+// dy * xhat for dgamma, dy for dbeta, addv for dx_add's. mean_g = sum(g) / cols, mean_gx = sum(g xhat) / cols.
 template <int W, class T>
 ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void layernorm_run_backward(const T (&dyv)[W], const T (&xv)[W], const T (&gv)[W],
                                                                 const T (&addv)[W], bool add, float mean, float rstd,
                                                                 float mean_g, float mean_gx, T (&dxv)[W],
-                                                                float (&dgamma_terms)[W], float (&dbeta_terms)[W]) {
+                                                                float (&dgamma_terms)[W], float (&dbeta_terms)[W],
+                                                                float (&add_terms)[W]) {
   ALLOY_UNROLL
   for (int l = 0; l < W; ++l) {
     const float d = to_float(dyv[l]);
     const float xhat = fp::mul(fp::sub(to_float(xv[l]), mean), rstd);
     const float g = fp::mul(d, to_float(gv[l]));
     float dx = fp::mul(rstd, fp::sub(fp::sub(g, mean_g), fp::mul(xhat, mean_gx)));
-    if (add) dx = fp::add(dx, to_float(addv[l]));
+    add_terms[l] = add ? to_float(addv[l]) : 0.0f;
+    if (add) dx = fp::add(dx, add_terms[l]);
     dxv[l] = round_nearest<T>(dx);
     dgamma_terms[l] = fp::mul(d, xhat);
     dbeta_terms[l] = d;
@@ -292,7 +302,8 @@ ALLOY_HOST_DEVICE FloatPair layernorm_lane_gradient_sums(const RowSplit& s, cons
 }
 
 // Lane `lane` of `lanes` writes its share of dx (plus dx_add, when not null) and hands each
-// column's dy * xhat and dy to add_to_sums(column, dgamma term, dbeta term), in its walk's order.
+// column's dy * xhat, dy and dx_add to add_to_sums(column, dgamma term, dbeta term, dx_add term),
+// in its walk's order.
 template <class T, class AddToSums>
 ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, const T* x, const T* gamma,
                                                const T* dx_add, T* dx, float mean, float rstd, float mean_g,
@@ -301,29 +312,33 @@ ALLOY_HOST_DEVICE void layernorm_lane_backward(const RowSplit& s, const T* dy, c
   for_each_run<row_vector_lanes<T>>(s, lane, lanes, [&](auto run, std::size_t first) {
     constexpr int W = decltype(run)::value;
     T dyv[W], xv[W], gv[W], addv[W], dxv[W];
-    float dgamma_terms[W], dbeta_terms[W];
+    float dgamma_terms[W], dbeta_terms[W], add_terms[W];
     load_run<W>(dy + first, dyv);
     load_run<W>(x + first, xv);
     load_run<W>(gamma + first, gv);
     if (dx_add) load_run<W>(dx_add + first, addv);
     layernorm_run_backward(dyv, xv, gv, addv, dx_add != nullptr, mean, rstd, mean_g, mean_gx, dxv, dgamma_terms,
-                           dbeta_terms);
+                           dbeta_terms, add_terms);
     store_run<W>(dx + first, dxv);
     ALLOY_UNROLL
-    for (int l = 0; l < W; ++l) add_to_sums(first + l, dgamma_terms[l], dbeta_terms[l]);
+    for (int l = 0; l < W; ++l) add_to_sums(first + l, dgamma_terms[l], dbeta_terms[l], add_terms[l]);
   });
 }
 
-// One warp's column sums: add(c, dgamma term, dbeta term) adds to column c's, at c or, in shared
-// memory, at layernorm_swizzle(c).
+// One warp's column sums: add(c, dgamma term, dbeta term, dx_add term) adds to column c's, at c
+// or, in shared memory, at layernorm_swizzle(c); dx_add's only where they are kept (dx_add_sums
+// not null).
 struct LayerNormColumnSums {
   float* dgamma;
   float* dbeta;
+  float* dx_add_sums;  // may be null
   bool swizzled;
-  ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void operator()(std::size_t c, float dgamma_term, float dbeta_term) const {
+  ALLOY_HOST_DEVICE ALLOY_FORCEINLINE void operator()(std::size_t c, float dgamma_term, float dbeta_term,
+                                                      float add_term) const {
     const std::size_t at = swizzled ? layernorm_swizzle(c) : c;
     dgamma[at] = fp::add(dgamma[at], dgamma_term);
     dbeta[at] = fp::add(dbeta[at], dbeta_term);
+    if (dx_add_sums) dx_add_sums[at] = fp::add(dx_add_sums[at], add_term);
   }
 };
 
@@ -351,6 +366,7 @@ void check_layernorm_backward(const LayerNormBackward<T, G>& a, const float* scr
   constexpr const char* where = "layernorm_backward";
   layernorm_require(a.cols > 0, where, "cols must be positive (LayerNorm normalizes over the last dimension)");
   layernorm_require(a.dgamma && a.dbeta, where, "dgamma and dbeta must not be null");
+  layernorm_require(!a.dx_add_sums || a.dx_add, where, "dx_add_sums (the column sums of dx_add) needs dx_add");
   if (a.rows == 0) return;
   layernorm_require(a.dy && a.x && a.gamma && a.mean && a.rstd && a.dx, where,
                     "dy, x, gamma, mean, rstd and dx must not be null");
@@ -387,7 +403,8 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   const std::size_t parts = layernorm_parts(rows, cols);
   const std::size_t rows_per_part = layernorm_rows_in_part(rows, parts);
   const std::size_t warps = layernorm_part_warps(cols);
-  const std::size_t span = 2 * cols;  // a warp's column sums: dgamma's, then dbeta's
+  const std::size_t sets = a.sum_sets();
+  const std::size_t span = sets * cols;  // a warp's column sums: dgamma's, dbeta's, then dx_add's
   std::vector<float> warp_sums(warps * span), slots(layernorm_final_slots * span, 0.0f);
   for (std::size_t p = 0; p < parts; ++p) {
     std::fill(warp_sums.begin(), warp_sums.end(), 0.0f);
@@ -403,9 +420,10 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
       }
       const FloatPair sums = butterfly_replay(lanes, FloatPairSum{});
       float* sum_dgamma = warp_sums.data() + ((r - first) % warps) * span;
-      layernorm_lane_backward(s, dyr, xr, gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, mean[r],
-                              rstd[r], layernorm_mean(sums.first, cols), layernorm_mean(sums.second, cols),
-                              LayerNormColumnSums{sum_dgamma, sum_dgamma + cols, false}, 0, 1);
+      layernorm_lane_backward(
+          s, dyr, xr, gamma, a.dx_add ? a.dx_add + r * cols : nullptr, a.dx + r * cols, mean[r], rstd[r],
+          layernorm_mean(sums.first, cols), layernorm_mean(sums.second, cols),
+          LayerNormColumnSums{sum_dgamma, sum_dgamma + cols, sets == 3 ? sum_dgamma + 2 * cols : nullptr, false}, 0, 1);
     }
     float* slot = slots.data() + (p % layernorm_final_slots) * span;
     for (std::size_t i = 0; i < span; ++i) {
@@ -417,7 +435,8 @@ void layernorm_backward_on(Host, const LayerNormBackward<T, G>& a, float*) {
   for (std::size_t i = 0; i < span; ++i) {
     float total = 0.0f;
     for (std::size_t k = 0; k < layernorm_final_slots; ++k) total = fp::add(total, slots[k * span + i]);
-    layernorm_write_param_grad(i < cols ? a.dgamma[i] : a.dbeta[i - cols], total, a.accumulate);
+    G& out = i < cols ? a.dgamma[i] : i < 2 * cols ? a.dbeta[i - cols] : a.dx_add_sums[i - 2 * cols];
+    layernorm_write_param_grad(out, total, a.accumulate);
   }
 }
 
@@ -488,18 +507,18 @@ __global__ void __launch_bounds__(layernorm_block, 4) layernorm_forward_lane_col
 }
 
 // The end of a part: the sum over its warps, in warp order, of their column sums (`sums`, each
-// warp's dgamma sums then dbeta sums, `stride` floats apart, column c's at sums_at(c) within
-// them) into the part's 2 cols floats of partials. I is the caller's index type (unsigned where
-// the kernel knows cols is small). When sums is that slice itself (one warp, unswizzled), each
-// thread reads the element it then writes.
+// warp's `sets` sets, dgamma's, dbeta's and dx_add's, `stride` floats apart, column c's at
+// sums_at(c) within them) into the part's sets x cols floats of partials. I is the caller's index
+// type (unsigned where the kernel knows cols is small). When sums is that slice itself (one warp,
+// unswizzled), each thread reads the element it then writes.
 template <class I, class SumsAt>
-__device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, I warps, I stride, const SumsAt& sums_at,
-                                                      I cols, float* part_partials) {
-  for (I i = threadIdx.x; i < 2 * cols; i += blockDim.x) {
-    const I half = i < cols ? 0 : 1, c = i - half * cols;
-    const I at = half * stride + sums_at(c);
+__device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, I warps, I sets, I stride,
+                                                      const SumsAt& sums_at, I cols, float* part_partials) {
+  for (I i = threadIdx.x; i < sets * cols; i += blockDim.x) {
+    const I set = i / cols, c = i - set * cols;
+    const I at = set * stride + sums_at(c);
     float part = 0.0f;
-    for (I w = 0; w < warps; ++w) part = fp::add(part, sums[w * 2 * stride + at]);
+    for (I w = 0; w < warps; ++w) part = fp::add(part, sums[w * sets * stride + at]);
     part_partials[i] = part;
   }
 }
@@ -507,26 +526,28 @@ __device__ ALLOY_FORCEINLINE void layernorm_fold_part(const float* sums, I warps
 // One block per part, a warp per row, for any row. Per element: reads dy and x twice (the
 // second time from cache), gamma (cached) and dx_add when given; writes dx. DRAM: 2 sizeof(T)
 // read (3 with dx_add) + sizeof(T) written, plus 8 bytes per row for mean and rstd and 8 bytes
-// per column per part for the partial sums. Each warp sums its rows' dy * xhat and dy per column
-// in `sums` (shared memory, swizzled, or the part's slice of `partials` when one warp's sums do
-// not fit), then the part folds its warps into partials[part * 2 cols ...].
+// per column per part for the partial sums. Each warp sums its rows' dy * xhat and dy (and dx_add)
+// per column in `sums` (shared memory, swizzled, or the part's slice of `partials` when one warp's
+// sums do not fit), then the part folds its warps into partials[part * sets * cols ...].
 template <class T, class G>
 __global__ void __launch_bounds__(layernorm_part_block)
     layernorm_backward_rows_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials,
                                    bool sums_in_shared) {
   extern __shared__ float shared_sums[];
   const std::size_t cols = a.cols;
+  const std::size_t sets = a.sum_sets();
   const std::size_t stride = sums_in_shared ? layernorm_sums_stride(cols) : cols;
   const std::size_t warps = blockDim.x / warp_size;
   const std::size_t warp = threadIdx.x / warp_size;
   const unsigned lane = threadIdx.x % warp_size;
-  float* part_partials = partials + std::size_t(blockIdx.x) * 2 * cols;
+  float* part_partials = partials + std::size_t(blockIdx.x) * sets * cols;
   float* sums = sums_in_shared ? shared_sums : part_partials;  // in partials only with one warp
-  for (std::size_t i = threadIdx.x; i < warps * 2 * stride; i += blockDim.x) sums[i] = 0.0f;
+  for (std::size_t i = threadIdx.x; i < warps * sets * stride; i += blockDim.x) sums[i] = 0.0f;
   __syncthreads();
 
-  float* sum_dgamma = sums + warp * 2 * stride;
-  const LayerNormColumnSums add_to_sums{sum_dgamma, sum_dgamma + stride, sums_in_shared};
+  float* sum_dgamma = sums + warp * sets * stride;
+  const LayerNormColumnSums add_to_sums{sum_dgamma, sum_dgamma + stride, sets == 3 ? sum_dgamma + 2 * stride : nullptr,
+                                        sums_in_shared};
   const std::size_t first = std::size_t(blockIdx.x) * rows_per_part;
   const std::size_t end = first + rows_per_part < a.rows ? first + rows_per_part : a.rows;
   for (std::size_t r = first + warp; r < end; r += warps) {
@@ -542,7 +563,7 @@ __global__ void __launch_bounds__(layernorm_part_block)
   }
   __syncthreads();
   layernorm_fold_part(
-      sums, warps, stride, [=](std::size_t c) { return sums_in_shared ? layernorm_swizzle(c) : c; }, cols,
+      sums, warps, sets, stride, [=](std::size_t c) { return sums_in_shared ? layernorm_swizzle(c) : c; }, cols,
       part_partials);
 }
 
@@ -574,10 +595,13 @@ __device__ ALLOY_FORCEINLINE void layernorm_opaque_run(T (&v)[W]) {
 // pass's floats live across the row's reduction: at most 128 registers, so 2 blocks of 8 warps
 // fit on an SM (up to 256 parts, one block each: one wave on 132 SMs). DRAM: as
 // layernorm_backward_rows_kernel's, reading dy and x once instead of twice. Shared memory: 8
-// warps x 2 cols floats, 48 KiB for 768 bf16 columns, 64 KiB for 1024.
-template <class T, class G, int V, bool Add>
+// warps x 2 cols floats, 48 KiB for 768 bf16 columns, 64 KiB for 1024; with dx_add's column sums
+// (AddSums) 3 cols floats, 72 and 96 KiB.
+template <class T, class G, int V, bool Add, bool AddSums = false>
 __global__ void __launch_bounds__(layernorm_part_block, 2)
     layernorm_backward_lane_columns_kernel(LayerNormBackward<T, G> a, std::size_t rows_per_part, float* partials) {
+  static_assert(Add || !AddSums, "layernorm_backward_lane_columns_kernel: dx_add's sums need dx_add");
+  constexpr unsigned sets = AddSums ? 3 : 2;
   constexpr int L = row_vector_lanes<T>;
   constexpr unsigned cols = warp_size * V * L;  // the kernel's precondition: cols is 32 V L
   constexpr int chunks = L / 4;                 // 16-byte chunks of column sums per vector
@@ -586,8 +610,9 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
   const unsigned warps = blockDim.x / warp_size;
   const unsigned warp = threadIdx.x / warp_size;
   const unsigned lane = threadIdx.x % warp_size;
-  float* const sum_dgamma = shared_sums + warp * 2 * cols;
+  float* const sum_dgamma = shared_sums + warp * sets * cols;
   float* const sum_dbeta = sum_dgamma + cols;
+  float* const sum_add = sum_dgamma + 2 * cols;  // AddSums only
   const auto sums_at = [&](int k, int h) { return layernorm_lane_sums_at<L>((lane + warp_size * k) * L + 4 * h); };
   ALLOY_UNROLL
   for (int k = 0; k < V; ++k) {
@@ -595,6 +620,9 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
     for (int h = 0; h < chunks; ++h) {
       *reinterpret_cast<float4*>(sum_dgamma + sums_at(k, h)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       *reinterpret_cast<float4*>(sum_dbeta + sums_at(k, h)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if constexpr (AddSums) {
+        *reinterpret_cast<float4*>(sum_add + sums_at(k, h)) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
     }
   }
 
@@ -627,12 +655,12 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
     ALLOY_UNROLL
     for (int k = 0; k < V; ++k) {
       T dxv[L];
-      float dgamma_terms[L], dbeta_terms[L];
+      float dgamma_terms[L], dbeta_terms[L], add_terms[L];
       layernorm_opaque_run(dyv[k]);
       layernorm_opaque_run(xv[k]);
       load_run<L>(gamma2 + column(k), gv[k]);
-      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms,
-                             dbeta_terms);
+      layernorm_run_backward(dyv[k], xv[k], gv[k], addv[k], Add, m, rs, mean_g, mean_gx, dxv, dgamma_terms, dbeta_terms,
+                             add_terms);
       store_run<L>(a.dx + row + column(k), dxv);
       ALLOY_UNROLL
       for (int h = 0; h < chunks; ++h) {
@@ -644,25 +672,33 @@ __global__ void __launch_bounds__(layernorm_part_block, 2)
         g.z = fp::add(g.z, dgamma_terms[4 * h + 2]), b.z = fp::add(b.z, dbeta_terms[4 * h + 2]);
         g.w = fp::add(g.w, dgamma_terms[4 * h + 3]), b.w = fp::add(b.w, dbeta_terms[4 * h + 3]);
         *dg = g, *db = b;
+        if constexpr (AddSums) {
+          float4* const ds = reinterpret_cast<float4*>(sum_add + sums_at(k, h));
+          float4 t = *ds;
+          t.x = fp::add(t.x, add_terms[4 * h]), t.y = fp::add(t.y, add_terms[4 * h + 1]);
+          t.z = fp::add(t.z, add_terms[4 * h + 2]), t.w = fp::add(t.w, add_terms[4 * h + 3]);
+          *ds = t;
+        }
       }
     }
   }
   __syncthreads();
   // Consecutive threads read a permutation of 32 consecutive floats: no bank conflicts.
   layernorm_fold_part(
-      shared_sums, warps, cols, [](unsigned c) { return layernorm_lane_sums_at<L>(c); }, cols,
-      partials + std::size_t(blockIdx.x) * 2 * cols);
+      shared_sums, warps, sets, cols, [](unsigned c) { return layernorm_lane_sums_at<L>(c); }, cols,
+      partials + std::size_t(blockIdx.x) * sets * cols);
 }
 
-// 32 parameter-gradient elements per block: warp w sums parts w, w + 32, w + 64... in order (its
-// slot), then warp 0 sums the 32 slots in order and writes. Per element: reads 4 bytes per part
+// 32 parameter-gradient elements (of dgamma, dbeta and dx_add's sums, one after another) per
+// block: warp w sums parts w, w + 32, w + 64... in order (its slot), then warp 0 sums the 32 slots
+// in order and writes. Per element: reads 4 bytes per part
 // (and the old value when accumulating), writes sizeof(G).
 template <class G>
 __global__ void __launch_bounds__(layernorm_final_slots* warp_size)
     layernorm_param_grad_kernel(const float* partials, std::size_t parts, std::size_t cols, G* dgamma, G* dbeta,
-                                bool accumulate) {
+                                G* dx_add_sums, bool accumulate) {
   __shared__ float slots[layernorm_final_slots][warp_size];
-  const std::size_t span = 2 * cols;
+  const std::size_t span = (dx_add_sums ? 3 : 2) * cols;
   const unsigned lane = threadIdx.x % warp_size, warp = threadIdx.x / warp_size;
   const std::size_t i = std::size_t(blockIdx.x) * warp_size + lane;
   float sum = 0.0f;
@@ -676,7 +712,8 @@ __global__ void __launch_bounds__(layernorm_final_slots* warp_size)
     float total = 0.0f;
     ALLOY_UNROLL
     for (std::size_t k = 0; k < layernorm_final_slots; ++k) total = fp::add(total, slots[k][lane]);
-    layernorm_write_param_grad(i < cols ? dgamma[i] : dbeta[i - cols], total, accumulate);
+    G& out = i < cols ? dgamma[i] : i < 2 * cols ? dbeta[i - cols] : dx_add_sums[i - 2 * cols];
+    layernorm_write_param_grad(out, total, accumulate);
   }
 }
 
@@ -729,19 +766,21 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
     const std::size_t rows_per_part = layernorm_rows_in_part(rows, parts);
     constexpr int max_vectors = layernorm_max_backward_lane_vectors;
     const int vectors = layernorm_lane_vectors(cols, a.x, a.vectorized, max_vectors);
+    const std::size_t sets = a.sum_sets();
     if (vectors > 0) {
-      // cols <= 32 lanes x 32 columns: 8 warps' sums fit in 64 KiB.
-      const std::size_t shared_bytes = warps * 2 * cols * sizeof(float);
+      // cols <= 32 lanes x 32 columns: 8 warps' sums fit in 64 KiB (96 KiB with dx_add's).
+      const std::size_t shared_bytes = warps * sets * cols * sizeof(float);
       layernorm_dispatch_lane_vectors<max_vectors>(vectors, [&](auto v) {
         constexpr int V = decltype(v)::value;
-        auto* kernel = a.dx_add ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
-                                : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
+        auto* kernel = a.dx_add_sums ? &layernorm_backward_lane_columns_kernel<T, G, V, true, true>
+                       : a.dx_add    ? &layernorm_backward_lane_columns_kernel<T, G, V, true>
+                                     : &layernorm_backward_lane_columns_kernel<T, G, V, false>;
         layernorm_allow_shared_bytes(kernel, shared_bytes);
         kernel<<<static_cast<int>(parts), static_cast<int>(warps) * warp_size, shared_bytes, be.stream>>>(
             a, rows_per_part, scratch);
       });
     } else {
-      std::size_t shared_bytes = warps * 2 * layernorm_sums_stride(cols) * sizeof(float);
+      std::size_t shared_bytes = warps * sets * layernorm_sums_stride(cols) * sizeof(float);
       // A single warp's sums too large for a block's shared memory stay in scratch (L2). Either
       // way the order of additions, hence the bits, is the same.
       const bool sums_in_shared = shared_bytes <= current_device_max_shared_bytes_per_block();
@@ -757,9 +796,9 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
     }
     ALLOY_CUDA_CHECK_LAUNCH();
   }
-  const std::size_t blocks = (2 * cols + warp_size - 1) / warp_size;
+  const std::size_t blocks = (a.sum_sets() * cols + warp_size - 1) / warp_size;
   layernorm_param_grad_kernel<<<static_cast<unsigned>(blocks), layernorm_final_slots * warp_size, 0, be.stream>>>(
-      scratch, parts, cols, a.dgamma, a.dbeta, a.accumulate);
+      scratch, parts, cols, a.dgamma, a.dbeta, a.dx_add_sums, a.accumulate);
   ALLOY_CUDA_CHECK_LAUNCH();
 }
 
@@ -767,10 +806,10 @@ void layernorm_backward_on(Cuda be, const LayerNormBackward<T, G>& a, float* scr
 
 }  // namespace detail
 
-// Floats of `scratch` layernorm_backward needs for these sizes, on either backend (the Host
-// backend does not use it and accepts null).
+// Floats of `scratch` layernorm_backward needs for these sizes (with dx_add's column sums or
+// without), on either backend (the Host backend does not use it and accepts null).
 inline std::size_t layernorm_backward_scratch_floats(std::size_t rows, std::size_t cols) {
-  return detail::layernorm_parts(rows, cols) * 2 * cols;
+  return detail::layernorm_parts(rows, cols) * 3 * cols;
 }
 
 // y = LayerNorm(x) over each of `rows` rows of `cols` elements; mean and rstd (rows floats each,
@@ -796,29 +835,26 @@ void layernorm_forward(B be, const T* x, const T* gamma, const T* beta, T* y, fl
 // reads a row's dy (each lane its own elements, the same ones in both walks) before it writes
 // that row's dx, and no element is read after it is written. On Cuda `scratch` is device memory of
 // layernorm_backward_scratch_floats(rows, cols) floats, and the call is ordered on be.stream; the
-// Host backend ignores it.
+// Host backend ignores it. dx_add_sums (cols elements, may be null; needs dx_add) receives the
+// column sums of dx_add, written or added as dgamma and dbeta: a residual block's last
+// projection's bias gradient (nn::Sequential), from the reads of dx_add this pass makes anyway.
 template <class T, class G, class B>
 void layernorm_backward(B be, const T* dy, const T* x, const T* gamma, const float* mean, const float* rstd, T* dx,
                         G* dgamma, G* dbeta, std::size_t rows, std::size_t cols, bool accumulate, float* scratch,
-                        std::type_identity_t<const T*> dx_add = nullptr) {
+                        std::type_identity_t<const T*> dx_add = nullptr,
+                        std::type_identity_t<G*> dx_add_sums = nullptr) {
   static_assert(backend<B>, "layernorm_backward: B must be alloy::Host or alloy::Cuda");
   static_assert(detail::row_dtype<T>, "layernorm_backward<T, G>: T must be float, bf16 or fp16");
   static_assert(detail::row_dtype<G>, "layernorm_backward<T, G>: G must be float, bf16 or fp16");
   static_assert(detail::has_row_kernels<B>,
                 "layernorm_backward on Cuda: compile this translation unit with nvcc (the Cuda kernels need it)");
-  const detail::LayerNormBackward<T, G> a{dy,
-                                          x,
-                                          gamma,
-                                          mean,
-                                          rstd,
-                                          dx,
-                                          dx_add,
-                                          dgamma,
-                                          dbeta,
-                                          rows,
-                                          cols,
-                                          accumulate,
-                                          detail::layernorm_vectorizable(cols, dy, x, gamma, dx, dx_add)};
+  const detail::LayerNormBackward<T, G> a{dy,         x,
+                                          gamma,      mean,
+                                          rstd,       dx,
+                                          dx_add,     dgamma,
+                                          dbeta,      dx_add_sums,
+                                          rows,       cols,
+                                          accumulate, detail::layernorm_vectorizable(cols, dy, x, gamma, dx, dx_add)};
   detail::check_layernorm_backward(a, scratch, std::is_same_v<B, Host> ? false : rows > 0);
   detail::layernorm_backward_on(be, a, scratch);
 }

@@ -46,21 +46,24 @@ class LayerNorm {
 
   // backward, returning dx + add (added in fp32 and rounded once, in the same pass): a Residual
   // whose block starts with this LayerNorm passes its dy here instead of adding it in a pass of
-  // its own. add.data == nullptr adds nothing.
-  template <class Ctx>
+  // its own. add.data == nullptr adds nothing. add_sums (features elements of the gradient arena,
+  // may be null; needs add) receives add's column sums, written or added as this layer's own
+  // gradients are: the bias gradient of the block's last projection, whose dy add is (Sequential).
+  template <class Ctx, class G = typename Ctx::grad_type>
   Activation<detail::value_t<Ctx>> backward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy,
-                                                   Activation<const detail::value_t<Ctx>> add) {
+                                                   Activation<const detail::value_t<Ctx>> add, G* add_sums = nullptr) {
     check_add(dy, add);
-    return backward_into(ctx, dy, add, detail::allocate(ctx, dy.rows, dy.cols));
+    return backward_into(ctx, dy, add, detail::allocate(ctx, dy.rows, dy.cols), add_sums);
   }
 
   // backward_adding with dx written over dy, which the caller no longer needs (the gradient a
   // Sequential's next layer handed back): no rows x cols buffer of its own.
-  template <class Ctx>
+  template <class Ctx, class G = typename Ctx::grad_type>
   Activation<detail::value_t<Ctx>> backward_adding_in_place(Ctx& ctx, Activation<detail::value_t<Ctx>> dy,
-                                                            Activation<const detail::value_t<Ctx>> add) {
+                                                            Activation<const detail::value_t<Ctx>> add,
+                                                            G* add_sums = nullptr) {
     check_add(Activation<const detail::value_t<Ctx>>(dy), add);
-    return backward_into(ctx, Activation<const detail::value_t<Ctx>>(dy), add, dy);
+    return backward_into(ctx, Activation<const detail::value_t<Ctx>>(dy), add, dy, add_sums);
   }
 
  private:
@@ -73,14 +76,18 @@ class LayerNorm {
   }
 
   // The kernel reads each row of dy (and of add) before it writes that row of dx, so dx may be dy.
-  template <class Ctx, class T = detail::value_t<Ctx>>
+  template <class Ctx, class G, class T = detail::value_t<Ctx>>
   Activation<T> backward_into(Ctx& ctx, Activation<const std::type_identity_t<T>> dy,
-                              Activation<const std::type_identity_t<T>> add, Activation<std::type_identity_t<T>> dx) {
+                              Activation<const std::type_identity_t<T>> add, Activation<std::type_identity_t<T>> dx,
+                              G* add_sums) {
+    if (add_sums != nullptr && add.data == nullptr) {
+      throw error("LayerNorm " + name_ + ": the column sums of the gradient to add were asked for without one");
+    }
     float* scratch = ctx.template allocate<float>(layernorm_backward_scratch_floats(dy.rows, dy.cols) + 1);
     layernorm_backward(ctx.backend(), dy.data, static_cast<const T*>(x_), ctx.param(gamma_).data,
                        static_cast<const float*>(mean_), static_cast<const float*>(rstd_), dx.data,
                        ctx.grad(gamma_).data, ctx.grad(beta_).data, dy.rows, dy.cols, ctx.accumulate_grads(), scratch,
-                       add.data);
+                       add.data, add_sums);
     return dx;
   }
 

@@ -38,6 +38,17 @@ class Linear {
   bool has_bias() const noexcept { return has_bias_; }
   const std::string& name() const noexcept { return name_; }
 
+  // While set, backward leaves this layer's bias gradient (the column sums of its dy) to its
+  // caller, who takes it where dy is read anyway: Sequential hands it to a residual block's first
+  // LayerNorm, whose backward pass adds the block's dy (this layer's, when the layer ends the
+  // block) to its dx. bias_gradient(ctx) is where it goes.
+  void leave_bias_gradient(bool leave) noexcept { leave_bias_gradient_ = leave; }
+  template <class Ctx>
+  auto* bias_gradient(Ctx& ctx) {
+    if (!has_bias_) throw error("Linear '" + name_ + "' has no bias, so no bias gradient");
+    return ctx.grad(bias_).data;
+  }
+
   template <class Ctx>
   Activation<detail::value_t<Ctx>> forward(Ctx& ctx, Activation<const detail::value_t<Ctx>> x) {
     auto y = detail::allocate(ctx, x.rows, out_);
@@ -174,6 +185,7 @@ class Linear {
   // gradients accumulate (cuBLASLt runs its bias-gradient epilogue as a slower kernel of its own).
   template <class Ctx, class T = detail::value_t<Ctx>>
   void weight_gradient(Ctx& ctx, Activation<const T> dy, const T* x, bool bias_gradient) {
+    bias_gradient = bias_gradient && !leave_bias_gradient_;
 #if ALLOY_HAS_CUDA_KERNELS
     if constexpr (std::is_same_v<typename Ctx::backend_type, Cuda>) {
       weight_product(ctx, dy, x, Epilogue::none, static_cast<T*>(nullptr));
@@ -251,6 +263,7 @@ class Linear {
   std::string name_;
   std::size_t in_, out_;
   bool has_bias_;
+  bool leave_bias_gradient_ = false;
   Init weight_init_, bias_init_;
   ParamHandle weight_, bias_;
   SavedInput x_;

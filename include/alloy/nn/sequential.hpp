@@ -86,11 +86,29 @@ class Sequential {
     return backward_to<sizeof...(Layers)>(ctx, dy, {});
   }
 
-  // backward, with `add` added to dx by the first layer's backward pass (Residual's fusion).
+  // backward, with `add` added to dx by the first layer's backward pass (Residual's fusion). When
+  // add is dy itself (a Residual's block: the gradient of its output takes both paths) and the
+  // last layer is a projection with a bias (a Linear, or CausalSelfAttention's c_proj), whose dy
+  // that is, the bias gradient, dy's column sums, is taken in that LayerNorm pass too, which reads
+  // add anyway, instead of in a pass over dy of its own.
   template <class Ctx>
   requires(sizeof...(Layers) > 0 && std::is_same_v<std::tuple_element_t<0, std::tuple<Layers...>>, LayerNorm>)
       Activation<detail::value_t<Ctx>> backward_adding(Ctx& ctx, Activation<const detail::value_t<Ctx>> dy,
                                                        Activation<const detail::value_t<Ctx>> add) {
+    Linear* last = last_projection();
+    if (last == nullptr || !last->has_bias() || add.data != dy.data || add.rows != dy.rows || add.cols != dy.cols) {
+      return backward_to<sizeof...(Layers)>(ctx, dy, add);
+    }
+    struct Handover {  // for this backward only, whatever it throws
+      Linear* last;
+      void*& sums;
+      ~Handover() {
+        last->leave_bias_gradient(false);
+        sums = nullptr;
+      }
+    } handover{last, add_sums_};
+    add_sums_ = last->bias_gradient(ctx);
+    last->leave_bias_gradient(true);
     return backward_to<sizeof...(Layers)>(ctx, dy, add);
   }
 
@@ -185,11 +203,12 @@ class Sequential {
         }
       }
       if constexpr (I == 1 && layer_is<0, LayerNorm>()) {
+        auto* sums = static_cast<typename Ctx::grad_type*>(add_sums_);  // backward_adding's handover, or null
         if constexpr (Spent) {
           return std::get<0>(layers_).backward_adding_in_place(
-              ctx, Activation<T>{const_cast<T*>(d.data), d.rows, d.cols}, add);
+              ctx, Activation<T>{const_cast<T*>(d.data), d.rows, d.cols}, add, sums);
         } else {
-          return std::get<0>(layers_).backward_adding(ctx, d, add);
+          return std::get<0>(layers_).backward_adding(ctx, d, add, sums);
         }
       } else {
         constexpr bool fresh = layer_is<I - 1, Linear>() || layer_is<I - 1, Gelu>();
@@ -198,7 +217,26 @@ class Sequential {
     }
   }
 
+  // The projection that ends the sequence, whose dy is the sequence's: the last layer if it is a
+  // Linear, or its c_proj (CausalSelfAttention); null otherwise.
+  Linear* last_projection() {
+    if constexpr (sizeof...(Layers) > 0) {
+      auto& last = std::get<sizeof...(Layers) - 1>(layers_);
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(last)>, Linear>) {
+        return &last;
+      } else if constexpr (requires {
+                             { last.c_proj() } -> std::same_as<Linear&>;
+                           }) {
+        return &last.c_proj();
+      }
+    }
+    return nullptr;
+  }
+
   std::tuple<Layers...> layers_;
+  // While backward_adding runs with the last projection's bias gradient handed to the first
+  // LayerNorm: where that gradient goes (the context's gradient dtype), else null.
+  void* add_sums_ = nullptr;
 };
 
 template <class Block>
