@@ -379,7 +379,8 @@ LoadedCheckpoint load_checkpoint(const std::filesystem::path& path, Store& store
     throw error(where + "metadata '" + std::string(safetensors_metadata_checksum_key) + "' is missing (format '" +
                 checkpoint_format + "' records the metadata's checksum)");
   }
-  const std::string& theirs = detail::required_metadata(file, "alloy.signature");
+  // A copy: g++ 13 cannot see that a reference would outlive the key's temporary.
+  const std::string theirs = detail::required_metadata(file, "alloy.signature");
   if (theirs != signature) {
     throw error(where + "written by a trainer with policies {" + theirs + "}, this trainer has {" + signature + "}");
   }
