@@ -333,6 +333,54 @@ TYPED_TEST(RowKernels, LayerNormBackwardAddsDxAddBeforeRounding) {
   expect_backward_matches_float64<TypeParam, float>({37, 1000}, true, seed, true);
 }
 
+// dx_add's column sums (the bias gradient of a residual block's last projection, taken in the
+// block's LayerNorm pass, nn::Sequential): within fp32 summation error of the float64 sums (plus
+// the old values when accumulating), in T and in fp32; dx, dgamma and dbeta keep the bits they
+// have without them.
+template <class T, class G = T>
+void expect_dx_add_sums_match_float64(Shape s, bool accumulate, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const LayerNormCase<T> k({s.rows, s.cols}, 0.5, 2.0, rng);
+  SCOPED_TRACE(describe(k) + " sums in " + alloy::numeric_traits<G>::name +
+               (accumulate ? ", accumulating" : ", overwriting"));
+  const auto f = run_forward(k);
+  const auto dx_add = normal<T>(k.rows * k.cols, 0.0, 1.0, rng);
+  const auto old = normal<G>(k.cols, 0.0, 3.0, rng);
+  const auto without = run_backward<T, G>(k, f, false, std::vector<G>(k.cols), std::vector<G>(k.cols), &dx_add);
+  std::vector<T> dx(k.rows * k.cols);
+  // Accumulating into zeros gives dgamma and dbeta the bits of overwriting.
+  std::vector<G> dgamma(k.cols), dbeta(k.cols), sums = accumulate ? old : std::vector<G>(k.cols, poison<G>());
+  sums.push_back(poison<G>());
+  alloy::layernorm_backward(Host{}, k.dy.data(), k.x.data(), k.gamma.data(), f.mean.data(), f.rstd.data(), dx.data(),
+                            dgamma.data(), dbeta.data(), k.rows, k.cols, accumulate, static_cast<float*>(nullptr),
+                            dx_add.data(), sums.data());
+  EXPECT_EQ(bits_of(sums.back()), bits_of(poison<G>())) << "sums written past cols";
+  for (std::size_t i = 0; i < dx.size(); ++i) ASSERT_EQ(bits_of(dx[i]), bits_of(without.dx[i])) << "dx " << i;
+  for (std::size_t c = 0; c < k.cols; ++c) {
+    EXPECT_EQ(bits_of(dgamma[c]), bits_of(without.dgamma[c])) << "dgamma " << c;
+    EXPECT_EQ(bits_of(dbeta[c]), bits_of(without.dbeta[c])) << "dbeta " << c;
+  }
+  BoundCheck check("dx_add's column sums");
+  for (std::size_t c = 0; c < k.cols; ++c) {
+    double want = accumulate ? value(old[c]) : 0.0, magnitude = std::fabs(want);
+    for (std::size_t r = 0; r < k.rows; ++r) {
+      want += value(dx_add[r * k.cols + c]);
+      magnitude += std::fabs(value(dx_add[r * k.cols + c]));
+    }
+    const double error = 2 * (double(k.rows) + 16) * fp32_unit * magnitude;
+    check.expect(value(sums[c]), want, rounded_bound<G>(want, error), 0, c);
+  }
+}
+
+TYPED_TEST(RowKernels, LayerNormBackwardSumsDxAddColumns) {
+  ALLOY_SEEDED(seed);
+  for (Shape s : layernorm_shapes) {
+    expect_dx_add_sums_match_float64<TypeParam>(s, false, seed + s.cols);
+    expect_dx_add_sums_match_float64<TypeParam>(s, true, seed + s.cols + 1);
+  }
+  expect_dx_add_sums_match_float64<TypeParam, float>({37, 1000}, true, seed);
+}
+
 // dx_add may be dx itself: the gradient arriving on a residual's skip path, added in place.
 TYPED_TEST(RowKernels, LayerNormBackwardAddsDxAddInPlace) {
   using T = TypeParam;
@@ -523,6 +571,14 @@ TEST(LayerNormArguments, BadArgumentsThrowWithTheirName) {
   } catch (const alloy::error& e) {
     EXPECT_NE(std::string(e.what()).find("layernorm_backward"), std::string::npos) << e.what();
   }
+  // dx_add's column sums without a dx_add.
+  try {
+    alloy::layernorm_backward(Host{}, v.data(), v.data(), v.data(), stats.data(), stats.data(), v.data(), v.data(),
+                              v.data(), 3, 4, false, nullptr, nullptr, v.data());
+    ADD_FAILURE() << "column sums of no dx_add were accepted";
+  } catch (const alloy::error& e) {
+    EXPECT_NE(std::string(e.what()).find("dx_add_sums"), std::string::npos) << e.what();
+  }
   // No rows: nothing to normalize; the parameter gradients are sums over no rows.
   std::vector<float> dgamma(4, 7.0f), dbeta(4, 7.0f);
   alloy::layernorm_backward(Host{}, v.data(), v.data(), v.data(), stats.data(), stats.data(), v.data(), dgamma.data(),
@@ -536,13 +592,14 @@ TEST(LayerNormArguments, BadArgumentsThrowWithTheirName) {
 // One part per 8 rows, up to 2048 warps' worth of parts (8 warps per part up to 1024 columns,
 // fewer beyond: as many as have 64 KiB for their sums) and at most 1024 parts.
 TEST(LayerNormScratch, BoundCoversOnePartPer8RowsUpTo2048Warps) {
+  // Three sets of column sums per part (dgamma's, dbeta's and, when asked for, dx_add's).
   EXPECT_EQ(alloy::layernorm_backward_scratch_floats(0, 768), 0u);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1, 768), 2u * 768);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(37, 29), 5u * 2 * 29);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(4096, 1024), 256u * 2 * 1024);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1024), 256u * 2 * 1024);
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1500), 409u * 2 * 1500);   // 5 warps
-  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 5000), 1024u * 2 * 5000);  // 1 warp
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1, 768), 3u * 768);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(37, 29), 5u * 3 * 29);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(4096, 1024), 256u * 3 * 1024);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1024), 256u * 3 * 1024);
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 1500), 409u * 3 * 1500);   // 5 warps
+  EXPECT_EQ(alloy::layernorm_backward_scratch_floats(1u << 20, 5000), 1024u * 3 * 5000);  // 1 warp
 }
 
 // The backward kernel's layout of a warp's column sums in shared memory (layernorm_lane_sums_at),

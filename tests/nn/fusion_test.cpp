@@ -167,6 +167,35 @@ TEST(FusedMlp, DxLiesWhereTheBlocksForwardBegan) {
       NoNorm(nn::Sequential(nn::Linear("up", width, 4 * width), nn::Gelu(), nn::Linear("down", 4 * width, width)))));
 }
 
+// A residual block's last projection's bias gradient is taken in the block's first LayerNorm pass
+// (nn::Sequential hands it over): it is the column sums of the block's dy, and the other
+// gradients are those of the same layers with the hand-over kept apart (a PassThrough after the
+// last layer), to fp32 roundings. The fused MLP block, and a LayerNorm then a Linear.
+TEST(FusedMlp, TheBlocksLastBiasGradientIsDysColumnSums) {
+  ALLOY_SEEDED(seed);
+  using Short = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear>>;
+  using ShortApart = nn::Residual<nn::Sequential<nn::LayerNorm, nn::Linear, PassThrough>>;
+  const auto check = [&](const BlockRun<float>& got, const BlockRun<float>& apart) {
+    std::mt19937_64 rng(seed);
+    (void)test::random_values<float>(rows * width, rng);  // x, as run() draws it
+    const auto dy = test::random_values<float>(rows * width, rng);
+    const auto& db = got.grads.at("down.bias");
+    ASSERT_EQ(db.size(), width);
+    for (std::size_t c = 0; c < width; ++c) {
+      double sum = 0, magnitude = 0;
+      for (std::size_t r = 0; r < rows; ++r) sum += dy[r * width + c], magnitude += std::fabs(dy[r * width + c]);
+      EXPECT_NEAR(db[c], sum, 1e-6 * magnitude) << "down.bias[" << c << "]";
+    }
+    test::expect_runs_agree(got, apart, 1e-5);
+  };
+  check(run<Precision<fp32>>(fused_block(), seed), run<Precision<fp32>>(separate_block(), seed));
+  check(
+      run<Precision<fp32>>(Short(nn::Sequential(nn::LayerNorm("norm", width), nn::Linear("down", width, width))), seed),
+      run<Precision<fp32>>(
+          ShortApart(nn::Sequential(nn::LayerNorm("norm", width), nn::Linear("down", width, width), PassThrough{})),
+          seed));
+}
+
 // With accumulate_grads, every gradient, the two bias gradients the epilogues write included, is
 // added to what the store held.
 TEST(FusedMlp, AccumulatingAddsEveryGradientToWhatIsThere) {
