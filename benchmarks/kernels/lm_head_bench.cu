@@ -166,13 +166,10 @@ void BM_LmHeadRowKernel(benchmark::State& state) {
   alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
-// The row kernel launched by hand with `range(0)` blocks per multiprocessor (the library launches
-// up to 8): fewer rows in flight at once (a row is 100 KB) let the second read of each row come
-// from L2 (50 MB) instead of DRAM; fewer threads may not keep DRAM busy. Which wins decides the
-// library's grid for rows this long.
-// The same rows with range(0) threads sharing each row and range(1) blocks per multiprocessor:
-// more threads per row put as many loads in flight with fewer rows at once, so that the rows in
-// flight (blocks x 100 KB) fit L2 and the second read of each row comes from it.
+// The row kernel launched by hand with Threads threads per row and blocks_per_sm blocks per
+// multiprocessor (the library: softmax_block = 256 threads, up to 8 blocks): fewer rows in flight
+// at once (a row is 100 KB) let the second read of each row come from L2 (50 MB) instead of DRAM;
+// fewer threads may not keep DRAM busy. Which wins decides the library's launch for rows this long.
 template <int Threads>
 void time_row_kernel(benchmark::State& state, int blocks_per_sm) {
   constexpr std::size_t chunk = 8192;
@@ -198,6 +195,8 @@ void time_row_kernel(benchmark::State& state, int blocks_per_sm) {
   alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
 }
 
+// range(0) threads per row, range(1) blocks per multiprocessor: more threads per row put as many
+// loads in flight with fewer rows at once (session 14 on the H200: no faster than 256 x 8).
 void BM_LmHeadRowKernelThreads(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
   const int blocks_per_sm = static_cast<int>(state.range(1));
@@ -213,29 +212,10 @@ void BM_LmHeadRowKernelThreads(benchmark::State& state) {
   }
 }
 
+// The library's 256 threads per row with range(0) blocks per multiprocessor.
 void BM_LmHeadRowKernelBlocksPerSm(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
-  constexpr std::size_t chunk = 8192;
-  Buffer<bf16, Cuda> logits(chunk * padded), saved(chunk * padded);
-  Buffer<float, Cuda> loss(chunk);
-  Buffer<std::int32_t, Cuda> targets(chunk);
-  const auto t = zipf_tokens(chunk, 4);
-  alloy::copy_from_host(targets, std::span<const std::int32_t>(t));
-  fill_random(saved, 5, 4.0f);
-  const alloy::detail::SoftmaxCrossEntropy<bf16> args{logits.data(), targets.data(), chunk, padded, vocab, loss.data(),
-                                                      logits.data(), 1.0f / rows,    -1,    true,   true};
-  const int grid = alloy::current_device_sm_count() * static_cast<int>(state.range(0));
-  alloy::bench::time_with_events(
-      state,
-      [&] {
-        alloy::detail::softmax_cross_entropy_kernel<<<grid, alloy::detail::softmax_block>>>(args);
-        ALLOY_CUDA_CHECK_LAUNCH();
-      },
-      [&] {
-        ALLOY_CUDA_CHECK(
-            cudaMemcpyAsync(logits.data(), saved.data(), saved.size() * sizeof(bf16), cudaMemcpyDeviceToDevice));
-      });
-  alloy::bench::report_bytes(state, 3.0 * chunk * padded * sizeof(bf16));
+  time_row_kernel<alloy::detail::softmax_block>(state, static_cast<int>(state.range(0)));
 }
 
 void BM_EmbeddingForward(benchmark::State& state) {
