@@ -60,20 +60,10 @@ gpt2::Options parse(int argc, char** argv) {
       o.checkpointing = true;
     else if (a == "--recompute-gelu")
       o.recompute_gelu = true;
-    else if (a == "--timed-gemm")  // the default: cuBLASLt's candidates with the heuristic's bits, timed
-      o.gemm = alloy::GemmTuning::timed;
-    else if (a == "--heuristic-gemm")  // cuBLASLt's heuristic's first choice, untimed
-      o.gemm = alloy::GemmTuning::heuristic;
-    else if (a == "--timed-gemm-any")  // any of cuBLASLt's candidates, timed: the bits can change between runs
-      o.gemm = alloy::GemmTuning::timed_any;
-    else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
-      o.graph = 1;
-    else if (a == "--no-graph")  // every step launched eagerly
-      o.graph = 0;
-    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (with timed tuning)
-      o.gemm_plans = value();
-      if (o.gemm == alloy::GemmTuning::heuristic) o.gemm = alloy::GemmTuning::timed;
-    } else if (a == "--steps")
+    // --timed-gemm, --heuristic-gemm, --timed-gemm-any, --gemm-plans FILE, --graph, --no-graph
+    else if (o.step.parse(a, value))
+      continue;
+    else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--batch")
       o.batch = std::strtoull(value().c_str(), nullptr, 10);
@@ -147,7 +137,7 @@ int main(int argc, char** argv) {
   }
   if (o.backend.empty() && !gpu) std::printf("no CUDA device: running on the Host backend\n");
   if (o.size.empty()) o.size = gpu ? "124M" : "tiny";
-  if (o.graph < 0) o.graph = gpu && !o.data_parallel ? 1 : 0;  // NCCL inside a capture is not built
+  o.step.resolve(gpu, o.data_parallel);
   const auto preset = gpt2::preset(o.size);
   if (!preset) usage(("unknown size " + o.size).c_str());
   gpt2::Config c = *preset;

@@ -3,6 +3,7 @@
 // parallel).
 #pragma once
 
+#include "../step_flags.hpp"
 #include "gpt2_model.hpp"
 #include "hf_weights.hpp"
 #include "sampling.hpp"
@@ -24,12 +25,8 @@ struct Options {
   std::string size;  // a preset name; empty: 124M on the GPU, tiny on the Host
   bool checkpointing = false;
   bool recompute_gelu = false;  // the MLPs recompute GELU's output in backward instead of keeping it
-  // Cuda: how each product's cuBLASLt algorithm is chosen (Trainer::Config::gemm_tuning): timed on
-  // its first call among those that give the heuristic's bits, unless --heuristic-gemm or --timed-gemm-any.
-  alloy::GemmTuning gemm = alloy::GemmTuning::timed;
-  int graph = -1;          // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
-  std::string gemm_plans;  // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
-  int steps = -1;          // -1: the default for the size and backend
+  examples::StepFlags step;     // Cuda: GEMM tuning and CUDA graphs (../step_flags.hpp)
+  int steps = -1;               // -1: the default for the size and backend
   std::size_t batch = 0, seq = 0;
   std::size_t head_chunk = 0;  // rows of logits held at once; 0: the head's default
   float lr = 0;                // 0: the size's default
@@ -113,9 +110,9 @@ typename Trainer::Config trainer_config(const Options& o) {
           .max_grad_norm = 1.0f,
           .seed = o.seed,
           .micro_batches = o.accumulate,
-          .gemm_tuning = o.gemm,
-          .gemm_plans_file = o.gemm_plans,
-          .graph = o.graph == 1};
+          .gemm_tuning = o.step.gemm,
+          .gemm_plans_file = o.step.gemm_plans,
+          .graph = o.step.graphs()};
 }
 
 // Which replica this process (or thread) is with --data-parallel: rank 0 prints, writes the loss
@@ -149,12 +146,9 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         "GPT-2 on %s, %s%s%s%s: d %zu, %zu layers, %zu heads, vocab %zu (padded %zu), %d x %zu x %zu tokens per step, "
         "%zu parameters; data: %s\n",
         Backend::name, o.precision.c_str(),
-        o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""),
-        o.gemm == alloy::GemmTuning::timed       ? ""
-        : o.gemm == alloy::GemmTuning::heuristic ? " + heuristic GEMM algorithms"
-                                                 : " + timed GEMM algorithms (any order)",
-        o.graph == 1 ? " + CUDA graph" : "", c.dim, c.layers, c.heads, c.vocab, c.padded_vocab, o.accumulate, o.batch,
-        c.seq, params,
+        o.checkpointing ? " + checkpointing" : (o.recompute_gelu ? " + GELU recomputed" : ""), o.step.gemm_words(),
+        o.step.graphs() ? " + CUDA graph" : "", c.dim, c.layers, c.heads, c.vocab, c.padded_vocab, o.accumulate,
+        o.batch, c.seq, params,
         data.is_random()
             ? "random tokens"
             : ((o.data.empty() ? std::string("alloy's docs") : o.data) + ", " + std::to_string(data.size()) + " bytes")
@@ -224,7 +218,7 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
         mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
         std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
     if constexpr (requires { trainer.graph_stats(); }) {
-      if (o.graph == 1) {
+      if (o.step.graphs()) {
         const auto& g = trainer.graph_stats();
         std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
                     static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),

@@ -52,20 +52,10 @@ mlp::Options parse(int argc, char** argv) {
       o.accumulate = std::atoi(value().c_str());
     else if (a == "--checkpointing")
       o.checkpointing = true;
-    else if (a == "--timed-gemm")  // the default: cuBLASLt's candidates with the heuristic's bits, timed
-      o.gemm = alloy::GemmTuning::timed;
-    else if (a == "--heuristic-gemm")  // cuBLASLt's heuristic's first choice, untimed
-      o.gemm = alloy::GemmTuning::heuristic;
-    else if (a == "--timed-gemm-any")  // any of cuBLASLt's candidates, timed: the bits can change between runs
-      o.gemm = alloy::GemmTuning::timed_any;
-    else if (a == "--graph")  // each step captured as a CUDA graph and replayed (the default on Cuda)
-      o.graph = 1;
-    else if (a == "--no-graph")  // every step launched eagerly
-      o.graph = 0;
-    else if (a == "--gemm-plans") {  // timed choices kept in FILE across runs (with timed tuning)
-      o.gemm_plans = value();
-      if (o.gemm == alloy::GemmTuning::heuristic) o.gemm = alloy::GemmTuning::timed;
-    } else if (a == "--steps")
+    // --timed-gemm, --heuristic-gemm, --timed-gemm-any, --gemm-plans FILE, --graph, --no-graph
+    else if (o.step.parse(a, value))
+      continue;
+    else if (a == "--steps")
       o.steps = std::atoi(value().c_str());
     else if (a == "--size")
       o.size = value();
@@ -118,7 +108,7 @@ int main(int argc, char** argv) {
 #if ALLOY_HAS_CUDA_KERNELS
   gpu = !o.host && alloy::has_cuda_device();
 #endif
-  if (o.graph < 0) o.graph = gpu ? 1 : 0;
+  o.step.resolve(gpu);
   mlp::Shape shape;
   if (o.size == "full" || (o.size.empty() && gpu)) shape = {1024, 1024, 8, 1000, 8192};
   if (o.rows) shape.rows = o.rows;

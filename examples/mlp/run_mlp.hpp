@@ -2,6 +2,7 @@
 // Trainer configuration family per file keeps each compile short and lets them build in parallel).
 #pragma once
 
+#include "../step_flags.hpp"
 #include "residual_mlp.hpp"
 
 #include <chrono>
@@ -17,11 +18,7 @@ struct Options {
   std::string precision = "bf16";
   int accumulate = 1;
   bool checkpointing = false;
-  // Cuda: how each product's cuBLASLt algorithm is chosen (Trainer::Config::gemm_tuning): timed on
-  // its first call among those that give the heuristic's bits, unless --heuristic-gemm or --timed-gemm-any.
-  alloy::GemmTuning gemm = alloy::GemmTuning::timed;
-  int graph = -1;          // Cuda: each step captured as a CUDA graph and replayed (Config::graph); -1: on Cuda
-  std::string gemm_plans;  // Cuda: a file keeping the timed choices across runs (Config::gemm_plans_file)
+  examples::StepFlags step;  // Cuda: GEMM tuning and CUDA graphs (../step_flags.hpp)
   int steps = 200;
   std::string size;
   std::size_t rows = 0;
@@ -107,9 +104,9 @@ int run(const Options& o, Shape shape) {
                                        .max_grad_norm = 1.0f,
                                        .seed = 1,
                                        .micro_batches = o.accumulate,
-                                       .gemm_tuning = o.gemm,
-                                       .gemm_plans_file = o.gemm_plans,
-                                       .graph = o.graph == 1});
+                                       .gemm_tuning = o.step.gemm,
+                                       .gemm_plans_file = o.step.gemm_plans,
+                                       .graph = o.step.graphs()});
   if (!o.resume.empty()) {
     trainer.load(o.resume);
     for (std::uint64_t s = 0; s < trainer.steps() * std::uint64_t(o.accumulate); ++s) (void)next();
@@ -122,11 +119,8 @@ int run(const Options& o, Shape shape) {
   std::printf(
       "residual MLP on %s, %s%s%s%s: %zu -> %zu x %zu blocks -> %zu classes, %d x %zu rows per step, %zu "
       "parameters%s\n",
-      Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "",
-      o.gemm == alloy::GemmTuning::timed       ? ""
-      : o.gemm == alloy::GemmTuning::heuristic ? " + heuristic GEMM algorithms"
-                                               : " + timed GEMM algorithms (any order)",
-      o.graph == 1 ? " + CUDA graph" : "", shape.inputs, shape.width, shape.blocks, shape.classes, o.accumulate,
+      Backend::name, o.precision.c_str(), o.checkpointing ? " + checkpointing" : "", o.step.gemm_words(),
+      o.step.graphs() ? " + CUDA graph" : "", shape.inputs, shape.width, shape.blocks, shape.classes, o.accumulate,
       shape.rows, trainer.store().layout().numel(),
       shape.keep_gelu ? (", GELU's output kept in " + std::to_string(shape.keep_gelu) + " blocks").c_str() : "");
   std::ofstream csv(o.csv);
@@ -178,7 +172,7 @@ int run(const Options& o, Shape shape) {
       mem.arenas.total() / 1048576.0, double(mem.arenas.total()) / trainer.store().layout().numel(),
       mem.workspace_reserved / 1048576.0, mem.input_slots / 1048576.0,
       std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
-  if (o.graph == 1) {
+  if (o.step.graphs()) {
     const auto& g = trainer.graph_stats();
     std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
                 static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
