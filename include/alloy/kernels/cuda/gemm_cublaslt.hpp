@@ -245,8 +245,9 @@ GemmPlan make_plan(cublasLtHandle_t handle, const GemmArgs<Compute>& g, std::siz
 // What fixes the order of an algorithm's sums: the kernel (cuBLASLt's algorithm id), how K is
 // split and how the splits are reduced. Tiles, stages, cluster shape and swizzle only say which
 // block computes which outputs (GemmTuning::timed; benchmarks/kernels/gemm_algos.cu hashes every
-// candidate's output on two random fillings: on the H200 those that share these three gave the
-// first choice's bits in every product of both examples, and those that did not, did not).
+// candidate's output on two random fillings: on the H200, in every product of both examples whose
+// first choice does not split K, every candidate shared its algorithm and gave its bits; the
+// split-K weight gradients' candidates gave them 2 or 3 times in 8). The output samples check it.
 struct AlgoOrder {
   std::int32_t id = -1, split_k = -1;
   std::uint32_t reduction = 0;
