@@ -220,9 +220,9 @@ Trained train(Trainer& trainer, const Options& o, const Config& c, const TokenSo
     if constexpr (requires { trainer.graph_stats(); }) {
       if (o.step.graphs()) {
         const auto& g = trainer.graph_stats();
-        std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
+        std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly; %zu memsets as kernels\n",
                     static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
-                    static_cast<unsigned long long>(g.eager));
+                    static_cast<unsigned long long>(g.eager), g.memset_kernels);
       }
     }
     std::printf("loss curve: %s\n", o.csv.c_str());

@@ -174,9 +174,9 @@ int run(const Options& o, Shape shape) {
       std::max(first_peak, mem.backend.peak_bytes) / 1048576.0);
   if (o.step.graphs()) {
     const auto& g = trainer.graph_stats();
-    std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly\n",
+    std::printf("CUDA graph: %llu steps captured, %llu replayed, %llu run eagerly; %zu memsets as kernels\n",
                 static_cast<unsigned long long>(g.captures), static_cast<unsigned long long>(g.replays),
-                static_cast<unsigned long long>(g.eager));
+                static_cast<unsigned long long>(g.eager), g.memset_kernels);
   }
   std::printf("loss curve: %s\n", o.csv.c_str());
   return last.loss < first.loss ? 0 : 1;

@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 #include <string>
 #include <vector>
@@ -235,6 +236,95 @@ TEST(GpuStepGraph, Gpt2ReplaysThroughChangingTokensAndIgnoredTargets) {
   // 6 captured; 7 replayed.
   EXPECT_EQ(replayed, (std::vector<bool>{false, false, true, false, false, false, false, true}));
   EXPECT_EQ(graphed.graph_stats().captures, 2u);
+}
+
+// graph_memsets_as_kernels: the small memsets of a graph (1-, 2- and 4-byte elements, a 2-D one
+// with a pitch, at unaligned offsets) become kernel nodes that write the same bytes in the same
+// place in the graph's order (a copy after them reads what they wrote); a large memset stays.
+TEST(GpuStepGraph, SmallMemsetsBecomeKernelNodesWritingTheSameBytes) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  constexpr std::size_t bytes = 16384;
+  std::mt19937_64 rng(seed);
+  std::vector<unsigned char> before(bytes);
+  for (auto& b : before) b = static_cast<unsigned char>(rng());
+  Buffer<unsigned char, Cuda> buf(bytes), copy(64);
+  ALLOY_CUDA_CHECK(cudaMemcpy(buf.data(), before.data(), bytes, cudaMemcpyHostToDevice));
+
+  struct Set {
+    std::size_t offset, pitch, width, height;
+    unsigned value, element_size;
+  };
+  const unsigned v = static_cast<unsigned>(rng());
+  const std::vector<Set> sets = {
+      {68, 0, 1, 1, v, 4},                    // cuBLASLt's kind: one 4-byte element
+      {130, 38, 3, 5, v >> 7, 2},             // 2-D: 5 rows of 3 halves, 38 bytes apart
+      {3, 0, 7, 1, v >> 3, 1},                // 7 bytes from an odd address
+      {8192, 0, 1536, 1, v ^ 0x5a5a5a5a, 4},  // 6144 bytes: over the limit, stays a memset
+  };
+  std::vector<unsigned char> want = before;
+  for (const Set& m : sets) {
+    for (std::size_t r = 0; r < m.height; ++r) {
+      for (std::size_t c = 0; c < m.width; ++c) {
+        for (unsigned b = 0; b < m.element_size; ++b) {
+          want[m.offset + r * m.pitch + c * m.element_size + b] = static_cast<unsigned char>(m.value >> (8 * b));
+        }
+      }
+    }
+  }
+
+  cudaGraph_t raw = nullptr;
+  ALLOY_CUDA_CHECK(cudaGraphCreate(&raw, 0));
+  CudaGraph graph(raw);
+  cudaGraphNode_t last = nullptr;
+  for (const Set& m : sets) {
+    cudaMemsetParams p{};
+    p.dst = buf.data() + m.offset;
+    p.pitch = m.pitch;
+    p.value = m.value;
+    p.elementSize = m.element_size;
+    p.width = m.width;
+    p.height = m.height;
+    cudaGraphNode_t node = nullptr;
+    ALLOY_CUDA_CHECK(cudaGraphAddMemsetNode(&node, raw, last ? &last : nullptr, last ? 1 : 0, &p));
+    last = node;
+  }
+  // After them all: a copy of bytes 64..127 (what the first two wrote, and what they did not).
+  cudaGraphNode_t copy_node = nullptr;
+  ALLOY_CUDA_CHECK(
+      cudaGraphAddMemcpyNode1D(&copy_node, raw, &last, 1, copy.data(), buf.data() + 64, 64, cudaMemcpyDeviceToDevice));
+
+  EXPECT_EQ(graph_memsets_as_kernels(raw), 3u);
+  std::size_t count = 0;
+  ALLOY_CUDA_CHECK(cudaGraphGetNodes(raw, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  ALLOY_CUDA_CHECK(cudaGraphGetNodes(raw, nodes.data(), &count));
+  int kernels = 0, memsets = 0, roots = 0;
+  for (cudaGraphNode_t n : nodes) {
+    cudaGraphNodeType t{};
+    ALLOY_CUDA_CHECK(cudaGraphNodeGetType(n, &t));
+    kernels += t == cudaGraphNodeTypeKernel;
+    memsets += t == cudaGraphNodeTypeMemset;
+    std::size_t deps = 0;
+    ALLOY_CUDA_CHECK(cudaGraphNodeGetDependencies(n, nullptr, nullptr, &deps));
+    roots += deps == 0;
+  }
+  EXPECT_EQ(count, 5u);
+  EXPECT_EQ(kernels, 3);
+  EXPECT_EQ(memsets, 1);
+  EXPECT_EQ(roots, 1) << "the chain of dependencies is kept: one node starts it";
+
+  const CudaGraphExec exec = instantiate(graph);
+  CudaStream stream = make_cuda_stream();
+  ALLOY_CUDA_CHECK(cudaGraphLaunch(exec.get(), stream.get()));
+  ALLOY_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+  std::vector<unsigned char> got(bytes), copied(64);
+  ALLOY_CUDA_CHECK(cudaMemcpy(got.data(), buf.data(), bytes, cudaMemcpyDeviceToHost));
+  ALLOY_CUDA_CHECK(cudaMemcpy(copied.data(), copy.data(), 64, cudaMemcpyDeviceToHost));
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < bytes; ++i) differ += got[i] != want[i];
+  EXPECT_EQ(differ, 0u) << "bytes other than the memsets' own";
+  EXPECT_TRUE(std::equal(copied.begin(), copied.end(), want.begin() + 64)) << "the copy ran before the kernels wrote";
 }
 
 // A model that stages its batch but also uploads in forward: a replay would not repeat that.

@@ -86,6 +86,9 @@ struct GraphStats {
   std::uint64_t captures = 0;  // steps captured (each replayed at once, as its own step)
   std::uint64_t replays = 0;   // steps replayed from a graph captured earlier
   std::uint64_t eager = 0;     // steps that ran their launches one by one (a new key: see train/step_graph.hpp)
+  // The last captured graph's small memsets made kernel nodes (graph_memsets_as_kernels, such as
+  // cuBLASLt's 4-byte ones before its products).
+  std::size_t memset_kernels = 0;
 };
 
 struct TrainerMemory {
@@ -818,6 +821,9 @@ class Trainer {
               "Trainer: Config::graph: the model's loss is a host float, which a replayed step would repeat; return "
               "the device alloy::Loss (nn::SoftmaxCrossEntropy, nn::LmHead do). Nothing of this step ran");
         }
+#if ALLOY_HAS_CUDA_KERNELS  // a Cuda trainer is built by nvcc (see the constructor)
+        graph_stats_.memset_kernels = graph_memsets_as_kernels(graph.get());
+#endif
         graph_.exec = instantiate(graph);
         graph_.key = std::move(key);
         graph_.workspace = workspace_.base_address();
