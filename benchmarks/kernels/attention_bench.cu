@@ -13,6 +13,9 @@
 // "TFLOP/s" divides those by the time. alloy's backward computes S and dP twice (its dq pass and
 // its dk/dv pass; no atomics), 14 head_dim pairs batch heads: "executed TFLOP/s". Masked halves of
 // the diagonal tiles are counted in neither, nor are 3xTF32's two extra mmas per product.
+// "WithColumnParts" times the bf16 backward that also writes its column parts (GPT-2's c_attn bias
+// gradient before its fold, AttentionBackwardArgs::column_parts): the cost of summing the staged
+// output tiles, against the plain backward beside it.
 #include "../support.hpp"
 
 #include <alloy/kernels/attention.hpp>
@@ -46,6 +49,7 @@ struct AttentionArrays {
   using T = storage_t<Compute>;
   Buffer<T, Cuda> qkv{rows * 3 * channels}, out{rows * channels}, dout{rows * channels}, dqkv{rows * 3 * channels};
   Buffer<float, Cuda> lse{batch * heads * seq}, scratch{alloy::attention_backward_scratch_floats(batch, heads, seq)};
+  Buffer<float, Cuda> parts{alloy::attention_column_parts_floats(batch, heads, seq, head_dim)};
 
   AttentionArrays() {
     fill_random(qkv, 1, 2.0f);  // q k^T / 8 of magnitude ~1: softmaxes neither flat nor one-hot
@@ -68,7 +72,9 @@ struct AttentionArrays {
                                                                    .out_strides = out_strides,
                                                                    .lse = lse.data()});
   }
-  void backward() {
+  // With column_parts, the column parts into `parts` too.
+  void backward(bool column_parts = false) {
+    float* const into = column_parts ? parts.data() : nullptr;
     alloy::attention_backward(Cuda{}, alloy::AttentionBackwardArgs<Compute>{.batch = batch,
                                                                             .heads = heads,
                                                                             .seq = seq,
@@ -85,7 +91,8 @@ struct AttentionArrays {
                                                                             .dk = dqkv.data() + channels,
                                                                             .dv = dqkv.data() + 2 * channels,
                                                                             .grad_strides = in,
-                                                                            .scratch = scratch.data()});
+                                                                            .scratch = scratch.data(),
+                                                                            .column_parts = into});
   }
 };
 
@@ -112,6 +119,14 @@ void BM_AttentionBackward(benchmark::State& state) {
 }
 
 template <class Compute>
+void BM_AttentionBackwardWithColumnParts(benchmark::State& state) {
+  if (alloy::bench::skip_without_device(state)) return;
+  AttentionArrays<Compute> a;
+  alloy::bench::time_with_events(state, [&] { a.backward(true); });
+  report_flops(state, backward_flops, backward_executed_flops);
+}
+
+template <class Compute>
 void BM_AttentionForwardBackward(benchmark::State& state) {
   if (alloy::bench::skip_without_device(state)) return;
   AttentionArrays<Compute> a;
@@ -124,6 +139,9 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
 
 void BM_AttentionForwardBf16_16x12x1024x64(benchmark::State& state) { BM_AttentionForward<bf16>(state); }
 void BM_AttentionBackwardBf16_16x12x1024x64(benchmark::State& state) { BM_AttentionBackward<bf16>(state); }
+void BM_AttentionBackwardWithColumnPartsBf16_16x12x1024x64(benchmark::State& state) {
+  BM_AttentionBackwardWithColumnParts<bf16>(state);
+}
 void BM_AttentionForwardBackwardBf16_16x12x1024x64(benchmark::State& state) {
   BM_AttentionForwardBackward<bf16>(state);
 }
@@ -148,6 +166,7 @@ void BM_AttentionForwardBackwardFp32_16x12x1024x64(benchmark::State& state) {
 
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBf16_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardBf16_16x12x1024x64);
+ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardWithColumnPartsBf16_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardBackwardBf16_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionForwardTf32_16x12x1024x64);
 ALLOY_ATTENTION_BENCHMARK(BM_AttentionBackwardTf32_16x12x1024x64);

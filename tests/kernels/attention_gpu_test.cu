@@ -44,6 +44,12 @@
 // per output): fp32 (3xTF32) within 1e-4, tf32 within 1e-2; the host model measured at most 1.5e-5
 // and 3.5e-3 on these shapes. Each run prints the measured values.
 // Each run also checks that the same inputs give the same bits twice.
+//
+// Column parts (AttentionBackwardArgs::column_parts): every Cuda backward above is asked for them
+// too, and they must equal, bit for bit, the definition (each column's stored values summed in
+// fp32 in position order over each tile of 64 positions) computed here from that call's own dq,
+// dk and dv; the second run must give the same bits; a run without them the same dq, dk, dv; on
+// the row kernels, whose outputs are the Host's, the Host's parts too.
 #include "../support/attention_reference.hpp"
 #include "../support/test_support.hpp"
 #include "../support/values.hpp"
@@ -89,7 +95,7 @@ struct DeviceProblem {
   using S = storage_t<T>;
   Cuda be;
   Buffer<S, Cuda> qkv, dout, out, dqkv;
-  Buffer<float, Cuda> lse, scratch;
+  Buffer<float, Cuda> lse, scratch, parts;
 
   DeviceProblem(const AttentionProblem<T>& p, Cuda be_ = {})
       : be(be_),
@@ -98,8 +104,12 @@ struct DeviceProblem {
         out(device_copy(std::vector<S>(p.out.size(), poison<S>()), be)),
         dqkv(device_copy(std::vector<S>(p.dqkv.size(), poison<S>()), be)),
         lse(device_copy(std::vector<float>(p.lse.size() + 1, poison<float>()), be)),
-        scratch(alloy::attention_backward_scratch_floats(p.s.batch, p.s.heads, p.s.seq), be) {
+        scratch(alloy::attention_backward_scratch_floats(p.s.batch, p.s.heads, p.s.seq), be),
+        parts(device_copy(std::vector<float>(parts_floats(p) + 1, poison<float>()), be)) {
     ALLOY_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0xff, scratch.bytes(), be.stream));
+  }
+  static std::size_t parts_floats(const AttentionProblem<T>& p) {
+    return alloy::attention_column_parts_floats(p.s.batch, p.s.heads, p.s.seq, p.s.head_dim);
   }
   alloy::AttentionArgs<T> forward_args(const AttentionProblem<T>& p) {
     return p.forward_args(qkv.data(), out.data(), lse.data());
@@ -107,6 +117,13 @@ struct DeviceProblem {
   // The backward over this problem's inputs and the given out and lse (device arrays).
   alloy::AttentionBackwardArgs<T> backward_args(const AttentionProblem<T>& p, const S* out_, const float* lse_) {
     return p.backward_args(qkv.data(), out_, dout.data(), lse_, dqkv.data(), scratch.data());
+  }
+  // The same, with the column parts asked for (into `parts`, which has one poisoned float past them).
+  alloy::AttentionBackwardArgs<T> backward_args_with_parts(const AttentionProblem<T>& p, const S* out_,
+                                                           const float* lse_) {
+    auto a = backward_args(p, out_, lse_);
+    a.column_parts = parts.data();
+    return a;
   }
 };
 
@@ -217,7 +234,7 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   const auto host_lse = device_copy(p.lse, be);
   try {
     alloy::attention_forward(be, dev.forward_args(p));
-    alloy::attention_backward(be, dev.backward_args(p, host_out.data(), host_lse.data()));
+    alloy::attention_backward(be, dev.backward_args_with_parts(p, host_out.data(), host_lse.data()));
     alloy::synchronize(be);
   } catch (const alloy::error& e) {
     FAIL() << e.what();
@@ -227,16 +244,28 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   const auto dqkv = read_back(dev.dqkv, rows, p.qkv_row, 3 * p.channels, "dq, dk, dv");
   auto lse = read_back(dev.lse, 1, p.lse.size() + 1, p.lse.size(), "lse");
   lse.pop_back();
+  const std::size_t part_count = DeviceProblem<T>::parts_floats(p);
+  auto parts = read_back(dev.parts, 1, part_count + 1, part_count, "column parts");
+  parts.pop_back();
+  expect_same_bits(parts, column_parts_of(p, dqkv),
+                   "column parts (Cuda against the definition from Cuda's dq, dk, dv)");
 
   // Again: the same bits.
   DeviceProblem<T> again(p, be);
   alloy::attention_forward(be, again.forward_args(p));
-  alloy::attention_backward(be, again.backward_args(p, host_out.data(), host_lse.data()));
+  alloy::attention_backward(be, again.backward_args_with_parts(p, host_out.data(), host_lse.data()));
   expect_same_bits(alloy::to_host(again.out), out, "out, second run");
   expect_same_bits(alloy::to_host(again.dqkv), dqkv, "dq, dk, dv, second run");
   auto lse_again = alloy::to_host(again.lse);
   lse_again.pop_back();
   expect_same_bits(lse_again, lse, "lse, second run");
+  auto parts_again = alloy::to_host(again.parts);
+  parts_again.pop_back();
+  expect_same_bits(parts_again, parts, "column parts, second run");
+  // Without column parts: the same dq, dk, dv.
+  DeviceProblem<T> without(p, be);
+  alloy::attention_backward(be, without.backward_args(p, host_out.data(), host_lse.data()));
+  expect_same_bits(alloy::to_host(without.dqkv), dqkv, "dq, dk, dv without column parts");
 
   const AttentionReference<T> ref(p, true, &p.out, &p.lse);
   // fp32 on the tensor cores: 3xTF32 (the bounds at the top of this file).
@@ -257,6 +286,11 @@ void expect_cuda_matches_host(const AttentionShape& s, std::uint64_t seed, Path 
   if (path == Path::rows) {
     expect_same_bits(out, p.out, "out (Cuda row kernels against Host)");
     expect_same_bits(dqkv, p.dqkv, "dq, dk, dv (Cuda row kernels against Host)");
+    std::vector<float> host_parts(part_count);
+    auto host_args = p.backward_args();
+    host_args.column_parts = host_parts.data();
+    alloy::attention_backward(Host{}, host_args);
+    expect_same_bits(parts, host_parts, "column parts (Cuda row kernels against Host)");
     return;
   }
   const double u_t = rounding_unit<T>(), f_t = rounding_floor<T>();

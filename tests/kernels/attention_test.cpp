@@ -344,6 +344,59 @@ TYPED_TEST(AttentionHost, OnePositionPassesValuesThrough) {
   }
 }
 
+// ---- Column parts ----
+
+// The column parts (attention_args.hpp) are dq's, dk's and dv's stored values summed per tile of 64
+// positions in position order, as the definition computes them from the Host's own output, bit for
+// bit; requesting them changes no output; nothing is written past them. Sequences of 1, 63, 64, 65,
+// 77, 130 and 129 positions (one tile, short ones, a full one, a tail of one), head sizes 64 and
+// 128 (the tensor cores' on Cuda) and odd ones.
+TYPED_TEST(AttentionHost, ColumnPartsSumTheStoredGradientsOverEachTileInOrder) {
+  using T = TypeParam;
+  ALLOY_SEEDED(seed);
+  const AttentionShape shapes[] = {{1, 1, 1, 64},  {2, 3, 63, 64},   {1, 1, 64, 64},  {1, 2, 65, 128}, {3, 1, 77, 64},
+                                   {1, 2, 130, 5}, {2, 1, 130, 128}, {1, 3, 129, 33}, {2, 1, 77, 1, 0}};
+  for (const AttentionShape& s : shapes) {
+    SCOPED_TRACE(describe(alloy::numeric_traits<T>::name, s));
+    std::mt19937_64 rng(seed + s.seq * 7 + s.head_dim);
+    AttentionProblem<T> p(s, rng);
+    alloy::attention_forward(Host{}, p.forward_args());
+    alloy::attention_backward(Host{}, p.backward_args());
+    const auto without_parts = p.dqkv;
+
+    const std::size_t floats = alloy::attention_column_parts_floats(s.batch, s.heads, s.seq, s.head_dim);
+    ASSERT_EQ(floats, s.batch * ((s.seq + 63) / 64) * 3 * s.heads * s.head_dim);
+    std::vector<float> parts(floats + 1, poison<float>());
+    std::fill(p.dqkv.begin(), p.dqkv.end(), poison<storage_t<T>>());
+    auto args = p.backward_args();
+    args.column_parts = parts.data();
+    alloy::attention_backward(Host{}, args);
+    expect_padding_untouched(p);
+    std::size_t changed = 0;
+    for (std::size_t i = 0; i < p.dqkv.size(); ++i) changed += bits_of(p.dqkv[i]) != bits_of(without_parts[i]);
+    EXPECT_EQ(changed, 0u) << "elements of dq, dk, dv that the column parts changed";
+    EXPECT_EQ(bits_of(parts[floats]), bits_of(poison<float>())) << "written past the column parts";
+
+    const std::vector<float> want = column_parts_of(p, p.dqkv);
+    std::size_t differ = 0, nonzero = 0;
+    for (std::size_t i = 0; i < floats; ++i) {
+      differ += bits_of(parts[i]) != bits_of(want[i]);
+      nonzero += want[i] != 0.0f;
+    }
+    EXPECT_EQ(differ, 0u) << "column parts whose bits differ from the definition's";
+    // dq and dk of the one-position sequence are exactly 0 (but for tf32's rounding residue).
+    EXPECT_GE(nonzero, s.seq == 1 ? floats / 3 : floats * 9 / 10) << "too few nonzero parts to test the sums";
+  }
+}
+
+TEST(AttentionColumnParts, SizesCountEveryTileOfEverySequence) {
+  EXPECT_EQ(alloy::attention_column_parts_floats(1, 1, 1, 1), 3u);
+  EXPECT_EQ(alloy::attention_column_parts_floats(3, 2, 64, 5), 3u * 1 * 3 * 2 * 5);
+  EXPECT_EQ(alloy::attention_column_parts_floats(3, 2, 65, 5), 3u * 2 * 3 * 2 * 5);
+  EXPECT_EQ(alloy::attention_column_parts_floats(16, 12, 1024, 64), 16u * 16 * 2304);
+  EXPECT_EQ(alloy::attention_column_parts_floats(2, 3, 0, 64), 0u);
+}
+
 // ---- tf32 ----
 
 // tf32's factors are rounded to nearest even, as the tf32 GEMMs' Host reference rounds them, and

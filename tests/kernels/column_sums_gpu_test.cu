@@ -4,6 +4,7 @@
 // same over two runs. The Cuda sums run in another order than the Host's (parts of rows, 8 warps,
 // then the parts), so they agree within
 //   |cuda - host| <= 2 ulp of the output dtype at |host| + 1e-5 * sum over the column of |x|.
+// column_sums_of_parts, whose Host replays the Cuda kernel's order: Cuda against Host bit for bit.
 #include "../support/test_support.hpp"
 #include "../support/values.hpp"
 
@@ -92,6 +93,63 @@ TYPED_TEST(CudaColumnSums, MatchHostOnOddAndModelSizes) {
     check_shape<TypeParam>(s, false, rng);
     check_shape<TypeParam>(s, true, rng);
   }
+}
+
+// Part counts below, at and past the kernel's 8 warps and GPT-2 124M's (16 sequences of 16 tiles
+// of 64 positions), column counts odd, past one block of 32 and GPT-2's 3 x 768; parts of mixed
+// magnitudes (a normal draw times 2^e, e in -12..6), so that another order gives other bits.
+TYPED_TEST(CudaColumnSums, OfPartsMatchHostBitForBit) {
+  using G = TypeParam;
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-12, 6);
+  const std::pair<std::size_t, std::size_t> shapes[] = {{1, 1},    {7, 33},     {8, 5},     {9, 40},
+                                                        {37, 129}, {256, 2304}, {300, 4097}};
+  for (const auto& [parts_count, cols] : shapes) {
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(std::to_string(parts_count) + " parts of " + std::to_string(cols) + " columns" +
+                   (accumulate ? ", accumulating" : ""));
+      std::vector<float> parts(parts_count * cols);
+      for (float& x : parts) x = std::ldexp(normal(rng), exponent(rng));
+      const std::vector<G> start = random_values<G>(cols, rng);
+      std::vector<G> host_out = start;
+      alloy::column_sums_of_parts(Host{}, parts.data(), parts_count, cols, host_out.data(), accumulate);
+      Cuda be;
+      Buffer<float, Cuda> dparts(parts.size(), be);
+      Buffer<G, Cuda> dout(cols, be);
+      alloy::copy_from_host(dparts, std::span<const float>(parts));
+      std::vector<std::vector<G>> runs;
+      for (int run = 0; run < 2; ++run) {
+        alloy::copy_from_host(dout, std::span<const G>(start));
+        alloy::column_sums_of_parts(be, static_cast<const float*>(dparts.data()), parts_count, cols, dout.data(),
+                                    accumulate);
+        runs.push_back(alloy::to_host(dout));
+      }
+      std::size_t differ = 0, again = 0;
+      for (std::size_t j = 0; j < cols; ++j) {
+        differ += bits_of(runs[0][j]) != bits_of(host_out[j]);
+        again += bits_of(runs[1][j]) != bits_of(runs[0][j]);
+      }
+      EXPECT_EQ(differ, 0u) << "columns whose bits differ between Cuda and Host";
+      EXPECT_EQ(again, 0u) << "columns whose bits differ between two Cuda runs";
+    }
+  }
+}
+
+TEST(CudaColumnSumsOfParts, RefusesNullPointers) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  Buffer<float, Cuda> parts(12), out(4);
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::column_sums_of_parts(Cuda{}, static_cast<const float*>(parts.data()), 3, 4,
+                                                static_cast<float*>(nullptr), false);
+                  }),
+                  "column_sums_of_parts(parts_count = 3, cols = 4): out is null");
+  EXPECT_MENTIONS(message_of([&] {
+                    alloy::column_sums_of_parts(Cuda{}, static_cast<const float*>(nullptr), 3, 4, out.data(), false);
+                  }),
+                  "parts is null");
 }
 
 TEST(HostColumnSums, MatchFloat64SumsAndAccumulate) {

@@ -9,6 +9,7 @@
 #include "block_runner.hpp"
 
 #include "../optim/reference.hpp"
+#include "../support/attention_reference.hpp"
 #include "../support/finite_differences.hpp"
 #include "../support/test_support.hpp"
 
@@ -608,6 +609,163 @@ TEST(CausalSelfAttention, AccumulatingAddsEveryGradientToWhatIsThere) {
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < g.size(); ++i) wrong += added.grads.at(name)[i] != before[entry.offset + i] + g[i];
     EXPECT_EQ(wrong, 0u) << name;
+  }
+}
+
+// ---- c_attn's bias gradient ----
+
+// The layer's computation with c_attn summing its own bias gradient (on the Host, its product's
+// column sums, each column in row order) from the dqkv the attention kernel wrote without column
+// parts, which it keeps: what CausalSelfAttention ran before it folded the kernel's column parts.
+template <class T>
+struct AttentionSummingItsBias {
+  nn::CausalSelfAttention layer;  // for attention_args and the shapes; its parameters are not declared
+  nn::Linear c_attn, c_proj;      // the layer's names: the same parameters
+  std::vector<T> dqkv;
+  std::size_t batch = 0;
+  const T* qkv = nullptr;
+  T* att = nullptr;
+  float* lse = nullptr;
+
+  explicit AttentionSummingItsBias(const Shape& s)
+      : layer("attn", s.channels, s.heads, s.seq),
+        c_attn("attn.c_attn", s.channels, 3 * s.channels),
+        c_proj("attn.c_proj", s.channels, s.channels) {}
+
+  void declare(ParamRegistry& r) {
+    c_attn.declare(r);
+    c_proj.declare(r);
+  }
+  std::size_t out_features(std::size_t in) const { return in; }
+
+  template <class Ctx>
+  Activation<T> forward(Ctx& ctx, Activation<const T> x) {
+    batch = layer.sequences(x.rows);
+    const Activation<T> q = c_attn.forward(ctx, x);
+    const Activation<T> a = nn::detail::allocate(ctx, x.rows, layer.channels());
+    lse = ctx.template allocate<float>(batch * layer.heads() * layer.seq());
+    attention_forward(ctx.backend(), layer.attention_args<typename Ctx::compute_type>(q.data, a.data, lse, batch));
+    qkv = q.data;
+    att = a.data;
+    return c_proj.forward(ctx, Activation<const T>(a));
+  }
+
+  template <class Ctx>
+  Activation<T> backward(Ctx& ctx, Activation<const T> dy) {
+    using Compute = typename Ctx::compute_type;
+    const std::size_t C = layer.channels();
+    const Activation<T> g = nn::detail::allocate(ctx, dy.rows, 3 * C);
+    const Activation<T> d_att = c_proj.backward(ctx, dy);
+    float* scratch = ctx.template allocate<float>(attention_backward_scratch_floats(batch, layer.heads(), layer.seq()));
+    const auto fwd = layer.attention_args<Compute>(qkv, att, lse, batch);
+    attention_backward(ctx.backend(), AttentionBackwardArgs<Compute>{.batch = fwd.batch,
+                                                                     .heads = fwd.heads,
+                                                                     .seq = fwd.seq,
+                                                                     .head_dim = fwd.head_dim,
+                                                                     .q = fwd.q,
+                                                                     .k = fwd.k,
+                                                                     .v = fwd.v,
+                                                                     .qkv_strides = fwd.qkv_strides,
+                                                                     .out = fwd.out,
+                                                                     .dout = d_att.data,
+                                                                     .out_strides = fwd.out_strides,
+                                                                     .lse = lse,
+                                                                     .dq = g.data,
+                                                                     .dk = g.data + C,
+                                                                     .dv = g.data + 2 * C,
+                                                                     .grad_strides = fwd.qkv_strides,
+                                                                     .scratch = scratch});
+    dqkv.assign(g.data, g.data + g.size());
+    return c_attn.backward(ctx, Activation<const T>(g));
+  }
+};
+
+// c_attn's bias gradient is the fold (column_sums_of_parts) of dqkv's column parts per tile of 64
+// positions, bit for bit, computed here from dqkv by their definition; within one rounding to T and
+// the two orders' fp32 errors of the column sums c_attn takes itself; every other output and
+// gradient has the same bits as with those; and the layer gives c_attn its bias gradient back.
+template <class P>
+void expect_c_attn_bias_gradient_is_the_fold_of_column_parts(const Shape& s, std::uint64_t seed) {
+  using T = value_t<P>;
+  SCOPED_TRACE(describe(s));
+  std::mt19937_64 rng(seed);
+  nn::CausalSelfAttention layer("attn", s.channels, s.heads, s.seq);
+  AttentionSummingItsBias<T> apart(s);
+  const auto params = parameters<P>(layer, seed);
+  const auto x = test::random_values<T>(s.rows() * s.channels, rng);
+  const auto dy = test::random_values<T>(s.rows() * s.channels, rng);
+  const BlockRun<T> folded = test::run_block<P, Host>(layer, x, dy, s.rows(), s.channels, seed, &params);
+  const BlockRun<T> summed = test::run_block<P, Host>(apart, x, dy, s.rows(), s.channels, seed, &params);
+  EXPECT_FALSE(layer.c_attn().leaves_bias_gradient()) << "c_attn's bias gradient not given back";
+
+  EXPECT_EQ(test::bits(folded.y), test::bits(summed.y)) << "y";
+  EXPECT_EQ(test::bits(folded.dx), test::bits(summed.dx)) << "dx";
+  for (const char* name : {"attn.c_attn.weight", "attn.c_proj.weight", "attn.c_proj.bias"}) {
+    EXPECT_EQ(test::bits(folded.grads.at(name)), test::bits(summed.grads.at(name))) << name;
+  }
+
+  const std::size_t width = 3 * s.channels, parts_count = s.batch * ((s.seq + 63) / 64);
+  ASSERT_EQ(apart.dqkv.size(), s.rows() * width);
+  const std::vector<float> parts = test::column_parts_of(apart.dqkv, s.batch, s.seq, s.channels, width);
+  std::vector<T> want(width);
+  column_sums_of_parts(Host{}, parts.data(), parts_count, width, want.data(), false);
+  const auto& got = folded.grads.at("attn.c_attn.bias");
+  EXPECT_EQ(test::bits(got), test::bits(want)) << "c_attn.bias against the fold of dqkv's column parts";
+
+  const auto& own = summed.grads.at("attn.c_attn.bias");
+  std::size_t differ = 0;
+  for (std::size_t j = 0; j < width; ++j) {
+    double magnitude = 0;
+    for (std::size_t r = 0; r < s.rows(); ++r) magnitude += std::fabs(to_float(apart.dqkv[r * width + j]));
+    const double a = to_float(got[j]), b = to_float(own[j]);
+    const double bound =
+        test::ulp<T>(std::max(std::fabs(a), std::fabs(b))) + 2 * s.rows() * test::fp32_unit * magnitude;
+    if (!(std::fabs(a - b) <= bound) && ++differ <= 5) {
+      ADD_FAILURE() << "c_attn.bias column " << j << ": folded " << a << ", c_attn's own column sum " << b
+                    << ", allowed difference " << bound;
+    }
+  }
+  EXPECT_EQ(differ, 0u) << "columns of c_attn.bias out of bounds of c_attn's own column sums";
+}
+
+template <class P>
+class CausalSelfAttentionBias : public ::testing::Test {};
+TYPED_TEST_SUITE(CausalSelfAttentionBias, Precisions, PrecisionName);
+
+// One tile and a short one (37 positions), two with a tail of 6 (70), an exact tile (64), three
+// with a tail of 2 (130) at GPT-2's head size.
+TYPED_TEST(CausalSelfAttentionBias, IsTheFoldOfTheKernelsColumnParts) {
+  ALLOY_SEEDED(seed);
+  for (const Shape& s : {Shape{2, 37, 48, 3}, Shape{1, 70, 32, 2}, Shape{3, 64, 24, 1}, Shape{1, 130, 128, 2}}) {
+    expect_c_attn_bias_gradient_is_the_fold_of_column_parts<TypeParam>(s, seed + s.seq);
+  }
+}
+
+// A caller that has taken c_attn's bias gradient over (Linear::leave_bias_gradient) gets it left
+// alone, as any Linear leaves it, and keeps it taken over; the other gradients are as ever.
+TEST(CausalSelfAttention, LeavesCAttnsBiasGradientToACallerThatTookItOver) {
+  ALLOY_SEEDED(seed);
+  const Shape s{2, 37, 48, 2};
+  std::mt19937_64 rng(seed);
+  const auto x = test::random_values<float>(s.rows() * s.channels, rng);
+  const auto dy = test::random_values<float>(s.rows() * s.channels, rng);
+  nn::CausalSelfAttention layer("attn", s.channels, s.heads, s.seq);
+  const auto written = test::run_block<Precision<fp32>, Host>(layer, x, dy, s.rows(), s.channels, seed);
+  ParamRegistry r;
+  layer.declare(r);
+  const ParamStore<Precision<fp32>, SGD<>, Host> store(r, Host{}, seed);
+  const auto before = test::random_values<float>(store.layout().padded_numel(), rng);
+  layer.c_attn().leave_bias_gradient(true);
+  const auto added = test::run_block<Precision<fp32>, Host>(layer, x, dy, s.rows(), s.channels, seed, nullptr, &before);
+  EXPECT_TRUE(layer.c_attn().leaves_bias_gradient());
+  for (const auto& [name, g] : written.grads) {
+    const auto& entry = store.layout()[r.handle(name).index];
+    const bool left = name == "attn.c_attn.bias";
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      wrong += added.grads.at(name)[i] != before[entry.offset + i] + (left ? 0.0f : g[i]);
+    }
+    EXPECT_EQ(wrong, 0u) << name << (left ? " (left to the caller)" : "");
   }
 }
 

@@ -18,6 +18,7 @@
 #include "values.hpp"
 
 #include <alloy/kernels/attention_args.hpp>
+#include <alloy/numeric/fp_ops.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -117,6 +118,34 @@ struct AttentionProblem {
     return backward_args(qkv.data(), out.data(), dout.data(), lse.data(), dqkv.data(), nullptr);
   }
 };
+
+// AttentionBackwardArgs::column_parts by their definition, straight from a dq, dk, dv gradient in
+// GPT-2's layout (dqkv: batch sequences of seq rows, qkv_row elements apart, columns 0..3 channels
+// - 1 of each row dq, dk and dv side by side): for each sequence and tile of 64 positions, each
+// column's stored values added in fp32 in position order, from 0.
+template <class S>
+std::vector<float> column_parts_of(const std::vector<S>& dqkv, std::size_t batch, std::size_t seq, std::size_t channels,
+                                   std::size_t qkv_row) {
+  const std::size_t tiles = (seq + 63) / 64, width = 3 * channels;
+  std::vector<float> parts(batch * tiles * width);
+  for (std::size_t b = 0; b < batch; ++b) {
+    for (std::size_t t = 0; t < tiles; ++t) {
+      for (std::size_t c = 0; c < width; ++c) {
+        float sum = 0.0f;
+        for (std::size_t position = 64 * t; position < std::min(seq, 64 * t + 64); ++position) {
+          sum = alloy::fp::add(sum, alloy::to_float(dqkv[(b * seq + position) * qkv_row + c]));
+        }
+        parts[(b * tiles + t) * width + c] = sum;
+      }
+    }
+  }
+  return parts;
+}
+
+template <class T>
+std::vector<float> column_parts_of(const AttentionProblem<T>& p, const std::vector<storage_t<T>>& dqkv) {
+  return column_parts_of(dqkv, p.s.batch, p.s.seq, p.channels, p.qkv_row);
+}
 
 // One output element of the float64 reference and the pieces of its bounds.
 struct Bounded {

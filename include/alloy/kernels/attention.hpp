@@ -13,6 +13,12 @@
 // each, so the bits depend only on the inputs, the dtype and the path (which depends only on the
 // arguments: dtype, head_dim, alignment and strides), never on the device's scheduling.
 //
+// Given column_parts, the backward also writes the column sums of dq, dk and dv over every tile of
+// 64 positions (attention_args.hpp defines them: the stored values, in position order, so every
+// path and both backends give the same parts for the same outputs): GPT-2's c_attn bias gradient,
+// the column sums of dqkv, is then a fold over the parts (column_sums_of_parts,
+// kernels/column_sums.hpp; nn/attention.hpp) instead of a pass over dqkv.
+//
 // On Cuda, pointers are device memory and the calls are ordered on be.stream; the backward's
 // scratch holds delta_t between its two kernels. The Host backend needs no scratch.
 #pragma once

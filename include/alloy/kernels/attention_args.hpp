@@ -37,8 +37,22 @@
 //    head_dim up to 256, which give the Host reference's bits exactly (host/attention.hpp).
 // Both are deterministic: every output element is summed by one thread in a fixed order; nothing
 // is added atomically (attention.hpp says how the backward does without).
+//
+// Column parts (AttentionBackwardArgs::column_parts): the backward can also sum its outputs per
+// column over tiles of 64 positions, for GPT-2's c_attn bias gradient (the column sums of dqkv,
+// nn/attention.hpp), which a fold over the parts then finishes (column_sums_of_parts) instead of
+// a pass over the whole gradient. For sequence b, tile t of positions 64 t..min(64 t + 64, seq) - 1,
+// which = 0 (dq), 1 (dk) or 2 (dv), head h and dimension d, the part is
+//   s = 0; s = fp32(s + float(x)) for x = the stored value at each position of the tile, in order
+// at column_parts[(b tiles + t) 3 heads head_dim + which heads head_dim + h head_dim + d], tiles =
+// ceil(seq / 64): in GPT-2's layout the index's last part is the dqkv column. The sums are of the
+// values as stored (rounded to the storage type), in position order, so every path and both
+// backends give the same parts for the same outputs: the tensor-core kernels sum each 64-row
+// output tile where they staged it in shared memory, before their blocks end; the row kernels and
+// the Host sum what they wrote, in a pass of their own.
 #pragma once
 
+#include <alloy/config.hpp>
 #include <alloy/error.hpp>
 #include <alloy/numeric/traits.hpp>
 
@@ -116,11 +130,30 @@ struct AttentionBackwardArgs {
   // Cuda: device memory of attention_backward_scratch_floats(batch, heads, seq) floats (delta_t).
   // The Host backend does not use it and accepts null.
   float* scratch = nullptr;
+  // When not null: attention_column_parts_floats(batch, heads, seq, head_dim) floats (memory of the
+  // backend), written with the column sums of dq, dk and dv over each tile of 64 positions of each
+  // sequence (the top of this file gives their order and layout); null computes none.
+  float* column_parts = nullptr;
 };
 
 // Floats of scratch attention_backward needs: delta_t, one per query row.
 inline std::size_t attention_backward_scratch_floats(std::size_t batch, std::size_t heads, std::size_t seq) {
   return batch * heads * seq;
+}
+
+// Positions per tile of AttentionBackwardArgs::column_parts: the tensor-core kernels' output tiles.
+inline constexpr std::size_t attention_column_tile = 64;
+
+// Tiles of attention_column_tile positions a sequence of seq positions takes (the last may be short).
+ALLOY_HOST_DEVICE inline constexpr std::size_t attention_column_tiles(std::size_t seq) {
+  return (seq + attention_column_tile - 1) / attention_column_tile;
+}
+
+// Floats of AttentionBackwardArgs::column_parts: for each sequence and tile, one per column of dq,
+// dk and dv (3 heads head_dim).
+ALLOY_HOST_DEVICE inline constexpr std::size_t attention_column_parts_floats(std::size_t batch, std::size_t heads,
+                                                                             std::size_t seq, std::size_t head_dim) {
+  return batch * attention_column_tiles(seq) * 3 * heads * head_dim;
 }
 
 namespace detail {

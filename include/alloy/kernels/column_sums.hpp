@@ -11,6 +11,12 @@
 // and writes out. The parts depend on rows, cols and the
 // device's multiprocessor count alone, so the bits are the same run after run (not the Host's:
 // the Host sums each column in row order).
+//
+// column_sums_of_parts finishes sums whose parts another kernel wrote (attention's backward, for
+// GPT-2's c_attn bias gradient: kernels/attention_args.hpp): out[j] = the sum over parts p of
+// parts[p * cols + j], by the second kernel above on Cuda and in its order on the Host (warp w of
+// 8 adds parts w, w + 8, ... in turn, then the 8 warp sums are added in order), so both backends
+// give the same bits.
 #pragma once
 
 #include <alloy/backend/cuda/launch.hpp>
@@ -139,6 +145,14 @@ __global__ void __launch_bounds__(column_sums_warps * 32)
   }
 }
 
+template <class G>
+void column_sums_final_launch(Cuda be, const float* partials, std::size_t parts, std::size_t cols, G* out,
+                              bool accumulate) {
+  column_sums_final_kernel<<<static_cast<unsigned>((cols + 31) / 32), column_sums_warps * 32, 0, be.stream>>>(
+      partials, parts, cols, out, accumulate);
+  ALLOY_CUDA_CHECK_LAUNCH();
+}
+
 template <int V, class T, class G>
 void column_sums_launch(Cuda be, const ColumnSums<T, G>& a, float* partials) {
   const std::size_t tiles = (a.cols + 32 * V - 1) / (32 * V);
@@ -148,9 +162,7 @@ void column_sums_launch(Cuda be, const ColumnSums<T, G>& a, float* partials) {
       <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(parts)), column_sums_warps * 32, 0, be.stream>>>(
           a, rows_per_part, partials);
   ALLOY_CUDA_CHECK_LAUNCH();
-  column_sums_final_kernel<<<static_cast<unsigned>((a.cols + 31) / 32), column_sums_warps * 32, 0, be.stream>>>(
-      partials, parts, a.cols, a.out, a.accumulate);
-  ALLOY_CUDA_CHECK_LAUNCH();
+  column_sums_final_launch(be, partials, parts, a.cols, a.out, a.accumulate);
 }
 
 #endif  // ALLOY_HAS_CUDA_KERNELS
@@ -158,6 +170,17 @@ void column_sums_launch(Cuda be, const ColumnSums<T, G>& a, float* partials) {
 // Elements per 16-byte vector where x's rows allow it, else 1.
 template <class T>
 constexpr int column_sums_lanes = 16 % sizeof(T) == 0 ? int(16 / sizeof(T)) : 1;
+
+template <class G>
+void check_column_sums_of_parts(const float* parts, std::size_t parts_count, std::size_t cols, const G* out) {
+  const std::string where =
+      "column_sums_of_parts(parts_count = " + std::to_string(parts_count) + ", cols = " + std::to_string(cols) + "): ";
+  if (cols > 0 && !out) throw error(where + "out is null; it must point to cols elements");
+  if (cols > 0 && parts_count > 0 && !parts) {
+    throw error(where + "parts is null; it must point to parts_count * cols = " + std::to_string(parts_count * cols) +
+                " floats");
+  }
+}
 
 template <class T, class G>
 bool column_sums_vectorized(const ColumnSums<T, G>& a) {
@@ -187,7 +210,36 @@ void column_sums(Host, const ColumnSums<T, G>& a, float* = nullptr) {
   }
 }
 
+// out[j] = the sum over p of parts[p * cols + j] (accumulate: out[j] plus it), rounded once into
+// out's dtype: warp w of column_sums_final_kernel's 8 adds parts w, w + 8, ... in fp32, then the
+// warps' sums are added in order, as on Cuda, for the same bits.
+template <class G>
+void column_sums_of_parts(Host, const float* parts, std::size_t parts_count, std::size_t cols, G* out,
+                          bool accumulate) {
+  detail::check_column_sums_of_parts(parts, parts_count, cols, out);
+  constexpr std::size_t W = detail::column_sums_warps;
+  for (std::size_t j = 0; j < cols; ++j) {
+    float warp_sums[W];
+    for (std::size_t w = 0; w < W; ++w) {
+      warp_sums[w] = 0.0f;
+      for (std::size_t p = w; p < parts_count; p += W) warp_sums[w] = fp::add(warp_sums[w], parts[p * cols + j]);
+    }
+    float total = warp_sums[0];
+    for (std::size_t w = 1; w < W; ++w) total = fp::add(total, warp_sums[w]);
+    out[j] = round_nearest<G>(accumulate ? fp::add(to_float(out[j]), total) : total);
+  }
+}
+
 #if ALLOY_HAS_CUDA_KERNELS
+// parts: parts_count * cols floats of device memory; out: cols elements of device memory.
+template <class G>
+void column_sums_of_parts(Cuda be, const float* parts, std::size_t parts_count, std::size_t cols, G* out,
+                          bool accumulate) {
+  detail::check_column_sums_of_parts(parts, parts_count, cols, out);
+  if (cols == 0) return;
+  detail::column_sums_final_launch(be, parts, parts_count, cols, out, accumulate);
+}
+
 // scratch: column_sums_scratch_floats(be, rows, cols) floats of device memory.
 template <class T, class G>
 void column_sums(Cuda be, const ColumnSums<T, G>& a, float* scratch) {

@@ -9,6 +9,14 @@
 // writes att as c_proj's input, and the backward writes dq, dk, dv into one [rows, 3 channels]
 // gradient that is c_attn's dy: no transpose or copy anywhere.
 //
+// c_attn's bias gradient is the column sums of dqkv. The attention backward sums each column over
+// every tile of 64 positions as it writes dq, dk and dv (AttentionBackwardArgs::column_parts), and
+// the layer folds those parts (column_sums_of_parts: batch x ceil(seq / 64) of them per column)
+// into the gradient, with c_attn told to leave its bias gradient alone, instead of c_attn's own
+// pass over rows x 3 channels of dqkv. Both backends sum in that order (so their bits agree where
+// their dqkv's do); a caller that has taken c_attn's bias gradient over itself
+// (Linear::leave_bias_gradient) gets no parts and no fold.
+//
 // The sequence length is the layer's (a constructor argument, like the context length of a GPT-2
 // config): an input of rows x channels holds rows / seq sequences, and rows must be a multiple of
 // seq. A batch of shorter sequences needs a layer of that length (parameters are the registry's,
@@ -32,6 +40,7 @@
 
 #include <alloy/error.hpp>
 #include <alloy/kernels/attention.hpp>
+#include <alloy/kernels/column_sums.hpp>
 #include <alloy/memory/registry.hpp>
 #include <alloy/nn/activation.hpp>
 #include <alloy/nn/linear.hpp>
@@ -134,11 +143,16 @@ class CausalSelfAttention {
                   std::to_string(dy.cols) + ", forward's output was " + std::to_string(batch_ * seq_) + " x " +
                   std::to_string(channels_));
     }
-    // dqkv sits below d_att and the scratch, which are given back once the kernel has run.
+    // dqkv sits below d_att, the scratch and the column parts, which are given back once the
+    // kernel has run and the parts are folded into c_attn's bias gradient.
     const Activation<T> dqkv = detail::allocate(ctx, dy.rows, 3 * channels_);
     const auto mark = ctx.workspace().mark();
     const Activation<T> d_att = c_proj_.backward(ctx, dy);
     float* scratch = ctx.template allocate<float>(attention_backward_scratch_floats(batch_, heads_, seq_));
+    const bool fold_bias = c_attn_.has_bias() && !c_attn_.leaves_bias_gradient();
+    float* parts = fold_bias
+                       ? ctx.template allocate<float>(attention_column_parts_floats(batch_, heads_, seq_, head_dim()))
+                       : nullptr;
     const auto fwd = attention_args<Compute>(static_cast<const T*>(qkv_), static_cast<T*>(att_), lse_, batch_);
     attention_backward(ctx.backend(), AttentionBackwardArgs<Compute>{.batch = fwd.batch,
                                                                      .heads = fwd.heads,
@@ -156,11 +170,31 @@ class CausalSelfAttention {
                                                                      .dk = dqkv.data + channels_,
                                                                      .dv = dqkv.data + 2 * channels_,
                                                                      .grad_strides = fwd.qkv_strides,
-                                                                     .scratch = scratch});
+                                                                     .scratch = scratch,
+                                                                     .column_parts = parts});
+    if (fold_bias) {
+      column_sums_of_parts(ctx.backend(), static_cast<const float*>(parts), batch_ * attention_column_tiles(seq_),
+                           3 * channels_, c_attn_.bias_gradient(ctx), ctx.accumulate_grads());
+    }
     ctx.workspace().release(mark);
+    const BiasGradientFolded folded(fold_bias ? &c_attn_ : nullptr);
     if (over_input) return c_attn_.backward_over_input(ctx, Activation<const T>(dqkv));
     return c_attn_.backward(ctx, Activation<const T>(dqkv));
   }
+
+  // While c_attn runs its backward: its bias gradient left to the fold above (Linear's
+  // leave_bias_gradient), and given back however the backward ends.
+  struct BiasGradientFolded {
+    Linear* layer;
+    explicit BiasGradientFolded(Linear* l) noexcept : layer(l) {
+      if (layer) layer->leave_bias_gradient(true);
+    }
+    ~BiasGradientFolded() {
+      if (layer) layer->leave_bias_gradient(false);
+    }
+    BiasGradientFolded(const BiasGradientFolded&) = delete;
+    BiasGradientFolded& operator=(const BiasGradientFolded&) = delete;
+  };
 
  public:
   // The kernel's arguments for `batch` sequences in compute dtype Compute (a precision's

@@ -41,8 +41,10 @@ class Linear {
   // While set, backward leaves this layer's bias gradient (the column sums of its dy) to its
   // caller, who takes it where dy is read anyway: Sequential hands it to a residual block's first
   // LayerNorm, whose backward pass adds the block's dy (this layer's, when the layer ends the
-  // block) to its dx. bias_gradient(ctx) is where it goes.
+  // block) to its dx; CausalSelfAttention sums c_attn's from parts the attention backward wrote
+  // while it wrote dy. bias_gradient(ctx) is where it goes.
   void leave_bias_gradient(bool leave) noexcept { leave_bias_gradient_ = leave; }
+  bool leaves_bias_gradient() const noexcept { return leave_bias_gradient_; }
   template <class Ctx>
   auto* bias_gradient(Ctx& ctx) {
     if (!has_bias_) throw error("Linear '" + name_ + "' has no bias, so no bias gradient");

@@ -27,9 +27,12 @@
 // dq and dk/dv are separate kernels so that each output element is summed by one thread in a
 // fixed order: no atomics, the same bits every run. The price is computing S and dP twice (7
 // products where FlashAttention-2's atomic dq needs 5). Outputs are staged through shared memory
-// and written as whole 16-byte rows. scripts/attention_fragments.py emulates the fragment helpers
-// lane by lane (from the PTX ISA's ldmatrix and mma layouts) and checks every product above;
-// scripts/attention_tiles.py mirrors the tile loops, skips, masks and tails against float64.
+// and written as whole 16-byte rows; a block's dq, or dk and dv, are 64 positions, so when the
+// backward's column parts are asked for (attention_args.hpp) the block then sums each staged
+// column over its rows, a thread per column, after a __syncthreads (flash_column_parts).
+// scripts/attention_fragments.py emulates the fragment helpers lane by lane (from the PTX ISA's
+// ldmatrix and mma layouts) and checks every product above; scripts/attention_tiles.py mirrors the
+// tile loops, skips, masks and tails against float64.
 #pragma once
 
 #include <alloy/config.hpp>
@@ -382,6 +385,19 @@ __device__ ALLOY_FORCEINLINE void flash_forward_mma(const AttentionArgs<T>& a, f
 
 // ---- Backward: dq (and delta) ----
 
+// dq's column parts (attention_args.hpp), when asked for, from the block's 64-row dq tile, which
+// every warp has staged in its rows of `shared` (layout FlashSwizzledRows<D>).
+template <class T, int D>
+__device__ ALLOY_FORCEINLINE void flash_dq_column_parts(const AttentionBackwardArgs<T>& a, const unsigned char* shared,
+                                                        std::size_t b, std::size_t h, int q0) {
+  static_assert(flash_warps * 16 == attention_column_tile, "flash_dq_column_parts: the dq tile is a parts tile");
+  if (a.column_parts == nullptr) return;
+  __syncthreads();  // every warp's rows are staged
+  const int rows = static_cast<int>(a.seq) - q0 < flash_warps * 16 ? static_cast<int>(a.seq) - q0 : flash_warps * 16;
+  flash_column_parts<FlashSwizzledRows<D>, T, D, 1>(flash_column_part(a, b, h, q0, 0), a.heads * a.head_dim, shared, 0,
+                                                    rows);
+}
+
 template <class T, int D, int Bc>
 __device__ ALLOY_FORCEINLINE void flash_backward_dq_mma(const AttentionBackwardArgs<T>& a, float scale,
                                                         float scale_log2) {
@@ -522,6 +538,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_mma(const AttentionBackwardA
   __syncwarp();
   T* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
   flash_store_rows<FlashSwizzledRows<D>>(dq_out, a.grad_strides.row, attention_shared, warp_row0, 16, q0, seq, lane);
+  flash_dq_column_parts<T, D>(a, attention_shared, b, h, q0);
 }
 
 // ---- Backward: dk and dv ----
@@ -582,7 +599,8 @@ struct FlashDkdvBlock {
   }
 
   // dK (times scale) and dV, staged in the warp's own rows of the K and V tiles (`shared` is the
-  // block's shared memory; every read of those rows must be done), then written as whole rows.
+  // block's shared memory; every read of those rows must be done), then written as whole rows, and
+  // their column parts when asked for.
   __device__ ALLOY_FORCEINLINE void store(unsigned char* shared, const float (&dk)[D / 8][4],
                                           const float (&dv)[D / 8][4], float scale, int warp, int lane) const {
     flash_stage_rows<T, D>(shared, dk, warp * 16, scale, lane);
@@ -593,6 +611,12 @@ struct FlashDkdvBlock {
                                            lane);
     flash_store_rows<FlashSwizzledRows<D>>(a.dv + b * gs.batch + h * gs.head, gs.row, shared + v_offset, warp * 16, 16,
                                            k0, seq, lane);
+    if (a.column_parts != nullptr) {  // dk's and dv's column parts (attention_args.hpp) from the staged tiles
+      static_assert(Bc == attention_column_tile, "FlashDkdvBlock: the key tile is a parts tile");
+      __syncthreads();  // every warp's rows are staged
+      flash_column_parts<FlashSwizzledRows<D>, T, D, 2>(flash_column_part(a, b, h, k0, 1), a.heads * a.head_dim, shared,
+                                                        v_offset, seq - k0 < Bc ? seq - k0 : Bc);
+    }
   }
 };
 
@@ -1014,6 +1038,7 @@ __device__ ALLOY_FORCEINLINE void flash_backward_dq_wgmma(const AttentionBackwar
   T* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
   flash_store_rows<FlashSwizzledRows<D>>(dq_out, a.grad_strides.row, attention_shared_wgmma, warp_row0, 16, q0, seq,
                                          lane);
+  flash_dq_column_parts<T, D>(a, attention_shared_wgmma, b, h, q0);
 }
 
 template <class T, int Bq>

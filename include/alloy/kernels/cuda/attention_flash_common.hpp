@@ -2,7 +2,8 @@
 // bf16 and fp16, cuda/attention_flash_f32.hpp for fp32 and tf32): blocks of 4 warps, cp.async
 // copies of whole 16-byte vectors into shared-memory tiles one tile ahead of the math, tiles of
 // rows whose placement a layout gives (xor-swizzled 16-bit rows, padded float rows), outputs
-// written back as whole 16-byte vectors, and the launch helpers.
+// written back as whole 16-byte vectors, the column parts of the output tiles staged on the way
+// (attention_args.hpp), and the launch helpers.
 //
 // A tile layout L has L::chunks, the 16-byte chunks of a row, and L::offset(row, chunk), the byte
 // offset of a chunk in the tile.
@@ -14,6 +15,9 @@
 
 #include <alloy/backend/cuda/warp_reduce.hpp>
 #include <alloy/error.hpp>
+#include <alloy/kernels/attention_args.hpp>
+#include <alloy/numeric/fp_ops.hpp>
+#include <alloy/numeric/rounding.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -86,6 +90,67 @@ __device__ ALLOY_FORCEINLINE void flash_store_rows(T* base, std::size_t row_stri
       *reinterpret_cast<uint4*>(base + std::size_t(first + row) * row_stride + c * elements) =
           *reinterpret_cast<const uint4*>(tile + L::offset(row, c));
     }
+  }
+}
+
+// ---- Column parts (attention_args.hpp) ----
+
+// Where the column parts of output `which` (0 dq, 1 dk, 2 dv) of sequence b and head h lie for the
+// tile of positions from `first` (a multiple of attention_column_tile).
+template <class Args>
+__device__ ALLOY_FORCEINLINE float* flash_column_part(const Args& a, std::size_t b, std::size_t h, int first,
+                                                      int which) {
+  const std::size_t tiles = attention_column_tiles(a.seq), width = a.heads * a.head_dim;
+  const std::size_t tile = std::size_t(first) / attention_column_tile;
+  return a.column_parts + ((b * tiles + tile) * 3 + std::size_t(which)) * width + h * a.head_dim;
+}
+
+// The column parts of Tiles output tiles of D columns of T that every warp of the block has
+// staged in shared memory (a __syncthreads() between the staging and this), in layout L, tile k at
+// tile0 + k * tile_bytes, rows 0..rows - 1 the tile's positions in order; tile k's parts go to
+// parts + k * part_stride. Thread i sums columns i, i + flash_threads, ... of the tiles side by
+// side, each over its rows in order from 0 (those at or past seq are not among the rows), with the
+// loads of 8 rows in flight before their sums. Out of line: inlined at the kernels' ends it moved
+// ptxas's register allocation of whole kernels (fp32's dq kernel at head_dim 128 went from 201
+// registers to 168 and spilled); called, every kernel keeps its registers as they were.
+template <class L, class T, int D, int Tiles>
+__device__ __noinline__ void flash_column_parts(float* parts, std::size_t part_stride, const unsigned char* tile0,
+                                                std::uint32_t tile_bytes, int rows) {
+  constexpr int elements = 16 / int(sizeof(T)), columns = Tiles * D, group = 8;
+  static_assert(columns < flash_threads || columns % flash_threads == 0, "flash_column_parts: whole rounds of columns");
+  constexpr int per_thread = (columns + flash_threads - 1) / flash_threads;
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= columns) return;
+  const auto element = [&](int r, int j) {
+    const int column = i + j * flash_threads, c = column % D;
+    return to_float(*reinterpret_cast<const T*>(tile0 + (column / D) * tile_bytes + L::offset(r, c / elements) +
+                                                (c % elements) * sizeof(T)));
+  };
+  float sum[per_thread];
+  ALLOY_UNROLL
+  for (int j = 0; j < per_thread; ++j) sum[j] = 0.0f;
+  int r = 0;
+  for (; r + group <= rows; r += group) {
+    float x[group][per_thread];
+    ALLOY_UNROLL
+    for (int k = 0; k < group; ++k) {
+      ALLOY_UNROLL
+      for (int j = 0; j < per_thread; ++j) x[k][j] = element(r + k, j);
+    }
+    ALLOY_UNROLL
+    for (int k = 0; k < group; ++k) {
+      ALLOY_UNROLL
+      for (int j = 0; j < per_thread; ++j) sum[j] = fp::add(sum[j], x[k][j]);
+    }
+  }
+  for (; r < rows; ++r) {
+    ALLOY_UNROLL
+    for (int j = 0; j < per_thread; ++j) sum[j] = fp::add(sum[j], element(r, j));
+  }
+  ALLOY_UNROLL
+  for (int j = 0; j < per_thread; ++j) {
+    const int column = i + j * flash_threads;
+    parts[std::size_t(column / D) * part_stride + column % D] = sum[j];
   }
 }
 

@@ -39,6 +39,8 @@
 //  dk, dv   a block per (key tile of 64, batch * head), after the dq kernel: per query tile (64, or
 //           16 for head_dim 128) S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; lse and
 //           delta in shared memory.
+// Each kernel stages its 64-row output tile (dq, or dk and dv) in shared memory before writing it
+// and, when the column parts are asked for (attention_args.hpp), sums its columns there.
 // Shared memory (dynamic, cudaFuncSetAttribute past 48 KiB): forward 85 KiB (head_dim 64) and
 // 165 KiB (128); dq 102 and 132 KiB; dk/dv 103 and 99 KiB. Registers (ptxas, CUDA 13.0, sm_90;
 // tf32 / fp32): forward 168 / 229 (head_dim 64), 254 / 252 (128); dq 244 / 217, 168 / 201; dk/dv
@@ -596,6 +598,12 @@ __global__ void __launch_bounds__(flash_threads)
   __syncwarp();
   float* dq_out = a.dq + b * a.grad_strides.batch + h * a.grad_strides.head;
   flash_store_rows<L>(dq_out, a.grad_strides.row, attention_shared, warp_row0, 16, q0, seq, lane);
+  if (a.column_parts != nullptr) {  // dq's column parts (attention_args.hpp) from the staged tile
+    static_assert(Br == attention_column_tile, "flash_float_backward_dq_kernel: the query tile is a parts tile");
+    __syncthreads();  // every warp's rows are staged
+    flash_column_parts<L, float, D, 1>(flash_column_part(a, b, h, q0, 0), a.heads * a.head_dim, attention_shared, 0,
+                                       seq - q0 < Br ? seq - q0 : Br);
+  }
 }
 
 // ---- Backward: dk and dv ----
@@ -764,6 +772,12 @@ __global__ void __launch_bounds__(flash_threads)
   flash_store_rows<L>(a.dk + b * gs.batch + h * gs.head, gs.row, attention_shared, warp * 16, 16, k0, seq, lane);
   flash_store_rows<L>(a.dv + b * gs.batch + h * gs.head, gs.row, attention_shared + v_offset, warp * 16, 16, k0, seq,
                       lane);
+  if (a.column_parts != nullptr) {  // dk's and dv's column parts (attention_args.hpp) from the staged tiles
+    static_assert(Bc == attention_column_tile, "flash_float_backward_dkdv_kernel: the key tile is a parts tile");
+    __syncthreads();  // every warp's rows are staged
+    flash_column_parts<L, float, D, 2>(flash_column_part(a, b, h, k0, 1), a.heads * a.head_dim, attention_shared,
+                                       v_offset, seq - k0 < Bc ? seq - k0 : Bc);
+  }
 }
 
 // ---- Launches ----

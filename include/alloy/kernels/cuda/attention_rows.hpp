@@ -3,7 +3,8 @@
 // row (dk, dv), lane l holding dimensions l, l + 32, ... in registers, performing the Host
 // reference's fp32 operations in its order (kernels/detail/attention_rows.hpp), tf32's roundings
 // included: outputs are the Host's bits; lse may differ from it in the last bits, where the
-// device's logf does.
+// device's logf does. The backward's column parts, when asked for, are summed from dq, dk and dv
+// as written, by a kernel of their own after them (the Host's bits too).
 #pragma once
 
 #include <alloy/config.hpp>
@@ -173,6 +174,38 @@ __global__ void __launch_bounds__(attention_row_block)
   }
 }
 
+// A thread per (sequence b, tile t, column c of dq, dk and dv side by side): c's values over the
+// tile's positions in order, as attention_args.hpp defines the column parts. Reads dq, dk and dv
+// once (a warp's threads read consecutive columns of one row); writes 4 bytes per column and tile.
+template <class T>
+__global__ void __launch_bounds__(cuda_block) attention_column_parts_kernel(AttentionBackwardArgs<T> a) {
+  using S = storage_t<T>;
+  const std::size_t tiles = attention_column_tiles(a.seq), width = a.heads * a.head_dim;
+  const std::size_t parts = a.batch * tiles * 3 * width;
+  const AttentionStrides& gs = a.grad_strides;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < parts;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t c = i % (3 * width), bt = i / (3 * width), b = bt / tiles, t = bt % tiles;
+    const std::size_t which = c / width, h = c % width / a.head_dim, d = c % a.head_dim;
+    const S* column = (which == 0 ? a.dq : which == 1 ? a.dk : a.dv) + b * gs.batch + h * gs.head + d;
+    const std::size_t first = t * attention_column_tile;
+    const std::size_t end = first + attention_column_tile < a.seq ? first + attention_column_tile : a.seq;
+    float sum = 0.0f;
+    for (std::size_t position = first; position < end; ++position) {
+      sum = fp::add(sum, to_float(column[position * gs.row]));
+    }
+    a.column_parts[i] = sum;
+  }
+}
+
+// a.column_parts from the dq, dk and dv that the backward's kernels wrote before it on be.stream.
+template <class T>
+void attention_column_parts(Cuda be, const AttentionBackwardArgs<T>& a) {
+  const std::size_t parts = attention_column_parts_floats(a.batch, a.heads, a.seq, a.head_dim);
+  attention_column_parts_kernel<<<grid_for(parts), cuda_block, 0, be.stream>>>(a);
+  ALLOY_CUDA_CHECK_LAUNCH();
+}
+
 template <class T>
 void attention_forward_rows(Cuda be, const AttentionArgs<T>& a, float scale) {
   const std::size_t rows = a.batch * a.heads * a.seq;
@@ -190,6 +223,7 @@ void attention_backward_rows(Cuda be, const AttentionBackwardArgs<T>& a, float s
   ALLOY_CUDA_CHECK_LAUNCH();
   attention_backward_dkdv_rows_kernel<<<grid, attention_row_block, 0, be.stream>>>(a, scale, scale_log2);
   ALLOY_CUDA_CHECK_LAUNCH();
+  if (a.column_parts) attention_column_parts(be, a);
 }
 
 }  // namespace alloy::detail

@@ -4,6 +4,7 @@
 // their order (kernels/detail/attention_rows.hpp), so those give its bits, and rounds to T where
 // the tensor-core kernels do (P and dS; for tf32 also q, k, v and dout as factors of products), so
 // those differ from it only by fp32 summation order and exp2 (and, for fp32, by 3xTF32's products).
+// The backward's column parts, when asked for, are summed from dq, dk and dv as written, after them.
 #pragma once
 
 #include <alloy/backend/tags.hpp>
@@ -51,6 +52,31 @@ void attention_forward_on(Host, const AttentionArgs<T>& a, float scale) {
         S* out = attention_row(a.out, a.out_strides, b, t, h);
         for (int d = 0; d < head_dim; ++d) out[d] = round_nearest<S>(fp::mul(o[d], inverse));
         if (a.lse) a.lse[(b * a.heads + h) * a.seq + t] = row.logsumexp();
+      }
+    }
+  }
+}
+
+// a.column_parts from a's dq, dk and dv (attention_args.hpp): each tile's rows in position order, a
+// row's columns side by side, so each column is summed in position order.
+template <class T>
+void attention_column_parts(Host, const AttentionBackwardArgs<T>& a) {
+  using S = storage_t<T>;
+  const std::size_t tiles = attention_column_tiles(a.seq), width = a.heads * a.head_dim;
+  const S* outputs[3] = {a.dq, a.dk, a.dv};
+  for (std::size_t b = 0; b < a.batch; ++b) {
+    for (std::size_t t = 0; t < tiles; ++t) {
+      float* part = a.column_parts + (b * tiles + t) * 3 * width;
+      std::fill(part, part + 3 * width, 0.0f);
+      const std::size_t end = std::min(a.seq, (t + 1) * attention_column_tile);
+      for (std::size_t position = t * attention_column_tile; position < end; ++position) {
+        for (std::size_t which = 0; which < 3; ++which) {
+          for (std::size_t h = 0; h < a.heads; ++h) {
+            const S* row = attention_row(outputs[which], a.grad_strides, b, position, h);
+            float* sums = part + which * width + h * a.head_dim;
+            for (std::size_t d = 0; d < a.head_dim; ++d) sums[d] = fp::add(sums[d], to_float(row[d]));
+          }
+        }
       }
     }
   }
@@ -118,6 +144,7 @@ void attention_backward_on(Host, const AttentionBackwardArgs<T>& a, float scale)
       }
     }
   }
+  if (a.column_parts) attention_column_parts(Host{}, a);
 }
 
 }  // namespace alloy::detail
