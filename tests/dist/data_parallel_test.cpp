@@ -191,8 +191,14 @@ TEST(DataParallel, OneMicroBatchPerRankEqualsOneProcessBitwiseWithALossScale) {
   for (int world : {2, 3}) one_micro_batch_per_rank_is_bitwise<P, AdamW<>>(world);
 }
 
+// norm_tolerance: the relative difference of each step's gradient norm from one process's. Ranks
+// sum the gradients in another order; with 16-bit parameters that flips the rounding of a few
+// parameters at the last step's update, and each flip moves the next gradients by up to a 16-bit
+// ulp of that weight (bf16: 2^-8 relative). Seed 14222388345779172234 gave 1.2e-4 at step 4 with
+// bf16, about 1 in 150 seeds over 1e-4; a rank missing from the reduction or summed twice would be
+// off by a third or more.
 template <class P, class O>
-void accumulating_ranks_match(int world, int micro) {
+void accumulating_ranks_match(int world, int micro, double norm_tolerance = 1e-4) {
   ALLOY_SEEDED(seed);
   SCOPED_TRACE("world " + std::to_string(world) + ", " + std::to_string(micro) + " micro-batches a rank");
   const auto batches = global_batches(seed, 6, world * micro);
@@ -207,7 +213,8 @@ void accumulating_ranks_match(int world, int micro) {
                           "master weights");
     for (std::size_t i = 0; i < ref.reports.size(); ++i) {
       EXPECT_NEAR(s.reports[i].loss, ref.reports[i].loss, 1e-3f * ref.reports[i].loss) << "step " << i;
-      EXPECT_NEAR(s.reports[i].grad_norm, ref.reports[i].grad_norm, 1e-4 * ref.reports[i].grad_norm) << "step " << i;
+      EXPECT_NEAR(s.reports[i].grad_norm, ref.reports[i].grad_norm, norm_tolerance * ref.reports[i].grad_norm)
+          << "step " << i;
       EXPECT_EQ(s.reports[i].skipped, ref.reports[i].skipped);
     }
   }
@@ -218,13 +225,13 @@ TEST(DataParallel, AccumulatingRanksMatchOneProcessSgd) {
 }
 
 TEST(DataParallel, AccumulatingRanksMatchOneProcessAdamWBf16) {
-  for (int world : {2, 3}) accumulating_ranks_match<Precision<bf16, fp32_master>, AdamW<>>(world, 3);
+  for (int world : {2, 3}) accumulating_ranks_match<Precision<bf16, fp32_master>, AdamW<>>(world, 3, 1e-3);
 }
 
 // fp16 with the dynamic loss scale (its default): the scale, its growth and the skip decisions
 // follow one process's.
 TEST(DataParallel, AccumulatingRanksMatchOneProcessFp16DynamicScale) {
-  for (int world : {2, 3}) accumulating_ranks_match<Precision<fp16, fp32_master>, AdamW<>>(world, 2);
+  for (int world : {2, 3}) accumulating_ranks_match<Precision<fp16, fp32_master>, AdamW<>>(world, 2, 1e-3);
 }
 
 // Rank 1 alone sees a NaN in its data on step 2: the sum over the ranks is NaN, so pass 1 on
@@ -472,8 +479,9 @@ TEST(ZeroRedundancy, OneMicroBatchPerRankWithoutClippingIsBitwiseAdamWBf16State)
   for (int world : {2, 3}) zero_is_bitwise_without_clipping<Precision<fp32>, AdamW<State<bf16>>>(world);
 }
 
+// norm_tolerance as for accumulating_ranks_match.
 template <class P, class O>
-void zero_matches(int world, int micro) {
+void zero_matches(int world, int micro, double norm_tolerance = 1e-4) {
   ALLOY_SEEDED(seed);
   SCOPED_TRACE("world " + std::to_string(world) + ", " + std::to_string(micro) + " micro-batches a rank");
   const auto batches = global_batches(seed, 6, world * micro);
@@ -492,7 +500,8 @@ void zero_matches(int world, int micro) {
                           ref.master.empty() ? ref.params : ref.master, 6, "master weights", s.shard_begin);
     for (std::size_t i = 0; i < ref.reports.size(); ++i) {
       EXPECT_NEAR(s.reports[i].loss, ref.reports[i].loss, 1e-3f * ref.reports[i].loss) << "step " << i;
-      EXPECT_NEAR(s.reports[i].grad_norm, ref.reports[i].grad_norm, 1e-4 * ref.reports[i].grad_norm) << "step " << i;
+      EXPECT_NEAR(s.reports[i].grad_norm, ref.reports[i].grad_norm, norm_tolerance * ref.reports[i].grad_norm)
+          << "step " << i;
       EXPECT_EQ(s.reports[i].skipped, ref.reports[i].skipped);
       EXPECT_EQ(s.reports[i].grad_norm, ranks[0].value->reports[i].grad_norm) << "every rank's norm is rank 0's";
     }
@@ -504,11 +513,11 @@ TEST(ZeroRedundancy, ClippedAdamWMatchesOneProcessFp32) {
 }
 
 TEST(ZeroRedundancy, AccumulatingBf16MasterMatchesOneProcess) {
-  for (int world : {2, 3}) zero_matches<Precision<bf16, fp32_master>, AdamW<>>(world, 2);
+  for (int world : {2, 3}) zero_matches<Precision<bf16, fp32_master>, AdamW<>>(world, 2, 1e-3);
 }
 
 TEST(ZeroRedundancy, AccumulatingFp16DynamicScaleMatchesOneProcess) {
-  for (int world : {2, 3}) zero_matches<Precision<fp16, fp32_master>, AdamW<>>(world, 2);
+  for (int world : {2, 3}) zero_matches<Precision<fp16, fp32_master>, AdamW<>>(world, 2, 1e-3);
 }
 
 // q8 state: each range holds whole quantization blocks and their scales.
