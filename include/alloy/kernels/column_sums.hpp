@@ -133,7 +133,17 @@ __global__ void __launch_bounds__(column_sums_warps * 32)
   const std::size_t j = std::size_t(blockIdx.x) * 32 + std::size_t(lane);
   float t = 0.0f;
   if (j < cols) {
-    for (std::size_t p = std::size_t(warp); p < parts; p += W) t = fp::add(t, partials[p * cols + j]);
+    // Eight parts' loads in flight before their sums, which are added in the same order.
+    constexpr int U = 8;
+    std::size_t p = std::size_t(warp);
+    for (; p + (U - 1) * W < parts; p += U * W) {
+      float v[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) v[u] = partials[(p + std::size_t(u) * W) * cols + j];
+#pragma unroll
+      for (int u = 0; u < U; ++u) t = fp::add(t, v[u]);
+    }
+    for (; p < parts; p += W) t = fp::add(t, partials[p * cols + j]);
   }
   warp_sums[warp][lane] = t;
   __syncthreads();
