@@ -15,7 +15,7 @@ LINE = re.compile(r"loss [0-9.e+-]+ -> [0-9.e+-]+; ([0-9.]+) ms per step, ([0-9]
 # alloy config -> the PyTorch configs it is compared with (eager, compiled)
 PAIRS = {"fp32": ("fp32", None), "tf32": ("tf32", None), "bf16": ("bf16", "bf16_compile"),
          "fp16": ("fp16", None), "bf16_checkpoint": ("bf16_checkpoint", "bf16_checkpoint_compile"),
-         "bf16_4x2048": ("bf16", "bf16_compile")}
+         "bf16_4x2048": ("bf16", "bf16_compile"), "bf16_keep_gelu6": ("bf16", "bf16_compile")}
 
 
 def main(alloy_txt, peers_json=None):

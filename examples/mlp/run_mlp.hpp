@@ -90,9 +90,9 @@ int run(const Options& o, Shape shape) {
   const bool use_pool = shape.rows * shape.inputs >= (std::size_t(1) << 20);
   for (int i = 0; use_pool && i < 16; ++i) pool.push_back(task.batch(rng));
   std::size_t drawn = 0;
-  // Small batches are drawn fresh, into one buffer per micro-batch of a step: with --graph a step
-  // keeps its batches until it has run.
-  std::vector<Batch> fresh(static_cast<std::size_t>(o.accumulate));
+  // Small batches are drawn fresh, into one buffer per micro-batch of two steps: with --graph a
+  // step keeps its batches until it has run, and Trainer::run stages the next step's meanwhile.
+  std::vector<Batch> fresh(2 * static_cast<std::size_t>(o.accumulate));
   auto next = [&]() -> const Batch& {
     if (use_pool) return pool[drawn++ % pool.size()];
     Batch& b = fresh[drawn++ % fresh.size()];
@@ -129,10 +129,15 @@ int run(const Options& o, Shape shape) {
   std::size_t first_peak = 0;
   const auto start_step = trainer.steps();
   // Wall time of the steps after two warm-up steps, until the last one has finished on the device
-  // (step() returns with its update still queued).
+  // (a step's report comes with its update still queued).
   auto timed_from = std::chrono::steady_clock::now();
-  while (trainer.steps() < static_cast<std::uint64_t>(o.steps)) {
-    last = trainer.step(next);
+  // Trainer::run: with --graph, each step's batches are staged (their 32 MB of features copied to
+  // the device) while the step before computes, instead of after its gradient norm is known.
+  const auto to_run = o.steps > 0 && static_cast<std::uint64_t>(o.steps) > start_step
+                          ? static_cast<std::uint64_t>(o.steps) - start_step
+                          : std::uint64_t(0);
+  trainer.run(next, to_run, [&](const alloy::StepReport& r) {
+    last = r;
     if (last.step == start_step + 1) first = last;
     if (last.step == start_step + 2) {
       first_peak = trainer.memory().backend.peak_bytes;
@@ -147,7 +152,7 @@ int run(const Options& o, Shape shape) {
                   static_cast<unsigned long long>(last.step), last.loss, last.grad_norm, last.lr, last.loss_scale,
                   static_cast<unsigned long long>(last.skipped_steps));
     }
-  }
+  });
   trainer.synchronize();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - timed_from).count();
   if (!o.save.empty()) {

@@ -2,7 +2,7 @@
 // run eagerly (the losses, every parameter, the optimizer state), through a changing learning
 // rate, accumulation, skipped steps and a changing loss scale, Checkpointing, q8 state and
 // batches whose shape changes; what a replay cannot repeat is refused with an error that names
-// it, and leaves the trainer as it was.
+// it, and leaves the trainer as it was. Trainer::run stages each step ahead with the same bits.
 #include "../../examples/gpt2/gpt2_model.hpp"
 #include "../../examples/mlp/residual_mlp.hpp"
 #include "../support/test_support.hpp"
@@ -325,6 +325,126 @@ TEST(GpuStepGraph, SmallMemsetsBecomeKernelNodesWritingTheSameBytes) {
   for (std::size_t i = 0; i < bytes; ++i) differ += got[i] != want[i];
   EXPECT_EQ(differ, 0u) << "bytes other than the memsets' own";
   EXPECT_TRUE(std::equal(copied.begin(), copied.end(), want.begin() + 64)) << "the copy ran before the kernels wrote";
+}
+
+// Trainer::run with Config::graph stages step k + 1 (its copies queued on the copy stream, behind
+// step k's reads of the same slots) before the host waits for step k. Every batch is another one,
+// so a copy that overwrote a slot before step k had read it (the MLP reads its features at the
+// start of forward and again at the end of backward) would change step k's loss or gradients:
+// the reports and every byte match a loop of eager steps. A source handing out references (an
+// iterator) and one returning batches by value (held by the staged step), 1 and 3 micro-batches.
+template <class Tr, class Source>
+void expect_run_equals_a_step_loop(const mlp::Shape& shape, int n, int steps, const std::vector<mlp::Batch>& batches,
+                                   Source source, typename Tr::Config config, int replays) {
+  auto eager_config = config;
+  eager_config.graph = false;
+  Tr looped(mlp::ResidualMlp(shape), eager_config);
+  std::vector<StepReport> want;
+  auto it = batches.cbegin();
+  for (int s = 0; s < steps; ++s) want.push_back(looped.step(it));
+  Tr ran(mlp::ResidualMlp(shape), config);
+  std::vector<StepReport> got;
+  EXPECT_EQ(ran.run(source, std::uint64_t(steps), [&](const StepReport& r) { got.push_back(r); }),
+            std::uint64_t(steps));
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].loss, want[i].loss) << "step " << i;
+    EXPECT_EQ(got[i].grad_norm, want[i].grad_norm) << "step " << i;
+    EXPECT_EQ(got[i].loss_scale, want[i].loss_scale) << "step " << i;
+    EXPECT_EQ(got[i].skipped, want[i].skipped) << "step " << i;
+    EXPECT_EQ(got[i].step, i + 1);
+  }
+  looped.synchronize();
+  ran.synchronize();
+  EXPECT_TRUE(bytes_of(looped.store()) == bytes_of(ran.store())) << "the arenas differ after " << steps << " steps";
+  if (replays >= 0) {
+    EXPECT_EQ(ran.graph_stats().replays, std::uint64_t(replays)) << n << " micro-batches";
+  } else {
+    EXPECT_GT(ran.graph_stats().replays, 0u);
+  }
+}
+
+TEST(GpuStepGraph, RunStagesTheNextStepAheadWithTheBitsOfAStepLoop) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<3>, AdamW<>, Cuda>;
+  const mlp::Shape shape{200, 256, 3, 10, 1000};  // 800 KB of pinned features a batch
+  const int steps = 9;
+  for (int n : {1, 3}) {
+    SCOPED_TRACE(std::to_string(n) + " micro-batches");
+    const auto batches = make_batches(shape, seed + std::uint64_t(n), steps * n);
+    {
+      SCOPED_TRACE("by reference");
+      expect_run_equals_a_step_loop<Tr>(shape, n, steps, batches, batches.cbegin(), config_of<Tr>(n, true, seed),
+                                        steps - 2);
+    }
+    {
+      SCOPED_TRACE("by value");
+      std::size_t i = 0;
+      const auto copies = [&]() -> mlp::Batch { return batches[i++]; };
+      expect_run_equals_a_step_loop<Tr>(shape, n, steps, batches, copies, config_of<Tr>(n, true, seed), steps - 2);
+      EXPECT_EQ(i, batches.size()) << "nothing pulled past the last step";
+    }
+  }
+}
+
+// A dynamic loss scale changes at a step's decision, after the next step was staged: the launch
+// takes the new scale (a new key: eager, captured, replayed), as a loop of steps does.
+TEST(GpuStepGraph, RunThroughSkippedStepsAndAChangingLossScale) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Precision<fp16, fp32_master>, Accumulate<2>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  const int steps = 20;
+  const auto batches = make_batches(shape, seed, 2 * steps);
+  auto c = config_of<Tr>(2, true, seed);
+  c.scaler.init_scale = 16777216.0f;  // overflows fp16 at first: skipped steps, backing off
+  c.scaler.growth_interval = 4;
+  expect_run_equals_a_step_loop<Tr>(shape, 2, steps, batches, batches.cbegin(), c, -1);
+}
+
+// A batch that fails its checks while being staged ahead: the step before it finishes and is
+// reported, then the error propagates, and the trainer is as after that step; it trains on.
+// A callback that returns false stops the run: the step staged next is dropped.
+TEST(GpuStepGraph, RunReportsTheStepBeforeABatchThatFailsAndStopsWhenTold) {
+  ALLOY_SKIP_WITHOUT_CUDA_DEVICE();
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<mlp::ResidualMlp, Bf16, Accumulate<2>, AdamW<>, Cuda>;
+  const mlp::Shape shape{48, 64, 2, 10, 96};
+  auto batches = make_batches(shape, seed, 12);
+  Tr looped(mlp::ResidualMlp(shape), config_of<Tr>(1, false, seed));
+  auto it = batches.cbegin();
+  for (int s = 0; s < 5; ++s) (void)looped.step(it);
+  looped.synchronize();
+
+  std::vector<mlp::Batch> with_bad(batches.begin(), batches.begin() + 5);
+  with_bad.push_back(batches[5]);
+  with_bad.back().label.pop_back();  // step 6's batch: one label short
+  Tr ran(mlp::ResidualMlp(shape), config_of<Tr>(1, true, seed));
+  std::vector<std::uint64_t> reported;
+  try {
+    (void)ran.run(with_bad.cbegin(), 10, [&](const StepReport& r) { reported.push_back(r.step); });
+    ADD_FAILURE() << "the short batch was not refused";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("labels"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(reported, (std::vector<std::uint64_t>{1, 2, 3, 4, 5}));
+  EXPECT_EQ(ran.steps(), 5u);
+  ran.synchronize();
+  EXPECT_TRUE(bytes_of(looped.store()) == bytes_of(ran.store())) << "not as after the five good steps";
+
+  // Trains on: steps 6 and 7 from the good batches 5 and 6, then a callback that stops after one
+  // more step of a run of 10, with step 9's batch (index 8) pulled ahead and dropped.
+  std::size_t pulled = 5;
+  const auto source = [&]() -> const mlp::Batch& { return batches[pulled++]; };
+  EXPECT_EQ(ran.run(source, 2, [](const StepReport&) {}), 2u);
+  EXPECT_EQ(pulled, 7u);
+  EXPECT_EQ(ran.run(source, 10, [](const StepReport&) { return false; }), 1u);
+  EXPECT_EQ(pulled, 9u) << "one step's batches pulled ahead";
+  for (int s = 0; s < 3; ++s) (void)looped.step(it);
+  looped.synchronize();
+  ran.synchronize();
+  EXPECT_TRUE(bytes_of(looped.store()) == bytes_of(ran.store()));
 }
 
 // A model that stages its batch but also uploads in forward: a replay would not repeat that.

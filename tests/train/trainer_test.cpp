@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -200,6 +201,48 @@ TEST(Trainer, AStepGraphIsRefusedOnTheHostBackend) {
   StagedStudent model;
   model.log = &log;
   EXPECT_MENTIONS(test::message_of([&] { Tr trainer(std::move(model), {.graph = true}); }), "needs the Cuda backend");
+}
+
+// run(): a loop of step() on Host (nothing staged ahead): the same reports and bytes, every
+// batch pulled once per step run, and a callback returning false stops it.
+TEST(Trainer, RunIsALoopOfStepsThatTheCallbackCanStop) {
+  ALLOY_SEEDED(seed);
+  using Tr = Trainer<StudentMlp, Precision<bf16, fp32_master>, Accumulate<2>, AdamW<>, Host>;
+  const teacher::Teacher t(in, hid, out, seed);
+  std::mt19937_64 rng(seed + 1);
+  std::vector<Batch> batches;
+  for (int i = 0; i < 14; ++i) batches.push_back(t.batch(9 + i, rng));
+  const typename Tr::Config config{
+      .schedule = LrSchedule::warmup_cosine(3e-3f, 2, 7), .max_grad_norm = 0.5f, .seed = seed};
+  Tr looped(StudentMlp(in, hid, out), config), ran(StudentMlp(in, hid, out), config);
+  std::vector<StepReport> want;
+  auto it = batches.cbegin();
+  for (int s = 0; s < 7; ++s) want.push_back(looped.step(it));
+
+  std::size_t pulled = 0;
+  const auto source = [&]() -> const Batch& { return batches[pulled++]; };
+  std::vector<StepReport> got;
+  EXPECT_EQ(ran.run(source, 4, [&](const StepReport& r) { got.push_back(r); }), 4u);  // void: all 4
+  EXPECT_EQ(pulled, 8u);
+  EXPECT_EQ(ran.run(source, 10,
+                    [&](const StepReport& r) {  // bool: stops after its third
+                      got.push_back(r);
+                      return got.size() < 7;
+                    }),
+            3u);
+  EXPECT_EQ(pulled, 14u) << "on Host, run() pulls only what the steps it runs take";
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].loss, want[i].loss) << i;
+    EXPECT_EQ(got[i].grad_norm, want[i].grad_norm) << i;
+    EXPECT_EQ(got[i].step, i + 1);
+  }
+  const auto same_bytes = [](const auto& a, const auto& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+  };
+  EXPECT_TRUE(same_bytes(to_host(ran.store().params_arena()), to_host(looped.store().params_arena())));
+  EXPECT_TRUE(same_bytes(to_host(ran.store().master_arena()), to_host(looped.store().master_arena())));
+  EXPECT_EQ(ran.run(source, 0, [](const StepReport&) { return true; }), 0u);
 }
 
 TEST(Trainer, RejectsTheWrongNumberOfBatches) {

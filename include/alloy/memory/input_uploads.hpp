@@ -157,10 +157,16 @@ class InputUploads<Cuda> {
 
   // The current micro-batch's uploads are all queued, and its compute is not (a step staged ahead
   // of its replay; end_micro_batch() marks the slot read when the replay has been queued).
-  // Returns once the copies from the caller's pinned memory are done.
-  void end_staging() {
+  // Returns once the copies from the caller's pinned memory are done, unless told not to wait:
+  // then the caller keeps the batch until wait_for_copies() or until it has waited for compute
+  // queued after the copies (the trainer's staged steps, which launch before the copies finish).
+  void end_staging(bool wait_for_pinned = true) {
     const Slot& s = slots_[static_cast<std::size_t>(current_)];
-    if (s.direct) ALLOY_CUDA_CHECK(cudaEventSynchronize(s.copied.get()));
+    if (wait_for_pinned && s.direct) ALLOY_CUDA_CHECK(cudaEventSynchronize(s.copied.get()));
+  }
+  // Every copy queued so far is done (on a path that gives up staged batches: they may be freed).
+  void wait_for_copies() noexcept {
+    if (copy_) (void)cudaStreamSynchronize(copy_.get());
   }
 
   // Staging ahead of a replay (on) or uploads the compute stream waits for one by one (off, as

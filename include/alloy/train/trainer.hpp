@@ -47,6 +47,7 @@
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -80,6 +81,19 @@ struct StepReport {
   // its launches one by one, the capturing step included).
   bool replayed = false;
 };
+
+namespace detail {
+// Trainer::run's callback: void, or bool (false stops the run).
+template <class F>
+bool call_on_step(F& f, const StepReport& r) {
+  if constexpr (std::is_void_v<std::invoke_result_t<F&, const StepReport&>>) {
+    f(r);
+    return true;
+  } else {
+    return static_cast<bool>(f(r));
+  }
+}
+}  // namespace detail
 
 // Config::graph: how the trainer's steps ran.
 struct GraphStats {
@@ -406,6 +420,33 @@ class Trainer {
     return step(it);
   }
 
+  // Runs `steps` optimizer steps, each pulling its batches from `source` as step(source) does,
+  // and hands each step's report to on_step(const StepReport&), which returns void, or bool:
+  // false stops the run. Returns the number of steps run.
+  // With Config::graph, step k + 1's batches are pulled and staged (checked, their uploads queued
+  // on the copy stream) before the host waits for step k's gradient norm, so that their copies
+  // run under step k's compute instead of between its decision and step k + 1 (a DataLoader's
+  // prefetch): the source is read one step ahead. When on_step stops the run, the step staged
+  // next is dropped with its batches; when staging step k + 1 throws, step k is finished and
+  // reported first, then the error propagates, with the trainer as after step k. model.stage()
+  // for step k + 1 runs before step k's decision: its context has step k's loss scale (a dynamic
+  // scale may change there; the launch uses the new one). Otherwise run() is a loop of step().
+  template <class Source, class OnStep>
+  std::uint64_t run(Source&& source, std::uint64_t steps, OnStep&& on_step) {
+#if ALLOY_HAS_CUDA_RUNTIME
+    if constexpr (can_replay_graphs) {
+      if (config_.graph) return run_pipelined(source, steps, on_step);
+    }
+#endif
+    std::uint64_t done = 0;
+    while (done < steps) {
+      const StepReport r = step(source);
+      ++done;
+      if (!detail::call_on_step(on_step, r)) break;
+    }
+    return done;
+  }
+
   // Writes a checkpoint atomically, with the run's configuration (settings()) and checksums
   // (see train/checkpoint.hpp). With DataParallel every rank calls it; rank 0 writes (the
   // replicas hold the same bits), and every rank throws if its write failed.
@@ -697,10 +738,11 @@ class Trainer {
            "uploads), which a replay runs for each new batch without its forward (see alloy/train/model.hpp)";
   }
 
-  context_type make_context(int mb, float seed_scale) {
+  context_type make_context(int mb, float seed_scale, std::uint64_t steps_before) {
     return context_type(store_, workspace_, seed_scale, !store_type::has_accumulator && mb > 0, mb, micro_batches_,
-                        attempted_, policies::checkpointing::every, &resources_, &uploads_, nullptr);
+                        steps_before, policies::checkpointing::every, &resources_, &uploads_, nullptr);
   }
+  context_type make_context(int mb, float seed_scale) { return make_context(mb, seed_scale, attempted_); }
 
   // The batches of one step, kept until its micro-batches have run: references where the source
   // hands out references (a container's iterator), the values themselves where it returns them.
@@ -733,42 +775,81 @@ class Trainer {
   // replayed; without one, a key seen on the previous step is captured and launched (the previous step made the plans,
   // the workspace and the slots it needs), and a new key runs eagerly. Either way stage() ran once more per micro-batch
   // before its forward when there are several (the model keeps only the last staged batch's pointers).
+  //
+  // Three parts, so that run() can stage step k + 1 between step k's launch and the host's wait for
+  // step k's gradient norm: stage_graph_step (the batches pulled and held, their uploads queued on
+  // the copy stream), launch_graph_step (the rate, the key, the replay or the launches), and
+  // finish_graph_step (the wait for the sum of squares, the report). A staged step holds its
+  // batches until its copies are done: the host does not wait for the copies from pinned memory
+  // before the launch (the replay waits for them on the device), and a staged step given up
+  // (an error, or run() stopping) waits for them before its batches go.
+  template <class Ref>
+  struct StagedStep {
+    enum class State { staged, launched, finished };
+    HeldBatches<Ref> batches;
+    std::vector<std::uint64_t> signature;  // the uploads' and noted values', as InputUploads kept them
+    std::int64_t start = 0;
+    float lr = 0.0f;
+    bool replayed = false;
+    typename step_type::QueuedUpdate queued;
+    InputUploads<backend_type>* uploads = nullptr;
+    State state = State::staged;
+
+    explicit StagedStep(InputUploads<backend_type>& u) : uploads(&u) {}
+    StagedStep(StagedStep&& o) noexcept
+        : batches(std::move(o.batches)),
+          signature(std::move(o.signature)),
+          start(o.start),
+          lr(o.lr),
+          replayed(o.replayed),
+          queued(o.queued),
+          uploads(std::exchange(o.uploads, nullptr)),
+          state(o.state) {}
+    StagedStep(const StagedStep&) = delete;
+    StagedStep& operator=(const StagedStep&) = delete;
+    StagedStep& operator=(StagedStep&&) = delete;
+    // Finished: the host waited for the sum of squares, which the device computes after the
+    // copies it waited for. Otherwise the copies may still read the batches held here.
+    ~StagedStep() {
+      if (uploads && state != State::finished) uploads->wait_for_copies();
+    }
+  };
+
   template <class Source>
   StepReport step_with_graph(Source& source) {
-    const std::int64_t start = detail::steady_nanoseconds();
-    const float lr = config_.schedule.lr_at(attempted_);
-    const float scale = step_.loss_scale();
-    step_.set_rate(store_, lr);
-    const float seed_scale = scale / static_cast<float>(micro_batches_);
+    auto staged = stage_graph_step(source, 0);
+    launch_graph_step(staged);
+    return finish_graph_step(staged);
+  }
 
+  // Pulls micro_batches() batches from `source` and stages them (model.stage: their checks and
+  // uploads, micro-batch i into slot i), `ahead` steps before the step that runs them (0, or 1 in
+  // run(): the contexts say that step). Nothing is launched on the compute stream.
+  template <class Source>
+  auto stage_graph_step(Source& source, std::uint64_t ahead) {
     using Ref = decltype(next_batch(source));
-    HeldBatches<Ref> batches;
-    batches.items.reserve(static_cast<std::size_t>(micro_batches_));
+    StagedStep<Ref> st(uploads_);
+    st.start = detail::steady_nanoseconds();
+    const float seed_scale = step_.loss_scale() / static_cast<float>(micro_batches_);
+    st.batches.items.reserve(static_cast<std::size_t>(micro_batches_));
     uploads_.set_staging(true);
     struct StagingOff {
       InputUploads<backend_type>& u;
-      ~StagingOff() {
-        u.close(false);
-        u.set_staging(false);
-      }
+      ~StagingOff() { u.set_staging(false); }
     } staging_off{uploads_};
     for (int mb = 0; mb < micro_batches_; ++mb) {
-      context_type ctx = make_context(mb, seed_scale);
+      context_type ctx = make_context(mb, seed_scale, attempted_ + ahead);
       uploads_.begin_micro_batch_in(mb);
-      try {
-        model_.stage(ctx, batches.add(next_batch(source)));
-      } catch (...) {
-        uploads_.abandon_micro_batch();
-        throw;
-      }
-      uploads_.end_staging();
+      // A throw leaves st, whose destructor waits for the copies queued so far.
+      model_.stage(ctx, st.batches.add(next_batch(source)));
+      uploads_.end_staging(false);
     }
     if constexpr (HeldBatches<Ref>::by_reference) {
       // A step that is not replayed stages each batch again before its forward: they must all
       // still be there, distinct.
-      for (std::size_t i = 1; i < batches.items.size(); ++i) {
+      for (std::size_t i = 1; i < st.batches.items.size(); ++i) {
         for (std::size_t j = 0; j < i; ++j) {
-          if (batches.items[i] == batches.items[j]) {
+          if (st.batches.items[i] == st.batches.items[j]) {
             throw error("Trainer: Config::graph with " + std::to_string(micro_batches_) +
                         " micro-batches: the source returned the same batch object for micro-batches " +
                         std::to_string(j) + " and " + std::to_string(i) +
@@ -778,21 +859,40 @@ class Trainer {
         }
       }
     }
+    st.signature = uploads_.signature();
+    return st;
+  }
+
+  // The staged step's rate and key (the loss scale now, after the previous step's decision), then
+  // its replay, capture or eager launches, with the update queued behind the device's decision.
+  template <class Ref>
+  void launch_graph_step(StagedStep<Ref>& st) {
+    st.lr = config_.schedule.lr_at(attempted_);
+    const float scale = step_.loss_scale();
+    step_.set_rate(store_, st.lr);
+    const float seed_scale = scale / static_cast<float>(micro_batches_);
+    uploads_.set_staging(true);  // run_staged stages again with several micro-batches
+    struct StagingOff {
+      InputUploads<backend_type>& u;
+      ~StagingOff() {
+        u.close(false);
+        u.set_staging(false);
+      }
+    } staging_off{uploads_};
+
     std::uint32_t scale_bits = 0;
     std::memcpy(&scale_bits, &scale, sizeof scale_bits);  // not std::bit_cast: <bit> is 4.6K lines in every TU
     std::vector<std::uint64_t> key = {static_cast<std::uint64_t>(micro_batches_), scale_bits};
-    key.insert(key.end(), uploads_.signature().begin(), uploads_.signature().end());
+    key.insert(key.end(), st.signature.begin(), st.signature.end());
 
-    typename step_type::QueuedUpdate queued;
-    bool replayed = false;
     // The workspace holds still while a graph is kept (only a step that is not replayed runs
     // forward, and such a step drops the graph): its address is checked, not part of the key.
     if (graph_.exec && key == graph_.key && workspace_.base_address() == graph_.workspace) {
       uploads_.compute_waits_for_staged();
       losses_.replayed(micro_batches_);
       ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
-      queued = graph_.queued;
-      replayed = true;
+      st.queued = graph_.queued;
+      st.replayed = true;
       ++graph_stats_.replays;
     } else {
       graph_.exec.reset();
@@ -803,7 +903,7 @@ class Trainer {
         CudaGraph graph;
         try {
           StreamCapture capturing(be_.stream);
-          queued = run_staged(batches, seed_scale, true);
+          st.queued = run_staged(st.batches, seed_scale, true);
           graph = capturing.end();
         } catch (const std::exception& e) {
           throw error(std::string("Trainer: Config::graph: the capture of the step as a CUDA graph failed: ") +
@@ -827,19 +927,54 @@ class Trainer {
         graph_.exec = instantiate(graph);
         graph_.key = std::move(key);
         graph_.workspace = workspace_.base_address();
-        graph_.queued = queued;
+        graph_.queued = st.queued;
         ALLOY_CUDA_CHECK(cudaGraphLaunch(graph_.exec.get(), be_.stream));
         ++graph_stats_.captures;
       } else {
-        queued = run_staged(batches, seed_scale, false);
+        st.queued = run_staged(st.batches, seed_scale, false);
         ++graph_stats_.eager;
       }
     }
-    const StepStats s = step_.finish_update(store_, {lr, config_.max_grad_norm}, queued);
+    st.state = StagedStep<Ref>::State::launched;
+  }
+
+  // Waits for the launched step's sum of squares (the host's decision, the scaler, the counters).
+  template <class Ref>
+  StepReport finish_graph_step(StagedStep<Ref>& st) {
+    const StepStats s = step_.finish_update(store_, {st.lr, config_.max_grad_norm}, st.queued);
+    st.state = StagedStep<Ref>::State::finished;
     ++attempted_;
-    StepReport r = report(s, lr, losses_.mean(), start);
-    r.replayed = replayed;
+    StepReport r = report(s, st.lr, losses_.mean(), st.start);
+    r.replayed = st.replayed;
     return r;
+  }
+
+  // run() with Config::graph: step k + 1 is staged before the host waits for step k.
+  template <class Source, class OnStep>
+  std::uint64_t run_pipelined(Source& source, std::uint64_t steps, OnStep& on_step) {
+    if (steps == 0) return 0;
+    using Staged = decltype(stage_graph_step(source, 0));
+    std::optional<Staged> current(stage_graph_step(source, 0));
+    std::uint64_t done = 0;
+    while (true) {
+      launch_graph_step(*current);
+      std::optional<Staged> next;
+      std::exception_ptr staging_failed;
+      if (done + 1 < steps) {
+        try {
+          next.emplace(stage_graph_step(source, 1));
+        } catch (...) {
+          staging_failed = std::current_exception();  // after step k has finished and been reported
+        }
+      }
+      const StepReport r = finish_graph_step(*current);
+      current.reset();
+      ++done;
+      const bool go_on = detail::call_on_step(on_step, r);
+      if (staging_failed) std::rethrow_exception(staging_failed);
+      if (!go_on || done == steps) return done;  // a step staged and not run gives its batches back
+      current.emplace(std::move(*next));
+    }
   }
 
   // The micro-batches of a staged step, launched (or captured: then nothing waits on the host for
