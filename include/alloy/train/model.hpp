@@ -137,7 +137,9 @@ concept has_input_backward = has_batch_type<M> &&
 // bytes (a count, a shape the upload sizes do not tell) is given to ctx.uploads()->note(value).
 // That split is what Trainer::Config::graph needs: a step captured as a CUDA graph is replayed
 // after stage() alone has run for the new batches, into the same input slots, as long as every
-// upload's size and every noted value repeat.
+// upload's size and every noted value repeat. Trainer::run stages a step's batches while the step
+// before is still on the device (launched, its decision not yet known): stage() checks, uploads
+// and notes, and writes no memory that the previous step's device work may still read.
 template <class M, class Ctx>
 concept has_stage = has_batch_type<M> && requires(M& m, Ctx& ctx, const typename M::batch_type& b) {
   m.stage(ctx, b);
