@@ -441,7 +441,19 @@ TEST(GpuStepGraph, RunReportsTheStepBeforeABatchThatFailsAndStopsWhenTold) {
   EXPECT_EQ(pulled, 7u);
   EXPECT_EQ(ran.run(source, 10, [](const StepReport&) { return false; }), 1u);
   EXPECT_EQ(pulled, 9u) << "one step's batches pulled ahead";
-  for (int s = 0; s < 3; ++s) (void)looped.step(it);
+  // A step() from inside on_step is refused (the next step is staged already): step 9 (batch 9)
+  // ran, step 10's batch (10) was staged and is dropped.
+  try {
+    (void)ran.run(source, 10, [&](const StepReport&) { (void)ran.step(source); });
+    ADD_FAILURE() << "step() inside on_step was not refused";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("called from run()'s on_step"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pulled, 11u);
+  EXPECT_EQ(ran.steps(), 9u);
+  for (int s = 0; s < 3; ++s) (void)looped.step(it);  // batches 5, 6, 7
+  ++it;                                               // batch 8, which the stopped run dropped
+  (void)looped.step(it);                              // batch 9
   looped.synchronize();
   ran.synchronize();
   EXPECT_TRUE(bytes_of(looped.store()) == bytes_of(ran.store()));

@@ -211,7 +211,7 @@ TEST(Trainer, RunIsALoopOfStepsThatTheCallbackCanStop) {
   const teacher::Teacher t(in, hid, out, seed);
   std::mt19937_64 rng(seed + 1);
   std::vector<Batch> batches;
-  for (int i = 0; i < 14; ++i) batches.push_back(t.batch(9 + i, rng));
+  for (int i = 0; i < 18; ++i) batches.push_back(t.batch(9 + i, rng));
   const typename Tr::Config config{
       .schedule = LrSchedule::warmup_cosine(3e-3f, 2, 7), .max_grad_norm = 0.5f, .seed = seed};
   Tr looped(StudentMlp(in, hid, out), config), ran(StudentMlp(in, hid, out), config);
@@ -243,6 +243,16 @@ TEST(Trainer, RunIsALoopOfStepsThatTheCallbackCanStop) {
   EXPECT_TRUE(same_bytes(to_host(ran.store().params_arena()), to_host(looped.store().params_arena())));
   EXPECT_TRUE(same_bytes(to_host(ran.store().master_arena()), to_host(looped.store().master_arena())));
   EXPECT_EQ(ran.run(source, 0, [](const StepReport&) { return true; }), 0u);
+  // step() or run() from inside on_step is refused, and nothing more runs.
+  const auto steps = ran.steps();
+  const auto pulled_before = pulled;
+  EXPECT_MENTIONS(test::message_of([&] { ran.run(source, 3, [&](const StepReport&) { (void)ran.step(source); }); }),
+                  "called from run()'s on_step");
+  EXPECT_MENTIONS(
+      test::message_of([&] { ran.run(source, 3, [&](const StepReport&) { ran.run(source, 1, [](auto&) {}); }); }),
+      "Trainer::run: called from run()'s on_step");
+  EXPECT_EQ(ran.steps(), steps + 2) << "one step each, then the refusal";
+  EXPECT_EQ(pulled, pulled_before + 4);
 }
 
 TEST(Trainer, RejectsTheWrongNumberOfBatches) {

@@ -335,6 +335,7 @@ class Trainer {
     buckets_ = std::move(other.buckets_);
     graph_ = std::move(other.graph_);
     graph_stats_ = other.graph_stats_;
+    in_on_step_ = other.in_on_step_;
     own_stream_ = std::move(other.own_stream_);  // last: the memory above was given back on it
     return *this;
   }
@@ -343,6 +344,7 @@ class Trainer {
   // a batch_type, or an input iterator (advanced once per micro-batch).
   template <class Source>
   StepReport step(Source&& source) {
+    refuse_inside_on_step("step");
 #if ALLOY_HAS_CUDA_RUNTIME
     if constexpr (can_replay_graphs) {
       if (config_.graph) return step_with_graph(source);
@@ -431,8 +433,11 @@ class Trainer {
   // reported first, then the error propagates, with the trainer as after step k. model.stage()
   // for step k + 1 runs before step k's decision: its context has step k's loss scale (a dynamic
   // scale may change there; the launch uses the new one). Otherwise run() is a loop of step().
+  // on_step must not call step() or run() (with a graph, the next step's batches are staged
+  // already): that is refused with alloy::error, which run() passes on.
   template <class Source, class OnStep>
   std::uint64_t run(Source&& source, std::uint64_t steps, OnStep&& on_step) {
+    refuse_inside_on_step("run");
 #if ALLOY_HAS_CUDA_RUNTIME
     if constexpr (can_replay_graphs) {
       if (config_.graph) return run_pipelined(source, steps, on_step);
@@ -442,7 +447,7 @@ class Trainer {
     while (done < steps) {
       const StepReport r = step(source);
       ++done;
-      if (!detail::call_on_step(on_step, r)) break;
+      if (!report_to(on_step, r)) break;
     }
     return done;
   }
@@ -738,6 +743,24 @@ class Trainer {
            "uploads), which a replay runs for each new batch without its forward (see alloy/train/model.hpp)";
   }
 
+  // run()'s callback, with step() and run() refused while it runs.
+  template <class OnStep>
+  bool report_to(OnStep& on_step, const StepReport& r) {
+    struct InOnStep {
+      bool& flag;
+      explicit InOnStep(bool& f) : flag(f) { flag = true; }
+      ~InOnStep() { flag = false; }
+    } inside{in_on_step_};
+    return detail::call_on_step(on_step, r);
+  }
+  void refuse_inside_on_step(const char* what) const {
+    if (in_on_step_) {
+      throw error(std::string("Trainer::") + what +
+                  ": called from run()'s on_step, while the next step may be staged already; return false from "
+                  "on_step to end the run, then call it");
+    }
+  }
+
   context_type make_context(int mb, float seed_scale, std::uint64_t steps_before) {
     return context_type(store_, workspace_, seed_scale, !store_type::has_accumulator && mb > 0, mb, micro_batches_,
                         steps_before, policies::checkpointing::every, &resources_, &uploads_, nullptr);
@@ -970,7 +993,7 @@ class Trainer {
       const StepReport r = finish_graph_step(*current);
       current.reset();
       ++done;
-      const bool go_on = detail::call_on_step(on_step, r);
+      const bool go_on = report_to(on_step, r);
       if (staging_failed) std::rethrow_exception(staging_failed);
       if (!go_on || done == steps) return done;  // a step staged and not run gives its batches back
       current.emplace(std::move(*next));
@@ -1105,6 +1128,7 @@ class Trainer {
   [[no_unique_address]] NoGraph graph_;
 #endif
   GraphStats graph_stats_;
+  bool in_on_step_ = false;  // run()'s callback is running
 };
 
 }  // namespace alloy
