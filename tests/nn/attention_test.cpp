@@ -658,23 +658,8 @@ struct AttentionSummingItsBias {
     const Activation<T> d_att = c_proj.backward(ctx, dy);
     float* scratch = ctx.template allocate<float>(attention_backward_scratch_floats(batch, layer.heads(), layer.seq()));
     const auto fwd = layer.attention_args<Compute>(qkv, att, lse, batch);
-    attention_backward(ctx.backend(), AttentionBackwardArgs<Compute>{.batch = fwd.batch,
-                                                                     .heads = fwd.heads,
-                                                                     .seq = fwd.seq,
-                                                                     .head_dim = fwd.head_dim,
-                                                                     .q = fwd.q,
-                                                                     .k = fwd.k,
-                                                                     .v = fwd.v,
-                                                                     .qkv_strides = fwd.qkv_strides,
-                                                                     .out = fwd.out,
-                                                                     .dout = d_att.data,
-                                                                     .out_strides = fwd.out_strides,
-                                                                     .lse = lse,
-                                                                     .dq = g.data,
-                                                                     .dk = g.data + C,
-                                                                     .dv = g.data + 2 * C,
-                                                                     .grad_strides = fwd.qkv_strides,
-                                                                     .scratch = scratch});
+    attention_backward(ctx.backend(),
+                       nn::CausalSelfAttention::attention_backward_args<Compute>(fwd, d_att.data, g.data, C, scratch));
     dqkv.assign(g.data, g.data + g.size());
     return c_attn.backward(ctx, Activation<const T>(g));
   }

@@ -117,7 +117,7 @@ class InputUploads<Cuda> {
 
   ~InputUploads() {
     // Copies still queued read staging memory and write device slots: let them finish first.
-    if (copy_) (void)cudaStreamSynchronize(copy_.get());
+    wait_for_copies();
   }
 
   // Starts a micro-batch: takes the next slot, once the copies that last filled it (two
@@ -194,9 +194,7 @@ class InputUploads<Cuda> {
 
   // A micro-batch that threw: its queued copies may still read the caller's memory, which is
   // about to go away; wait for them.
-  void abandon_micro_batch() noexcept {
-    if (copy_) (void)cudaStreamSynchronize(copy_.get());
-  }
+  void abandon_micro_batch() noexcept { wait_for_copies(); }
 
   // Copies src to device memory valid for the current micro-batch; the compute stream waits for
   // the copy before anything queued after this call.

@@ -154,24 +154,8 @@ class CausalSelfAttention {
                        ? ctx.template allocate<float>(attention_column_parts_floats(batch_, heads_, seq_, head_dim()))
                        : nullptr;
     const auto fwd = attention_args<Compute>(static_cast<const T*>(qkv_), static_cast<T*>(att_), lse_, batch_);
-    attention_backward(ctx.backend(), AttentionBackwardArgs<Compute>{.batch = fwd.batch,
-                                                                     .heads = fwd.heads,
-                                                                     .seq = fwd.seq,
-                                                                     .head_dim = fwd.head_dim,
-                                                                     .q = fwd.q,
-                                                                     .k = fwd.k,
-                                                                     .v = fwd.v,
-                                                                     .qkv_strides = fwd.qkv_strides,
-                                                                     .out = fwd.out,
-                                                                     .dout = d_att.data,
-                                                                     .out_strides = fwd.out_strides,
-                                                                     .lse = lse_,
-                                                                     .dq = dqkv.data,
-                                                                     .dk = dqkv.data + channels_,
-                                                                     .dv = dqkv.data + 2 * channels_,
-                                                                     .grad_strides = fwd.qkv_strides,
-                                                                     .scratch = scratch,
-                                                                     .column_parts = parts});
+    attention_backward(ctx.backend(),
+                       attention_backward_args<Compute>(fwd, d_att.data, dqkv.data, channels_, scratch, parts));
     if (fold_bias) {
       column_sums_of_parts(ctx.backend(), static_cast<const float*>(parts), batch_ * attention_column_tiles(seq_),
                            3 * channels_, c_attn_.bias_gradient(ctx), ctx.accumulate_grads());
@@ -215,6 +199,33 @@ class CausalSelfAttention {
             .out = out,
             .out_strides = AttentionStrides::rows(channels_, seq_, head_dim()),
             .lse = lse};
+  }
+
+  // The backward's arguments from the forward's (attention_args): dout in out's layout, dq, dk
+  // and dv into the three column ranges of dqkv (qkv's layout), column parts when given.
+  template <class Compute>
+  static AttentionBackwardArgs<Compute> attention_backward_args(const AttentionArgs<Compute>& fwd,
+                                                                const storage_t<Compute>* dout,
+                                                                storage_t<Compute>* dqkv, std::size_t channels,
+                                                                float* scratch, float* column_parts = nullptr) {
+    return {.batch = fwd.batch,
+            .heads = fwd.heads,
+            .seq = fwd.seq,
+            .head_dim = fwd.head_dim,
+            .q = fwd.q,
+            .k = fwd.k,
+            .v = fwd.v,
+            .qkv_strides = fwd.qkv_strides,
+            .out = fwd.out,
+            .dout = dout,
+            .out_strides = fwd.out_strides,
+            .lse = fwd.lse,
+            .dq = dqkv,
+            .dk = dqkv + channels,
+            .dv = dqkv + 2 * channels,
+            .grad_strides = fwd.qkv_strides,
+            .scratch = scratch,
+            .column_parts = column_parts};
   }
 
   // The sequences in `rows` rows; alloy::error unless rows is a positive multiple of seq.
